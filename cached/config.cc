@@ -1,0 +1,233 @@
+#include "config.h"
+
+#include <algorithm>
+#include <cctype>
+#include <charconv>
+#include <cmath>
+#include <fstream>
+#include <sstream>
+
+#define TOML_HEADER_ONLY 1
+#include <toml++/toml.h>
+#include <xxhash.h>
+
+namespace weightd {
+namespace {
+
+bool IsNameChar(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'; }
+
+Status Invalid(const std::string& origin, const std::string& what) {
+  return InvalidArgument(origin + ": " + what, "config.invalid");
+}
+
+// Reads a size from either an integer or a string with a unit.
+Result<std::uint64_t> SizeNode(const toml::node& n, const std::string& key, const std::string& origin) {
+  if (auto i = n.value<std::int64_t>(); i && n.is_integer()) {
+    if (*i < 0) return Invalid(origin, key + " must not be negative");
+    return static_cast<std::uint64_t>(*i);
+  }
+  if (auto s = n.value<std::string>()) {
+    auto r = ParseSize(*s);
+    if (!r.ok()) return Invalid(origin, key + ": " + r.status().message());
+    return r;
+  }
+  return Invalid(origin, key + " must be an integer number of bytes or a string like \"16MiB\"");
+}
+
+Result<std::chrono::milliseconds> DurationNode(const toml::node& n, const std::string& key, const std::string& origin) {
+  if (n.is_integer()) {
+    auto i = *n.value<std::int64_t>();
+    if (i < 0) return Invalid(origin, key + " must not be negative");
+    return std::chrono::milliseconds(i);
+  }
+  if (auto s = n.value<std::string>()) {
+    auto r = ParseDuration(*s);
+    if (!r.ok()) return Invalid(origin, key + ": " + r.status().message());
+    return r;
+  }
+  return Invalid(origin, key + " must be milliseconds or a string like \"10s\"");
+}
+
+Result<std::uint32_t> CountNode(const toml::node& n, const std::string& key, const std::string& origin,
+                                std::uint32_t min, std::uint32_t max) {
+  auto i = n.value<std::int64_t>();
+  if (!n.is_integer() || !i || *i < min || *i > max)
+    return Invalid(origin, key + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+  return static_cast<std::uint32_t>(*i);
+}
+
+Result<std::string> StringNode(const toml::node& n, const std::string& key, const std::string& origin) {
+  auto s = n.value<std::string>();
+  if (!n.is_string() || !s) return Invalid(origin, key + " must be a string");
+  return *s;
+}
+
+}  // namespace
+
+Status ValidateModelName(const std::string& name) {
+  if (name.empty() || name.size() > 64 || !std::isalnum(static_cast<unsigned char>(name[0])) ||
+      !std::all_of(name.begin(), name.end(), IsNameChar))
+    return InvalidArgument("invalid model name '" + name + "': use 1-64 of A-Z a-z 0-9 . _ -, starting with a letter or digit",
+                           "config.bad_model_name");
+  return Status::Ok();
+}
+
+Result<std::uint64_t> ParseSize(const std::string& text) {
+  std::string s;
+  for (char c : text)
+    if (!std::isspace(static_cast<unsigned char>(c))) s += c;
+  std::size_t i = 0;
+  while (i < s.size() && (std::isdigit(static_cast<unsigned char>(s[i])) || s[i] == '.')) ++i;
+  if (i == 0) return InvalidArgument("not a size: '" + text + "'", "config.bad_size");
+  double v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + i, v);
+  if (ec != std::errc() || p != s.data() + i) return InvalidArgument("not a size: '" + text + "'", "config.bad_size");
+  std::string unit = s.substr(i);
+  std::transform(unit.begin(), unit.end(), unit.begin(), [](unsigned char c) { return std::tolower(c); });
+  double mult;
+  if (unit.empty() || unit == "b") mult = 1;
+  else if (unit == "k" || unit == "kib" || unit == "kb") mult = 1024.0;
+  else if (unit == "m" || unit == "mib" || unit == "mb") mult = 1024.0 * 1024;
+  else if (unit == "g" || unit == "gib" || unit == "gb") mult = 1024.0 * 1024 * 1024;
+  else if (unit == "t" || unit == "tib" || unit == "tb") mult = 1024.0 * 1024 * 1024 * 1024;
+  else return InvalidArgument("unknown size unit '" + unit + "' in '" + text + "' (use B, KiB, MiB, GiB, TiB)", "config.bad_size");
+  double bytes = v * mult;
+  if (!std::isfinite(bytes) || bytes > 9.0e18) return InvalidArgument("size too large: '" + text + "'", "config.bad_size");
+  return static_cast<std::uint64_t>(std::llround(bytes));
+}
+
+Result<std::chrono::milliseconds> ParseDuration(const std::string& text) {
+  std::size_t i = 0;
+  while (i < text.size() && std::isdigit(static_cast<unsigned char>(text[i]))) ++i;
+  if (i == 0 || i > 12) return InvalidArgument("not a duration: '" + text + "'", "config.bad_duration");
+  std::int64_t v = std::stoll(text.substr(0, i));
+  std::string unit = text.substr(i);
+  if (unit.empty() || unit == "ms") return std::chrono::milliseconds(v);
+  if (unit == "s") return std::chrono::milliseconds(v * 1000);
+  if (unit == "m" || unit == "min") return std::chrono::milliseconds(v * 60'000);
+  if (unit == "h") return std::chrono::milliseconds(v * 3'600'000);
+  return InvalidArgument("unknown duration unit '" + unit + "' in '" + text + "' (use ms, s, m, h)", "config.bad_duration");
+}
+
+Status ApplyToml(const std::string& toml_text, const std::string& origin, DaemonConfig* cfg) {
+  toml::table root;
+  try {
+    root = toml::parse(toml_text, origin);
+  } catch (const toml::parse_error& e) {
+    std::ostringstream os;
+    os << e.description() << " at line " << e.source().begin.line << ", column " << e.source().begin.column;
+    return Invalid(origin, os.str());
+  }
+  for (auto&& [key, node] : root) {
+    const std::string k(key.str());
+    if (k != "daemon" && k != "models") return Invalid(origin, "unknown table or key '" + k + "' (expected [daemon] and [models.NAME])");
+  }
+  if (auto* d = root.get("daemon")) {
+    const toml::table* t = d->as_table();
+    if (t == nullptr) return Invalid(origin, "'daemon' must be a table");
+    for (auto&& [key, node] : *t) {
+      const std::string k(key.str());
+      const std::string qk = "daemon." + k;
+      if (k == "socket") {
+        ASSIGN_OR_RETURN(cfg->socket, StringNode(node, qk, origin));
+      } else if (k == "shm_prefix") {
+        ASSIGN_OR_RETURN(cfg->shm_prefix, StringNode(node, qk, origin));
+      } else if (k == "shm_mode") {
+        ASSIGN_OR_RETURN(std::string m, StringNode(node, qk, origin));
+        unsigned long v = 0;
+        auto [p, ec] = std::from_chars(m.data(), m.data() + m.size(), v, 8);
+        if (ec != std::errc() || p != m.data() + m.size() || v > 0777) return Invalid(origin, qk + " must be an octal mode like \"0640\"");
+        cfg->shm_mode = static_cast<mode_t>(v);
+      } else if (k == "loader_threads") {
+        ASSIGN_OR_RETURN(cfg->loader_threads, CountNode(node, qk, origin, 1, 256));
+      } else if (k == "chunk_size") {
+        ASSIGN_OR_RETURN(cfg->chunk_size, SizeNode(node, qk, origin));
+      } else if (k == "heartbeat_interval") {
+        ASSIGN_OR_RETURN(cfg->heartbeat_interval, DurationNode(node, qk, origin));
+      } else if (k == "heartbeat_timeout") {
+        ASSIGN_OR_RETURN(cfg->heartbeat_timeout, DurationNode(node, qk, origin));
+      } else if (k == "max_leases_per_client") {
+        ASSIGN_OR_RETURN(cfg->max_leases_per_client, CountNode(node, qk, origin, 1, 1'000'000));
+      } else if (k == "max_sessions") {
+        ASSIGN_OR_RETURN(cfg->max_sessions, CountNode(node, qk, origin, 1, 1'000'000));
+      } else if (k == "max_message_size") {
+        ASSIGN_OR_RETURN(cfg->max_message_size, SizeNode(node, qk, origin));
+      } else if (k == "log_level") {
+        ASSIGN_OR_RETURN(cfg->log_level, StringNode(node, qk, origin));
+      } else {
+        return Invalid(origin, "unknown key '" + qk + "'");
+      }
+    }
+  }
+  if (auto* m = root.get("models")) {
+    const toml::table* t = m->as_table();
+    if (t == nullptr) return Invalid(origin, "'models' must be a table of [models.NAME] tables");
+    for (auto&& [key, node] : *t) {
+      ModelConfig mc;
+      mc.name = std::string(key.str());
+      RETURN_IF_ERROR(ValidateModelName(mc.name).WithContext(origin));
+      const toml::table* mt = node.as_table();
+      if (mt == nullptr) return Invalid(origin, "models." + mc.name + " must be a table with a 'path'");
+      for (auto&& [mk, mv] : *mt) {
+        const std::string k(mk.str());
+        if (k == "path") {
+          ASSIGN_OR_RETURN(mc.dir, StringNode(mv, "models." + mc.name + ".path", origin));
+        } else {
+          return Invalid(origin, "unknown key 'models." + mc.name + "." + k + "'");
+        }
+      }
+      if (mc.dir.empty()) return Invalid(origin, "models." + mc.name + " has no 'path'");
+      UpsertModel(cfg, std::move(mc));
+    }
+  }
+  return Status::Ok();
+}
+
+Status ApplyTomlFile(const std::string& path, DaemonConfig* cfg) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) return NotFound("cannot read config file " + path, "config.not_found");
+  std::ostringstream ss;
+  ss << in.rdbuf();
+  RETURN_IF_ERROR(ApplyToml(ss.str(), path, cfg));
+  cfg->config_path = path;
+  return Status::Ok();
+}
+
+Result<ModelConfig> ParseModelFlag(const std::string& flag) {
+  auto eq = flag.find('=');
+  if (eq == std::string::npos || eq == 0 || eq + 1 == flag.size())
+    return InvalidArgument("--model expects NAME=DIR, got '" + flag + "'", "config.bad_model_flag");
+  ModelConfig m{flag.substr(0, eq), flag.substr(eq + 1)};
+  RETURN_IF_ERROR(ValidateModelName(m.name));
+  return m;
+}
+
+void UpsertModel(DaemonConfig* cfg, ModelConfig m) {
+  auto it = std::lower_bound(cfg->models.begin(), cfg->models.end(), m.name,
+                             [](const ModelConfig& a, const std::string& n) { return a.name < n; });
+  if (it != cfg->models.end() && it->name == m.name) *it = std::move(m);
+  else cfg->models.insert(it, std::move(m));
+}
+
+Status Finalize(DaemonConfig* cfg) {
+  if (cfg->socket.rfind("ipc://", 0) != 0 || cfg->socket.size() <= 6)
+    return InvalidArgument("socket must be an ipc:// endpoint (peer credentials identify clients), got '" + cfg->socket + "'",
+                           "config.bad_socket");
+  if (cfg->shm_prefix.empty()) {
+    char buf[32];
+    std::snprintf(buf, sizeof buf, "weightd-%08x", static_cast<unsigned>(XXH64(cfg->socket.data(), cfg->socket.size(), 0)));
+    cfg->shm_prefix = buf;
+  }
+  if (cfg->shm_prefix.size() > 64 || !std::all_of(cfg->shm_prefix.begin(), cfg->shm_prefix.end(), IsNameChar))
+    return InvalidArgument("shm_prefix must be 1-64 of A-Z a-z 0-9 . _ -, got '" + cfg->shm_prefix + "'", "config.bad_prefix");
+  if (cfg->shm_mode & 0002) return InvalidArgument("shm_mode must not be world-writable", "config.bad_mode");
+  if (cfg->shm_mode & 0022) return InvalidArgument("shm_mode must not let group or others write segments", "config.bad_mode");
+  if (cfg->chunk_size < 4096 || cfg->chunk_size > (1ull << 30))
+    return InvalidArgument("chunk_size must be between 4 KiB and 1 GiB", "config.bad_chunk");
+  if (cfg->heartbeat_interval.count() <= 0 || cfg->heartbeat_timeout <= cfg->heartbeat_interval)
+    return InvalidArgument("heartbeat_timeout must be larger than heartbeat_interval (> 0)", "config.bad_heartbeat");
+  if (cfg->max_message_size < 4096) return InvalidArgument("max_message_size must be at least 4 KiB", "config.bad_size");
+  return Status::Ok();
+}
+
+}  // namespace weightd

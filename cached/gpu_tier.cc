@@ -1,0 +1,452 @@
+#include "gpu_tier.h"
+
+#include <spdlog/spdlog.h>
+
+#include <algorithm>
+#include <cctype>
+#include <chrono>
+#include <cstring>
+
+namespace weightd::gpu {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double SecondsSince(Clock::time_point t0) {
+  return std::chrono::duration<double>(Clock::now() - t0).count();
+}
+
+std::string Cuda(int ordinal) { return "cuda:" + std::to_string(ordinal); }
+
+bool IsHex(char c) { return std::isxdigit(static_cast<unsigned char>(c)) != 0; }
+
+// "GPU-" + 8-4-4-4-12 hex digits.
+bool WellFormedUuid(std::string_view s) {
+  static constexpr std::string_view kPattern = "GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx";
+  if (s.size() != kPattern.size()) return false;
+  for (std::size_t i = 0; i < s.size(); ++i) {
+    if (kPattern[i] == 'x') {
+      if (!IsHex(s[i])) return false;
+    } else if (i < 4 ? std::toupper(static_cast<unsigned char>(s[i])) != kPattern[i] : s[i] != kPattern[i]) {
+      return false;
+    }
+  }
+  return true;
+}
+
+std::string Lower(std::string_view s) {
+  std::string out(s);
+  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
+  return out;
+}
+
+enum VmmProgress : std::uint8_t { kNothing = 0, kCreated = 1, kReserved = 2, kMapped = 3 };
+
+}  // namespace
+
+// Shared by the tier and its copies, so a copy that outlives a Materialize call (or the tier)
+// can still settle its bookkeeping.
+struct GpuCopy::State {
+  explicit State(CudaApi* a) : api(a) {}
+  CudaApi* const api;
+
+  std::mutex mu;  // guards everything below except the registrations
+  std::map<int, GpuDeviceStats> devices;
+  std::map<int, std::uint64_t> granularity;  // queried lazily: it may need a context
+  GpuTierStats totals;                        // .devices unused
+
+  // Host registrations are process-wide and may be shared by concurrent copies of one shard
+  // to several GPUs, so they are refcounted here. Registering takes ~50 ms/GiB; it runs under
+  // reg_mu, which serializes concurrent materializations' registrations but nothing else.
+  // TODO(perf): let the host tier keep hot segments registered across materializations.
+  std::mutex reg_mu;
+  struct Registration {
+    std::uint64_t size = 0;
+    int refs = 0;
+  };
+  std::map<const void*, Registration> registrations;
+
+  bool Register(const void* base, std::uint64_t size, bool read_only_supported) {
+    std::lock_guard lock(reg_mu);
+    auto it = registrations.find(base);
+    if (it != registrations.end()) {
+      if (it->second.size != size) return false;
+      ++it->second.refs;
+      return true;
+    }
+    // Read-only registration is what lets us pin a PROT_READ mapping; a writable mapping also
+    // registers without it on devices that lack the attribute.
+    bool ok = (read_only_supported && api->HostRegister(base, size, true).ok()) || api->HostRegister(base, size, false).ok();
+    if (!ok) return false;
+    registrations[base] = Registration{size, 1};
+    return true;
+  }
+
+  void Unregister(const void* base) {
+    std::lock_guard lock(reg_mu);
+    auto it = registrations.find(base);
+    if (it == registrations.end() || --it->second.refs > 0) return;
+    registrations.erase(it);
+    Status s = api->HostUnregister(base);
+    if (!s.ok()) {
+      spdlog::warn("gpu tier: {}", s.ToString());
+      std::lock_guard l2(mu);
+      ++totals.release_errors;
+    }
+  }
+};
+
+std::string_view ExportModeName(ExportMode m) { return m == ExportMode::kVmm ? "vmm" : "legacy"; }
+
+Result<ExportMode> ParseExportMode(std::string_view s) {
+  if (s == "vmm") return ExportMode::kVmm;
+  if (s == "legacy") return ExportMode::kLegacy;
+  return InvalidArgument("gpu.export must be \"vmm\" or \"legacy\", not \"" + std::string(s) + "\"",
+                         "config.bad_gpu_export");
+}
+
+// ---- GpuCopy ----------------------------------------------------------------------------------
+
+GpuCopy::~GpuCopy() {
+  CudaApi* api = state_->api;
+  std::uint64_t errors = 0;
+  auto note = [&](const Status& s) {
+    if (s.ok()) return;
+    ++errors;
+    spdlog::warn("gpu tier: releasing a copy on {}: {}", Cuda(ordinal_), s.ToString());
+  };
+  if (!progress_.empty()) note(api->SetDevice(ordinal_));
+  for (std::size_t i = 0; i < progress_.size(); ++i) {
+    const GpuShard& sh = shards_[i];
+    if (mode_ == ExportMode::kVmm) {
+      if (progress_[i] >= kMapped) note(api->MemUnmap(sh.ptr, sh.alloc_size));
+      if (progress_[i] >= kReserved) note(api->AddressFree(sh.ptr, sh.alloc_size));
+      if (progress_[i] >= kCreated) note(api->MemRelease(sh.handle));
+    } else if (progress_[i] >= kCreated) {
+      note(api->Free(sh.ptr));
+    }
+  }
+  std::lock_guard lock(state_->mu);
+  state_->totals.release_errors += errors;
+  if (accounted_) {
+    GpuDeviceStats& d = state_->devices[ordinal_];
+    d.resident_bytes -= allocated_bytes();
+    --d.copies;
+  }
+}
+
+std::uint64_t GpuCopy::allocated_bytes() const {
+  std::uint64_t n = 0;
+  for (const GpuShard& s : shards_) n += s.alloc_size;
+  return n;
+}
+
+Result<std::vector<posix::Fd>> GpuCopy::ExportFds() const {
+  if (mode_ != ExportMode::kVmm)
+    return FailedPrecondition("the copy on " + Cuda(ordinal_) + " was exported as legacy CUDA IPC, not VMM fds",
+                              "gpu.wrong_export_mode");
+  RETURN_IF_ERROR(state_->api->SetDevice(ordinal_));
+  std::vector<posix::Fd> fds;
+  fds.reserve(shards_.size());
+  for (std::size_t i = 0; i < shards_.size(); ++i) {
+    auto fd = state_->api->ExportFd(shards_[i].handle);
+    if (!fd.ok()) return fd.status().WithContext("exporting shard " + std::to_string(i) + " on " + Cuda(ordinal_));
+    fds.push_back(std::move(fd).value());
+  }
+  return fds;
+}
+
+Result<std::vector<std::string>> GpuCopy::LegacyHandles() const {
+  if (mode_ != ExportMode::kLegacy)
+    return FailedPrecondition("the copy on " + Cuda(ordinal_) + " was exported as VMM fds, not legacy CUDA IPC",
+                              "gpu.wrong_export_mode");
+  std::vector<std::string> out;
+  out.reserve(shards_.size());
+  for (const GpuShard& s : shards_) out.push_back(s.ipc_handle);
+  return out;
+}
+
+Status GpuCopy::CopyToHost(std::size_t shard, std::uint64_t offset, std::span<std::byte> out) const {
+  if (shard >= shards_.size())
+    return InvalidArgument("shard " + std::to_string(shard) + " out of range (" + std::to_string(shards_.size()) + ")",
+                           "gpu.bad_shard");
+  const GpuShard& s = shards_[shard];
+  if (offset > s.data_size || out.size() > s.data_size - offset)
+    return InvalidArgument("read of " + std::to_string(out.size()) + " bytes at " + std::to_string(offset) +
+                               " past the end of shard " + std::to_string(shard) + " (" + std::to_string(s.data_size) +
+                               " bytes)",
+                           "gpu.bad_range");
+  if (out.empty()) return Status::Ok();
+  RETURN_IF_ERROR(state_->api->SetDevice(ordinal_));
+  return state_->api->CopyDeviceToHost(out.data(), s.ptr + offset, out.size());
+}
+
+// ---- GpuTier ----------------------------------------------------------------------------------
+
+GpuTier::GpuTier(CudaApi* api, MaterializeOptions options)
+    : api_(api), options_(options), state_(std::make_shared<GpuCopy::State>(api)) {
+  options_.streams = std::max(1, options_.streams);
+  options_.chunk_bytes = std::max<std::uint64_t>(options_.chunk_bytes, posix::PageSize());
+  if (api_ == nullptr) {
+    unavailable_ = Unavailable("no CUDA device: the daemon runs host-only", "gpu.no_device");
+    return;
+  }
+  auto count = api_->DeviceCount();
+  if (!count.ok()) {
+    unavailable_ = count.status();
+    return;
+  }
+  std::vector<DeviceInfo> found;
+  for (int i = 0; i < *count; ++i) {
+    auto info = api_->GetDeviceInfo(i);
+    if (!info.ok()) {
+      unavailable_ = info.status();
+      return;
+    }
+    found.push_back(std::move(info).value());
+  }
+  if (found.empty()) {
+    unavailable_ = Unavailable("no CUDA device: none found", "gpu.no_device");
+    return;
+  }
+  devices_ = std::move(found);
+  for (const DeviceInfo& d : devices_) state_->devices[d.ordinal] = GpuDeviceStats{d.ordinal, d.uuid, 0, 0};
+}
+
+GpuTier::~GpuTier() = default;
+
+Status GpuTier::CheckOrdinal(int ordinal) const {
+  if (!available()) {
+    if (unavailable_.reason() == "gpu.no_device" || unavailable_.reason() == "gpu.no_cuda") return unavailable_;
+    return Unavailable("no CUDA device: " + unavailable_.ToString(), "gpu.no_device");
+  }
+  if (ordinal < 0 || static_cast<std::size_t>(ordinal) >= devices_.size())
+    return NotFound("no CUDA device " + Cuda(ordinal) + " (" + std::to_string(devices_.size()) + " visible)",
+                    "gpu.unknown_device");
+  return Status::Ok();
+}
+
+Result<MemInfo> GpuTier::Memory(int ordinal) const {
+  RETURN_IF_ERROR(CheckOrdinal(ordinal));
+  return api_->GetMemInfo(ordinal);
+}
+
+Result<int> GpuTier::ResolveDevice(std::string_view device) const {
+  const std::string quoted = "\"" + std::string(device) + "\"";
+  if (device == "cuda") device = "cuda:0";
+  if (device.starts_with("cuda:")) {
+    std::string_view digits = device.substr(5);
+    if (digits.empty() || digits.size() > 4 || !std::all_of(digits.begin(), digits.end(), [](char c) { return c >= '0' && c <= '9'; }))
+      return InvalidArgument("bad device " + quoted + ": expected cuda:N or GPU-<uuid>", "gpu.bad_device");
+    int n = 0;
+    for (char c : digits) n = n * 10 + (c - '0');
+    RETURN_IF_ERROR(CheckOrdinal(n));
+    return n;
+  }
+  if (device.size() >= 4 && Lower(device.substr(0, 4)) == "gpu-") {
+    if (!WellFormedUuid(device))
+      return InvalidArgument("bad device " + quoted + ": a GPU UUID reads GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx",
+                             "gpu.bad_device");
+    RETURN_IF_ERROR(CheckOrdinal(0));
+    std::string want = Lower(device);
+    for (const DeviceInfo& d : devices_)
+      if (Lower(d.uuid) == want) return d.ordinal;
+    return NotFound("no visible CUDA device has UUID " + std::string(device), "gpu.unknown_device");
+  }
+  return InvalidArgument("bad device " + quoted + ": expected cuda:N or GPU-<uuid>", "gpu.bad_device");
+}
+
+Status GpuTier::Allocate(GpuCopy& copy, std::span<const HostShard> shards) {
+  const int ordinal = copy.ordinal_;
+  std::uint64_t granularity = 0;
+  if (copy.mode_ == ExportMode::kVmm) {
+    {
+      std::lock_guard lock(state_->mu);
+      auto it = state_->granularity.find(ordinal);
+      if (it != state_->granularity.end()) granularity = it->second;
+    }
+    if (granularity == 0) {
+      ASSIGN_OR_RETURN(granularity, api_->AllocationGranularity(ordinal));
+      std::lock_guard lock(state_->mu);
+      state_->granularity[ordinal] = granularity;
+    }
+  }
+  copy.shards_.reserve(shards.size());
+  copy.progress_.reserve(shards.size());
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    copy.shards_.push_back(GpuShard{});
+    copy.progress_.push_back(kNothing);
+    GpuShard& s = copy.shards_.back();
+    std::uint8_t& progress = copy.progress_.back();
+    s.data_size = shards[i].size;
+    const std::string what = "shard " + std::to_string(i) + " (" + std::to_string(s.data_size) + " bytes)";
+    if (copy.mode_ == ExportMode::kVmm) {
+      // An empty shard still gets one granule so that every shard exports as one fd.
+      s.alloc_size = std::max(granularity, posix::RoundUp(s.data_size, granularity));
+      auto h = api_->MemCreate(ordinal, s.alloc_size);
+      if (!h.ok()) return h.status().WithContext(what);
+      s.handle = *h;
+      progress = kCreated;
+      auto va = api_->AddressReserve(s.alloc_size, granularity);
+      if (!va.ok()) return va.status().WithContext(what);
+      s.ptr = *va;
+      progress = kReserved;
+      RETURN_IF_ERROR(api_->MemMap(s.ptr, s.alloc_size, s.handle).WithContext(what));
+      progress = kMapped;
+      RETURN_IF_ERROR(api_->SetAccess(s.ptr, s.alloc_size, ordinal, Access::kReadWrite).WithContext(what));
+    } else {
+      s.alloc_size = std::max<std::uint64_t>(s.data_size, 1);
+      auto p = api_->Malloc(s.alloc_size);
+      if (!p.ok()) return p.status().WithContext(what);
+      s.ptr = *p;
+      progress = kCreated;
+      auto h = api_->IpcGetMemHandle(s.ptr);
+      if (!h.ok()) return h.status().WithContext(what);
+      if (h->size() != kIpcHandleSize) return Internal("CUDA IPC handle of unexpected size", "gpu.bad_ipc_handle");
+      s.ipc_handle = std::move(h).value();
+    }
+  }
+  return Status::Ok();
+}
+
+Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged) {
+  // Everything a copy borrows while queued work may still read it. The destructor waits for
+  // the streams before it frees staging buffers or unregisters host memory, on success and on
+  // every error path alike.
+  struct Session {
+    CudaApi* api;
+    GpuCopy::State* state;
+    std::vector<Stream> streams;
+    std::vector<void*> staging;
+    std::vector<bool> staging_busy;
+    std::vector<const void*> registered;
+    std::uint64_t errors = 0;
+
+    void Note(const Status& s) {
+      if (!s.ok()) {
+        ++errors;
+        spdlog::warn("gpu tier: cleaning up a copy: {}", s.ToString());
+      }
+    }
+    ~Session() {
+      for (Stream s : streams) Note(api->StreamSynchronize(s));
+      for (void* p : staging)
+        if (p != nullptr) Note(api->HostFreePinned(p));
+      for (const void* p : registered) state->Unregister(p);
+      for (Stream s : streams) Note(api->StreamDestroy(s));
+      std::lock_guard lock(state->mu);
+      state->totals.release_errors += errors;
+    }
+  } session{api_, state_.get(), {}, {}, {}, {}};
+
+  const bool ro = devices_[static_cast<std::size_t>(copy.ordinal_)].host_register_read_only;
+  const std::uint64_t page = posix::PageSize();
+  std::vector<bool> direct(shards.size(), false);
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    if (shards[i].size == 0) continue;
+    // Registration works on whole pages; the shm mapping around a shard covers them.
+    auto begin = reinterpret_cast<std::uintptr_t>(shards[i].data) / page * page;
+    auto end = posix::RoundUp(reinterpret_cast<std::uintptr_t>(shards[i].data) + shards[i].size, page);
+    const void* base = reinterpret_cast<const void*>(begin);
+    if (state_->Register(base, end - begin, ro)) {
+      session.registered.push_back(base);
+      direct[i] = true;
+    } else {
+      ++*staged;
+    }
+  }
+
+  for (int i = 0; i < options_.streams; ++i) {
+    auto s = api_->StreamCreate();
+    if (!s.ok()) return s.status();
+    session.streams.push_back(*s);
+  }
+  const std::size_t n_streams = session.streams.size();
+  session.staging.assign(n_streams, nullptr);
+  session.staging_busy.assign(n_streams, false);
+
+  auto t0 = Clock::now();
+  std::uint64_t bytes = 0;
+  std::size_t k = 0;
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    const HostShard& src = shards[i];
+    const GpuShard& dst = copy.shards_[i];
+    for (std::uint64_t off = 0; off < src.size; off += options_.chunk_bytes, ++k) {
+      const std::uint64_t len = std::min(options_.chunk_bytes, src.size - off);
+      const std::size_t j = k % n_streams;
+      Stream stream = session.streams[j];
+      Status st;
+      if (direct[i]) {
+        st = api_->CopyHostToDeviceAsync(dst.ptr + off, src.data + off, len, stream);
+      } else {
+        // TODO(perf): double-buffer per stream and fill staging buffers from several threads;
+        // this path only runs when registration fails.
+        if (session.staging[j] == nullptr) {
+          auto buf = api_->HostAllocPinned(options_.chunk_bytes);
+          if (!buf.ok()) return buf.status().WithContext("staging buffer");
+          session.staging[j] = *buf;
+        } else if (session.staging_busy[j]) {
+          RETURN_IF_ERROR(api_->StreamSynchronize(stream));
+        }
+        std::memcpy(session.staging[j], src.data + off, len);
+        st = api_->CopyHostToDeviceAsync(dst.ptr + off, session.staging[j], len, stream);
+        session.staging_busy[j] = true;
+      }
+      RETURN_IF_ERROR(st.WithContext("shard " + std::to_string(i) + " at offset " + std::to_string(off)));
+      bytes += len;
+    }
+  }
+  for (Stream s : session.streams) RETURN_IF_ERROR(api_->StreamSynchronize(s));
+  copy.copy_seconds_ = SecondsSince(t0);
+
+  std::lock_guard lock(state_->mu);
+  state_->totals.last_h2d_bytes = bytes;
+  state_->totals.last_h2d_seconds = copy.copy_seconds_;
+  state_->totals.last_h2d_gbps = copy.copy_seconds_ > 0 ? static_cast<double>(bytes) / copy.copy_seconds_ / 1e9 : 0;
+  return Status::Ok();
+}
+
+Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode) {
+  RETURN_IF_ERROR(CheckOrdinal(ordinal));
+  const DeviceInfo& dev = devices_[static_cast<std::size_t>(ordinal)];
+  if (mode == ExportMode::kVmm && !dev.vmm_posix_fd)
+    return FailedPrecondition(Cuda(ordinal) + " (" + dev.uuid + ") cannot export VMM memory as POSIX fds; set gpu.export = \"legacy\"",
+                              "gpu.vmm_unsupported");
+  if (shards.empty()) return InvalidArgument("nothing to materialize: no shards", "gpu.no_shards");
+  std::uint64_t total = 0;
+  for (const HostShard& s : shards) {
+    if (s.data == nullptr && s.size > 0) return InvalidArgument("host shard without data", "gpu.bad_shard");
+    total += s.size;
+  }
+
+  std::shared_ptr<GpuCopy> copy(new GpuCopy(state_, ordinal, dev.uuid, mode));
+  std::uint64_t staged = 0;
+  Status s = api_->SetDevice(ordinal);
+  if (s.ok()) s = Allocate(*copy, shards);
+  if (s.ok()) s = CopyIn(*copy, shards, &staged);
+  if (!s.ok()) copy.reset();  // frees what was allocated; takes state_->mu itself
+  std::lock_guard lock(state_->mu);
+  state_->totals.staged_shards += staged;
+  if (!s.ok()) {
+    ++state_->totals.materialize_failures;
+    return s.WithContext("materializing " + std::to_string(shards.size()) + " shards (" + std::to_string(total) +
+                         " bytes) on " + Cuda(ordinal) + " (" + dev.uuid + ", " + std::string(ExportModeName(mode)) + ")");
+  }
+  ++state_->totals.materializations;
+  GpuDeviceStats& d = state_->devices[ordinal];
+  d.resident_bytes += copy->allocated_bytes();
+  ++d.copies;
+  copy->accounted_ = true;
+  return copy;
+}
+
+GpuTierStats GpuTier::Stats() const {
+  std::lock_guard lock(state_->mu);
+  GpuTierStats out = state_->totals;
+  out.devices.clear();
+  for (const DeviceInfo& d : devices_) out.devices.push_back(state_->devices[d.ordinal]);
+  return out;
+}
+
+}  // namespace weightd::gpu

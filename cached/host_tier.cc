@@ -1,0 +1,87 @@
+#include "host_tier.h"
+
+#include <dirent.h>
+#include <sys/mman.h>
+
+#include <boost/interprocess/mapped_region.hpp>
+#include <boost/interprocess/permissions.hpp>
+#include <boost/interprocess/shared_memory_object.hpp>
+
+#include "posix.h"
+
+namespace bip = boost::interprocess;
+
+namespace weightd {
+
+struct HostSegment::Impl {
+  bip::shared_memory_object shm;
+  bip::mapped_region region;
+};
+
+HostSegment::HostSegment() = default;
+HostSegment::HostSegment(HostSegment&&) noexcept = default;
+HostSegment& HostSegment::operator=(HostSegment&&) noexcept = default;
+HostSegment::~HostSegment() = default;
+
+Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode) {
+  HostSegment seg;
+  seg.name_ = name;
+  seg.data_size_ = data_size;
+  seg.mapped_size_ = posix::RoundUp(data_size, posix::PageSize());
+  seg.impl_ = std::make_unique<Impl>();
+  try {
+    bip::permissions perm(static_cast<unsigned>(mode));
+    seg.impl_->shm = bip::shared_memory_object(bip::create_only, name.c_str(), bip::read_write, perm);
+    seg.impl_->shm.truncate(static_cast<bip::offset_t>(seg.mapped_size_));
+    if (seg.mapped_size_ > 0) {
+      seg.impl_->region = bip::mapped_region(seg.impl_->shm, bip::read_write, 0, seg.mapped_size_);
+      seg.data_ = static_cast<std::byte*>(seg.impl_->region.get_address());
+    }
+  } catch (const bip::interprocess_exception& e) {
+    const bool exists = e.get_error_code() == bip::already_exists_error;
+    const bool full = e.get_error_code() == bip::out_of_space_error || e.get_native_error() == ENOSPC ||
+                      e.get_native_error() == ENOMEM;
+    std::string msg = "creating shared-memory segment /" + name + " of " + std::to_string(seg.mapped_size_) +
+                      " bytes: " + e.what();
+    // A half-made segment must not outlive the failure.
+    if (!exists) bip::shared_memory_object::remove(name.c_str());
+    if (exists) return FailedPrecondition(msg, "shm.exists");
+    if (full) return ResourceExhausted(msg + " (is /dev/shm large enough?)", "shm.no_space");
+    return Internal(msg, "shm.create_failed");
+  }
+  // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
+  // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.
+  if (seg.mapped_size_ > 0) {
+    int fd = seg.impl_->shm.get_mapping_handle().handle;
+    int err = ::posix_fallocate(fd, 0, static_cast<off_t>(seg.mapped_size_));
+    if (err != 0) {
+      seg.impl_.reset();
+      bip::shared_memory_object::remove(name.c_str());
+      Status s = posix::ErrnoStatus("reserving " + std::to_string(seg.mapped_size_) + " bytes for segment /" + name, err);
+      if (err == ENOSPC) return ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
+      return s;
+    }
+  }
+  return seg;
+}
+
+Status HostSegment::Remove(const std::string& name) {
+  if (::shm_unlink(("/" + name).c_str()) != 0 && errno != ENOENT)
+    return posix::ErrnoStatus("shm_unlink(/" + name + ")");
+  return Status::Ok();
+}
+
+std::vector<std::string> ListSegments(const std::string& prefix) {
+  std::vector<std::string> out;
+  DIR* d = ::opendir("/dev/shm");
+  if (d == nullptr) return out;
+  const std::string p = prefix + ".";
+  while (dirent* e = ::readdir(d)) {
+    std::string n = e->d_name;
+    if (n.rfind(p, 0) == 0) out.push_back(n);
+  }
+  ::closedir(d);
+  return out;
+}
+
+}  // namespace weightd

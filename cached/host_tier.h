@@ -1,0 +1,57 @@
+// host_tier.h — POSIX shared-memory segments (Boost.Interprocess) that hold shard data.
+//
+// A segment holds one shard's data section at offset 0, so a tensor's offset in the segment
+// equals its safetensors data_offsets[0]. Segments are created exclusively, with an explicit
+// mode (never Boost's 0644 default) and a page-rounded size; clients open them O_RDONLY.
+//
+// HostSegment is move-only. Its destructor unmaps the daemon's view only; deleting the name
+// is an explicit Remove() by the owner of the policy, so a segment a client still maps stays
+// valid until that client unmaps it. Not thread-safe per object; distinct objects are
+// independent.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "weightd/status.h"
+
+namespace weightd {
+
+class HostSegment {
+ public:
+  HostSegment();
+  HostSegment(HostSegment&&) noexcept;
+  HostSegment& operator=(HostSegment&&) noexcept;
+  ~HostSegment();
+
+  // Creates "/<name>" exclusively with `mode`, sized RoundUp(data_size, page), mapped
+  // read-write into the daemon. FailedPrecondition if the name exists.
+  static Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, mode_t mode);
+
+  // Unlinks a segment name; NotFound is not an error. Existing mappings stay valid.
+  static Status Remove(const std::string& name);
+
+  const std::string& name() const { return name_; }    // without the leading '/'
+  std::string shm_path() const { return "/" + name_; }  // what shm_open() takes
+  std::byte* data() const { return data_; }
+  std::uint64_t data_size() const { return data_size_; }
+  std::uint64_t mapped_size() const { return mapped_size_; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+  std::string name_;
+  std::byte* data_ = nullptr;
+  std::uint64_t data_size_ = 0;
+  std::uint64_t mapped_size_ = 0;
+};
+
+// Names (without '/') of the segments in /dev/shm that start with "<prefix>.".
+std::vector<std::string> ListSegments(const std::string& prefix);
+
+}  // namespace weightd

@@ -1,0 +1,116 @@
+#include "lease_table.h"
+
+#include <charconv>
+#include <string_view>
+
+namespace weightd {
+
+std::optional<PeerCred> ParsePeerAddress(const std::string& text) {
+  // The last three ':'-separated fields are uid, gid and pid.
+  std::vector<std::string_view> fields;
+  std::string_view rest(text);
+  for (std::size_t colon; (colon = rest.find(':')) != std::string_view::npos; rest.remove_prefix(colon + 1))
+    fields.push_back(rest.substr(0, colon));
+  fields.push_back(rest);
+  if (fields.size() < 3) return std::nullopt;
+  std::uint32_t v[3];
+  for (int i = 0; i < 3; ++i) {
+    std::string_view f = fields[fields.size() - 3 + static_cast<std::size_t>(i)];
+    auto [p, ec] = std::from_chars(f.data(), f.data() + f.size(), v[i]);
+    if (f.empty() || ec != std::errc() || p != f.data() + f.size()) return std::nullopt;
+  }
+  PeerCred c;
+  c.known = true;
+  c.uid = static_cast<uid_t>(v[0]);
+  c.gid = static_cast<gid_t>(v[1]);
+  c.pid = static_cast<pid_t>(v[2]);
+  return c;
+}
+
+LeaseTable::LeaseTable(std::uint32_t max_sessions, std::uint32_t max_leases_per_session)
+    : max_sessions_(max_sessions), max_leases_(max_leases_per_session), rng_(std::random_device{}()) {}
+
+Result<Session*> LeaseTable::Open(const std::string& routing_id, const std::string& client_name, const PeerCred& peer,
+                                  Clock::TimePoint now) {
+  if (Session* s = Find(routing_id)) {
+    s->last_seen = now;
+    return s;
+  }
+  if (sessions_.size() >= max_sessions_)
+    return ResourceExhausted("the daemon holds its maximum of " + std::to_string(max_sessions_) + " sessions",
+                             "limits.sessions");
+  const std::uint64_t id = next_session_++;
+  Session& s = sessions_[id];
+  s.id = id;
+  s.routing_id = routing_id;
+  s.client_name = client_name.substr(0, 128);
+  s.peer = peer;
+  s.last_seen = now;
+  by_routing_[routing_id] = id;
+  return &s;
+}
+
+Session* LeaseTable::Find(const std::string& routing_id) {
+  auto it = by_routing_.find(routing_id);
+  return it == by_routing_.end() ? nullptr : &sessions_.at(it->second);
+}
+
+Session* LeaseTable::FindById(std::uint64_t session_id) {
+  auto it = sessions_.find(session_id);
+  return it == sessions_.end() ? nullptr : &it->second;
+}
+
+std::vector<LeaseRecord> LeaseTable::Close(std::uint64_t session_id) {
+  std::vector<LeaseRecord> ended;
+  auto it = sessions_.find(session_id);
+  if (it == sessions_.end()) return ended;
+  for (std::uint64_t lid : it->second.leases) {
+    auto lt = leases_.find(lid);
+    if (lt == leases_.end()) continue;
+    if (--per_model_[lt->second.model] == 0) per_model_.erase(lt->second.model);
+    ended.push_back(std::move(lt->second));
+    leases_.erase(lt);
+  }
+  by_routing_.erase(it->second.routing_id);
+  sessions_.erase(it);
+  return ended;
+}
+
+std::vector<std::uint64_t> LeaseTable::Expired(Clock::TimePoint now, std::chrono::milliseconds timeout) const {
+  std::vector<std::uint64_t> out;
+  for (const auto& [id, s] : sessions_)
+    if (now - s.last_seen > timeout) out.push_back(id);
+  return out;
+}
+
+Result<std::uint64_t> LeaseTable::AddLease(Session& s, const std::string& model, const std::string& device) {
+  if (s.leases.size() >= max_leases_)
+    return ResourceExhausted("this client already holds " + std::to_string(s.leases.size()) +
+                                 " leases, the maximum per client; release some first",
+                             "limits.leases");
+  std::uint64_t id;
+  do id = rng_();  // unguessable, so a lease id from another session is useless
+  while (id == 0 || leases_.count(id));
+  leases_[id] = LeaseRecord{id, s.id, model, device};
+  s.leases.insert(id);
+  ++per_model_[model];
+  return id;
+}
+
+Result<LeaseRecord> LeaseTable::Release(Session& s, std::uint64_t lease_id) {
+  auto it = leases_.find(lease_id);
+  if (it == leases_.end() || it->second.session != s.id)
+    return NotFound("no lease " + std::to_string(lease_id) + " in this session", "lease.unknown");
+  LeaseRecord r = std::move(it->second);
+  leases_.erase(it);
+  s.leases.erase(lease_id);
+  if (--per_model_[r.model] == 0) per_model_.erase(r.model);
+  return r;
+}
+
+std::uint32_t LeaseTable::LeasesOf(const std::string& model) const {
+  auto it = per_model_.find(model);
+  return it == per_model_.end() ? 0 : it->second;
+}
+
+}  // namespace weightd

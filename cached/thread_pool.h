@@ -1,0 +1,40 @@
+// thread_pool.h — a fixed set of worker threads draining a closable queue.
+//
+// Submit() is thread-safe. Close() (also run by the destructor) stops accepting work, lets
+// the queued tasks finish and joins the workers; tasks must therefore not wait for work that
+// is queued behind them on the same pool.
+#pragma once
+
+#include <condition_variable>
+#include <deque>
+#include <functional>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace weightd {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(unsigned threads, std::string name = "worker");
+  ~ThreadPool() { Close(); }
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  // False if the pool is closed (the task is dropped).
+  bool Submit(std::function<void()> task);
+  void Close();
+  unsigned size() const { return static_cast<unsigned>(threads_.size()); }
+
+ private:
+  void Run();
+
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::deque<std::function<void()>> queue_;  // guarded by mu_
+  bool closed_ = false;                      // guarded by mu_
+  std::vector<std::thread> threads_;
+};
+
+}  // namespace weightd

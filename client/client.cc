@@ -1,0 +1,587 @@
+// client.cc — libweightd: the control connection, leases, and read-only segment mappings.
+//
+// One Client::Impl owns one ZeroMQ DEALER socket. Every request is one frame; replies are
+// matched by id, and a reply with another id (left over from a request that timed out, or a
+// heartbeat answered while a call was waiting) is discarded. All socket use happens under
+// `mu_`, so the socket is only ever touched by one thread at a time.
+//
+// Liveness: the heartbeat thread sends a Heartbeat whenever `heartbeat_interval_ms` has passed
+// since the last one. If another call holds the socket (an Acquire waiting minutes for a load),
+// that call sends the heartbeats from its own wait loop instead, so the session never starves.
+//
+// Releases: a Lease::Impl's destructor sends Release and waits briefly for the OkReply. If the
+// socket is busy with a long call, the lease id is queued and the busy call sends it, so that a
+// tensor deleter on an inference thread never blocks behind a model load.
+
+#include "weightd/client.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdlib>
+#include <limits>
+#include <mutex>
+#include <optional>
+#include <thread>
+#include <unordered_map>
+#include <unordered_set>
+#include <utility>
+
+#include <zmq.hpp>
+
+#include "posix.h"
+#include "protocol.h"
+
+namespace weightd {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using std::chrono::milliseconds;
+
+constexpr std::int64_t kMaxMessageBytes = std::int64_t{64} << 20;
+// How long a Lease's destructor waits for the daemon to confirm a Release.
+constexpr milliseconds kReleaseTimeout{2000};
+// How long the heartbeat thread backs off when another call holds the socket.
+constexpr milliseconds kBusyRetry{50};
+// Poll slice while a cancellable call waits, so destruction is prompt.
+constexpr milliseconds kCancelSlice{50};
+
+std::string Seconds(milliseconds ms) {
+  auto tenths = ms.count() / 100;
+  std::string s = std::to_string(tenths / 10);
+  if (tenths % 10 != 0) s += "." + std::to_string(tenths % 10);
+  return s + "s";
+}
+
+std::string_view RequestName(const proto::RequestBody& b) {
+  static constexpr std::string_view kNames[] = {"Hello", "Acquire",       "Release", "Heartbeat", "List",
+                                                "StatusRequest", "Load", "Evict",   "Stats"};
+  return b.index() < std::size(kNames) ? kNames[b.index()] : "?";
+}
+
+Status UnexpectedReply(const proto::RequestBody& req, const proto::ReplyBody& rep) {
+  return Internal("daemon answered " + std::string(RequestName(req)) + " with reply type #" +
+                      std::to_string(rep.index()),
+                  "protocol.unexpected_reply");
+}
+
+// shm_open wrapped once: EINTR retried, errors name the segment.
+Result<posix::Fd> ShmOpenReadOnly(const std::string& name) {
+  int fd;
+  do fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+  while (fd < 0 && errno == EINTR);
+  if (fd < 0) return posix::ErrnoStatus("shm_open(" + name + ", O_RDONLY)");
+  return posix::Fd(fd);
+}
+
+Status BadManifest(const std::string& model, const std::string& what) {
+  return DataLoss("daemon sent an invalid manifest for model '" + model + "': " + what,
+                  "protocol.bad_manifest");
+}
+
+std::string ShapeString(const std::vector<std::int64_t>& shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+// Checks every record against the rules a well-behaved daemon follows. The manifest comes from
+// another process; nothing in it is used (as a size, offset or index) before this passes.
+Status ValidateManifest(const proto::Manifest& m) {
+  for (std::size_t i = 0; i < m.segments.size(); ++i) {
+    const auto& s = m.segments[i];
+    if (s.data_size > s.size)
+      return BadManifest(m.model, "segment " + std::to_string(i) + " (" + s.shm_name + ") has " +
+                                      std::to_string(s.data_size) + " data bytes in a " +
+                                      std::to_string(s.size) + "-byte segment");
+    if (s.size > std::numeric_limits<std::size_t>::max() / 2)
+      return BadManifest(m.model, "segment " + s.shm_name + " size " + std::to_string(s.size) + " is impossible");
+    if (s.size > 0 && (s.shm_name.size() < 2 || s.shm_name[0] != '/' ||
+                       s.shm_name.find('/', 1) != std::string::npos))
+      return BadManifest(m.model, "segment " + std::to_string(i) + " has an invalid shm name '" + s.shm_name + "'");
+  }
+  std::unordered_set<std::string_view> seen;
+  seen.reserve(m.tensors.size());
+  for (const auto& t : m.tensors) {
+    const std::string who = "tensor '" + t.name + "'";
+    if (t.name.empty()) return BadManifest(m.model, "a tensor has an empty name");
+    if (!seen.insert(t.name).second) return BadManifest(m.model, who + " appears twice");
+    if (!IsValidDType(t.dtype))
+      return BadManifest(m.model, who + " has unknown dtype code " + std::to_string(t.dtype));
+    if (t.segment >= m.segments.size())
+      return BadManifest(m.model, who + " is in segment " + std::to_string(t.segment) + " of " +
+                                      std::to_string(m.segments.size()));
+    std::uint64_t elements = 1;
+    for (std::int64_t d : t.shape) {
+      if (d < 0) return BadManifest(m.model, who + " has negative dimension in shape " + ShapeString(t.shape));
+      auto ud = static_cast<std::uint64_t>(d);
+      if (ud != 0 && elements > std::numeric_limits<std::uint64_t>::max() / ud)
+        return BadManifest(m.model, who + " shape " + ShapeString(t.shape) + " overflows");
+      elements *= ud;
+    }
+    const std::uint64_t esize = DTypeSize(static_cast<DType>(t.dtype));
+    if (elements > std::numeric_limits<std::uint64_t>::max() / esize)
+      return BadManifest(m.model, who + " shape " + ShapeString(t.shape) + " overflows");
+    if (elements * esize != t.nbytes)
+      return BadManifest(m.model, who + " claims " + std::to_string(t.nbytes) + " bytes, but shape " +
+                                      ShapeString(t.shape) + " of " +
+                                      std::string(DTypeName(static_cast<DType>(t.dtype))) + " needs " +
+                                      std::to_string(elements * esize));
+    const auto& seg = m.segments[t.segment];
+    if (t.offset > seg.data_size || t.nbytes > seg.data_size - t.offset)
+      return BadManifest(m.model, who + " at [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
+                                      ") lies outside the " + std::to_string(seg.data_size) +
+                                      " data bytes of segment " + std::to_string(t.segment));
+  }
+  return Status::Ok();
+}
+
+// A timed mutex built from std::mutex and a condition variable. std::timed_mutex would do, but
+// libstdc++ implements it with pthread_mutex_clocklock, which ThreadSanitizer does not model;
+// this keeps the library checkable under TSan. Meets the TimedLockable requirements.
+class SocketMutex {
+ public:
+  void lock() {
+    std::unique_lock lk(m_);
+    cv_.wait(lk, [&] { return !held_; });
+    held_ = true;
+  }
+  bool try_lock() {
+    std::lock_guard lk(m_);
+    return !std::exchange(held_, true);
+  }
+  template <class Rep, class Period>
+  bool try_lock_for(std::chrono::duration<Rep, Period> d) {
+    std::unique_lock lk(m_);
+    if (!cv_.wait_for(lk, d, [&] { return !held_; })) return false;
+    held_ = true;
+    return true;
+  }
+  void unlock() {
+    {
+      std::lock_guard lk(m_);
+      held_ = false;
+    }
+    cv_.notify_one();
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  bool held_ = false;
+};
+
+ModelInfo ToModelInfo(const proto::ModelStatus& s) {
+  ModelInfo m;
+  m.name = s.name;
+  m.dir = s.dir;
+  m.state = std::string(proto::ModelStateName(static_cast<proto::ModelState>(s.state)));
+  m.shards = s.shards;
+  m.tensors = s.tensors;
+  m.bytes = s.bytes;
+  m.resident_bytes = s.resident_bytes;
+  m.leases = s.leases;
+  m.loads = s.loads;
+  m.last_load_ms = s.last_load_ms;
+  m.idle_ms = s.last_used_ms_ago;
+  if (s.last_error.code != 0) m.last_error = proto::FromErrorReply(s.last_error);
+  return m;
+}
+
+}  // namespace
+
+// ---- Client::Impl ---------------------------------------------------------------------------
+
+struct Client::Impl {
+  // Const after Connect().
+  std::string endpoint;
+  ClientOptions options;
+  proto::HelloReply hello;
+
+  Impl(std::string ep, ClientOptions opts) : endpoint(std::move(ep)), options(std::move(opts)) {}
+  ~Impl() { StopHeartbeats(); }
+
+  weightd::Status Open() {
+    try {
+      socket = zmq::socket_t(context, zmq::socket_type::dealer);
+      socket.set(zmq::sockopt::linger, 0);
+      socket.set(zmq::sockopt::maxmsgsize, kMaxMessageBytes);
+      socket.connect(endpoint);
+    } catch (const zmq::error_t& e) {
+      return InvalidArgument("cannot connect to '" + endpoint + "': " + e.what(), "client.bad_endpoint");
+    }
+    return Status::Ok();
+  }
+
+  // Sends `body` and waits up to `timeout` for its reply. ErrorReply becomes a Status.
+  Result<proto::ReplyBody> Call(proto::RequestBody body, milliseconds timeout) {
+    std::unique_lock lock(mu_);
+    return CallLocked(std::move(body), timeout, nullptr);
+  }
+
+  // As Call, but gives up (returning false) if the socket is busy for longer than `wait`.
+  std::optional<Result<proto::ReplyBody>> TryCall(proto::RequestBody body, milliseconds wait,
+                                                  milliseconds timeout) {
+    std::unique_lock lock(mu_, std::defer_lock);
+    if (!lock.try_lock_for(wait)) return std::nullopt;
+    return CallLocked(std::move(body), timeout, nullptr);
+  }
+
+  // Called by a Lease's destructor: never throws, never blocks behind a long call.
+  void ReleaseLease(std::uint64_t lease_id) noexcept {
+    try {
+      auto r = TryCall(proto::Release{lease_id}, kReleaseTimeout, kReleaseTimeout);
+      if (!r.has_value()) {
+        std::lock_guard g(pending_mu_);
+        pending_releases_.push_back(lease_id);
+      }
+      // A failed Release is not actionable here: the daemon frees the lease when the session ends.
+    } catch (...) {
+    }
+  }
+
+  void StartHeartbeats() {
+    if (hello.heartbeat_interval_ms == 0) return;
+    last_heartbeat_ns_ = Clock::now().time_since_epoch().count();
+    heartbeat_thread_ = std::thread([this] { HeartbeatLoop(); });
+  }
+
+ private:
+  milliseconds Interval() const { return milliseconds(hello.heartbeat_interval_ms); }
+  Clock::time_point LastHeartbeat() const { return Clock::time_point(Clock::duration(last_heartbeat_ns_.load())); }
+
+  void StopHeartbeats() {
+    {
+      std::lock_guard g(hb_mu_);
+      stopping_ = true;
+    }
+    hb_cv_.notify_all();
+    if (heartbeat_thread_.joinable()) heartbeat_thread_.join();
+  }
+
+  void HeartbeatLoop() {
+    std::unique_lock lk(hb_mu_);
+    while (!stopping_) {
+      auto due = LastHeartbeat() + Interval();
+      if (Clock::now() < due) {
+        hb_cv_.wait_until(lk, due, [&] { return stopping_.load(); });
+        continue;
+      }
+      lk.unlock();
+      std::unique_lock sock(mu_, std::try_to_lock);
+      if (sock.owns_lock()) {
+        // The reply must arrive within one interval; a late one is discarded by the next call.
+        (void)CallLocked(proto::Heartbeat{}, Interval(), &stopping_);
+        sock.unlock();
+        lk.lock();
+      } else {
+        // The holder sends heartbeats while it waits; check again shortly in case it is quick.
+        lk.lock();
+        hb_cv_.wait_for(lk, kBusyRetry, [&] { return stopping_.load(); });
+      }
+    }
+  }
+
+  weightd::Status Send(const proto::RequestBody& body, std::uint64_t id) {
+    std::string frame = proto::EncodeRequest(proto::Request{id, body});
+    try {
+      auto sent = socket.send(zmq::buffer(frame), zmq::send_flags::dontwait);
+      if (!sent) return Unavailable("send queue to " + endpoint + " is full", "client.send_failed");
+    } catch (const zmq::error_t& e) {
+      return Unavailable("send to " + endpoint + ": " + e.what(), "client.send_failed");
+    }
+    if (std::holds_alternative<proto::Heartbeat>(body))
+      last_heartbeat_ns_ = Clock::now().time_since_epoch().count();
+    return Status::Ok();
+  }
+
+  // Sends queued releases and a due heartbeat; their replies are discarded as leftovers.
+  void SendHousekeeping() {
+    std::vector<std::uint64_t> releases;
+    {
+      std::lock_guard g(pending_mu_);
+      releases.swap(pending_releases_);
+    }
+    for (std::uint64_t id : releases) (void)Send(proto::Release{id}, next_id_++);
+    if (hello.heartbeat_interval_ms != 0 && Clock::now() >= LastHeartbeat() + Interval())
+      (void)Send(proto::Heartbeat{}, next_id_++);
+  }
+
+  // A reply we are not waiting for. If it grants a lease nobody will use (its Acquire timed
+  // out), give the lease back so it does not stay pinned until the session ends.
+  void DiscardLeftover(const proto::Reply& reply) {
+    if (const auto* m = std::get_if<proto::Manifest>(&reply.body); m != nullptr && m->lease_id != 0) {
+      std::lock_guard g(pending_mu_);
+      pending_releases_.push_back(m->lease_id);
+    }
+  }
+
+  // Requires mu_. `cancel` (may be null) aborts the wait with Unavailable when it becomes true.
+  Result<proto::ReplyBody> CallLocked(proto::RequestBody body, milliseconds timeout,
+                                      const std::atomic<bool>* cancel) {
+    const std::uint64_t id = next_id_++;
+    RETURN_IF_ERROR(Send(body, id));
+    const auto deadline = Clock::now() + timeout;
+    for (;;) {
+      SendHousekeeping();
+      auto now = Clock::now();
+      if (now >= deadline)
+        return DeadlineExceeded("no reply to " + std::string(RequestName(body)) + " from " + endpoint +
+                                    " within " + Seconds(timeout),
+                                "client.timeout");
+      auto slice = std::chrono::ceil<milliseconds>(deadline - now);
+      if (hello.heartbeat_interval_ms != 0)
+        slice = std::min(slice, std::max(milliseconds(1), std::chrono::ceil<milliseconds>(
+                                                             LastHeartbeat() + Interval() - now)));
+      if (cancel != nullptr) {
+        if (cancel->load()) return Unavailable("client is shutting down", "client.closed");
+        slice = std::min(slice, kCancelSlice);
+      }
+      zmq::pollitem_t item{socket.handle(), 0, ZMQ_POLLIN, 0};
+      try {
+        zmq::poll(&item, 1, slice);
+      } catch (const zmq::error_t& e) {
+        if (e.num() == EINTR) continue;
+        return Internal("zmq poll on " + endpoint + ": " + e.what(), "client.poll_failed");
+      }
+      if ((item.revents & ZMQ_POLLIN) == 0) continue;
+      while (true) {
+        zmq::message_t msg;
+        try {
+          if (!socket.recv(msg, zmq::recv_flags::dontwait)) break;
+        } catch (const zmq::error_t& e) {
+          if (e.num() == EINTR) continue;
+          return Internal("zmq recv on " + endpoint + ": " + e.what(), "client.recv_failed");
+        }
+        auto reply = proto::DecodeReply(std::string_view(static_cast<const char*>(msg.data()), msg.size()));
+        if (!reply.ok()) return reply.status().WithContext("reply from weightd at " + endpoint);
+        if (reply->id != id) {
+          DiscardLeftover(*reply);
+          continue;
+        }
+        if (auto* err = std::get_if<proto::ErrorReply>(&reply->body)) return proto::FromErrorReply(*err);
+        return std::move(reply->body);
+      }
+    }
+  }
+
+  zmq::context_t context{1};
+  SocketMutex mu_;
+  // Guarded by mu_.
+  zmq::socket_t socket;
+  std::uint64_t next_id_ = 1;
+
+  std::mutex pending_mu_;
+  std::vector<std::uint64_t> pending_releases_;  // guarded by pending_mu_
+
+  std::atomic<Clock::rep> last_heartbeat_ns_{0};
+  std::mutex hb_mu_;
+  std::condition_variable hb_cv_;
+  std::atomic<bool> stopping_{false};  // written under hb_mu_, read anywhere
+  std::thread heartbeat_thread_;
+};
+
+// ---- Lease ----------------------------------------------------------------------------------
+
+struct Lease::Impl {
+  std::shared_ptr<Client::Impl> client;  // keeps the connection alive for Release
+  std::uint64_t lease_id = 0;
+  std::string model;
+  std::string device;
+  std::string model_dir;
+  std::vector<posix::Mapping> mappings;  // one per segment; empty for size-0 segments
+  std::vector<Tensor> tensors;
+  std::vector<ShardInfo> shards;
+  std::unordered_map<std::string_view, std::size_t> by_name;  // views into tensors[i].name
+  std::size_t total_bytes = 0;
+  std::chrono::microseconds attach_time{0};
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+
+  ~Impl() {
+    // Unmap first, so that when the daemon counts the lease as gone no mapping remains.
+    mappings.clear();
+    if (client != nullptr && lease_id != 0) client->ReleaseLease(lease_id);
+  }
+};
+
+namespace {
+const std::string kEmptyString;
+const std::vector<Tensor> kNoTensors;
+const std::vector<ShardInfo> kNoShards;
+}  // namespace
+
+std::uint64_t Lease::id() const { return impl_ ? impl_->lease_id : 0; }
+const std::string& Lease::model() const { return impl_ ? impl_->model : kEmptyString; }
+const std::string& Lease::device() const { return impl_ ? impl_->device : kEmptyString; }
+const std::string& Lease::model_dir() const { return impl_ ? impl_->model_dir : kEmptyString; }
+const std::vector<Tensor>& Lease::tensors() const { return impl_ ? impl_->tensors : kNoTensors; }
+const std::vector<ShardInfo>& Lease::shards() const { return impl_ ? impl_->shards : kNoShards; }
+std::size_t Lease::total_bytes() const { return impl_ ? impl_->total_bytes : 0; }
+std::chrono::microseconds Lease::attach_time() const {
+  return impl_ ? impl_->attach_time : std::chrono::microseconds(0);
+}
+const Tensor* Lease::find(std::string_view name) const {
+  if (!impl_) return nullptr;
+  auto it = impl_->by_name.find(name);
+  return it == impl_->by_name.end() ? nullptr : &impl_->tensors[it->second];
+}
+
+// ---- Client ---------------------------------------------------------------------------------
+
+Client::Client(std::shared_ptr<Impl> impl) : impl_(std::move(impl)) {}
+Client::Client(Client&&) noexcept = default;
+Client& Client::operator=(Client&&) noexcept = default;
+Client::~Client() = default;
+
+namespace {
+Status MovedFrom() { return FailedPrecondition("this Client was moved from", "client.moved_from"); }
+}  // namespace
+
+Result<Client> Client::Connect(ClientOptions options) {
+  std::string endpoint = options.endpoint;
+  if (endpoint.empty()) {
+    const char* env = std::getenv("WEIGHTD_SOCKET");
+    endpoint = env != nullptr && *env != '\0' ? env : kDefaultEndpoint;
+  }
+  auto impl = std::make_shared<Impl>(endpoint, options);
+  RETURN_IF_ERROR(impl->Open());
+  auto reply = impl->Call(proto::Hello{options.client_name}, options.connect_timeout);
+  if (!reply.ok()) {
+    if (reply.status().code() == Code::kDeadlineExceeded)
+      return Unavailable("no weightd daemon answered at " + endpoint + " within " + Seconds(options.connect_timeout),
+                         "client.no_daemon");
+    return reply.status().WithContext("handshake with weightd at " + endpoint);
+  }
+  auto* hello = std::get_if<proto::HelloReply>(&*reply);
+  if (hello == nullptr) return UnexpectedReply(proto::Hello{}, *reply);
+  impl->hello = *hello;
+  impl->StartHeartbeats();
+  return Client(std::move(impl));
+}
+
+Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& options) {
+  if (!impl_) return MovedFrom();
+  const auto start = Clock::now();
+  proto::Acquire req{std::string(model), options.device, options.tensor_filter};
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
+  auto* manifest = std::get_if<proto::Manifest>(&body);
+  if (manifest == nullptr) return UnexpectedReply(req, body);
+  proto::Manifest& m = *manifest;
+
+  // From here on the lease exists on the daemon; any early return destroys `lease`, whose
+  // destructor sends the Release.
+  auto lease = std::make_shared<Lease::Impl>();
+  lease->client = impl_;
+  lease->lease_id = m.lease_id;
+  lease->model = m.model;
+  lease->device = m.device;
+  lease->model_dir = m.model_dir;
+  RETURN_IF_ERROR(ValidateManifest(m));
+
+  lease->mappings.reserve(m.segments.size());
+  lease->shards.reserve(m.segments.size());
+  for (std::size_t i = 0; i < m.segments.size(); ++i) {
+    const auto& seg = m.segments[i];
+    lease->shards.push_back(ShardInfo{seg.file, seg.file_data_offset, seg.data_size});
+    if (seg.size == 0) {
+      lease->mappings.emplace_back();
+      continue;
+    }
+    const std::string ctx = "mapping model '" + m.model + "' shard " + seg.file;
+    ASSIGN_OR_RETURN(posix::Fd fd, ShmOpenReadOnly(seg.shm_name));
+    ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd.get(), seg.shm_name));
+    if (st.size < seg.size)
+      return DataLoss(ctx + ": segment " + seg.shm_name + " holds " + std::to_string(st.size) +
+                          " bytes, the manifest says " + std::to_string(seg.size),
+                      "client.segment_truncated");
+    auto mapping = posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ, MAP_SHARED, seg.shm_name);
+    if (!mapping.ok()) return mapping.status().WithContext(ctx);
+    lease->mappings.push_back(std::move(mapping).value());
+  }
+
+  lease->tensors.reserve(m.tensors.size());
+  lease->by_name.reserve(m.tensors.size());
+  for (auto& rec : m.tensors) {
+    Tensor t;
+    t.name = std::move(rec.name);
+    t.dtype = static_cast<DType>(rec.dtype);
+    t.shape = std::move(rec.shape);
+    const auto& mapping = lease->mappings[rec.segment];
+    t.data = mapping.data() != nullptr ? mapping.data() + rec.offset : nullptr;
+    t.nbytes = static_cast<std::size_t>(rec.nbytes);
+    t.shard = rec.segment;
+    t.offset = rec.offset;
+    lease->total_bytes += t.nbytes;
+    lease->tensors.push_back(std::move(t));
+  }
+  for (std::size_t i = 0; i < lease->tensors.size(); ++i) lease->by_name.emplace(lease->tensors[i].name, i);
+  lease->attach_time = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
+  return Lease(std::shared_ptr<const Lease::Impl>(std::move(lease)));
+}
+
+Result<std::vector<ModelInfo>> Client::List() {
+  if (!impl_) return MovedFrom();
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(proto::List{}, impl_->options.request_timeout));
+  auto* list = std::get_if<proto::ModelList>(&body);
+  if (list == nullptr) return UnexpectedReply(proto::List{}, body);
+  std::vector<ModelInfo> out;
+  out.reserve(list->models.size());
+  for (const auto& s : list->models) out.push_back(ToModelInfo(s));
+  return out;
+}
+
+Result<ModelInfo> Client::Status(std::string_view model) {
+  if (!impl_) return MovedFrom();
+  proto::StatusRequest req{std::string(model)};
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
+  auto* s = std::get_if<proto::ModelStatus>(&body);
+  if (s == nullptr) return UnexpectedReply(req, body);
+  return ToModelInfo(*s);
+}
+
+Result<ModelInfo> Client::Load(std::string_view model) {
+  if (!impl_) return MovedFrom();
+  proto::Load req{std::string(model)};
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
+  auto* s = std::get_if<proto::ModelStatus>(&body);
+  if (s == nullptr) return UnexpectedReply(req, body);
+  return ToModelInfo(*s);
+}
+
+weightd::Status Client::Evict(std::string_view model) {
+  if (!impl_) return MovedFrom();
+  proto::Evict req{std::string(model)};
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
+  if (!std::holds_alternative<proto::OkReply>(body)) return UnexpectedReply(req, body);
+  return weightd::Status::Ok();
+}
+
+Result<DaemonStats> Client::Stats() {
+  if (!impl_) return MovedFrom();
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(proto::Stats{}, impl_->options.request_timeout));
+  auto* s = std::get_if<proto::DaemonStats>(&body);
+  if (s == nullptr) return UnexpectedReply(proto::Stats{}, body);
+  DaemonStats d;
+  d.daemon_version = s->daemon_version;
+  d.uptime_ms = s->uptime_ms;
+  d.sessions = s->sessions;
+  d.leases = s->leases;
+  d.host_resident_bytes = s->host_resident_bytes;
+  d.bytes_read_from_disk = s->bytes_read_from_disk;
+  d.loads_ok = s->loads_ok;
+  d.loads_failed = s->loads_failed;
+  d.requests = s->requests;
+  d.malformed_requests = s->malformed_requests;
+  d.models.reserve(s->models.size());
+  for (const auto& m : s->models) d.models.push_back(ToModelInfo(m));
+  return d;
+}
+
+}  // namespace weightd

@@ -1,0 +1,100 @@
+// posix.h — thin RAII and Status wrappers over the few syscalls weightd uses (internal).
+//
+// Each syscall is wrapped once: EINTR is retried, and a failure becomes a Status whose
+// message names the call and its arguments ("pread(/m/model.safetensors, 4096 @ 8192): EIO").
+// Types are move-only; destructors release (close, munmap) and never delete anything by name.
+#pragma once
+
+#include <sys/types.h>
+
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include "weightd/status.h"
+
+namespace weightd::posix {
+
+// Maps an errno to a Code: ENOENT->NotFound, EACCES/EPERM->PermissionDenied,
+// ENOSPC/ENOMEM/EMFILE/ENFILE->ResourceExhausted, EIO->DataLoss, else Internal.
+Code CodeForErrno(int err);
+// "<what>: <strerror(err)>" with the mapped code and reason "errno.<NAME>".
+Status ErrnoStatus(std::string_view what, int err = errno);
+
+class Fd {
+ public:
+  Fd() = default;
+  explicit Fd(int fd) : fd_(fd) {}
+  Fd(Fd&& o) noexcept : fd_(std::exchange(o.fd_, -1)) {}
+  Fd& operator=(Fd&& o) noexcept {
+    if (this != &o) { reset(); fd_ = std::exchange(o.fd_, -1); }
+    return *this;
+  }
+  Fd(const Fd&) = delete;
+  Fd& operator=(const Fd&) = delete;
+  ~Fd() { reset(); }
+
+  int get() const { return fd_; }
+  bool valid() const { return fd_ >= 0; }
+  int release() { return std::exchange(fd_, -1); }
+  void reset(int fd = -1);
+
+ private:
+  int fd_ = -1;
+};
+
+Result<Fd> Open(const std::string& path, int flags, mode_t mode = 0);
+
+struct FileInfo {
+  std::uint64_t size = 0;
+  std::int64_t mtime_ns = 0;
+  std::uint64_t inode = 0;
+  std::uint64_t dev = 0;
+  mode_t mode = 0;
+  uid_t uid = 0;
+};
+Result<FileInfo> Stat(int fd, std::string_view what);
+
+// Reads exactly out.size() bytes at `offset`; a short file is DataLoss ("unexpected EOF").
+Status PreadFull(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what);
+// Writes all of `in` at the current offset.
+Status WriteFull(int fd, std::span<const std::byte> in, std::string_view what);
+
+// A private or shared memory mapping; munmap on destruction.
+class Mapping {
+ public:
+  Mapping() = default;
+  Mapping(void* addr, std::size_t size) : addr_(addr), size_(size) {}
+  Mapping(Mapping&& o) noexcept
+      : addr_(std::exchange(o.addr_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+  Mapping& operator=(Mapping&& o) noexcept {
+    if (this != &o) { reset(); addr_ = std::exchange(o.addr_, nullptr); size_ = std::exchange(o.size_, 0); }
+    return *this;
+  }
+  Mapping(const Mapping&) = delete;
+  Mapping& operator=(const Mapping&) = delete;
+  ~Mapping() { reset(); }
+
+  std::byte* data() const { return static_cast<std::byte*>(addr_); }
+  std::size_t size() const { return size_; }
+  void reset();
+
+ private:
+  void* addr_ = nullptr;
+  std::size_t size_ = 0;
+};
+
+// mmap(fd) of `size` bytes from offset 0. `size` may be 0 (an empty mapping, no syscall).
+Result<Mapping> Map(int fd, std::size_t size, int prot, int flags, std::string_view what);
+
+std::size_t PageSize();
+inline std::uint64_t RoundUp(std::uint64_t v, std::uint64_t align) { return (v + align - 1) / align * align; }
+
+// Resident set size of this process in bytes, from /proc/self/statm (0 if unreadable).
+std::uint64_t CurrentRssBytes();
+
+}  // namespace weightd::posix

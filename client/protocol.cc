@@ -1,0 +1,191 @@
+#include "protocol.h"
+
+#include <bit>
+#include <cstring>
+#include <sstream>
+
+#include <cereal/archives/binary.hpp>
+#include <cereal/cereal.hpp>
+#include <cereal/types/string.hpp>
+#include <cereal/types/variant.hpp>
+#include <cereal/types/vector.hpp>
+
+static_assert(std::endian::native == std::endian::little,
+              "the wire format is little-endian; a big-endian port needs a byte-swapping archive");
+
+namespace weightd::proto {
+namespace {
+
+// A cereal input archive over one received frame that refuses every size tag larger than the
+// bytes still unread. Every element of every container in the protocol takes at least one byte
+// on the wire, so a hostile length can never make the decoder allocate more than a small
+// multiple of the frame size (ZMQ_MAXMSGSIZE bounds the frame).
+class BoundedInputArchive
+    : public cereal::InputArchive<BoundedInputArchive, cereal::AllowEmptyClassElision> {
+ public:
+  BoundedInputArchive(const char* data, std::size_t size)
+      : InputArchive(this), p_(data), left_(size) {}
+
+  void loadBinary(void* out, std::size_t size) {
+    if (size > left_) throw cereal::Exception("message truncated");
+    std::memcpy(out, p_, size);
+    p_ += size;
+    left_ -= size;
+  }
+  std::size_t left() const { return left_; }
+
+ private:
+  const char* p_;
+  std::size_t left_;
+};
+
+template <class T>
+std::enable_if_t<std::is_arithmetic_v<T>> CEREAL_LOAD_FUNCTION_NAME(BoundedInputArchive& ar, T& t) {
+  ar.loadBinary(std::addressof(t), sizeof(t));
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(BoundedInputArchive& ar, cereal::NameValuePair<T>& t) {
+  ar(t.value);
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(BoundedInputArchive& ar, cereal::SizeTag<T>& t) {
+  ar(t.size);
+  if (static_cast<std::uint64_t>(t.size) > ar.left())
+    throw cereal::Exception("length field exceeds the bytes left in the message");
+}
+template <class T>
+void CEREAL_LOAD_FUNCTION_NAME(BoundedInputArchive& ar, cereal::BinaryData<T>& t) {
+  ar.loadBinary(t.data, static_cast<std::size_t>(t.size));
+}
+
+}  // namespace
+}  // namespace weightd::proto
+
+CEREAL_REGISTER_ARCHIVE(weightd::proto::BoundedInputArchive)
+
+namespace weightd::proto {
+
+template <class A> void serialize(A& ar, Hello& m) { ar(m.client_name); }
+template <class A> void serialize(A& ar, Acquire& m) { ar(m.model, m.device, m.tensor_filter); }
+template <class A> void serialize(A& ar, Release& m) { ar(m.lease_id); }
+template <class A> void serialize(A&, Heartbeat&) {}
+template <class A> void serialize(A&, List&) {}
+template <class A> void serialize(A& ar, StatusRequest& m) { ar(m.model); }
+template <class A> void serialize(A& ar, Load& m) { ar(m.model); }
+template <class A> void serialize(A& ar, Evict& m) { ar(m.model); }
+template <class A> void serialize(A&, Stats&) {}
+template <class A> void serialize(A& ar, Request& m) { ar(m.id, m.body); }
+
+template <class A> void serialize(A& ar, ErrorReply& m) { ar(m.code, m.message, m.reason); }
+template <class A> void serialize(A&, OkReply&) {}
+template <class A> void serialize(A& ar, HelloReply& m) {
+  ar(m.daemon_version, m.session_id, m.heartbeat_interval_ms, m.heartbeat_timeout_ms, m.max_leases,
+     m.peer_uid, m.peer_pid);
+}
+template <class A> void serialize(A& ar, SegmentInfo& m) {
+  ar(m.shm_name, m.size, m.data_size, m.file, m.file_data_offset);
+}
+template <class A> void serialize(A& ar, TensorRecord& m) {
+  ar(m.name, m.dtype, m.shape, m.segment, m.offset, m.nbytes);
+}
+template <class A> void serialize(A& ar, Manifest& m) {
+  ar(m.lease_id, m.model, m.device, m.model_dir, m.segments, m.tensors);
+}
+template <class A> void serialize(A& ar, ModelStatus& m) {
+  ar(m.name, m.dir, m.state, m.shards, m.tensors, m.bytes, m.resident_bytes, m.leases, m.loads,
+     m.last_load_ms, m.last_used_ms_ago, m.last_error);
+}
+template <class A> void serialize(A& ar, ModelList& m) { ar(m.models); }
+template <class A> void serialize(A& ar, DaemonStats& m) {
+  ar(m.daemon_version, m.uptime_ms, m.sessions, m.leases, m.host_resident_bytes, m.bytes_read_from_disk,
+     m.loads_ok, m.loads_failed, m.requests, m.malformed_requests, m.models);
+}
+template <class A> void serialize(A& ar, Reply& m) { ar(m.id, m.body); }
+
+namespace {
+
+constexpr char kMagic[4] = {'W', 'T', 'D', '\0'};
+
+void PutU16(std::string& s, std::uint16_t v) {
+  s.push_back(static_cast<char>(v & 0xff));
+  s.push_back(static_cast<char>(v >> 8));
+}
+
+template <class T>
+std::string Encode(const T& msg, FrameVersion v) {
+  std::ostringstream os;
+  os.write(kMagic, 4);
+  std::string hdr;
+  PutU16(hdr, v.major);
+  PutU16(hdr, v.minor);
+  os.write(hdr.data(), static_cast<std::streamsize>(hdr.size()));
+  {
+    cereal::BinaryOutputArchive ar(os);
+    ar(msg);
+  }
+  return std::move(os).str();
+}
+
+template <class T>
+Result<T> Decode(std::string_view frame) {
+  ASSIGN_OR_RETURN(FrameVersion v, PeekVersion(frame));
+  if (v.major != kVersionMajor) {
+    return InvalidArgument("protocol version mismatch: peer speaks " + std::to_string(v.major) + "." +
+                               std::to_string(v.minor) + ", this side speaks " +
+                               std::to_string(kVersionMajor) + "." + std::to_string(kVersionMinor),
+                           "protocol.version_mismatch");
+  }
+  T out;
+  try {
+    BoundedInputArchive ar(frame.data() + kFrameHeaderSize, frame.size() - kFrameHeaderSize);
+    ar(out);
+    if (ar.left() != 0)
+      return InvalidArgument(std::to_string(ar.left()) + " trailing bytes after the message",
+                             "protocol.malformed");
+  } catch (const std::exception& e) {
+    return InvalidArgument(std::string("malformed message: ") + e.what(), "protocol.malformed");
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string_view ModelStateName(ModelState s) {
+  switch (s) {
+    case ModelState::kAbsent: return "absent";
+    case ModelState::kLoading: return "loading";
+    case ModelState::kResident: return "resident";
+    case ModelState::kFailed: return "failed";
+  }
+  return "unknown";
+}
+
+std::string EncodeRequest(const Request& r, FrameVersion v) { return Encode(r, v); }
+std::string EncodeReply(const Reply& r) { return Encode(r, {kVersionMajor, kVersionMinor}); }
+
+Result<FrameVersion> PeekVersion(std::string_view frame) {
+  if (frame.size() < kFrameHeaderSize || std::memcmp(frame.data(), kMagic, 4) != 0)
+    return InvalidArgument("not a weightd protocol frame (" + std::to_string(frame.size()) + " bytes)",
+                           "protocol.bad_frame");
+  auto u16 = [&](std::size_t i) {
+    return static_cast<std::uint16_t>(static_cast<unsigned char>(frame[i]) |
+                                      (static_cast<unsigned char>(frame[i + 1]) << 8));
+  };
+  return FrameVersion{u16(4), u16(6)};
+}
+
+Result<Request> DecodeRequest(std::string_view frame) { return Decode<Request>(frame); }
+Result<Reply> DecodeReply(std::string_view frame) { return Decode<Reply>(frame); }
+
+ErrorReply ToErrorReply(const Status& s) {
+  return ErrorReply{static_cast<std::uint8_t>(s.code()), s.message(), s.reason()};
+}
+
+Status FromErrorReply(const ErrorReply& e) {
+  Code c = e.code <= static_cast<std::uint8_t>(Code::kDeadlineExceeded) && e.code != 0
+               ? static_cast<Code>(e.code)
+               : Code::kInternal;
+  return Status(c, e.message, e.reason);
+}
+
+}  // namespace weightd::proto

@@ -1,0 +1,186 @@
+// protocol.h — the control protocol between weightd and its clients (internal; see
+// docs/protocol.md for the normative description).
+//
+// Every ZeroMQ message is one frame:
+//   bytes 0..3  magic "WTD\0"
+//   bytes 4..5  protocol major, little-endian
+//   bytes 6..7  protocol minor, little-endian
+//   bytes 8..   a cereal portable-binary archive of a Request or a Reply
+// The frame header is decoded before cereal, so a peer of another major version is told so
+// in a reply it can still read (ErrorReply is variant index 0 forever).
+//
+// Decoding never trusts a length: the archive refuses any size tag larger than the bytes left
+// in the frame, so a hostile message cannot make the decoder allocate more than its own size.
+// All functions here are pure and thread-safe.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <string_view>
+#include <variant>
+#include <vector>
+
+#include "weightd/dtype.h"
+#include "weightd/status.h"
+
+namespace weightd::proto {
+
+inline constexpr std::uint16_t kVersionMajor = 1;
+inline constexpr std::uint16_t kVersionMinor = 0;
+inline constexpr std::size_t kFrameHeaderSize = 8;
+
+// ---- requests -------------------------------------------------------------------------------
+
+struct Hello {
+  std::string client_name;  // free text for logs ("weightctl", "resnet-server")
+};
+
+struct Acquire {
+  std::string model;
+  std::string device = "cpu";              // "cpu"; "cuda:N" and "GPU-<uuid>" are the GPU tier
+  std::vector<std::string> tensor_filter;  // empty: every tensor
+};
+
+struct Release {
+  std::uint64_t lease_id = 0;
+};
+
+struct Heartbeat {};
+struct List {};
+
+struct StatusRequest {
+  std::string model;
+};
+
+struct Load {
+  std::string model;
+};
+
+struct Evict {
+  std::string model;
+};
+
+struct Stats {};
+
+using RequestBody =
+    std::variant<Hello, Acquire, Release, Heartbeat, List, StatusRequest, Load, Evict, Stats>;
+
+struct Request {
+  std::uint64_t id = 0;  // echoed in the reply
+  RequestBody body;
+};
+
+// ---- replies --------------------------------------------------------------------------------
+
+struct ErrorReply {
+  std::uint8_t code = 0;  // weightd::Code
+  std::string message;
+  std::string reason;
+};
+
+struct OkReply {};
+
+struct HelloReply {
+  std::string daemon_version;
+  std::uint64_t session_id = 0;
+  std::uint32_t heartbeat_interval_ms = 0;  // the client should send a Heartbeat this often
+  std::uint32_t heartbeat_timeout_ms = 0;   // silence longer than this ends the session
+  std::uint32_t max_leases = 0;             // per session
+  std::uint32_t peer_uid = 0;               // as the daemon saw the peer (for diagnostics)
+  std::uint32_t peer_pid = 0;
+};
+
+struct SegmentInfo {
+  std::string shm_name;     // POSIX shm name, "/..." ; open O_RDONLY and mmap PROT_READ
+  std::uint64_t size = 0;   // bytes to map (page-rounded data size)
+  std::uint64_t data_size = 0;  // bytes of tensor data at the start of the segment
+  std::string file;         // shard file name inside the model directory
+  std::uint64_t file_data_offset = 0;  // where the data section starts in that file (8 + header)
+};
+
+struct TensorRecord {
+  std::string name;
+  std::uint8_t dtype = 0;  // weightd::DType
+  std::vector<std::int64_t> shape;
+  std::uint32_t segment = 0;  // index into Manifest::segments
+  std::uint64_t offset = 0;   // from the start of the segment == safetensors data_offsets[0]
+  std::uint64_t nbytes = 0;
+};
+
+struct Manifest {
+  std::uint64_t lease_id = 0;
+  std::string model;
+  std::string device;
+  std::string model_dir;  // for --verify against the files; clients never need to read it
+  std::vector<SegmentInfo> segments;
+  std::vector<TensorRecord> tensors;
+};
+
+enum class ModelState : std::uint8_t { kAbsent = 0, kLoading = 1, kResident = 2, kFailed = 3 };
+std::string_view ModelStateName(ModelState s);
+
+struct ModelStatus {
+  std::string name;
+  std::string dir;
+  std::uint8_t state = 0;  // ModelState
+  std::uint32_t shards = 0;
+  std::uint32_t tensors = 0;
+  std::uint64_t bytes = 0;           // total tensor data of the model (0 until its headers were read)
+  std::uint64_t resident_bytes = 0;  // bytes in the host tier now
+  std::uint32_t leases = 0;          // live leases
+  std::uint64_t loads = 0;           // completed host loads since start
+  std::uint64_t last_load_ms = 0;
+  std::uint64_t last_used_ms_ago = 0;
+  ErrorReply last_error;             // code 0 when the last load succeeded
+};
+
+struct ModelList {
+  std::vector<ModelStatus> models;
+};
+
+struct DaemonStats {
+  std::string daemon_version;
+  std::uint64_t uptime_ms = 0;
+  std::uint32_t sessions = 0;
+  std::uint32_t leases = 0;
+  std::uint64_t host_resident_bytes = 0;
+  std::uint64_t bytes_read_from_disk = 0;
+  std::uint64_t loads_ok = 0;
+  std::uint64_t loads_failed = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t malformed_requests = 0;
+  std::vector<ModelStatus> models;
+};
+
+using ReplyBody =
+    std::variant<ErrorReply, OkReply, HelloReply, Manifest, ModelList, ModelStatus, DaemonStats>;
+
+struct Reply {
+  std::uint64_t id = 0;
+  ReplyBody body;
+};
+
+// ---- framing --------------------------------------------------------------------------------
+
+struct FrameVersion {
+  std::uint16_t major = 0;
+  std::uint16_t minor = 0;
+};
+
+std::string EncodeRequest(const Request& r, FrameVersion v = {kVersionMajor, kVersionMinor});
+std::string EncodeReply(const Reply& r);
+
+// Reads the 8-byte frame header. Fails with InvalidArgument "protocol.bad_frame" when the
+// frame is too short or the magic is wrong.
+Result<FrameVersion> PeekVersion(std::string_view frame);
+
+// Decode a whole frame. Fails with InvalidArgument, reason "protocol.version_mismatch" when
+// the major differs from ours, "protocol.malformed" when the payload does not decode or has
+// trailing bytes.
+Result<Request> DecodeRequest(std::string_view frame);
+Result<Reply> DecodeReply(std::string_view frame);
+
+ErrorReply ToErrorReply(const Status& s);
+Status FromErrorReply(const ErrorReply& e);
+
+}  // namespace weightd::proto

@@ -1,0 +1,401 @@
+// weightctl — inspect and steer a running weightd daemon, and check what it serves.
+//
+// Every subcommand is a thin call into libweightd; the output is either aligned tables for
+// people or, with --json, exactly one JSON object on stdout for scripts.
+//
+// Exit status: 0 success, 1 an error from the daemon or the system, 2 a usage error,
+// 3 `attach --verify` found tensors whose bytes differ from the files.
+
+#include <fcntl.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdio>
+#include <cstring>
+#include <iostream>
+#include <map>
+#include <string>
+#include <vector>
+
+#include <CLI/CLI.hpp>
+#include <nlohmann/json.hpp>
+
+#include "posix.h"
+#include "weightd/client.h"
+
+namespace {
+
+using nlohmann::json;
+using weightd::Status;
+
+constexpr int kExitError = 1;
+constexpr int kExitUsage = 2;
+constexpr int kExitMismatch = 3;
+
+// ---- formatting -----------------------------------------------------------------------------
+
+std::string HumanBytes(std::uint64_t b) {
+  static constexpr const char* kUnits[] = {"B", "KiB", "MiB", "GiB", "TiB", "PiB"};
+  if (b < 1024) return std::to_string(b) + " B";
+  double v = static_cast<double>(b);
+  int u = 0;
+  while (v >= 1024 && u < 5) {
+    v /= 1024;
+    ++u;
+  }
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "%.1f %s", v, kUnits[u]);
+  return buf;
+}
+
+std::string HumanDuration(std::uint64_t ms) {
+  char buf[32];
+  if (ms < 1000) {
+    std::snprintf(buf, sizeof buf, "%llums", static_cast<unsigned long long>(ms));
+  } else if (ms < 60'000) {
+    std::snprintf(buf, sizeof buf, "%.1fs", static_cast<double>(ms) / 1000);
+  } else if (ms < 3'600'000) {
+    std::snprintf(buf, sizeof buf, "%llum%02llus", static_cast<unsigned long long>(ms / 60'000),
+                  static_cast<unsigned long long>(ms / 1000 % 60));
+  } else {
+    std::snprintf(buf, sizeof buf, "%lluh%02llum", static_cast<unsigned long long>(ms / 3'600'000),
+                  static_cast<unsigned long long>(ms / 60'000 % 60));
+  }
+  return buf;
+}
+
+// A model that was never loaded has no meaningful idle time.
+std::string Idle(const weightd::ModelInfo& m) { return m.loads == 0 && m.leases == 0 ? "-" : HumanDuration(m.idle_ms); }
+
+// Prints rows as columns separated by two spaces; the last column is not padded.
+void PrintTable(const std::vector<std::vector<std::string>>& rows) {
+  std::vector<std::size_t> width;
+  for (const auto& r : rows)
+    for (std::size_t i = 0; i < r.size(); ++i) {
+      if (width.size() <= i) width.push_back(0);
+      width[i] = std::max(width[i], r[i].size());
+    }
+  for (const auto& r : rows) {
+    std::string line;
+    for (std::size_t i = 0; i < r.size(); ++i) {
+      line += r[i];
+      if (i + 1 < r.size()) line += std::string(width[i] - r[i].size() + 2, ' ');
+    }
+    std::cout << line << '\n';
+  }
+}
+
+json StatusJson(const Status& s) {
+  if (s.ok()) return nullptr;
+  return {{"code", std::string(weightd::CodeName(s.code()))}, {"reason", s.reason()}, {"message", s.message()}};
+}
+
+json ModelJson(const weightd::ModelInfo& m) {
+  return {{"name", m.name},         {"dir", m.dir},
+          {"state", m.state},       {"shards", m.shards},
+          {"tensors", m.tensors},   {"bytes", m.bytes},
+          {"resident_bytes", m.resident_bytes},
+          {"leases", m.leases},     {"loads", m.loads},
+          {"last_load_ms", m.last_load_ms},
+          {"idle_ms", m.idle_ms},   {"last_error", StatusJson(m.last_error)}};
+}
+
+void PrintModels(const std::vector<weightd::ModelInfo>& models) {
+  std::vector<std::vector<std::string>> rows = {
+      {"NAME", "STATE", "SHARDS", "TENSORS", "SIZE", "RESIDENT", "LEASES", "LOADS", "IDLE", "LAST ERROR"}};
+  for (const auto& m : models) {
+    rows.push_back({m.name, m.state, std::to_string(m.shards), std::to_string(m.tensors), HumanBytes(m.bytes),
+                    HumanBytes(m.resident_bytes), std::to_string(m.leases), std::to_string(m.loads),
+                    Idle(m), m.last_error.ok() ? "-" : m.last_error.ToString()});
+  }
+  PrintTable(rows);
+}
+
+void PrintModel(const weightd::ModelInfo& m) {
+  PrintTable({
+      {"name:", m.name},
+      {"dir:", m.dir},
+      {"state:", m.state},
+      {"shards:", std::to_string(m.shards)},
+      {"tensors:", std::to_string(m.tensors)},
+      {"size:", HumanBytes(m.bytes) + " (" + std::to_string(m.bytes) + " bytes)"},
+      {"resident:", HumanBytes(m.resident_bytes) + " (" + std::to_string(m.resident_bytes) + " bytes)"},
+      {"leases:", std::to_string(m.leases)},
+      {"loads:", std::to_string(m.loads)},
+      {"last load:", m.loads == 0 ? "-" : HumanDuration(m.last_load_ms)},
+      {"idle:", Idle(m)},
+      {"last error:", m.last_error.ok() ? "-" : m.last_error.ToString()},
+  });
+}
+
+// ---- verification ---------------------------------------------------------------------------
+
+struct Mismatch {
+  std::string tensor;
+  std::uint64_t first_byte;  // offset inside the tensor of the first differing byte
+};
+
+// Compares every tensor of the lease with the bytes of its shard file, in file order.
+weightd::Result<std::vector<Mismatch>> Verify(const weightd::Lease& lease, std::uint64_t* bytes_checked) {
+  constexpr std::size_t kChunk = 8 << 20;
+  std::vector<std::byte> buf(kChunk);
+  std::vector<const weightd::Tensor*> order;
+  for (const auto& t : lease.tensors()) order.push_back(&t);
+  std::sort(order.begin(), order.end(), [](auto* a, auto* b) {
+    return a->shard != b->shard ? a->shard < b->shard : a->offset < b->offset;
+  });
+
+  std::vector<Mismatch> mismatches;
+  std::uint32_t open_shard = UINT32_MAX;
+  weightd::posix::Fd fd;
+  std::string path;
+  for (const auto* t : order) {
+    const auto& shard = lease.shards().at(t->shard);
+    if (t->shard != open_shard) {
+      path = lease.model_dir() + "/" + shard.file;
+      ASSIGN_OR_RETURN(fd, weightd::posix::Open(path, O_RDONLY));
+      open_shard = t->shard;
+    }
+    for (std::uint64_t done = 0; done < t->nbytes;) {
+      std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, t->nbytes - done));
+      RETURN_IF_ERROR(weightd::posix::PreadFull(fd.get(), std::span(buf.data(), n),
+                                                shard.file_data_offset + t->offset + done, path));
+      if (std::memcmp(buf.data(), t->data + done, n) != 0) {
+        std::uint64_t i = 0;
+        while (buf[i] == t->data[done + i]) ++i;
+        mismatches.push_back({t->name, done + i});
+        break;
+      }
+      done += n;
+    }
+    *bytes_checked += t->nbytes;
+  }
+  return mismatches;
+}
+
+// ---- subcommands ----------------------------------------------------------------------------
+
+struct Globals {
+  std::string socket;
+  double timeout_s = 600;
+  bool json = false;
+};
+
+weightd::Result<weightd::Client> Connect(const Globals& g) {
+  weightd::ClientOptions o;
+  o.endpoint = g.socket;
+  o.client_name = "weightctl";
+  o.request_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(std::llround(g.timeout_s * 1000)));
+  o.connect_timeout = std::min(o.connect_timeout, o.request_timeout);
+  return weightd::Client::Connect(o);
+}
+
+int Fail(const Globals& g, const Status& s) {
+  if (g.json) std::cout << json{{"error", StatusJson(s)}}.dump(2) << '\n';
+  std::cerr << "weightctl: " << s.ToString() << '\n';
+  return kExitError;
+}
+
+#define TRY_ASSIGN(lhs, rexpr, g)                         \
+  auto lhs##_result = (rexpr);                            \
+  if (!lhs##_result.ok()) return Fail(g, lhs##_result.status()); \
+  auto& lhs = *lhs##_result
+
+int CmdList(const Globals& g) {
+  TRY_ASSIGN(client, Connect(g), g);
+  TRY_ASSIGN(models, client.List(), g);
+  if (g.json) {
+    json arr = json::array();
+    for (const auto& m : models) arr.push_back(ModelJson(m));
+    std::cout << json{{"models", arr}}.dump(2) << '\n';
+  } else if (models.empty()) {
+    std::cout << "no models in the catalog\n";
+  } else {
+    PrintModels(models);
+  }
+  return 0;
+}
+
+int CmdStatus(const Globals& g, const std::string& name) {
+  TRY_ASSIGN(client, Connect(g), g);
+  TRY_ASSIGN(model, client.Status(name), g);
+  if (g.json) std::cout << ModelJson(model).dump(2) << '\n';
+  else PrintModel(model);
+  return 0;
+}
+
+int CmdLoad(const Globals& g, const std::string& name) {
+  TRY_ASSIGN(client, Connect(g), g);
+  TRY_ASSIGN(model, client.Load(name), g);
+  if (g.json) {
+    std::cout << ModelJson(model).dump(2) << '\n';
+  } else {
+    PrintModel(model);
+  }
+  // A finished load that failed comes back as the model's status, not as an error reply.
+  if (model.state == "failed") {
+    std::cerr << "weightctl: load of '" << name << "' failed: " << model.last_error.ToString() << '\n';
+    return kExitError;
+  }
+  return 0;
+}
+
+int CmdEvict(const Globals& g, const std::string& name) {
+  TRY_ASSIGN(client, Connect(g), g);
+  Status s = client.Evict(name);
+  if (!s.ok()) return Fail(g, s);
+  if (g.json) std::cout << json{{"evicted", name}}.dump(2) << '\n';
+  else std::cout << "evicted " << name << '\n';
+  return 0;
+}
+
+int CmdStats(const Globals& g) {
+  TRY_ASSIGN(client, Connect(g), g);
+  TRY_ASSIGN(st, client.Stats(), g);
+  if (g.json) {
+    json models = json::array();
+    for (const auto& m : st.models) models.push_back(ModelJson(m));
+    std::cout << json{{"daemon_version", st.daemon_version},
+                      {"uptime_ms", st.uptime_ms},
+                      {"sessions", st.sessions},
+                      {"leases", st.leases},
+                      {"host_resident_bytes", st.host_resident_bytes},
+                      {"bytes_read_from_disk", st.bytes_read_from_disk},
+                      {"loads_ok", st.loads_ok},
+                      {"loads_failed", st.loads_failed},
+                      {"requests", st.requests},
+                      {"malformed_requests", st.malformed_requests},
+                      {"models", models}}
+                     .dump(2)
+              << '\n';
+    return 0;
+  }
+  PrintTable({
+      {"daemon version:", st.daemon_version},
+      {"uptime:", HumanDuration(st.uptime_ms)},
+      {"sessions:", std::to_string(st.sessions)},
+      {"leases:", std::to_string(st.leases)},
+      {"host resident:", HumanBytes(st.host_resident_bytes)},
+      {"read from disk:", HumanBytes(st.bytes_read_from_disk)},
+      {"loads:", std::to_string(st.loads_ok) + " ok, " + std::to_string(st.loads_failed) + " failed"},
+      {"requests:", std::to_string(st.requests) + " (" + std::to_string(st.malformed_requests) + " malformed)"},
+  });
+  if (!st.models.empty()) {
+    std::cout << '\n';
+    PrintModels(st.models);
+  }
+  return 0;
+}
+
+int CmdAttach(const Globals& g, const std::string& name, const std::string& device, bool verify) {
+  TRY_ASSIGN(client, Connect(g), g);
+  weightd::AcquireOptions opts;
+  opts.device = device;
+  TRY_ASSIGN(lease, client.Acquire(name, opts), g);
+  const double attach_ms = static_cast<double>(lease.attach_time().count()) / 1000;
+  json out = {{"model", lease.model()},
+              {"device", lease.device()},
+              {"lease_id", lease.id()},
+              {"attach_ms", attach_ms},
+              {"tensors", lease.tensors().size()},
+              {"shards", lease.shards().size()},
+              {"bytes", lease.total_bytes()}};
+  if (!g.json) {
+    char ms[32];
+    std::snprintf(ms, sizeof ms, "%.3f", attach_ms);
+    std::cout << "attached " << lease.model() << " on " << lease.device() << " (lease " << lease.id() << ") in "
+              << ms << " ms: " << lease.tensors().size() << " tensors, " << HumanBytes(lease.total_bytes())
+              << " (" << lease.total_bytes() << " bytes) in " << lease.shards().size()
+              << (lease.shards().size() == 1 ? " shard\n" : " shards\n");
+  }
+  if (!verify) {
+    if (g.json) std::cout << out.dump(2) << '\n';
+    return 0;
+  }
+  std::uint64_t checked = 0;
+  TRY_ASSIGN(mismatches, Verify(lease, &checked), g);
+  json bad = json::array();
+  for (const auto& m : mismatches) bad.push_back({{"tensor", m.tensor}, {"first_differing_byte", m.first_byte}});
+  out["verify"] = {{"tensors", lease.tensors().size()}, {"bytes", checked}, {"ok", mismatches.empty()},
+                   {"mismatches", bad}};
+  if (g.json) {
+    std::cout << out.dump(2) << '\n';
+  } else if (mismatches.empty()) {
+    std::cout << "verified " << lease.tensors().size() << " tensors, " << checked << " bytes, OK\n";
+  } else {
+    for (const auto& m : mismatches)
+      std::cout << "MISMATCH " << m.tensor << ": first differing byte at offset " << m.first_byte << '\n';
+    std::cout << "verified " << lease.tensors().size() << " tensors, " << checked << " bytes, "
+              << mismatches.size() << " differ from the files in " << lease.model_dir() << '\n';
+  }
+  return mismatches.empty() ? 0 : kExitMismatch;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{
+      "weightctl - inspect and control the weightd model weight cache.\n\n"
+      "weightd keeps safetensors model weights resident in shared memory so that inference\n"
+      "processes attach to them without reading any file. weightctl asks the daemon about its\n"
+      "catalog, loads and evicts models, and can attach to a model itself to measure the attach\n"
+      "time and check the served bytes against the files on disk.",
+      "weightctl"};
+  Globals g;
+  app.add_option("--socket", g.socket,
+                 "ZeroMQ endpoint of the daemon, e.g. ipc:///run/weightd/weightd.sock.\n"
+                 "Default: $WEIGHTD_SOCKET, else ipc:///run/weightd/weightd.sock")
+      ->envname("WEIGHTD_SOCKET")
+      ->type_name("ENDPOINT");
+  app.add_option("--timeout", g.timeout_s,
+                 "Seconds to wait for each reply. A load or attach of a model that is not resident\n"
+                 "waits for the load from disk. The connection handshake waits at most 5 s.")
+      ->check(CLI::PositiveNumber)
+      ->type_name("SECONDS")
+      ->capture_default_str();
+  app.add_flag("--json", g.json, "Print exactly one JSON object on stdout instead of tables (errors too)");
+  app.fallthrough();
+  app.require_subcommand(1);
+
+  std::string name, device = "cpu";
+  bool verify = false;
+  auto* list = app.add_subcommand("list", "List the models in the daemon's catalog with their state and memory use");
+  auto* status = app.add_subcommand("status", "Show one model: state, size, resident bytes, leases, last error");
+  status->add_option("NAME", name, "Model name as configured in the daemon's catalog")->required();
+  auto* load = app.add_subcommand(
+      "load", "Load a model into the host tier without leasing it, and wait until it is resident (or failed)");
+  load->add_option("NAME", name, "Model name")->required();
+  auto* evict = app.add_subcommand(
+      "evict", "Drop a model from every tier. Fails with FailedPrecondition while a process holds a lease on it");
+  evict->add_option("NAME", name, "Model name")->required();
+  auto* stats = app.add_subcommand("stats", "Show daemon counters (sessions, leases, bytes, loads, requests) and models");
+  auto* attach = app.add_subcommand(
+      "attach",
+      "Lease a model and map it into this process (loading it first if needed), print the attach\n"
+      "time, tensor count and bytes, then release it. With --verify, compare every tensor byte for\n"
+      "byte with its shard file in the model directory; exit status 3 if any tensor differs.");
+  attach->add_option("NAME", name, "Model name")->required();
+  attach->add_option("--device", device, "Tier to attach: cpu (host shared memory)")->capture_default_str();
+  attach->add_flag("--verify", verify, "Read the shard files and compare every tensor with the mapped bytes");
+
+  app.footer(
+      "Exit status: 0 success; 1 error (message on stderr as 'weightctl: <code>: <message> [<reason>]');\n"
+      "2 usage error; 3 attach --verify found tensors that differ from the files.\n\n"
+      "Environment: WEIGHTD_SOCKET sets the default endpoint.\n"
+      "Run 'weightctl <command> --help' for the options of one command.");
+
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    int rc = app.exit(e);
+    return rc == 0 ? 0 : kExitUsage;
+  }
+
+  if (*list) return CmdList(g);
+  if (*status) return CmdStatus(g, name);
+  if (*load) return CmdLoad(g, name);
+  if (*evict) return CmdEvict(g, name);
+  if (*stats) return CmdStats(g);
+  if (*attach) return CmdAttach(g, name, device, verify);
+  return kExitUsage;
+}

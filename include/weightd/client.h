@@ -1,0 +1,162 @@
+// weightd/client.h — the client library (libweightd): attach to models that the weightd
+// daemon keeps resident, and map their tensors without reading any file.
+//
+// Contract
+//  - Errors: every fallible call returns a Status or a Result<T> (weightd/status.h). The
+//    library never throws, except Result<T>::value() on an error result, and never exits.
+//  - Thread safety: a Client may be used from many threads at once; calls are serialized on
+//    its one connection. A Lease is an immutable handle: copies share one lease, and copies
+//    may be used and destroyed on any thread.
+//  - Ownership and lifetimes: a Lease owns its mappings and its lease on the daemon. The
+//    daemon's lease ends, and the mappings are unmapped, when the last copy of the Lease is
+//    destroyed (or release() is called on the last copy). Tensor pointers are valid exactly
+//    as long as some copy of their Lease is alive. A Lease keeps its Client's connection alive,
+//    so a Client may be destroyed before its leases.
+//  - Memory is mapped read-only (PROT_READ). Writing through a tensor pointer is a bug and
+//    ends the process with SIGSEGV.
+//  - Liveness: the client sends heartbeats from a background thread while the Client or any
+//    of its leases lives; a call that waits long (an Acquire that loads from disk) sends them
+//    from its wait loop. If the process dies, the daemon notices through a pidfd and frees its
+//    leases at once.
+//  - Dropping the last copy of a Lease unmaps it, sends Release and waits up to 2 s for the
+//    daemon's answer. If another thread's call holds the connection that long, the Release is
+//    queued and sent by that call, so a tensor deleter never blocks behind a model load.
+//  - No type of Boost, ZeroMQ or cereal appears here, so that programs built with another
+//    compiler or C++ library configuration can link libweightd.
+#pragma once
+
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "weightd/dtype.h"
+#include "weightd/export.h"
+#include "weightd/status.h"
+
+namespace weightd {
+
+inline constexpr const char* kDefaultEndpoint = "ipc:///run/weightd/weightd.sock";
+
+struct ClientOptions {
+  // ZeroMQ endpoint of the daemon. Empty: $WEIGHTD_SOCKET, else kDefaultEndpoint.
+  std::string endpoint;
+  // Shown in the daemon's logs.
+  std::string client_name = "libweightd";
+  // How long one request may wait for its reply (an Acquire includes the load from disk).
+  std::chrono::milliseconds request_timeout{std::chrono::minutes(10)};
+  // How long Connect() waits for the Hello reply.
+  std::chrono::milliseconds connect_timeout{std::chrono::seconds(5)};
+};
+
+struct AcquireOptions {
+  std::string device = "cpu";              // "cpu" maps the host tier
+  std::vector<std::string> tensor_filter;  // empty: every tensor of the model
+};
+
+struct Tensor {
+  std::string name;
+  DType dtype;
+  std::vector<std::int64_t> shape;
+  const std::byte* data = nullptr;  // read-only; valid while the Lease lives
+  std::size_t nbytes = 0;
+  std::uint32_t shard = 0;          // index into Lease::shards()
+  std::uint64_t offset = 0;         // of the tensor in its shard's data section
+};
+
+struct ShardInfo {
+  std::string file;                 // file name inside the model directory
+  std::uint64_t file_data_offset = 0;  // where its data section starts in the file
+  std::uint64_t data_size = 0;
+};
+
+class WEIGHTD_API Lease {
+ public:
+  Lease() = default;  // an empty lease: valid() is false
+
+  bool valid() const { return impl_ != nullptr; }
+  std::uint64_t id() const;
+  const std::string& model() const;
+  const std::string& device() const;
+  const std::string& model_dir() const;  // the daemon's directory of the model (for verification)
+  const std::vector<Tensor>& tensors() const;
+  const std::vector<ShardInfo>& shards() const;
+  const Tensor* find(std::string_view name) const;  // nullptr if absent
+  std::size_t total_bytes() const;
+  // Time from the Acquire request to the mapped tensors, as measured by this library.
+  std::chrono::microseconds attach_time() const;
+
+  // Drops this handle. The lease itself ends when the last handle is dropped.
+  void release() { impl_.reset(); }
+
+  struct Impl;  // opaque
+  explicit Lease(std::shared_ptr<const Impl> impl) : impl_(std::move(impl)) {}
+  // For wrappers (the shim) that tie other objects' lifetimes to the lease.
+  const std::shared_ptr<const Impl>& handle() const { return impl_; }
+
+ private:
+  std::shared_ptr<const Impl> impl_;
+};
+
+struct ModelInfo {
+  std::string name;
+  std::string dir;
+  std::string state;  // "absent", "loading", "resident", "failed"
+  std::uint32_t shards = 0;
+  std::uint32_t tensors = 0;
+  std::uint64_t bytes = 0;
+  std::uint64_t resident_bytes = 0;
+  std::uint32_t leases = 0;
+  std::uint64_t loads = 0;
+  std::uint64_t last_load_ms = 0;
+  std::uint64_t idle_ms = 0;
+  Status last_error;  // OK unless the last load failed
+};
+
+struct DaemonStats {
+  std::string daemon_version;
+  std::uint64_t uptime_ms = 0;
+  std::uint32_t sessions = 0;
+  std::uint32_t leases = 0;
+  std::uint64_t host_resident_bytes = 0;
+  std::uint64_t bytes_read_from_disk = 0;
+  std::uint64_t loads_ok = 0;
+  std::uint64_t loads_failed = 0;
+  std::uint64_t requests = 0;
+  std::uint64_t malformed_requests = 0;
+  std::vector<ModelInfo> models;
+};
+
+class WEIGHTD_API Client {
+ public:
+  // Connects and performs the versioned handshake. Unavailable if no daemon answers within
+  // connect_timeout; InvalidArgument "protocol.version_mismatch" if it speaks another major.
+  static Result<Client> Connect(ClientOptions options = {});
+
+  Client(Client&&) noexcept;
+  Client& operator=(Client&&) noexcept;
+  ~Client();
+
+  // Leases the model, loading it first if it is not resident (concurrent callers share one
+  // load), then maps it read-only.
+  Result<Lease> Acquire(std::string_view model, const AcquireOptions& options = {});
+
+  Result<std::vector<ModelInfo>> List();
+  Result<ModelInfo> Status(std::string_view model);
+  // Loads into the host tier without leasing; returns when resident (or failed).
+  Result<ModelInfo> Load(std::string_view model);
+  // Drops the model from every tier. FailedPrecondition while leases exist.
+  weightd::Status Evict(std::string_view model);
+  Result<DaemonStats> Stats();
+
+  struct Impl;
+
+ private:
+  explicit Client(std::shared_ptr<Impl> impl);
+  std::shared_ptr<Impl> impl_;
+};
+
+}  // namespace weightd

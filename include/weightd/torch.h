@@ -1,0 +1,54 @@
+// weightd/torch.h — the LibTorch shim: leases as torch::Tensors, bound into nn::Modules.
+//
+// Contract
+//  - Errors: every function throws weightd::Error (weightd/status.h), LibTorch's own style.
+//  - Zero-copy: tensors are torch::from_blob views of the lease's read-only mapping. Each
+//    tensor's deleter holds a reference to the lease, so the lease ends when the last tensor
+//    (or the TensorMap, or any module parameter bound to one) is destroyed, and no sooner.
+//  - Read-only: the memory is mapped PROT_READ. In-place operations on these tensors (or on
+//    parameters bound to them: optimizers, `param.add_()`, `load_state_dict` copies) end the
+//    process with SIGSEGV. Use them for inference under torch::NoGradGuard/InferenceMode.
+//  - Thread safety: functions may be called concurrently on different modules; binding the
+//    same module from two threads at once is a data race, as for any LibTorch module.
+//  - Builds against LibTorch 1.13 and 2.x. Dtypes LibTorch lacks (unsigned 16/32/64-bit
+//    before 2.3) raise InvalidArgument naming the tensor.
+#pragma once
+
+#include <map>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <torch/torch.h>
+
+#include "weightd/client.h"
+#include "weightd/export.h"
+
+namespace weightd::shim {
+
+using TensorMap = std::map<std::string, torch::Tensor>;
+
+// Acquires `model` on `device` and returns its tensors by name. Only CPU is supported until
+// the GPU tier lands; other devices raise InvalidArgument.
+WEIGHTD_API TensorMap acquire(Client& client, std::string_view model,
+                              torch::Device device = torch::kCPU,
+                              const std::vector<std::string>& tensor_filter = {});
+
+// The tensors of an existing lease (the lease stays alive through the tensors' deleters).
+WEIGHTD_API TensorMap tensors_of(const Lease& lease);
+
+struct BindReport {
+  std::vector<std::string> bound;
+  std::vector<std::string> missing;     // in the module, not in `tensors`
+  std::vector<std::string> unexpected;  // in `tensors`, not in the module
+  std::vector<std::string> mismatched;  // "name: shape [..] dtype X, expected [..] dtype Y"
+};
+
+// Sets the module's parameters and buffers (recursively, by their dotted names) to the given
+// tensors, without copying. Shapes and dtypes must match exactly. With strict=true any
+// missing, unexpected or mismatched name throws InvalidArgument listing all three lists, and
+// nothing is changed; with strict=false the matching names are bound, mismatched ones throw
+// (a wrong shape is never silently skipped), and missing/unexpected ones are reported.
+WEIGHTD_API BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict = true);
+
+}  // namespace weightd::shim

@@ -1,0 +1,223 @@
+#!/usr/bin/env bash
+# gpu-check.sh — builds weightd on the GPU machine and runs the GPU tests and benchmarks, in
+# one command (../shared/GPU.md). Prints a results table last.
+#
+# Prerequisite: scripts/fetch-gpu-debs.sh was run on the development machine, and .deps/debs
+# travels with the checkout (it is git-ignored: pass it as a carried path).
+#
+# Environment (all optional):
+#   OUT          where logs go (default: <repo>/results/gpu-check-<time>)
+#   DEBS         folder of .deb files (default: <repo>/.deps/debs)
+#   DEPS         extraction root (default: /tmp/deps)
+#   BUILD_DIR    build folder, reused between runs (default: <repo>/build-gpucheck)
+#   JOBS         build parallelism (default: nproc)
+#   TARGETS      space-separated CMake targets to build (default: all)
+#   TORCH_PREFIX LibTorch's CMake prefix (default: from the python3 torch package)
+#   TESTS        extended regex of test program names to run (default: all test programs)
+#   BENCH        1 to build and run bench/ programs whose name matches BENCH_FILTER (default 1)
+#   BENCH_FILTER extended regex of benchmark program names (default: gpu|cuda)
+#   TEST_TIMEOUT seconds per test program (default 300)
+# Exit status: 0 when every step and every test program passed.
+set -euo pipefail
+# shellcheck disable=SC2317  # the step functions are invoked indirectly, through step()
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+OUT=${OUT:-$repo/results/gpu-check-$(date +%Y%m%d-%H%M%S)}
+DEBS=${DEBS:-$repo/.deps/debs}
+DEPS=${DEPS:-/tmp/deps}
+BUILD_DIR=${BUILD_DIR:-$repo/build-gpucheck}
+JOBS=${JOBS:-$(nproc)}
+TESTS=${TESTS:-.}
+BENCH=${BENCH:-1}
+BENCH_FILTER=${BENCH_FILTER:-gpu|cuda}
+TEST_TIMEOUT=${TEST_TIMEOUT:-300}
+ARCH_LIB=usr/lib/x86_64-linux-gnu
+
+mkdir -p "$OUT/tests" "$OUT/xml" "$OUT/bench"
+summary_steps=()   # "name|status|seconds|note"
+summary_tests=()   # "name|passed|failed|skipped|rc"
+overall=0
+
+log() { echo "[gpu-check $(date +%H:%M:%S)] $*" | tee -a "$OUT/gpu-check.log"; }
+
+# step NAME COMMAND...: runs COMMAND with its output in $OUT/step-NAME.log, records the result
+# and leaves its exit status in last_rc. Never call it in an `if`/`||` context: bash would then
+# ignore errexit inside the step.
+last_rc=0
+step() {
+  local name=$1; shift
+  local t0=$SECONDS rc=0
+  log "step $name: $*"
+  # A subshell outside any `||` context, so that errexit holds inside the step's function.
+  set +e
+  ( set -e; "$@" ) >"$OUT/step-$name.log" 2>&1
+  rc=$?
+  set -e
+  local dt=$((SECONDS - t0))
+  if [[ $rc -eq 0 ]]; then
+    summary_steps+=("$name|ok|$dt|")
+  else
+    summary_steps+=("$name|FAIL(rc=$rc)|$dt|see step-$name.log")
+    overall=1
+    log "step $name failed (rc=$rc); last lines:"
+    tail -15 "$OUT/step-$name.log" | sed 's/^/    /' | tee -a "$OUT/gpu-check.log"
+  fi
+  last_rc=$rc
+}
+
+print_table() {
+  echo
+  echo "==================== weightd gpu-check: results ===================="
+  echo "machine: $(nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader 2>/dev/null | head -1 || echo 'nvidia-smi unavailable')"
+  echo "logs:    $OUT"
+  printf '%-12s %-14s %6s  %s\n' STEP STATUS SECONDS NOTE
+  for row in "${summary_steps[@]}"; do
+    IFS='|' read -r n s d note <<<"$row"
+    printf '%-12s %-14s %6s  %s\n' "$n" "$s" "$d" "$note"
+  done
+  if [[ ${#summary_tests[@]} -gt 0 ]]; then
+    echo
+    printf '%-34s %7s %7s %8s %5s\n' PROGRAM PASSED FAILED SKIPPED RC
+    for row in "${summary_tests[@]}"; do
+      IFS='|' read -r n p f s rc <<<"$row"
+      printf '%-34s %7s %7s %8s %5s\n' "$n" "$p" "$f" "$s" "$rc"
+    done
+  fi
+  echo "overall: $([[ $overall -eq 0 ]] && echo PASS || echo FAIL)"
+}
+trap print_table EXIT
+
+# ---- 1. dependencies ----------------------------------------------------------------------------
+extract_debs() {
+  shopt -s nullglob
+  local debs=("$DEBS"/*.deb)
+  if [[ ${#debs[@]} -eq 0 ]]; then
+    echo "no .deb files in $DEBS: run scripts/fetch-gpu-debs.sh on the development machine and carry .deps/debs"
+    return 1
+  fi
+  rm -rf "$DEPS"
+  mkdir -p "$DEPS"
+  for f in "${debs[@]}"; do dpkg -x "$f" "$DEPS"; done
+  # Where the machine already has a runtime library (same soname), use its (newer) copy, so
+  # that LD_LIBRARY_PATH never shadows a system library with an older Debian one.
+  local lib name
+  for lib in "$DEPS/$ARCH_LIB"/lib*.so.*; do
+    name=$(basename "$lib")
+    [[ "$name" =~ \.so\.[0-9]+$ ]] || continue
+    if [[ -e "/$ARCH_LIB/$name" ]]; then
+      rm -f "$lib"
+      ln -s "/$ARCH_LIB/$name" "$lib"
+      echo "using system $name"
+    fi
+  done
+  echo "extracted ${#debs[@]} packages into $DEPS"
+}
+
+# ---- 2. configure -------------------------------------------------------------------------------
+configure() {
+  local torch_prefix
+  if [[ -v TORCH_PREFIX ]]; then
+    torch_prefix=$TORCH_PREFIX
+  else
+    torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
+  fi
+  echo "torch cmake prefix: $torch_prefix"
+  local cuda_args=()
+  if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
+    cuda_args+=("-DCUDAToolkit_ROOT=/usr/local/cuda" "-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc")
+  fi
+  local gen=()
+  if command -v ninja >/dev/null; then gen=(-G Ninja); fi
+  # A build folder from another generator cannot be reused.
+  if [[ -f "$BUILD_DIR/CMakeCache.txt" ]] && ! grep -q "CMAKE_GENERATOR:INTERNAL=${gen[1]:-Unix Makefiles}" "$BUILD_DIR/CMakeCache.txt"; then
+    rm -rf "$BUILD_DIR"
+  fi
+  local bench=OFF
+  [[ "$BENCH" == 1 ]] && bench=ON
+  cmake -S "$repo" -B "$BUILD_DIR" "${gen[@]}" \
+    -DCMAKE_BUILD_TYPE=RelWithDebInfo \
+    -DCMAKE_PREFIX_PATH="$torch_prefix;$DEPS/usr;$DEPS/$ARCH_LIB/cmake" \
+    -DCMAKE_CUDA_ARCHITECTURES=90 \
+    -DWEIGHTD_WITH_CUDA=ON -DWEIGHTD_WITH_TORCH=ON -DWEIGHTD_BUILD_TESTS=ON -DWEIGHTD_BUILD_BENCH="$bench" \
+    "${cuda_args[@]}" | tee "$OUT/cmake-configure.txt"
+  # WEIGHTD_WITH_CUDA silently turns off without a toolkit; on this machine that is an error.
+  if ! grep -q 'weightd: GPU tier enabled' "$OUT/cmake-configure.txt"; then
+    echo "the GPU tier is not enabled: CMake found no CUDA toolkit"
+    return 1
+  fi
+}
+
+# ---- 3. build (keeps going past failures, so that whatever built still runs) -------------------
+build() {
+  if grep -q '^CMAKE_GENERATOR:INTERNAL=Ninja' "$BUILD_DIR/CMakeCache.txt"; then
+    cmake --build "$BUILD_DIR" -j "$JOBS" ${TARGETS:+--target $TARGETS} -- -k 0
+  else
+    cmake --build "$BUILD_DIR" -j "$JOBS" ${TARGETS:+--target $TARGETS} -- -k
+  fi
+}
+
+# ---- 4. tests -----------------------------------------------------------------------------------
+run_tests() {
+  local prog name rc log passed failed skipped
+  export LD_LIBRARY_PATH="$DEPS/$ARCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  local found=0 gpu_present=0
+  if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then gpu_present=1; fi
+  for prog in "$BUILD_DIR"/tests/*_test "$BUILD_DIR"/tests/torch/*_test; do
+    [[ -x "$prog" && -f "$prog" ]] || continue
+    name=$(basename "$prog")
+    [[ "$name" =~ $TESTS ]] || continue
+    found=1
+    log="$OUT/tests/$name.log"
+    rc=0
+    log "test $name"
+    # GpuRealChild.* is the importer half of gpu_real_test; its parent tests start it.
+    timeout --kill-after=10 "$TEST_TIMEOUT" "$prog" --gtest_output="xml:$OUT/xml/$name.xml" \
+      --gtest_filter='-GpuRealChild.*' >"$log" 2>&1 || rc=$?
+    passed=$(grep -oE '^\[  PASSED  \] [0-9]+' "$log" | grep -oE '[0-9]+$' || true)
+    failed=$(grep -oE '^\[  FAILED  \] [0-9]+ tests?, listed' "$log" | grep -oE '[0-9]+' || true)
+    skipped=$(grep -oE '^\[  SKIPPED \] [0-9]+ tests?, listed' "$log" | grep -oE '[0-9]+' || true)
+    # On a machine with a GPU, a skipped GPU test means the GPU tier did not find it: a failure.
+    if [[ $gpu_present -eq 1 && "$name" =~ gpu|cuda && ${skipped:-0} -gt 0 && $rc -eq 0 ]]; then
+      rc=skip!
+      log "test $name skipped GPU tests on a machine with a GPU:"
+      grep -A1 'Skipped$' "$log" | head -6 | sed 's/^/    /' | tee -a "$OUT/gpu-check.log" || true
+    fi
+    summary_tests+=("$name|${passed:-0}|${failed:-0}|${skipped:-0}|$rc")
+    if [[ $rc != 0 ]]; then
+      overall=1
+      log "test $name failed (rc=$rc):"
+      grep -E '^\[  FAILED  \]|Failure|error' "$log" | head -10 | sed 's/^/    /' | tee -a "$OUT/gpu-check.log" || true
+    fi
+  done
+  if [[ $found -eq 0 ]]; then
+    summary_tests+=("(no test programs built)|0|0|0|1")
+    overall=1
+  fi
+}
+
+# ---- 5. benchmarks ------------------------------------------------------------------------------
+run_benchmarks() {
+  local prog name rc
+  export LD_LIBRARY_PATH="$DEPS/$ARCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+  for prog in "$BUILD_DIR"/bench/*; do
+    [[ -x "$prog" && -f "$prog" ]] || continue
+    name=$(basename "$prog")
+    [[ "$name" =~ $BENCH_FILTER ]] || continue
+    rc=0
+    log "bench $name"
+    "$prog" --benchmark_out="$OUT/bench/$name.json" --benchmark_out_format=json >"$OUT/bench/$name.txt" 2>&1 || rc=$?
+    summary_steps+=("bench:$name|$([[ $rc -eq 0 ]] && echo ok || echo "FAIL(rc=$rc)")|-|bench/$name.txt")
+    [[ $rc -eq 0 ]] || overall=1
+  done
+}
+
+log "repo $repo, out $OUT, build $BUILD_DIR"
+{ nvidia-smi || true; } >"$OUT/nvidia-smi.txt" 2>&1
+step deps extract_debs
+[[ $last_rc -eq 0 ]] || exit 1
+step configure configure
+[[ $last_rc -eq 0 ]] || exit 1
+step build build  # on failure, run whatever built; the table shows the build failure
+run_tests
+if [[ "$BENCH" == 1 ]]; then run_benchmarks; fi
+exit $overall

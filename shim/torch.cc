@@ -1,0 +1,160 @@
+// torch.cc — the LibTorch shim: zero-copy tensors over a lease, and binding them into modules.
+
+#include "weightd/torch.h"
+
+#include <torch/version.h>
+
+#include <optional>
+#include <set>
+#include <string>
+#include <vector>
+
+namespace weightd::shim {
+namespace {
+
+#define WEIGHTD_TORCH_AT_LEAST(major, minor) \
+  (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
+
+std::optional<at::ScalarType> ToScalarType(DType t) {
+  switch (t) {
+    case DType::kF64: return at::kDouble;
+    case DType::kF32: return at::kFloat;
+    case DType::kF16: return at::kHalf;
+    case DType::kBF16: return at::kBFloat16;
+    case DType::kI64: return at::kLong;
+    case DType::kI32: return at::kInt;
+    case DType::kI16: return at::kShort;
+    case DType::kI8: return at::kChar;
+    case DType::kU8: return at::kByte;
+    case DType::kBool: return at::kBool;
+#if WEIGHTD_TORCH_AT_LEAST(2, 1)
+    case DType::kF8E4M3: return at::ScalarType::Float8_e4m3fn;
+    case DType::kF8E5M2: return at::ScalarType::Float8_e5m2;
+#else
+    case DType::kF8E4M3: case DType::kF8E5M2: return std::nullopt;
+#endif
+#if WEIGHTD_TORCH_AT_LEAST(2, 3)
+    case DType::kU16: return at::ScalarType::UInt16;
+    case DType::kU32: return at::ScalarType::UInt32;
+    case DType::kU64: return at::ScalarType::UInt64;
+#else
+    case DType::kU16: case DType::kU32: case DType::kU64: return std::nullopt;
+#endif
+  }
+  return std::nullopt;
+}
+
+// The safetensors spelling of a torch dtype, so that messages use one vocabulary.
+std::string DTypeLabel(at::ScalarType s) {
+  for (DType t : kAllDTypes)
+    if (auto st = ToScalarType(t); st.has_value() && *st == s) return std::string(DTypeName(t));
+  return c10::toString(s);
+}
+
+std::string ShapeString(at::IntArrayRef shape) {
+  std::string s = "[";
+  for (std::size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + "]";
+}
+
+std::string Join(const std::vector<std::string>& v) {
+  std::string s;
+  for (const auto& x : v) s += (s.empty() ? "" : ", ") + x;
+  return s.empty() ? "(none)" : s;
+}
+
+torch::Tensor MakeTensor(const Lease& lease, const Tensor& t) {
+  auto scalar = ToScalarType(t.dtype);
+  if (!scalar.has_value())
+    throw Error(InvalidArgument("tensor '" + t.name + "' of model '" + lease.model() + "' has dtype " +
+                                    std::string(DTypeName(t.dtype)) + ", which LibTorch " TORCH_VERSION
+                                    " cannot represent",
+                                "shim.unsupported_dtype"));
+  auto options = torch::TensorOptions().dtype(*scalar).device(torch::kCPU);
+  if (t.nbytes == 0) return torch::empty(t.shape, options);
+  // The deleter owns a copy of the lease: the mapping outlives every view of it.
+  return torch::from_blob(const_cast<std::byte*>(t.data), t.shape, [lease](void*) {}, options);
+}
+
+}  // namespace
+
+TensorMap tensors_of(const Lease& lease) {
+  if (!lease.valid()) throw Error(InvalidArgument("tensors_of() on an empty lease", "shim.empty_lease"));
+  TensorMap out;
+  for (const Tensor& t : lease.tensors()) out.emplace(t.name, MakeTensor(lease, t));
+  return out;
+}
+
+TensorMap acquire(Client& client, std::string_view model, torch::Device device,
+                  const std::vector<std::string>& tensor_filter) {
+  if (!device.is_cpu())
+    throw Error(InvalidArgument("cannot acquire model '" + std::string(model) + "' on " + device.str() +
+                                    ": GPU tier not available in this build",
+                                "shim.unsupported_device"));
+  AcquireOptions options;
+  options.device = "cpu";
+  options.tensor_filter = tensor_filter;
+  auto lease = client.Acquire(model, options);
+  if (!lease.ok()) throw Error(lease.status());
+  return tensors_of(*lease);
+}
+
+BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict) {
+  // Every check happens before the first set_data, so a throw leaves the module unchanged.
+  struct Target {
+    std::string name;
+    torch::Tensor slot;
+    const torch::Tensor* source;
+  };
+  std::vector<Target> targets;
+  BindReport report;
+  std::set<std::string> claimed;
+
+  auto visit = [&](const std::string& name, const torch::Tensor& slot) {
+    if (!claimed.insert(name).second) return;  // shared parameter, seen under another path
+    auto it = tensors.find(name);
+    if (it == tensors.end()) {
+      report.missing.push_back(name);
+      return;
+    }
+    const torch::Tensor& src = it->second;
+    if (!src.defined()) {
+      report.mismatched.push_back(name + ": undefined tensor, expected shape " + ShapeString(slot.sizes()) + " " +
+                                  DTypeLabel(slot.scalar_type()));
+      return;
+    }
+    if (src.sizes() != slot.sizes() || src.scalar_type() != slot.scalar_type()) {
+      report.mismatched.push_back(name + ": shape " + ShapeString(src.sizes()) + " " + DTypeLabel(src.scalar_type()) +
+                                  " vs expected " + ShapeString(slot.sizes()) + " " +
+                                  DTypeLabel(slot.scalar_type()));
+      return;
+    }
+    targets.push_back(Target{name, slot, &src});
+  };
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) visit(item.key(), item.value());
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    // An undefined buffer (e.g. BatchNorm without running stats) has nothing to bind.
+    if (item.value().defined()) visit(item.key(), item.value());
+  }
+  for (const auto& [name, tensor] : tensors)
+    if (claimed.count(name) == 0) report.unexpected.push_back(name);
+
+  const bool refuse = !report.mismatched.empty() ||
+                      (strict && (!report.missing.empty() || !report.unexpected.empty()));
+  if (refuse) {
+    throw Error(InvalidArgument("cannot bind " + std::to_string(tensors.size()) + " tensors into module " +
+                                    module.name() + ": missing: " + Join(report.missing) +
+                                    "; unexpected: " + Join(report.unexpected) +
+                                    "; mismatched: " + Join(report.mismatched),
+                                "shim.bind_mismatch"));
+  }
+
+  torch::NoGradGuard no_grad;
+  for (auto& t : targets) {
+    t.slot.set_data(*t.source);
+    report.bound.push_back(std::move(t.name));
+  }
+  return report;
+}
+
+}  // namespace weightd::shim

@@ -1,0 +1,472 @@
+// GPU tier bookkeeping, chunking, export and import against the memfd-backed FakeCudaApi.
+#include "gpu_tier.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstring>
+#include <random>
+#include <set>
+#include <thread>
+
+#include "gpu_import.h"
+#include "support/fake_cuda.h"
+
+namespace weightd::gpu {
+namespace {
+
+using testing::FakeCudaApi;
+
+constexpr std::uint64_t kGranularity = 64 * 1024;
+constexpr std::uint64_t kChunk = 16 * 1024;
+
+// Page-aligned host memory filled with a seeded pattern, like an shm segment.
+struct HostBuffer {
+  explicit HostBuffer(std::uint64_t size, std::uint32_t seed) : size(size) {
+    std::size_t map = std::max<std::uint64_t>(posix::RoundUp(size, posix::PageSize()), posix::PageSize());
+    void* p = ::mmap(nullptr, map, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    EXPECT_NE(p, MAP_FAILED);
+    mapping = posix::Mapping(p, map);
+    std::mt19937 rng(seed);
+    for (std::uint64_t i = 0; i < size; ++i) mapping.data()[i] = static_cast<std::byte>(rng());
+  }
+  HostShard shard() const { return HostShard{mapping.data(), size}; }
+  std::uint64_t size;
+  posix::Mapping mapping;
+};
+
+std::vector<FakeCudaApi::Device> TwoDevices(std::uint64_t total = 64ull << 20) {
+  return {FakeCudaApi::Device{"Fake A", "", total, true, true}, FakeCudaApi::Device{"Fake B", "", total, true, true}};
+}
+
+void ExpectNothingLive(const FakeCudaApi& fake) {
+  auto c = fake.counters();
+  EXPECT_EQ(c.live_allocations, 0);
+  EXPECT_EQ(c.live_reservations, 0);
+  EXPECT_EQ(c.live_mappings, 0);
+  EXPECT_EQ(c.live_ipc_opens, 0);
+  EXPECT_EQ(c.live_streams, 0);
+  EXPECT_EQ(c.live_host_registrations, 0);
+  EXPECT_EQ(c.live_pinned, 0);
+  EXPECT_EQ(c.unsafe_host_releases, 0);
+  EXPECT_EQ(c.bad_copies, 0);
+}
+
+std::vector<std::byte> ReadBack(const GpuCopy& copy, std::size_t shard) {
+  std::vector<std::byte> out(copy.shards()[shard].data_size);
+  EXPECT_TRUE(copy.CopyToHost(shard, 0, out).ok());
+  return out;
+}
+
+bool SameBytes(const std::vector<std::byte>& got, const HostBuffer& want) {
+  return got.size() == want.size && (want.size == 0 || std::memcmp(got.data(), want.mapping.data(), want.size) == 0);
+}
+
+TEST(GpuTier, HostOnlyTierRejectsGpuRequests) {
+  GpuTier tier(nullptr);
+  EXPECT_FALSE(tier.available());
+  EXPECT_TRUE(tier.Devices().empty());
+  auto r = tier.ResolveDevice("cuda:0");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kUnavailable);
+  EXPECT_EQ(r.status().reason(), "gpu.no_device");
+  EXPECT_NE(r.status().message().find("no CUDA device"), std::string::npos);
+  HostBuffer b(100, 1);
+  std::vector<HostShard> shards{b.shard()};
+  auto m = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kUnavailable);
+  EXPECT_EQ(m.status().reason(), "gpu.no_device");
+}
+
+TEST(GpuTier, ZeroDevicesMeansHostOnly) {
+  FakeCudaApi fake({});
+  GpuTier tier(&fake);
+  EXPECT_FALSE(tier.available());
+  EXPECT_EQ(tier.ResolveDevice("cuda:0").status().reason(), "gpu.no_device");
+}
+
+TEST(GpuTier, ListsDevicesWithUuidAndMemory) {
+  FakeCudaApi fake(TwoDevices(32ull << 20));
+  GpuTier tier(&fake);
+  ASSERT_TRUE(tier.available());
+  ASSERT_EQ(tier.Devices().size(), 2u);
+  EXPECT_EQ(tier.Devices()[1].ordinal, 1);
+  EXPECT_EQ(tier.Devices()[1].name, "Fake B");
+  EXPECT_EQ(tier.Devices()[1].uuid, testing::FakeUuid(1));
+  EXPECT_EQ(tier.Devices()[1].total_bytes, 32ull << 20);
+  auto mem = tier.Memory(1);
+  ASSERT_TRUE(mem.ok()) << mem.status().ToString();
+  EXPECT_EQ(mem->free_bytes, 32ull << 20);
+}
+
+TEST(GpuTier, ResolvesDeviceNames) {
+  FakeCudaApi fake(TwoDevices());
+  GpuTier tier(&fake);
+  EXPECT_EQ(*tier.ResolveDevice("cuda:0"), 0);
+  EXPECT_EQ(*tier.ResolveDevice("cuda:1"), 1);
+  EXPECT_EQ(*tier.ResolveDevice("cuda"), 0);
+  EXPECT_EQ(*tier.ResolveDevice(testing::FakeUuid(1)), 1);
+  std::string upper = testing::FakeUuid(1);
+  std::transform(upper.begin(), upper.end(), upper.begin(), [](char c) { return std::toupper(c); });
+  EXPECT_EQ(*tier.ResolveDevice(upper), 1);
+
+  for (std::string bad : {"cuda:", "cuda:x", "cuda:-1", "cuda:1x", "cuda:99999", "cpu", "", "gpu:0",
+                          "GPU-1234", "GPU-zzzzzzzz-0000-0000-0000-000000000000", "cuda 0"}) {
+    auto r = tier.ResolveDevice(bad);
+    ASSERT_FALSE(r.ok()) << bad;
+    EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << bad;
+    EXPECT_EQ(r.status().reason(), "gpu.bad_device") << bad;
+  }
+  for (std::string missing : {"cuda:2", "GPU-00000000-0000-0000-0000-000000000000"}) {
+    auto r = tier.ResolveDevice(missing);
+    ASSERT_FALSE(r.ok()) << missing;
+    EXPECT_EQ(r.status().code(), Code::kNotFound) << missing;
+    EXPECT_EQ(r.status().reason(), "gpu.unknown_device") << missing;
+  }
+}
+
+TEST(GpuTier, ParsesExportMode) {
+  EXPECT_EQ(*ParseExportMode("vmm"), ExportMode::kVmm);
+  EXPECT_EQ(*ParseExportMode("legacy"), ExportMode::kLegacy);
+  EXPECT_EQ(ParseExportMode("VMM").status().reason(), "config.bad_gpu_export");
+}
+
+TEST(GpuTier, VmmCopyRoundsEachShardToGranularityAndCopiesEveryByte) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 4});
+  std::vector<HostBuffer> bufs;
+  const std::vector<std::uint64_t> sizes{1, kGranularity, kGranularity + 1, 7 * kChunk + 123, 0};
+  for (std::size_t i = 0; i < sizes.size(); ++i) bufs.emplace_back(sizes[i], 100 + static_cast<std::uint32_t>(i));
+  std::vector<HostShard> shards;
+  for (auto& b : bufs) shards.push_back(b.shard());
+
+  auto copy = tier.Materialize(1, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  const GpuCopy& c = **copy;
+  EXPECT_EQ(c.ordinal(), 1);
+  EXPECT_EQ(c.device_uuid(), testing::FakeUuid(1));
+  ASSERT_EQ(c.shards().size(), sizes.size());
+  const std::vector<std::uint64_t> want_alloc{kGranularity, kGranularity, 2 * kGranularity, 2 * kGranularity,
+                                              kGranularity};
+  std::uint64_t total_alloc = 0;
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
+    EXPECT_EQ(c.shards()[i].data_size, sizes[i]);
+    EXPECT_EQ(c.shards()[i].alloc_size, want_alloc[i]) << i;
+    EXPECT_EQ(c.shards()[i].ptr % kGranularity, 0u);
+    EXPECT_TRUE(SameBytes(ReadBack(c, i), bufs[i])) << "shard " << i;
+    total_alloc += want_alloc[i];
+  }
+  EXPECT_EQ(c.allocated_bytes(), total_alloc);
+
+  // Every byte of every shard was copied exactly once, in chunks of at most kChunk, and
+  // consecutive chunks went to different streams.
+  auto log = fake.h2d_log();
+  std::set<Stream> streams;
+  for (std::size_t i = 0; i < shards.size(); ++i) {
+    std::vector<std::pair<DevicePtr, std::uint64_t>> pieces;
+    for (auto& r : log)
+      if (r.dst >= c.shards()[i].ptr && r.dst < c.shards()[i].ptr + c.shards()[i].alloc_size) {
+        EXPECT_LE(r.size, kChunk);
+        pieces.emplace_back(r.dst, r.size);
+      }
+    std::sort(pieces.begin(), pieces.end());
+    DevicePtr next = c.shards()[i].ptr;
+    for (auto& [dst, n] : pieces) {
+      EXPECT_EQ(dst, next) << "gap or overlap in shard " << i;
+      next = dst + n;
+    }
+    EXPECT_EQ(next - c.shards()[i].ptr, sizes[i]) << "shard " << i;
+  }
+  for (std::size_t k = 0; k < log.size(); ++k) {
+    streams.insert(log[k].stream);
+    if (k > 0) {
+      EXPECT_NE(log[k].stream, log[k - 1].stream);
+    }
+  }
+  EXPECT_EQ(streams.size(), 4u);
+  EXPECT_EQ(fake.counters().pageable_copies, 0);
+  EXPECT_EQ(fake.counters().live_host_registrations, 0) << "registrations outlived the copy";
+  EXPECT_EQ(fake.counters().live_streams, 0);
+
+  auto stats = tier.Stats();
+  ASSERT_EQ(stats.devices.size(), 2u);
+  EXPECT_EQ(stats.devices[0].resident_bytes, 0u);
+  EXPECT_EQ(stats.devices[1].resident_bytes, total_alloc);
+  EXPECT_EQ(stats.devices[1].copies, 1u);
+  EXPECT_EQ(stats.materializations, 1u);
+  EXPECT_EQ(stats.staged_shards, 0u);
+  EXPECT_EQ(stats.last_h2d_bytes, 1 + kGranularity + kGranularity + 1 + 7 * kChunk + 123);
+  EXPECT_EQ(fake.allocated_bytes(1), total_alloc);
+
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  EXPECT_EQ(tier.Stats().devices[1].resident_bytes, 0u);
+  EXPECT_EQ(tier.Stats().devices[1].copies, 0u);
+  EXPECT_EQ(fake.allocated_bytes(1), 0u);
+  ExpectNothingLive(fake);
+}
+
+TEST(GpuTier, FallsBackToPinnedStagingWhenRegistrationFails) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  fake.SetHostRegisterFails(true);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 3});
+  HostBuffer a(11 * kChunk + 7, 1), b(kChunk / 2, 2);
+  std::vector<HostShard> shards{a.shard(), b.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 0), a));
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 1), b));
+  EXPECT_EQ(tier.Stats().staged_shards, 2u);
+  auto c = fake.counters();
+  EXPECT_EQ(c.pageable_copies, 0) << "staged copies must come from pinned memory";
+  EXPECT_EQ(c.pinned_total, 3) << "one staging buffer per stream";
+  EXPECT_EQ(c.live_pinned, 0);
+  EXPECT_EQ(c.unsafe_host_releases, 0);
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  ExpectNothingLive(fake);
+}
+
+TEST(GpuTier, OutOfMemoryAtAnyAllocationLeavesNothingBehind) {
+  for (int fail_at = 1; fail_at <= 3; ++fail_at) {
+    for (ExportMode mode : {ExportMode::kVmm, ExportMode::kLegacy}) {
+      FakeCudaApi fake(TwoDevices(), kGranularity);
+      GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+      HostBuffer a(3 * kChunk, 1), b(kChunk, 2), c(5, 3);
+      std::vector<HostShard> shards{a.shard(), b.shard(), c.shard()};
+      fake.FailAllocationAt(fail_at);
+      auto copy = tier.Materialize(0, shards, mode);
+      ASSERT_FALSE(copy.ok());
+      EXPECT_EQ(copy.status().code(), Code::kResourceExhausted) << copy.status().ToString();
+      EXPECT_EQ(copy.status().reason(), "gpu.out_of_memory");
+      EXPECT_NE(copy.status().message().find("cuda:0"), std::string::npos) << copy.status().message();
+      EXPECT_EQ(tier.Stats().devices[0].resident_bytes, 0u);
+      EXPECT_EQ(tier.Stats().materialize_failures, 1u);
+      EXPECT_EQ(fake.allocated_bytes(0), 0u);
+      ExpectNothingLive(fake);
+    }
+  }
+}
+
+TEST(GpuTier, DeviceTooSmallIsResourceExhausted) {
+  FakeCudaApi fake({FakeCudaApi::Device{"Tiny", "", 2 * kGranularity, true, true}}, kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(2 * kGranularity, 1), b(1, 2);
+  std::vector<HostShard> shards{a.shard(), b.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_FALSE(copy.ok());
+  EXPECT_EQ(copy.status().code(), Code::kResourceExhausted);
+  ExpectNothingLive(fake);
+}
+
+TEST(GpuTier, VmmNotSupportedIsFailedPrecondition) {
+  FakeCudaApi fake({FakeCudaApi::Device{"Old", "", 64ull << 20, true, false}}, kGranularity);
+  GpuTier tier(&fake);
+  HostBuffer a(10, 1);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_FALSE(copy.ok());
+  EXPECT_EQ(copy.status().reason(), "gpu.vmm_unsupported");
+  EXPECT_TRUE(tier.Materialize(0, shards, ExportMode::kLegacy).ok());
+}
+
+TEST(GpuTier, ConcurrentCopiesOfOneShardShareItsRegistration) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 4});
+  HostBuffer a(9 * kChunk + 1, 7);
+  std::vector<HostShard> shards{a.shard()};
+  Result<std::shared_ptr<GpuCopy>> r0(Internal("unset")), r1(Internal("unset"));
+  std::thread t0([&] { r0 = tier.Materialize(0, shards, ExportMode::kVmm); });
+  std::thread t1([&] { r1 = tier.Materialize(1, shards, ExportMode::kLegacy); });
+  t0.join();
+  t1.join();
+  ASSERT_TRUE(r0.ok()) << r0.status().ToString();
+  ASSERT_TRUE(r1.ok()) << r1.status().ToString();
+  EXPECT_TRUE(SameBytes(ReadBack(**r0, 0), a));
+  EXPECT_TRUE(SameBytes(ReadBack(**r1, 0), a));
+  EXPECT_EQ(tier.Stats().staged_shards, 0u);
+  EXPECT_EQ(fake.counters().pageable_copies, 0);
+  r0 = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  r1 = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  ExpectNothingLive(fake);
+}
+
+TEST(GpuTier, ExportsAFreshCloexecFdPerCallAndOnlyInItsMode) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(kChunk, 1), b(3, 2);
+  std::vector<HostShard> shards{a.shard(), b.shard()};
+  auto vmm = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(vmm.ok());
+  auto f1 = (*vmm)->ExportFds();
+  auto f2 = (*vmm)->ExportFds();
+  ASSERT_TRUE(f1.ok() && f2.ok());
+  ASSERT_EQ(f1->size(), 2u);
+  for (std::size_t i = 0; i < 2; ++i) {
+    EXPECT_NE((*f1)[i].get(), (*f2)[i].get());
+    EXPECT_TRUE(::fcntl((*f1)[i].get(), F_GETFD) & FD_CLOEXEC);
+  }
+  EXPECT_EQ((*vmm)->LegacyHandles().status().reason(), "gpu.wrong_export_mode");
+
+  auto legacy = tier.Materialize(0, shards, ExportMode::kLegacy);
+  ASSERT_TRUE(legacy.ok());
+  auto handles = (*legacy)->LegacyHandles();
+  ASSERT_TRUE(handles.ok());
+  ASSERT_EQ(handles->size(), 2u);
+  for (auto& h : *handles) EXPECT_EQ(h.size(), kIpcHandleSize);
+  EXPECT_EQ((*legacy)->ExportFds().status().reason(), "gpu.wrong_export_mode");
+}
+
+TEST(GpuTier, CopyToHostChecksRanges) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake);
+  HostBuffer a(100, 1);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok());
+  std::vector<std::byte> out(10);
+  EXPECT_TRUE((*copy)->CopyToHost(0, 90, out).ok());
+  EXPECT_EQ(std::memcmp(out.data(), a.mapping.data() + 90, 10), 0);
+  EXPECT_EQ((*copy)->CopyToHost(0, 91, out).reason(), "gpu.bad_range");
+  EXPECT_EQ((*copy)->CopyToHost(1, 0, out).reason(), "gpu.bad_shard");
+}
+
+// ---- importer ---------------------------------------------------------------------------------
+
+TEST(GpuImport, VmmImportIsReadOnlyAndOutlivesTheDaemonsCopy) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(3 * kChunk + 5, 9);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok());
+  auto fds = (*copy)->ExportFds();
+  ASSERT_TRUE(fds.ok());
+  const std::uint64_t alloc = (*copy)->shards()[0].alloc_size;
+
+  auto im = GpuImport::ImportVmm(&fake, 0, (*fds)[0].get(), alloc);
+  ASSERT_TRUE(im.ok()) << im.status().ToString();
+  fds->clear();  // the import holds its own reference
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("daemon dropped its copy"));
+
+  std::vector<std::byte> got(a.size);
+  ASSERT_TRUE(fake.CopyDeviceToHost(got.data(), im->ptr(), got.size()).ok());
+  EXPECT_EQ(std::memcmp(got.data(), a.mapping.data(), a.size), 0);
+
+  // Read-only: a device write into the import is refused.
+  ASSERT_TRUE(fake.SetDevice(0).ok());
+  auto stream = fake.StreamCreate();
+  ASSERT_TRUE(stream.ok());
+  auto scratch = fake.Malloc(16);
+  ASSERT_TRUE(scratch.ok());
+  EXPECT_FALSE(fake.CopyDeviceToDeviceAsync(im->ptr(), *scratch, 16, *stream).ok());
+  ASSERT_TRUE(fake.Free(*scratch).ok());
+  ASSERT_TRUE(fake.StreamDestroy(*stream).ok());
+
+  GpuImport moved = std::move(*im);
+  EXPECT_FALSE(im->valid());
+  EXPECT_TRUE(moved.valid());
+  moved = GpuImport();
+  ExpectNothingLive(fake);
+}
+
+TEST(GpuImport, RejectsSizesAndHandlesFromTheWire) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake);
+  HostBuffer a(10, 1);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok());
+  auto fds = (*copy)->ExportFds();
+  ASSERT_TRUE(fds.ok());
+  EXPECT_EQ(GpuImport::ImportVmm(&fake, 0, (*fds)[0].get(), kGranularity + 1).status().reason(), "gpu.bad_import");
+  EXPECT_EQ(GpuImport::ImportVmm(&fake, 0, (*fds)[0].get(), 0).status().reason(), "gpu.bad_import");
+  EXPECT_EQ(GpuImport::ImportVmm(&fake, 0, -1, kGranularity).status().reason(), "gpu.bad_import");
+  EXPECT_EQ(GpuImport::ImportVmm(&fake, 5, (*fds)[0].get(), kGranularity).status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(GpuImport::ImportLegacy(&fake, 0, std::string(63, 'x'), 10).status().reason(), "gpu.bad_ipc_handle");
+  auto c = fake.counters();
+  EXPECT_EQ(c.live_allocations, 1) << "only the daemon's own allocation";
+  EXPECT_EQ(c.live_reservations, 1);
+}
+
+TEST(GpuImport, LegacyHandleOpensAndCloses) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(2 * kChunk + 3, 4);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(1, shards, ExportMode::kLegacy);
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  auto handles = (*copy)->LegacyHandles();
+  ASSERT_TRUE(handles.ok());
+  {
+    auto im = GpuImport::ImportLegacy(&fake, 1, (*handles)[0], a.size);
+    ASSERT_TRUE(im.ok()) << im.status().ToString();
+    std::vector<std::byte> got(a.size);
+    ASSERT_TRUE(fake.CopyDeviceToHost(got.data(), im->ptr(), got.size()).ok());
+    EXPECT_EQ(std::memcmp(got.data(), a.mapping.data(), a.size), 0);
+    EXPECT_EQ(fake.counters().live_ipc_opens, 1);
+  }
+  EXPECT_EQ(fake.counters().live_ipc_opens, 0);
+}
+
+TEST(GpuImport, ChildProcessImportsExportedFd) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 4});
+  HostBuffer a(5 * kChunk + 99, 21);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok());
+  auto fds = (*copy)->ExportFds();
+  ASSERT_TRUE(fds.ok());
+  const int fd = (*fds)[0].get();
+  const std::uint64_t alloc = (*copy)->shards()[0].alloc_size;
+  pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    // A fresh "process-local CUDA" in the child, as a client would have.
+    FakeCudaApi child(TwoDevices(), kGranularity);
+    auto im = GpuImport::ImportVmm(&child, 0, fd, alloc);
+    if (!im.ok()) ::_exit(2);
+    std::vector<std::byte> got(a.size);
+    if (!child.CopyDeviceToHost(got.data(), im->ptr(), got.size()).ok()) ::_exit(3);
+    ::_exit(std::memcmp(got.data(), a.mapping.data(), a.size) == 0 ? 0 : 4);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  ASSERT_TRUE(WIFEXITED(status));
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+}
+
+TEST(GpuImport, FindsLocalOrdinalByUuid) {
+  FakeCudaApi fake(TwoDevices());
+  EXPECT_EQ(*FindLocalOrdinal(&fake, testing::FakeUuid(1)), 1);
+  auto r = FindLocalOrdinal(&fake, "GPU-00000000-0000-0000-0000-000000000000");
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kNotFound);
+  EXPECT_EQ(r.status().reason(), "gpu.device_not_visible");
+  EXPECT_NE(r.status().message().find(testing::FakeUuid(0)), std::string::npos);
+}
+
+TEST(GpuImport, ContextWarmupReturnsTheDevice) {
+  FakeCudaApi fake(TwoDevices());
+  auto w = ContextWarmup::Start(&fake, 1);
+  EXPECT_TRUE(w.started());
+  ASSERT_TRUE(w.Device().ok());
+  EXPECT_EQ(w.Device()->uuid, testing::FakeUuid(1));
+  const auto& r = w.Wait();
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  EXPECT_EQ(r->uuid, testing::FakeUuid(1));
+  EXPECT_TRUE(w.Wait().ok());  // idempotent
+
+  auto bad = ContextWarmup::Start(&fake, 7);
+  EXPECT_EQ(bad.Device().status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(bad.Wait().status().code(), Code::kInvalidArgument);
+  ContextWarmup never;
+  EXPECT_EQ(never.Wait().status().reason(), "gpu.no_warmup");
+}
+
+}  // namespace
+}  // namespace weightd::gpu

@@ -1,0 +1,243 @@
+#include "daemon_process.h"
+
+#include <fcntl.h>
+#include <poll.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
+
+#include <nlohmann/json.hpp>
+#include <xxhash.h>
+
+#include "host_tier.h"
+#include "posix.h"
+
+namespace weightd::testing {
+
+namespace fs = std::filesystem;
+
+TempDir::TempDir() {
+  const char* base = std::getenv("TMPDIR");
+  std::string tmpl = std::string(base && *base ? base : "/tmp") + "/wdtest-XXXXXX";
+  char* p = ::mkdtemp(tmpl.data());
+  if (p == nullptr) std::abort();
+  path_ = p;
+}
+
+TempDir::~TempDir() {
+  std::error_code ec;
+  fs::remove_all(path_, ec);
+}
+
+std::byte PatternByte(std::uint64_t seed, std::size_t index, std::uint64_t offset) {
+  std::uint64_t x = seed * 0x9E3779B97F4A7C15ull ^ (index + 1) * 0xBF58476D1CE4E5B9ull ^ (offset / 8) * 0x94D049BB133111EBull;
+  x ^= x >> 31;
+  x *= 0xD6E8FEB86659FD93ull;
+  x ^= x >> 32;
+  return static_cast<std::byte>(x >> ((offset % 8) * 8));
+}
+
+st::FillFn PatternFill(std::uint64_t seed) {
+  return [seed](std::size_t index, std::uint64_t offset, std::span<std::byte> out) {
+    for (std::size_t i = 0; i < out.size(); ++i) out[i] = PatternByte(seed, index, offset + i);
+  };
+}
+
+Status WriteModel(const std::string& dir, const std::vector<st::TensorSpec>& tensors, std::uint64_t seed) {
+  fs::create_directories(dir);
+  auto r = st::WriteFile(dir + "/model.safetensors", tensors, PatternFill(seed));
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+Status WriteShardedModel(const std::string& dir, const std::vector<st::TensorSpec>& tensors, int shards,
+                         std::uint64_t seed) {
+  fs::create_directories(dir);
+  nlohmann::json index;
+  std::uint64_t total = 0;
+  const std::size_t per = (tensors.size() + static_cast<std::size_t>(shards) - 1) / static_cast<std::size_t>(shards);
+  for (int s = 0; s < shards; ++s) {
+    std::vector<st::TensorSpec> part;
+    const std::size_t first = static_cast<std::size_t>(s) * per;
+    for (std::size_t i = first; i < std::min(tensors.size(), first + per); ++i) part.push_back(tensors[i]);
+    char name[64];
+    std::snprintf(name, sizeof name, "model-%05d-of-%05d.safetensors", s + 1, shards);
+    // Tensor i of the whole model keeps its pattern whichever shard it lands in.
+    auto fill = [seed, first](std::size_t index, std::uint64_t offset, std::span<std::byte> out) {
+      PatternFill(seed)(first + index, offset, out);
+    };
+    auto r = st::WriteFile(dir + "/" + name, part, fill);
+    if (!r.ok()) return r.status();
+    for (const auto& t : part) {
+      index["weight_map"][t.name] = name;
+      total += t.nbytes();
+    }
+  }
+  index["metadata"]["total_size"] = total;
+  std::ofstream(dir + "/model.safetensors.index.json") << index.dump(2);
+  return Status::Ok();
+}
+
+std::vector<st::TensorSpec> SmallTensors(int count) {
+  std::vector<st::TensorSpec> out;
+  for (int i = 0; i < count; ++i) {
+    switch (i % 3) {
+      case 0: out.push_back({"layer." + std::to_string(i) + ".weight", DType::kF32, {4 + i % 5, 8}}); break;
+      case 1: out.push_back({"layer." + std::to_string(i) + ".bias", DType::kBF16, {16 + i % 7}}); break;
+      default: out.push_back({"layer." + std::to_string(i) + ".index", DType::kI64, {3, 1 + i % 4}}); break;
+    }
+  }
+  return out;
+}
+
+namespace {
+
+std::atomic<int> g_instances{0};
+
+// A datagram socket standing in for systemd's notification socket.
+int BindNotifySocket(const std::string& path) {
+  int fd = ::socket(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0);
+  sockaddr_un addr{};
+  addr.sun_family = AF_UNIX;
+  std::strncpy(addr.sun_path, path.c_str(), sizeof(addr.sun_path) - 1);
+  if (fd < 0 || ::bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) return -1;
+  return fd;
+}
+
+std::string ReadAll(const std::string& path) {
+  std::ifstream in(path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+}  // namespace
+
+Result<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const DaemonOptions& options) {
+  std::unique_ptr<DaemonProcess> d(new DaemonProcess());
+  d->endpoint_ = "ipc://" + d->dir_.path() + "/weightd.sock";
+  d->prefix_ = "wdtest-" + std::to_string(::getpid()) + "-" + std::to_string(g_instances++);
+  d->log_path_ = d->dir_.file("weightd.log");
+  const std::string notify_path = d->dir_.file("notify.sock");
+  int nfd = BindNotifySocket(notify_path);
+  if (nfd < 0) return Internal("cannot bind the notify socket " + notify_path);
+  posix::Fd notify(nfd);
+
+  std::vector<std::string> args = {WEIGHTD_DAEMON_PATH, "--socket", d->endpoint_, "--shm-prefix", d->prefix_};
+  if (!options.config_toml.empty()) {
+    std::ofstream(d->dir_.file("weightd.toml")) << options.config_toml;
+    args.push_back("--config");
+    args.push_back(d->dir_.file("weightd.toml"));
+  } else if (std::find(options.extra_args.begin(), options.extra_args.end(), "--config") == options.extra_args.end()) {
+    // Never pick up a system config in tests.
+    std::ofstream(d->dir_.file("empty.toml")) << "";
+    args.push_back("--config");
+    args.push_back(d->dir_.file("empty.toml"));
+  }
+  for (const auto& [name, dir] : options.models) {
+    args.push_back("--model");
+    args.push_back(name + "=" + dir);
+  }
+  for (const auto& a : options.extra_args) args.push_back(a);
+
+  pid_t pid = ::fork();
+  if (pid < 0) return Internal("fork failed");
+  if (pid == 0) {
+    int log = ::open(d->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    if (log >= 0) {
+      ::dup2(log, STDERR_FILENO);
+      ::dup2(log, STDOUT_FILENO);
+    }
+    ::setenv("NOTIFY_SOCKET", notify_path.c_str(), 1);
+    std::vector<char*> argv;
+    for (auto& a : args) argv.push_back(a.data());
+    argv.push_back(nullptr);
+    ::execv(argv[0], argv.data());
+    std::_Exit(127);
+  }
+  d->pid_ = pid;
+
+  const auto deadline = std::chrono::steady_clock::now() + options.ready_timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    pollfd p{notify.get(), POLLIN, 0};
+    if (::poll(&p, 1, 100) > 0) {
+      char buf[4096];
+      ssize_t n = ::recv(notify.get(), buf, sizeof buf - 1, 0);
+      if (n > 0 && std::string(buf, static_cast<std::size_t>(n)).find("READY=1") != std::string::npos) return d;
+    }
+    int status;
+    if (::waitpid(pid, &status, WNOHANG) == pid) {
+      d->pid_ = -1;
+      return Unavailable("weightd exited before it was ready (status " + std::to_string(status) + "):\n" + d->Log());
+    }
+  }
+  return DeadlineExceeded("weightd did not report READY=1 in time:\n" + d->Log());
+}
+
+DaemonProcess::~DaemonProcess() {
+  if (pid_ > 0) {
+    ::kill(pid_, SIGKILL);
+    ::waitpid(pid_, nullptr, 0);
+  }
+  for (const auto& name : Segments()) ::shm_unlink(("/" + name).c_str());
+  ::shm_unlink(("/" + prefix_ + ".lock").c_str());
+}
+
+bool DaemonProcess::running() {
+  if (pid_ <= 0) return false;
+  int status;
+  if (::waitpid(pid_, &status, WNOHANG) == pid_) {
+    pid_ = -1;
+    return false;
+  }
+  return true;
+}
+
+int DaemonProcess::Signal(int sig) {
+  if (pid_ <= 0) return -1;
+  ::kill(pid_, sig);
+  if (sig != SIGTERM && sig != SIGKILL && sig != SIGINT) return 0;
+  int status = 0;
+  ::waitpid(pid_, &status, 0);
+  pid_ = -1;
+  return status;
+}
+
+std::string DaemonProcess::Weightctl(const std::vector<std::string>& args, int* exit_code) const {
+  std::string cmd = std::string(WEIGHTD_WEIGHTCTL_PATH) + " --socket '" + endpoint_ + "'";
+  for (const auto& a : args) cmd += " '" + a + "'";
+  cmd += " 2>&1";
+  std::string out;
+  FILE* p = ::popen(cmd.c_str(), "r");
+  if (p == nullptr) {
+    *exit_code = -1;
+    return out;
+  }
+  char buf[4096];
+  std::size_t n;
+  while ((n = std::fread(buf, 1, sizeof buf, p)) > 0) out.append(buf, n);
+  int st = ::pclose(p);
+  *exit_code = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return out;
+}
+
+std::string DaemonProcess::Log() const { return ReadAll(log_path_); }
+
+std::vector<std::string> DaemonProcess::Segments() const {
+  std::vector<std::string> out;
+  for (const auto& n : ListSegments(prefix_))
+    if (n != prefix_ + ".lock") out.push_back(n);
+  return out;
+}
+
+}  // namespace weightd::testing

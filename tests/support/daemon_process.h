@@ -1,0 +1,86 @@
+// daemon_process.h — test support: temporary directories, tiny models, and the real weightd
+// binary started on a private socket and segment prefix (which include the test's pid).
+#pragma once
+
+#include <sys/types.h>
+
+#include <chrono>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "safetensors_writer.h"
+#include "weightd/status.h"
+
+namespace weightd::testing {
+
+// A fresh directory under $TMPDIR (or /tmp), removed with its contents on destruction.
+class TempDir {
+ public:
+  TempDir();
+  ~TempDir();
+  TempDir(const TempDir&) = delete;
+  TempDir& operator=(const TempDir&) = delete;
+  const std::string& path() const { return path_; }
+  std::string file(const std::string& name) const { return path_ + "/" + name; }
+
+ private:
+  std::string path_;
+};
+
+// Deterministic byte pattern of tensor `index` (a function of seed, index and offset), so that
+// tests can check any byte without keeping the model in memory.
+std::byte PatternByte(std::uint64_t seed, std::size_t index, std::uint64_t offset);
+st::FillFn PatternFill(std::uint64_t seed);
+
+// Writes `tensors` as a single model.safetensors into `dir` (created if needed).
+Status WriteModel(const std::string& dir, const std::vector<st::TensorSpec>& tensors, std::uint64_t seed);
+// Writes the tensors split across `shards` files in Hugging Face layout
+// (model-0000N-of-0000M.safetensors plus model.safetensors.index.json).
+Status WriteShardedModel(const std::string& dir, const std::vector<st::TensorSpec>& tensors, int shards,
+                         std::uint64_t seed);
+// `count` F32/BF16/I64 tensors of varied small shapes, names "layer.<i>.weight" etc.
+std::vector<st::TensorSpec> SmallTensors(int count);
+
+struct DaemonOptions {
+  std::map<std::string, std::string> models;  // name -> dir, passed as --model NAME=DIR
+  std::string config_toml;                    // if not empty, written to a file and passed as --config
+  std::vector<std::string> extra_args;
+  std::chrono::milliseconds ready_timeout{std::chrono::seconds(20)};
+};
+
+// The real weightd binary, on ipc://<tmp>/weightd.sock with segment prefix "wdtest-<pid>-<n>".
+// Start() waits for READY=1 on a private NOTIFY_SOCKET. The destructor SIGKILLs the daemon if
+// it still runs and unlinks any segment left under its prefix.
+class DaemonProcess {
+ public:
+  static Result<std::unique_ptr<DaemonProcess>> Start(const DaemonOptions& options);
+  ~DaemonProcess();
+
+  const std::string& endpoint() const { return endpoint_; }
+  const std::string& shm_prefix() const { return prefix_; }
+  const std::string& runtime_dir() const { return dir_.path(); }
+  pid_t pid() const { return pid_; }
+  bool running();
+  // Sends `sig` and, for SIGTERM/SIGKILL/SIGINT, waits for exit. Returns the wait status.
+  int Signal(int sig);
+  // Runs `weightctl` against this daemon with the given arguments; returns its stdout and sets
+  // *exit_code.
+  std::string Weightctl(const std::vector<std::string>& args, int* exit_code) const;
+  // The daemon's stderr so far.
+  std::string Log() const;
+  // Names of the /dev/shm entries under this daemon's prefix.
+  std::vector<std::string> Segments() const;
+
+ private:
+  DaemonProcess() = default;
+  TempDir dir_;
+  std::string endpoint_;
+  std::string prefix_;
+  std::string log_path_;
+  pid_t pid_ = -1;
+};
+
+}  // namespace weightd::testing
