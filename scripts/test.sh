@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# test.sh — installs what weightd needs (Debian 12), builds everything with -Werror into build/,
+# and runs the whole test suite. This is the README's test command and what CI runs
+# (.ci/run). Idempotent: re-running rebuilds only what changed.
+#
+# Environment (optional):
+#   BUILD_DIR  build folder (default: <repo>/build)
+#   JOBS       build and test parallelism (default 2: the CI machine has 2 cores)
+#   CTEST_ARGS extra arguments for ctest, e.g. "-R Daemon"
+set -euo pipefail
+
+repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BUILD_DIR=${BUILD_DIR:-$repo/build}
+JOBS=${JOBS:-2}
+
+t0=$SECONDS
+bash "$repo/scripts/install-deps.sh"
+
+echo "test: configuring $BUILD_DIR"
+cmake -S "$repo" -B "$BUILD_DIR" -DWEIGHTD_WERROR=ON -DWEIGHTD_BUILD_TESTS=ON -DWEIGHTD_BUILD_BENCH=ON
+echo "test: building with -j$JOBS"
+cmake --build "$BUILD_DIR" -j "$JOBS"
+echo "test: running the test suite"
+# shellcheck disable=SC2086  # CTEST_ARGS is a list of arguments
+ctest --test-dir "$BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 300 ${CTEST_ARGS:-}
+echo "test: all passed in $((SECONDS - t0)) s"
