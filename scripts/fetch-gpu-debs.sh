@@ -11,7 +11,8 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 dest=${1:-$repo/.deps/debs}
 
 # -dev packages for every library the top CMakeLists.txt finds, with their runtime libraries.
-# Boost (headers), LibTorch (CUDA, from pip) and the CUDA toolkit come with the GPU machine.
+# LibTorch (CUDA, from pip) and the CUDA toolkit come with the GPU machine. Boost's headers are
+# carried too: not every image of that machine has them.
 PACKAGES=(
   # ZeroMQ and what libzmq5 links
   libzmq3-dev libzmq5 cppzmq-dev libsodium23 libpgm-5.3-0 libnorm1 libbsd0 libmd0
@@ -22,6 +23,8 @@ PACKAGES=(
   libspdlog-dev libspdlog1.10 libfmt-dev libfmt9
   # sd_notify, metrics endpoint, io_uring
   libsystemd-dev libsystemd0 libcpp-httplib-dev libcpp-httplib0.11 liburing-dev liburing2
+  # Boost.Interprocess (headers only) and Boost's CMake package
+  libboost1.74-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev googletest libbenchmark-dev libbenchmark1debian
 )

@@ -32,6 +32,9 @@ BENCH=${BENCH:-1}
 BENCH_FILTER=${BENCH_FILTER:-gpu|cuda}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 ARCH_LIB=usr/lib/x86_64-linux-gnu
+# The build runs test programs too (gtest_discover_tests), so the carried libraries must be
+# found from the start.
+export LD_LIBRARY_PATH="$DEPS/$ARCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
 
 mkdir -p "$OUT/tests" "$OUT/xml" "$OUT/bench"
 summary_steps=()   # "name|status|seconds|note"
@@ -159,7 +162,6 @@ build() {
 # ---- 4. tests -----------------------------------------------------------------------------------
 run_tests() {
   local prog name rc log passed failed skipped
-  export LD_LIBRARY_PATH="$DEPS/$ARCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   local found=0 gpu_present=0
   if nvidia-smi -L 2>/dev/null | grep -q '^GPU '; then gpu_present=1; fi
   for prog in "$BUILD_DIR"/tests/*_test "$BUILD_DIR"/tests/torch/*_test; do
@@ -198,7 +200,6 @@ run_tests() {
 # ---- 5. benchmarks ------------------------------------------------------------------------------
 run_benchmarks() {
   local prog name rc
-  export LD_LIBRARY_PATH="$DEPS/$ARCH_LIB${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
   for prog in "$BUILD_DIR"/bench/*; do
     [[ -x "$prog" && -f "$prog" ]] || continue
     name=$(basename "$prog")
