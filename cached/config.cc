@@ -4,6 +4,7 @@
 #include <cctype>
 #include <charconv>
 #include <cmath>
+#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -120,7 +121,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
   }
   for (auto&& [key, node] : root) {
     const std::string k(key.str());
-    if (k != "daemon" && k != "models") return Invalid(origin, "unknown table or key '" + k + "' (expected [daemon] and [models.NAME])");
+    if (k != "daemon" && k != "gpu" && k != "models")
+      return Invalid(origin, "unknown table or key '" + k + "' (expected [daemon], [gpu] and [models.NAME])");
   }
   if (auto* d = root.get("daemon")) {
     const toml::table* t = d->as_table();
@@ -154,6 +156,25 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->max_message_size, SizeNode(node, qk, origin));
       } else if (k == "log_level") {
         ASSIGN_OR_RETURN(cfg->log_level, StringNode(node, qk, origin));
+      } else {
+        return Invalid(origin, "unknown key '" + qk + "'");
+      }
+    }
+  }
+  if (auto* g = root.get("gpu")) {
+    const toml::table* t = g->as_table();
+    if (t == nullptr) return Invalid(origin, "'gpu' must be a table");
+    for (auto&& [key, node] : *t) {
+      const std::string k(key.str());
+      const std::string qk = "gpu." + k;
+      if (k == "enabled") {
+        auto b = node.value<bool>();
+        if (!b) return Invalid(origin, qk + " must be true or false");
+        cfg->gpu_enabled = *b;
+      } else if (k == "export") {
+        ASSIGN_OR_RETURN(cfg->gpu_export, StringNode(node, qk, origin));
+      } else if (k == "fd_socket") {
+        ASSIGN_OR_RETURN(cfg->fd_socket, StringNode(node, qk, origin));
       } else {
         return Invalid(origin, "unknown key '" + qk + "'");
       }
@@ -227,6 +248,19 @@ Status Finalize(DaemonConfig* cfg) {
   if (cfg->heartbeat_interval.count() <= 0 || cfg->heartbeat_timeout <= cfg->heartbeat_interval)
     return InvalidArgument("heartbeat_timeout must be larger than heartbeat_interval (> 0)", "config.bad_heartbeat");
   if (cfg->max_message_size < 4096) return InvalidArgument("max_message_size must be at least 4 KiB", "config.bad_size");
+  if (cfg->gpu_export != "vmm" && cfg->gpu_export != "legacy")
+    return InvalidArgument("gpu.export must be \"vmm\" or \"legacy\", not \"" + cfg->gpu_export + "\"",
+                           "config.bad_gpu_export");
+  if (cfg->fd_socket.empty()) {
+    // Clients receive this path in manifests, so it must not depend on the daemon's cwd.
+    std::error_code ec;
+    auto p = std::filesystem::absolute(cfg->socket.substr(std::string("ipc://").size()) + ".fds", ec);
+    cfg->fd_socket = ec ? std::string() : p.lexically_normal().string();
+  }
+  // sockaddr_un holds 107 characters and a NUL.
+  if (cfg->fd_socket.empty() || cfg->fd_socket.size() > 107 || cfg->fd_socket[0] != '/')
+    return InvalidArgument("gpu.fd_socket must be an absolute path of at most 107 characters, got '" + cfg->fd_socket + "'",
+                           "config.bad_socket");
   return Status::Ok();
 }
 

@@ -28,7 +28,7 @@ struct ModelConfig {
 
 struct DaemonConfig {
   std::string socket = "ipc:///run/weightd/weightd.sock";
-  // Segment names are "/<shm_prefix>.<model>.<shard>". Empty: "weightd-<hash of socket>", so
+  // Segment names are "/<shm_prefix>.<model>.<generation>.<shard>". Empty: "weightd-<hash of socket>", so
   // two daemons on different sockets never collide; a lock makes the prefix exclusive.
   std::string shm_prefix;
   mode_t shm_mode = 0640;
@@ -40,6 +40,14 @@ struct DaemonConfig {
   std::uint32_t max_sessions = 4096;
   std::uint64_t max_message_size = 1ull << 20;
   std::string log_level = "info";
+
+  // GPU tier. Off (host-only) when no CUDA device is found, or when gpu_enabled is false.
+  bool gpu_enabled = true;
+  std::string gpu_export = "vmm";  // "vmm" (fds over fd_socket) or "legacy" (cudaIpcMemHandle_t)
+  // The Unix socket that passes VMM fds to clients. Empty: "<socket path>.fds", beside the
+  // ZeroMQ socket.
+  std::string fd_socket;
+
   std::vector<ModelConfig> models;      // sorted by name, names unique: file and command line
   std::vector<ModelConfig> cli_models;  // the --model flags alone, which survive a reload
 
@@ -63,7 +71,7 @@ Status ApplyTomlFile(const std::string& path, DaemonConfig* base);
 Result<ModelConfig> ParseModelFlag(const std::string& flag);
 // Adds or replaces a model; keeps `models` sorted and unique.
 void UpsertModel(DaemonConfig* cfg, ModelConfig m);
-// Cross-field checks and the derived defaults (shm_prefix).
+// Cross-field checks and the derived defaults (shm_prefix, fd_socket).
 Status Finalize(DaemonConfig* cfg);
 
 }  // namespace weightd

@@ -67,7 +67,7 @@ std::vector<LeaseRecord> LeaseTable::Close(std::uint64_t session_id) {
   for (std::uint64_t lid : it->second.leases) {
     auto lt = leases_.find(lid);
     if (lt == leases_.end()) continue;
-    if (--per_model_[lt->second.model] == 0) per_model_.erase(lt->second.model);
+    Count(lt->second, -1);
     ended.push_back(std::move(lt->second));
     leases_.erase(lt);
   }
@@ -83,7 +83,8 @@ std::vector<std::uint64_t> LeaseTable::Expired(Clock::TimePoint now, std::chrono
   return out;
 }
 
-Result<std::uint64_t> LeaseTable::AddLease(Session& s, const std::string& model, const std::string& device) {
+Result<std::uint64_t> LeaseTable::AddLease(Session& s, const std::string& model, const std::string& device,
+                                           std::shared_ptr<const void> pin) {
   if (s.leases.size() >= max_leases_)
     return ResourceExhausted("this client already holds " + std::to_string(s.leases.size()) +
                                  " leases, the maximum per client; release some first",
@@ -91,9 +92,9 @@ Result<std::uint64_t> LeaseTable::AddLease(Session& s, const std::string& model,
   std::uint64_t id;
   do id = rng_();  // unguessable, so a lease id from another session is useless
   while (id == 0 || leases_.count(id));
-  leases_[id] = LeaseRecord{id, s.id, model, device};
+  const LeaseRecord& r = leases_[id] = LeaseRecord{id, s.id, model, device, std::move(pin)};
   s.leases.insert(id);
-  ++per_model_[model];
+  Count(r, +1);
   return id;
 }
 
@@ -104,8 +105,29 @@ Result<LeaseRecord> LeaseTable::Release(Session& s, std::uint64_t lease_id) {
   LeaseRecord r = std::move(it->second);
   leases_.erase(it);
   s.leases.erase(lease_id);
-  if (--per_model_[r.model] == 0) per_model_.erase(r.model);
+  Count(r, -1);
   return r;
+}
+
+void LeaseTable::Count(const LeaseRecord& r, int delta) {
+  auto bump = [delta](auto& map, const auto& key) {
+    auto& n = map[key];
+    n = static_cast<std::uint32_t>(static_cast<std::int64_t>(n) + delta);
+    if (n == 0) map.erase(key);
+  };
+  bump(per_model_, r.model);
+  bump(per_model_device_, std::pair(r.model, r.device));
+  bump(per_device_, r.device);
+}
+
+std::uint32_t LeaseTable::LeasesOf(const std::string& model, const std::string& device) const {
+  auto it = per_model_device_.find(std::pair(model, device));
+  return it == per_model_device_.end() ? 0 : it->second;
+}
+
+std::uint32_t LeaseTable::LeasesOn(const std::string& device) const {
+  auto it = per_device_.find(device);
+  return it == per_device_.end() ? 0 : it->second;
 }
 
 std::uint32_t LeaseTable::LeasesOf(const std::string& model) const {

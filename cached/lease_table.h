@@ -12,6 +12,7 @@
 
 #include <cstdint>
 #include <map>
+#include <memory>
 #include <optional>
 #include <random>
 #include <set>
@@ -49,7 +50,10 @@ struct LeaseRecord {
   std::uint64_t id = 0;
   std::uint64_t session = 0;
   std::string model;
-  std::string device;
+  std::string device;  // "cpu" or "cuda:N" (the daemon's numbering)
+  // What the lease keeps alive (a GPU copy), whatever the catalog or the policy does to the
+  // model meanwhile: the lease table only holds it.
+  std::shared_ptr<const void> pin;
 };
 
 class LeaseTable {
@@ -66,11 +70,14 @@ class LeaseTable {
   // Sessions not heard from since `now - timeout`.
   std::vector<std::uint64_t> Expired(Clock::TimePoint now, std::chrono::milliseconds timeout) const;
 
-  Result<std::uint64_t> AddLease(Session& s, const std::string& model, const std::string& device);
+  Result<std::uint64_t> AddLease(Session& s, const std::string& model, const std::string& device,
+                                 std::shared_ptr<const void> pin = nullptr);
   // NotFound unless the lease exists and belongs to `s`. Returns the ended lease.
   Result<LeaseRecord> Release(Session& s, std::uint64_t lease_id);
 
   std::uint32_t LeasesOf(const std::string& model) const;
+  std::uint32_t LeasesOf(const std::string& model, const std::string& device) const;
+  std::uint32_t LeasesOn(const std::string& device) const;
   std::size_t session_count() const { return sessions_.size(); }
   std::size_t lease_count() const { return leases_.size(); }
   const std::unordered_map<std::uint64_t, Session>& sessions() const { return sessions_; }
@@ -83,7 +90,11 @@ class LeaseTable {
   std::unordered_map<std::uint64_t, Session> sessions_;
   std::unordered_map<std::string, std::uint64_t> by_routing_;
   std::unordered_map<std::uint64_t, LeaseRecord> leases_;
+  void Count(const LeaseRecord& r, int delta);
+
   std::map<std::string, std::uint32_t> per_model_;
+  std::map<std::pair<std::string, std::string>, std::uint32_t> per_model_device_;
+  std::map<std::string, std::uint32_t> per_device_;
 };
 
 }  // namespace weightd

@@ -11,6 +11,8 @@
 #include <systemd/sd-daemon.h>
 
 #include "config.h"
+#include "cuda_api.h"
+#include "gpu_tier.h"
 #include "server.h"
 
 namespace {
@@ -40,7 +42,8 @@ int main(int argc, char** argv) {
   std::string socket, prefix, log_level, chunk, heartbeat_timeout;
   std::vector<std::string> model_flags;
   std::uint32_t loader_threads = 0;
-  bool check_only = false;
+  bool check_only = false, no_gpu = false;
+  std::string gpu_export;
   app.add_option("-c,--config", config_path,
                  std::string("TOML config file (default: ") + weightd::kDefaultConfigPath + " if it exists)");
   app.add_option("-s,--socket", socket, "ZeroMQ endpoint to serve, ipc://PATH (default: ipc:///run/weightd/weightd.sock)");
@@ -52,6 +55,11 @@ int main(int argc, char** argv) {
   app.add_option("--chunk-size", chunk, "bytes per read request, e.g. 16MiB (default 16MiB)");
   app.add_option("--heartbeat-timeout", heartbeat_timeout,
                  "end a silent client's session (and its leases) after this long, e.g. 10s (default 10s)");
+  app.add_flag("--no-gpu", no_gpu, "serve the host tier only, even where CUDA devices are present");
+  app.add_option("--gpu-export", gpu_export,
+                 "how GPU copies are shared: vmm (fds over a Unix socket, read-only imports; default) or legacy "
+                 "(cudaIpcMemHandle_t, a bearer token any local user may open)")
+      ->check(CLI::IsMember({"vmm", "legacy"}));
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or critical (default info)");
   app.add_flag("--check-config", check_only, "validate the configuration, print the catalog, and exit");
   try {
@@ -75,6 +83,8 @@ int main(int argc, char** argv) {
   if (!prefix.empty()) cfg.shm_prefix = prefix;
   if (loader_threads) cfg.loader_threads = loader_threads;
   if (!log_level.empty()) cfg.log_level = log_level;
+  if (no_gpu) cfg.gpu_enabled = false;
+  if (!gpu_export.empty()) cfg.gpu_export = gpu_export;
   if (!chunk.empty()) {
     auto v = weightd::ParseSize(chunk);
     if (!v.ok()) return Fail(kExitConfig, v.status().WithContext("--chunk-size"));
@@ -105,8 +115,17 @@ int main(int argc, char** argv) {
   }
   if (cfg.models.empty()) spdlog::warn("the catalog is empty: add models with --model NAME=DIR or a config file");
 
+  // The GPU tier: every binary starts without a driver; then the daemon is host-only.
+  std::unique_ptr<weightd::gpu::CudaApi> cuda;
+  if (cfg.gpu_enabled) {
+    auto api = weightd::gpu::LoadCudaApi();
+    if (api.ok()) cuda = std::move(api).value();
+    else spdlog::info("no GPU tier: {}", api.status().ToString());
+  }
+  weightd::gpu::GpuTier gpu(cuda.get());
+
   weightd::RealClock clock;
-  auto server = weightd::Server::Create(cfg, &clock);
+  auto server = weightd::Server::Create(cfg, &clock, cfg.gpu_enabled ? &gpu : nullptr);
   if (!server.ok()) return Fail(kExitRuntime, server.status());
   if (auto s = (*server)->Run(); !s.ok()) return Fail(kExitRuntime, s);
   return 0;

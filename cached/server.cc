@@ -24,6 +24,8 @@
 #include <zmq.hpp>
 
 #include "catalog.h"
+#include "fd_channel.h"
+#include "gpu_tier.h"
 #include "lease_table.h"
 #include "loader.h"
 #include "posix.h"
@@ -40,8 +42,17 @@ using Ms = std::chrono::milliseconds;
 constexpr std::uint64_t kTagEvent = 1ull << 56;
 constexpr std::uint64_t kTagSignal = 2ull << 56;
 constexpr std::uint64_t kTagPid = 3ull << 56;
+constexpr std::uint64_t kTagFdListen = 4ull << 56;
+constexpr std::uint64_t kTagFdConn = 5ull << 56;
 constexpr std::uint64_t kTagMask = 0xffull << 56;
 constexpr unsigned kMaxMessagesPerWakeup = 256;  // keeps timers and completions responsive
+// The fd side channel: a token is good for this long after its Manifest was sent, a connection
+// must present its token within the second limit, and at most this many may be pending.
+constexpr Ms kFdTokenTtl{30'000};
+constexpr Ms kFdConnTimeout{2'000};
+constexpr std::size_t kMaxFdConnections = 256;
+constexpr Ms kFdSendTimeout{200};
+constexpr std::size_t kFdTokenBytes = 32;
 
 std::uint64_t ToMs(Clock::TimePoint::duration d) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<Ms>(d).count());
@@ -78,6 +89,21 @@ struct Waiter {
   std::uint64_t request_id = 0;
   std::uint64_t session_id = 0;
   proto::Acquire acquire;
+  int ordinal = -1;  // GPU acquires: the daemon's ordinal of the device
+};
+
+std::string CudaName(int ordinal) { return "cuda:" + std::to_string(ordinal); }
+
+// A model's copy on one GPU. Its waiters are GPU Acquires; the copy is made from the host tier,
+// so while the host copy is loading the materialization waits (`started` false).
+struct GpuEntry {
+  ModelState state = ModelState::kAbsent;
+  std::shared_ptr<gpu::GpuCopy> copy;
+  std::uint64_t generation = 0;  // of the materialization in flight
+  bool started = false;
+  std::vector<Waiter> waiters;
+  Status last_error;
+  std::uint64_t copy_ms = 0;
 };
 
 struct ModelEntry {
@@ -96,13 +122,40 @@ struct ModelEntry {
   std::vector<proto::SegmentInfo> segments;
   std::vector<proto::TensorRecord> tensors;
   std::unordered_map<std::string, std::size_t> tensor_index;
+
+  std::map<int, GpuEntry> gpus;  // by the daemon's device ordinal
+
+  bool Busy() const {
+    if (state == ModelState::kLoading) return true;
+    for (const auto& [ordinal, g] : gpus)
+      if (g.state == ModelState::kLoading) return true;
+    return false;
+  }
 };
 
+// A finished host load (ordinal -1) or GPU materialization.
 struct Completion {
   std::string model;
   std::uint64_t generation = 0;
+  int ordinal = -1;
   Result<std::shared_ptr<ResidentModel>> result{Status(Code::kInternal, "unset")};
+  Result<std::shared_ptr<gpu::GpuCopy>> gpu_result{Status(Code::kInternal, "unset")};
   std::uint64_t ms = 0;
+};
+
+// A VMM lease whose fds wait to be fetched over the side channel.
+struct PendingFds {
+  std::uint64_t session_id = 0;
+  std::uint64_t lease_id = 0;
+  // The lease pins the copy; a token must not keep it alive past the lease.
+  std::weak_ptr<const gpu::GpuCopy> copy;
+  std::vector<std::uint32_t> shards;  // in manifest order
+  Clock::TimePoint expires;
+};
+
+struct FdClient {
+  fdchan::FdConnection conn;
+  Clock::TimePoint expires;
 };
 
 }  // namespace
@@ -123,6 +176,8 @@ struct Server::Impl {
   DaemonConfig config;
   const Clock* clock;
   Clock::TimePoint started;
+  gpu::GpuTier* gpu;  // may be null: host-only
+  gpu::ExportMode gpu_mode = gpu::ExportMode::kVmm;
 
   // Loop-thread state.
   zmq::context_t ctx{1};
@@ -138,31 +193,44 @@ struct Server::Impl {
   std::uint64_t watchdog_usec = 0;
   Clock::TimePoint last_watchdog{}, last_expiry_check{};
   bool stopping = false;
+  // The fd side channel (VMM export only).
+  std::optional<fdchan::FdListener> fd_listener;
+  std::map<int, FdClient> fd_clients;              // by socket fd
+  std::map<std::string, PendingFds> pending_fds;   // by token
 
-  // Shared with loader threads.
+  // Shared with worker threads.
   std::mutex completions_mu;
   std::deque<Completion> completions;  // guarded by completions_mu
+  std::atomic<bool> stop_requested{false};
   Loader loader;
-  ThreadPool jobs;  // one model load per job; declared last so it is joined first
+  // Declared last so that they are joined first.
+  ThreadPool jobs;      // one host load per job
+  ThreadPool gpu_jobs;  // one GPU materialization per job
 
-  Impl(DaemonConfig cfg, const Clock* c)
+  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g)
       : config(std::move(cfg)),
         clock(c),
         started(c->Now()),
+        gpu(g),
         leases(config.max_sessions, config.max_leases_per_client),
         loader(LoaderOptions{config.shm_prefix, config.shm_mode, config.loader_threads, config.chunk_size}),
-        jobs(2, "wd-load") {}
+        jobs(2, "wd-load"),
+        gpu_jobs(2, "wd-gpu") {}
 
   ~Impl() {
     for (auto& [name, m] : models)
       if (m.cancel) m.cancel->store(true);
     jobs.Close();
+    gpu_jobs.Close();
     for (auto& [name, m] : models)
       if (m.resident) m.resident->RemoveSegments();
     std::lock_guard lock(completions_mu);
     for (auto& c : completions)
       if (c.result.ok()) c.result.value()->RemoveSegments();
+    if (fd_listener) (void)fd_listener->Unlink();
   }
+
+  bool gpu_available() const { return gpu != nullptr && gpu->available(); }
 
   Status Init();
   Status Loop();
@@ -189,7 +257,16 @@ struct Server::Impl {
   proto::ReplyBody OnEvict(const proto::Evict& m);
 
   void StartLoad(ModelEntry& m);
-  proto::ReplyBody GrantLease(Session& s, ModelEntry& m, const proto::Acquire& req);
+  void StartGpuLoad(ModelEntry& m, int ordinal);
+  void Complete(Completion& c);
+  void CompleteGpu(Completion& c);
+  void AnswerWaiters(ModelEntry& m, std::vector<Waiter>& waiters, ModelState state, const Status& error);
+  void PostCompletion(Completion c);
+  proto::ReplyBody GrantLease(Session& s, ModelEntry& m, const proto::Acquire& req, int ordinal);
+  void AcceptFdClients();
+  void ServeFdClient(int fd);
+  void ExpireFdState(Clock::TimePoint now);
+  void CloseFdClient(int fd);
   proto::ModelStatus StatusOf(const ModelEntry& m) const;
   proto::DaemonStats StatsNow() const;
   void DropResident(ModelEntry& m);
@@ -253,6 +330,25 @@ Status Server::Impl::Init() {
     ev.events = EPOLLIN;
     ev.data.u64 = tag;
     if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, fd, &ev) != 0) return posix::ErrnoStatus("epoll_ctl(ADD)");
+  }
+
+  ASSIGN_OR_RETURN(gpu_mode, gpu::ParseExportMode(config.gpu_export));
+  if (gpu_available() && gpu_mode == gpu::ExportMode::kVmm) {
+    auto listener = fdchan::FdListener::Bind(config.fd_socket, 0660);
+    if (!listener.ok()) return listener.status().WithContext("binding the GPU fd socket");
+    fd_listener.emplace(std::move(listener).value());
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = kTagFdListen;
+    if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, fd_listener->fd(), &ev) != 0) return posix::ErrnoStatus("epoll_ctl(ADD)");
+  }
+  if (gpu_available()) {
+    for (const auto& d : gpu->Devices())
+      spdlog::info("GPU {}: {} ({}, {} MiB)", CudaName(d.ordinal), d.name, d.uuid, d.total_bytes >> 20);
+    spdlog::info("GPU copies are exported as {}{}", gpu::ExportModeName(gpu_mode),
+                 gpu_mode == gpu::ExportMode::kVmm ? " fds over " + config.fd_socket : std::string());
+  } else {
+    spdlog::info("host-only: {}", gpu != nullptr ? gpu->unavailable_status().message() : "the GPU tier is disabled");
   }
 
   ApplyCatalog(config.models);
@@ -407,21 +503,38 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
   auto it = models.find(m.model);
   if (it == models.end())
     return proto::ToErrorReply(NotFound("model '" + m.model + "' is not in the catalog", "catalog.unknown_model"));
+  int ordinal = -1;
   if (m.device != "cpu") {
-    if (m.device.rfind("cuda:", 0) == 0 || m.device.rfind("GPU-", 0) == 0)
+    if (gpu == nullptr)
       return proto::ToErrorReply(Unavailable("device '" + m.device + "' requested, but this daemon serves the host tier only (no CUDA device)",
                                              "gpu.no_device"));
-    return proto::ToErrorReply(InvalidArgument("unknown device '" + m.device + "' (use cpu, cuda:N or GPU-<uuid>)",
-                                               "acquire.bad_device"));
+    auto o = gpu->ResolveDevice(m.device);
+    if (!o.ok()) return proto::ToErrorReply(o.status());
+    ordinal = *o;
   }
   if (s.leases.size() >= config.max_leases_per_client)
     return proto::ToErrorReply(ResourceExhausted("this client already holds " + std::to_string(s.leases.size()) +
                                                      " leases, the maximum per client; release some first",
                                                  "limits.leases"));
   ModelEntry& e = it->second;
-  if (e.state == ModelState::kResident) return GrantLease(s, e, m);
-  e.waiters.push_back(Waiter{Waiter::kAcquire, s.routing_id, req, s.id, m});
-  if (e.state != ModelState::kLoading) StartLoad(e);
+  Waiter w{Waiter::kAcquire, s.routing_id, req, s.id, m, ordinal};
+  if (ordinal < 0) {
+    if (e.state == ModelState::kResident) return GrantLease(s, e, m, -1);
+    e.waiters.push_back(std::move(w));
+    if (e.state != ModelState::kLoading) StartLoad(e);
+    return std::nullopt;
+  }
+  GpuEntry& g = e.gpus[ordinal];
+  if (g.state == ModelState::kResident) return GrantLease(s, e, m, ordinal);
+  g.waiters.push_back(std::move(w));
+  if (g.state != ModelState::kLoading) {
+    g.state = ModelState::kLoading;
+    g.started = false;
+    g.generation = next_generation++;
+    // The copy is made from the host tier, which is loaded first if need be.
+    if (e.state == ModelState::kResident) StartGpuLoad(e, ordinal);
+    else if (e.state != ModelState::kLoading) StartLoad(e);
+  }
   return std::nullopt;
 }
 
@@ -453,21 +566,35 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
     return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' has " + std::to_string(n) +
                                                       (n == 1 ? " live lease" : " live leases") + "; it cannot be evicted until they are released",
                                                   "evict.leased"));
-  if (e.state == ModelState::kLoading)
+  if (e.Busy())
     return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' is loading; evict it once the load finishes",
                                                   "evict.loading"));
   if (e.resident) spdlog::info("evicting model '{}' ({} bytes) on admin request", e.config.name, e.resident->bytes);
+  for (const auto& [ordinal, g] : e.gpus)
+    if (g.copy) spdlog::info("evicting model '{}' from {} ({} bytes)", e.config.name, CudaName(ordinal), g.copy->allocated_bytes());
   DropResident(e);
   e.state = ModelState::kAbsent;
   return proto::OkReply{};
 }
 
+// Drops every tier's copy. GPU copies that a lease still pins (after a catalog change) live on
+// in the lease table until their leases end.
 void Server::Impl::DropResident(ModelEntry& m) {
   if (m.resident) m.resident->RemoveSegments();
   m.resident.reset();
   m.segments.clear();
   m.tensors.clear();
   m.tensor_index.clear();
+  m.gpus.clear();
+}
+
+void Server::Impl::PostCompletion(Completion c) {
+  {
+    std::lock_guard lock(completions_mu);
+    completions.push_back(std::move(c));
+  }
+  std::uint64_t one = 1;
+  (void)!::write(event_fd.get(), &one, sizeof one);
 }
 
 void Server::Impl::StartLoad(ModelEntry& m) {
@@ -486,18 +613,57 @@ void Server::Impl::StartLoad(ModelEntry& m) {
     Completion c;
     c.model = mc.name;
     c.generation = gen;
-    c.result = loader.LoadHost(mc, gen, *cancel);
-    c.ms = ToMs(std::chrono::steady_clock::now() - t0);
-    {
-      std::lock_guard lock(completions_mu);
-      completions.push_back(std::move(c));
+    try {
+      c.result = loader.LoadHost(mc, gen, *cancel);
+    } catch (const std::exception& e) {  // bad_alloc of a huge header, and the like
+      c.result = Internal(std::string("loading failed: ") + e.what(), "load.exception");
     }
-    std::uint64_t one = 1;
-    (void)!::write(event_fd.get(), &one, sizeof one);
+    c.ms = ToMs(std::chrono::steady_clock::now() - t0);
+    PostCompletion(std::move(c));
   });
   if (!ok) {
-    m.state = ModelState::kFailed;
-    m.last_error = Unavailable("the daemon is shutting down", "daemon.stopping");
+    Completion c;
+    c.model = m.config.name;
+    c.generation = gen;
+    c.result = Unavailable("the daemon is shutting down", "daemon.stopping");
+    Complete(c);
+  }
+}
+
+void Server::Impl::StartGpuLoad(ModelEntry& m, int ordinal) {
+  GpuEntry& g = m.gpus.at(ordinal);
+  g.started = true;
+  Notify("STATUS=copying model '" + m.config.name + "' to " + CudaName(ordinal));
+  spdlog::info("copying model '{}' ({} bytes) to {}", m.config.name, m.resident->bytes, CudaName(ordinal));
+  // The job holds the host copy, so its mappings stay valid even if the model is evicted or
+  // changed meanwhile; the generation tells the loop whether the result is still wanted.
+  std::shared_ptr<const ResidentModel> host = m.resident;
+  const std::uint64_t gen = g.generation;
+  const std::string name = m.config.name;
+  bool ok = gpu_jobs.Submit([this, host, gen, name, ordinal] {
+    const auto t0 = std::chrono::steady_clock::now();
+    std::vector<gpu::HostShard> shards;
+    shards.reserve(host->shards.size());
+    for (const ResidentShard& sh : host->shards) shards.push_back(gpu::HostShard{sh.segment.data(), sh.segment.data_size()});
+    Completion c;
+    c.model = name;
+    c.generation = gen;
+    c.ordinal = ordinal;
+    try {
+      c.gpu_result = gpu->Materialize(ordinal, shards, gpu_mode);
+    } catch (const std::exception& e) {
+      c.gpu_result = Internal(std::string("GPU copy failed: ") + e.what(), "gpu.exception");
+    }
+    c.ms = ToMs(std::chrono::steady_clock::now() - t0);
+    PostCompletion(std::move(c));
+  });
+  if (!ok) {
+    Completion c;
+    c.model = name;
+    c.generation = gen;
+    c.ordinal = ordinal;
+    c.gpu_result = Unavailable("the daemon is shutting down", "daemon.stopping");
+    CompleteGpu(c);
   }
 }
 
@@ -508,75 +674,129 @@ void Server::Impl::HandleCompletions() {
     batch.swap(completions);
   }
   for (Completion& c : batch) {
-    auto it = models.find(c.model);
-    if (it == models.end() || it->second.generation != c.generation || it->second.state != ModelState::kLoading) {
-      // The model was removed, changed or evicted while loading: the result is nobody's.
-      if (c.result.ok()) c.result.value()->RemoveSegments();
-      continue;
-    }
-    ModelEntry& m = it->second;
-    m.cancel.reset();
-    if (c.result.ok()) {
-      std::shared_ptr<ResidentModel> r = std::move(c.result).value();
-      ++loads_ok;
-      ++m.loads;
-      m.last_load_ms = c.ms;
-      m.last_error = Status::Ok();
-      m.state = ModelState::kResident;
-      m.last_used = clock->Now();
-      m.segments.clear();
-      m.tensors.clear();
-      m.tensor_index.clear();
-      for (std::size_t i = 0; i < r->shards.size(); ++i) {
-        const ResidentShard& sh = r->shards[i];
-        m.segments.push_back(proto::SegmentInfo{sh.segment.shm_path(), sh.segment.mapped_size(), sh.segment.data_size(),
-                                                sh.file, sh.header.data_offset});
-        for (const auto& t : sh.header.tensors) {
-          m.tensor_index[t.name] = m.tensors.size();
-          m.tensors.push_back(proto::TensorRecord{t.name, static_cast<std::uint8_t>(t.dtype), t.shape,
-                                                  static_cast<std::uint32_t>(i), t.begin, t.nbytes()});
-        }
-      }
-      m.resident = std::move(r);
-      const double secs = std::max<double>(c.ms, 1) / 1000.0;
-      spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
-                   m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, c.ms,
-                   static_cast<double>(m.resident->bytes) / secs / 1e9);
-    } else {
-      ++loads_failed;
-      m.state = ModelState::kFailed;
-      m.last_error = c.result.status();
-      spdlog::error("model '{}' failed to load: {}", m.config.name, m.last_error.ToString());
-    }
-    std::vector<Waiter> waiters;
-    waiters.swap(m.waiters);
-    for (Waiter& w : waiters) {
-      Session* s = leases.FindById(w.session_id);
-      if (s == nullptr) continue;  // the client went away while it waited
-      if (m.state != ModelState::kResident) {
-        SendError(w.routing_id, w.request_id, m.last_error.WithContext("loading model '" + m.config.name + "'"));
-      } else if (w.kind == Waiter::kLoad) {
-        Send(w.routing_id, w.request_id, StatusOf(m));
-      } else if (s->leases.size() >= config.max_leases_per_client) {
-        SendError(w.routing_id, w.request_id,
-                  ResourceExhausted("this client already holds the maximum number of leases", "limits.leases"));
-      } else {
-        Send(w.routing_id, w.request_id, GrantLease(*s, m, w.acquire));
-      }
-    }
+    if (c.ordinal < 0) Complete(c);
+    else CompleteGpu(c);
   }
   Notify("STATUS=serving " + std::to_string(catalog.models().size()) + " models, " +
          std::to_string(leases.lease_count()) + " leases");
 }
 
-proto::ReplyBody Server::Impl::GrantLease(Session& s, ModelEntry& m, const proto::Acquire& req) {
+void Server::Impl::Complete(Completion& c) {
+  auto it = models.find(c.model);
+  if (it == models.end() || it->second.generation != c.generation || it->second.state != ModelState::kLoading) {
+    // The model was removed, changed or evicted while loading: the result is nobody's.
+    if (c.result.ok()) c.result.value()->RemoveSegments();
+    return;
+  }
+  ModelEntry& m = it->second;
+  m.cancel.reset();
+  if (c.result.ok()) {
+    std::shared_ptr<ResidentModel> r = std::move(c.result).value();
+    ++loads_ok;
+    ++m.loads;
+    m.last_load_ms = c.ms;
+    m.last_error = Status::Ok();
+    m.state = ModelState::kResident;
+    m.last_used = clock->Now();
+    m.segments.clear();
+    m.tensors.clear();
+    m.tensor_index.clear();
+    for (std::size_t i = 0; i < r->shards.size(); ++i) {
+      const ResidentShard& sh = r->shards[i];
+      m.segments.push_back(proto::SegmentInfo{sh.segment.shm_path(), sh.segment.mapped_size(), sh.segment.data_size(),
+                                              sh.file, sh.header.data_offset, 0, {}});
+      for (const auto& t : sh.header.tensors) {
+        m.tensor_index[t.name] = m.tensors.size();
+        m.tensors.push_back(proto::TensorRecord{t.name, static_cast<std::uint8_t>(t.dtype), t.shape,
+                                                static_cast<std::uint32_t>(i), t.begin, t.nbytes()});
+      }
+    }
+    m.resident = std::move(r);
+    const double secs = std::max<double>(static_cast<double>(c.ms), 1) / 1000.0;
+    spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
+                 m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, c.ms,
+                 static_cast<double>(m.resident->bytes) / secs / 1e9);
+  } else {
+    ++loads_failed;
+    m.state = ModelState::kFailed;
+    m.last_error = c.result.status();
+    spdlog::error("model '{}' failed to load: {}", m.config.name, m.last_error.ToString());
+  }
+  std::vector<Waiter> waiters;
+  waiters.swap(m.waiters);
+  AnswerWaiters(m, waiters, m.state, m.last_error);
+  // GPU copies that waited for the host tier.
+  for (auto& [ordinal, g] : m.gpus) {
+    if (g.state != ModelState::kLoading || g.started) continue;
+    if (m.state == ModelState::kResident) {
+      StartGpuLoad(m, ordinal);
+    } else {
+      g.state = ModelState::kFailed;
+      g.last_error = m.last_error;
+      std::vector<Waiter> gw;
+      gw.swap(g.waiters);
+      AnswerWaiters(m, gw, ModelState::kFailed, m.last_error);
+    }
+  }
+}
+
+void Server::Impl::CompleteGpu(Completion& c) {
+  auto it = models.find(c.model);
+  if (it == models.end()) return;  // the copy (if any) is freed with `c`
+  auto g_it = it->second.gpus.find(c.ordinal);
+  if (g_it == it->second.gpus.end() || g_it->second.generation != c.generation ||
+      g_it->second.state != ModelState::kLoading)
+    return;
+  ModelEntry& m = it->second;
+  GpuEntry& g = g_it->second;
+  g.copy_ms = c.ms;
+  if (c.gpu_result.ok()) {
+    g.copy = std::move(c.gpu_result).value();
+    g.state = ModelState::kResident;
+    g.last_error = Status::Ok();
+    m.last_used = clock->Now();
+    const double secs = std::max(g.copy->copy_seconds(), 1e-6);
+    spdlog::info("model '{}' resident on {}: {} bytes in {} ms (host-to-device {:.2f} GB/s)", m.config.name,
+                 CudaName(c.ordinal), g.copy->allocated_bytes(), c.ms, static_cast<double>(m.resident->bytes) / secs / 1e9);
+  } else {
+    g.state = ModelState::kFailed;
+    g.last_error = c.gpu_result.status();
+    spdlog::error("model '{}' failed to copy to {}: {}", m.config.name, CudaName(c.ordinal), g.last_error.ToString());
+  }
+  std::vector<Waiter> waiters;
+  waiters.swap(g.waiters);
+  AnswerWaiters(m, waiters, g.state, g.last_error);
+}
+
+void Server::Impl::AnswerWaiters(ModelEntry& m, std::vector<Waiter>& waiters, ModelState state, const Status& error) {
+  for (Waiter& w : waiters) {
+    Session* s = leases.FindById(w.session_id);
+    if (s == nullptr) continue;  // the client went away while it waited
+    if (state != ModelState::kResident) {
+      SendError(w.routing_id, w.request_id,
+                error.WithContext((w.ordinal < 0 ? "loading model '" : "copying model '") + m.config.name + "'" +
+                                  (w.ordinal < 0 ? std::string() : " to " + CudaName(w.ordinal))));
+    } else if (w.kind == Waiter::kLoad) {
+      Send(w.routing_id, w.request_id, StatusOf(m));
+    } else if (s->leases.size() >= config.max_leases_per_client) {
+      SendError(w.routing_id, w.request_id,
+                ResourceExhausted("this client already holds the maximum number of leases", "limits.leases"));
+    } else {
+      Send(w.routing_id, w.request_id, GrantLease(*s, m, w.acquire, w.ordinal));
+    }
+  }
+}
+
+proto::ReplyBody Server::Impl::GrantLease(Session& s, ModelEntry& m, const proto::Acquire& req, int ordinal) {
   proto::Manifest man;
   man.model = m.config.name;
   man.device = "cpu";
   man.model_dir = m.config.dir;
+  // The shards in manifest order, as indices into m.segments.
+  std::vector<std::uint32_t> shards;
   if (req.tensor_filter.empty()) {
-    man.segments = m.segments;
     man.tensors = m.tensors;
+    for (std::uint32_t i = 0; i < m.segments.size(); ++i) shards.push_back(i);
   } else {
     std::vector<std::string> unknown;
     std::set<std::size_t> picked;
@@ -596,17 +816,47 @@ proto::ReplyBody Server::Impl::GrantLease(Session& s, ModelEntry& m, const proto
     std::map<std::uint32_t, std::uint32_t> remap;
     for (std::size_t i : picked) remap.emplace(m.tensors[i].segment, 0);
     for (auto& [old, neu] : remap) {
-      neu = static_cast<std::uint32_t>(man.segments.size());
-      man.segments.push_back(m.segments[old]);
+      neu = static_cast<std::uint32_t>(shards.size());
+      shards.push_back(old);
     }
     for (std::size_t i : picked) {
       man.tensors.push_back(m.tensors[i]);
       man.tensors.back().segment = remap[m.tensors[i].segment];
     }
   }
-  auto id = leases.AddLease(s, m.config.name, man.device);
+  std::shared_ptr<const gpu::GpuCopy> copy;
+  if (ordinal >= 0) copy = m.gpus.at(ordinal).copy;
+  for (std::uint32_t i : shards) {
+    proto::SegmentInfo seg = m.segments[i];
+    if (copy) {
+      // GPU leases import the device copy and never map the host segment.
+      seg.shm_name.clear();
+      seg.size = 0;
+      seg.gpu_alloc_size = copy->shards()[i].alloc_size;
+      if (copy->mode() == gpu::ExportMode::kLegacy) seg.ipc_handle = copy->shards()[i].ipc_handle;
+    }
+    man.segments.push_back(std::move(seg));
+  }
+  const std::string device = copy ? CudaName(ordinal) : "cpu";
+  auto id = leases.AddLease(s, m.config.name, device, copy);
   if (!id.ok()) return proto::ToErrorReply(id.status());
   man.lease_id = *id;
+  if (copy) {
+    man.device = copy->device_uuid();
+    man.gpu_export = static_cast<std::uint8_t>(copy->mode() == gpu::ExportMode::kVmm ? proto::GpuExport::kVmm
+                                                                                     : proto::GpuExport::kLegacy);
+    if (copy->mode() == gpu::ExportMode::kVmm) {
+      std::string token(kFdTokenBytes, '\0');
+      Status r = posix::RandomBytes(std::as_writable_bytes(std::span(token.data(), token.size())));
+      if (!r.ok()) {
+        (void)leases.Release(s, *id);
+        return proto::ToErrorReply(r);
+      }
+      man.fd_socket = config.fd_socket;
+      man.fd_token = token;
+      pending_fds[token] = PendingFds{s.id, *id, copy, std::move(shards), clock->Now() + kFdTokenTtl};
+    }
+  }
   m.last_used = clock->Now();
   return man;
 }
@@ -627,6 +877,17 @@ proto::ModelStatus Server::Impl::StatusOf(const ModelEntry& m) const {
   st.last_load_ms = m.last_load_ms;
   st.last_used_ms_ago = m.last_used == Clock::TimePoint{} ? 0 : ToMs(clock->Now() - m.last_used);
   if (!m.last_error.ok()) st.last_error = proto::ToErrorReply(m.last_error);
+  for (const auto& [ordinal, g] : m.gpus) {
+    proto::GpuCopyStatus gs;
+    gs.device = CudaName(ordinal);
+    gs.uuid = gpu->Devices().at(static_cast<std::size_t>(ordinal)).uuid;
+    gs.state = static_cast<std::uint8_t>(g.state);
+    gs.bytes = g.copy ? g.copy->allocated_bytes() : 0;
+    gs.leases = leases.LeasesOf(m.config.name, gs.device);
+    gs.copy_ms = g.copy_ms;
+    if (!g.last_error.ok()) gs.last_error = proto::ToErrorReply(g.last_error);
+    st.gpus.push_back(std::move(gs));
+  }
   return st;
 }
 
@@ -645,18 +906,51 @@ proto::DaemonStats Server::Impl::StatsNow() const {
     st.models.push_back(StatusOf(m));
     st.host_resident_bytes += st.models.back().resident_bytes;
   }
+  if (gpu_available()) {
+    const gpu::GpuTierStats gs = gpu->Stats();
+    for (const gpu::DeviceInfo& d : gpu->Devices()) {
+      proto::GpuDeviceStatus ds;
+      ds.device = CudaName(d.ordinal);
+      ds.uuid = d.uuid;
+      ds.name = d.name;
+      ds.total_bytes = d.total_bytes;
+      for (const gpu::GpuDeviceStats& x : gs.devices)
+        if (x.ordinal == d.ordinal) {
+          ds.resident_bytes = x.resident_bytes;
+          ds.copies = x.copies;
+        }
+      ds.leases = leases.LeasesOn(ds.device);
+      st.gpus.push_back(std::move(ds));
+    }
+  } else {
+    st.gpu_unavailable = gpu != nullptr ? gpu->unavailable_status().message() : "the GPU tier is disabled";
+  }
   return st;
 }
 
 void Server::Impl::Send(const std::string& rid, std::uint64_t request_id, proto::ReplyBody body) {
-  proto::Reply r{request_id, std::move(body)};
-  std::string frame = proto::EncodeReply(r);
+  const auto* manifest = std::get_if<proto::Manifest>(&body);
+  const std::uint64_t granted = manifest != nullptr ? manifest->lease_id : 0;
+  std::string frame = proto::EncodeReply(proto::Reply{request_id, std::move(body)});
+  const bool too_large = frame.size() > proto::kMaxReplyBytes;
+  if (too_large) {
+    Status error = ResourceExhausted("the reply would be " + std::to_string(frame.size()) + " bytes, more than the " +
+                                         std::to_string(proto::kMaxReplyBytes) + " a client accepts; use a tensor filter",
+                                     "protocol.reply_too_large");
+    frame = proto::EncodeReply(proto::Reply{request_id, proto::ToErrorReply(error)});
+  }
+  bool sent = false;
   try {
-    if (!router.send(zmq::buffer(rid), zmq::send_flags::sndmore | zmq::send_flags::dontwait)) return;
-    (void)router.send(zmq::buffer(frame), zmq::send_flags::dontwait);
+    if (router.send(zmq::buffer(rid), zmq::send_flags::sndmore | zmq::send_flags::dontwait))
+      sent = router.send(zmq::buffer(frame), zmq::send_flags::dontwait).has_value();
   } catch (const zmq::error_t& e) {
     // EHOSTUNREACH: the peer disconnected. Its session ends by pidfd or heartbeat.
     spdlog::debug("reply to a departed peer dropped: {}", e.what());
+  }
+  // A lease whose Manifest never left (or was replaced by an error) is nobody's: end it now
+  // rather than when the session ends.
+  if (granted != 0 && (!sent || too_large)) {
+    if (Session* s = leases.Find(rid)) (void)leases.Release(*s, granted);
   }
 }
 
@@ -669,12 +963,100 @@ void Server::Impl::HandleEpoll() {
       std::uint64_t v;
       (void)!::read(event_fd.get(), &v, sizeof v);
       HandleCompletions();
+      if (stop_requested.load()) stopping = true;
     } else if (tag == kTagSignal) {
       HandleSignal();
     } else if (tag == kTagPid) {
       EndSession(evs[i].data.u64 & ~kTagMask, "client process exited");
+    } else if (tag == kTagFdListen) {
+      AcceptFdClients();
+    } else if (tag == kTagFdConn) {
+      ServeFdClient(static_cast<int>(evs[i].data.u64 & ~kTagMask));
     }
   }
+}
+
+void Server::Impl::AcceptFdClients() {
+  for (;;) {
+    auto conn = fd_listener->Accept();
+    if (!conn.ok()) {
+      spdlog::warn("fd socket: {}", conn.status().ToString());
+      return;
+    }
+    if (!conn->has_value()) return;
+    fdchan::FdConnection c = std::move(**conn);
+    if (fd_clients.size() >= kMaxFdConnections) {
+      (void)c.SendReply(ResourceExhausted("too many pending fd requests; try again", "fdchan.busy"), {}, {}, kFdSendTimeout);
+      continue;
+    }
+    const int fd = c.fd();
+    epoll_event ev{};
+    ev.events = EPOLLIN;
+    ev.data.u64 = kTagFdConn | static_cast<std::uint64_t>(fd);
+    if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, fd, &ev) != 0) {
+      spdlog::warn("fd socket: epoll_ctl: {}", std::strerror(errno));
+      continue;
+    }
+    fd_clients.emplace(fd, FdClient{std::move(c), clock->Now() + kFdConnTimeout});
+  }
+}
+
+void Server::Impl::CloseFdClient(int fd) {
+  ::epoll_ctl(epoll_fd.get(), EPOLL_CTL_DEL, fd, nullptr);
+  fd_clients.erase(fd);
+}
+
+// One request per connection: a token, answered with the lease's fds or an error, then closed.
+void Server::Impl::ServeFdClient(int fd) {
+  auto it = fd_clients.find(fd);
+  if (it == fd_clients.end()) return;
+  fdchan::FdConnection& conn = it->second.conn;
+  auto token = conn.TryReadToken();
+  if (token.ok() && !token->has_value()) return;  // not all there yet
+  if (!token.ok()) {
+    if (token.status().reason() != "fdchan.peer_closed")
+      (void)conn.SendReply(token.status(), {}, {}, kFdSendTimeout);
+    CloseFdClient(fd);
+    return;
+  }
+  auto deny = [&](const std::string& why) {
+    spdlog::warn("fd socket: refused pid {} (uid {}): {}", conn.peer().pid, conn.peer().uid, why);
+    (void)conn.SendReply(PermissionDenied("fd request refused: " + why, "fdchan.denied"), {}, {}, kFdSendTimeout);
+    CloseFdClient(fd);
+  };
+  auto p = pending_fds.find(**token);
+  if (p == pending_fds.end()) return deny("unknown, expired or already used token");
+  PendingFds pending = std::move(p->second);
+  pending_fds.erase(p);  // one use, whatever happens next
+  Session* s = leases.FindById(pending.session_id);
+  if (s == nullptr || s->leases.count(pending.lease_id) == 0) return deny("the lease has ended");
+  // The token travelled over the session's ZeroMQ connection; the process presenting it must be
+  // the one that opened that session.
+  if (!s->peer.known || conn.peer().uid != s->peer.uid || conn.peer().pid != s->peer.pid)
+    return deny("credentials do not match the session (pid " + std::to_string(s->peer.pid) + ")");
+  std::shared_ptr<const gpu::GpuCopy> copy = pending.copy.lock();
+  if (copy == nullptr) return deny("the lease has ended");
+  auto fds = copy->ExportFds();
+  if (!fds.ok()) {
+    spdlog::error("exporting fds of lease {}: {}", pending.lease_id, fds.status().ToString());
+    (void)conn.SendReply(fds.status(), {}, {}, kFdSendTimeout);
+    CloseFdClient(fd);
+    return;
+  }
+  std::vector<int> raw;
+  raw.reserve(pending.shards.size());
+  for (std::uint32_t i : pending.shards) raw.push_back((*fds)[i].get());
+  Status sent = conn.SendReply(Status::Ok(), std::to_string(pending.lease_id), raw, kFdSendTimeout);
+  if (!sent.ok()) spdlog::warn("fd socket: sending fds of lease {}: {}", pending.lease_id, sent.ToString());
+  CloseFdClient(fd);  // our copies of the fds close with `fds`
+}
+
+void Server::Impl::ExpireFdState(Clock::TimePoint now) {
+  std::erase_if(pending_fds, [&](const auto& kv) { return kv.second.expires <= now; });
+  std::vector<int> stale;
+  for (const auto& [fd, c] : fd_clients)
+    if (c.expires <= now) stale.push_back(fd);
+  for (int fd : stale) CloseFdClient(fd);
 }
 
 void Server::Impl::HandleSignal() {
@@ -705,8 +1087,9 @@ void Server::Impl::EndSession(std::uint64_t session_id, const char* why) {
 }
 
 void Server::Impl::ExpireSessions() {
-  for (std::uint64_t id : leases.Expired(clock->Now(), config.heartbeat_timeout))
-    EndSession(id, "heartbeat timeout");
+  const auto now = clock->Now();
+  for (std::uint64_t id : leases.Expired(now, config.heartbeat_timeout)) EndSession(id, "heartbeat timeout");
+  ExpireFdState(now);
 }
 
 void Server::Impl::ReloadCatalog() {
@@ -738,12 +1121,17 @@ void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
     if (it == models.end()) return;
     ModelEntry& m = it->second;
     if (m.cancel) m.cancel->store(true);
-    // Clients that still map the old segments keep them; new requests get the new catalog.
+    const Status changed = Unavailable("model '" + name + "' " + why + " while loading", "catalog.changed");
+    auto answer = [&](std::vector<Waiter>& waiters) {
+      for (Waiter& w : waiters)
+        if (leases.FindById(w.session_id)) SendError(w.routing_id, w.request_id, changed);
+      waiters.clear();
+    };
+    answer(m.waiters);
+    for (auto& [ordinal, g] : m.gpus) answer(g.waiters);
+    // Clients that still map the old segments keep them; leased GPU copies stay pinned by their
+    // leases; new requests get the new catalog.
     DropResident(m);
-    for (Waiter& w : m.waiters)
-      if (leases.FindById(w.session_id))
-        SendError(w.routing_id, w.request_id, Unavailable("model '" + name + "' " + why + " while loading", "catalog.changed"));
-    m.waiters.clear();
   };
   for (const auto& name : diff.removed) {
     drop(name, "was removed from the catalog");
@@ -767,10 +1155,16 @@ void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
 }
 
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
+
+void Server::Stop() {
+  impl_->stop_requested.store(true);
+  std::uint64_t one = 1;
+  (void)!::write(impl_->event_fd.get(), &one, sizeof one);
+}
 Server::~Server() = default;
 
-Result<std::unique_ptr<Server>> Server::Create(DaemonConfig config, const Clock* clock) {
-  auto impl = std::make_unique<Impl>(std::move(config), clock);
+Result<std::unique_ptr<Server>> Server::Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu) {
+  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu);
   RETURN_IF_ERROR(impl->Init());
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }

@@ -1,10 +1,11 @@
-// server.h — the control loop: one ZeroMQ ROUTER socket, the lease table, the catalog, and
-// the host tier, wired together.
+// server.h — the control loop: one ZeroMQ ROUTER socket, the lease table, the catalog, the
+// host tier and the GPU tier (with its fd side channel), wired together.
 //
-// Threading: Run() is the only thread that touches the socket, the catalog, the lease table
-// and the model table. Loads run on loader threads and come back through a completion queue
-// (an eventfd the loop polls), so the loop never blocks on disk. Signals arrive through a
-// signalfd: SIGHUP reloads the catalog, SIGTERM/SIGINT stop the loop.
+// Threading: Run() is the only thread that touches the sockets, the catalog, the lease table
+// and the model table. Host loads and GPU materializations run on worker threads and come back
+// through a completion queue (an eventfd the loop polls), so the loop never blocks on the disk
+// or the GPU. Signals arrive through a signalfd: SIGHUP reloads the catalog, SIGTERM/SIGINT
+// stop the loop.
 //
 // The caller must block SIGHUP, SIGTERM and SIGINT in every thread (BlockSignals()) before
 // Create() starts any thread.
@@ -14,6 +15,7 @@
 
 #include "clock.h"
 #include "config.h"
+#include "gpu_tier.h"
 #include "weightd/status.h"
 
 namespace weightd {
@@ -23,12 +25,17 @@ void BlockSignals();
 
 class Server {
  public:
-  // Takes the instance locks, binds the socket and loads the catalog (no model is read yet).
-  static Result<std::unique_ptr<Server>> Create(DaemonConfig config, const Clock* clock);
+  // Takes the instance locks, binds the sockets and loads the catalog (no model is read yet).
+  // `gpu` (borrowed; it must outlive the Server) serves cuda:N requests; null or a tier
+  // without devices makes the daemon host-only.
+  static Result<std::unique_ptr<Server>> Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu);
   ~Server();
 
-  // Serves until SIGTERM/SIGINT. Returns the reason the loop stopped if it was an error.
+  // Serves until SIGTERM/SIGINT or Stop(). Returns the reason the loop stopped if it was an
+  // error.
   Status Run();
+  // Asks Run() to return; callable from any thread (tests run the server on a thread).
+  void Stop();
 
   struct Impl;
 

@@ -18,9 +18,14 @@
 #include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cctype>
+#include <charconv>
+#include <cstring>
+#include <map>
 #include <condition_variable>
 #include <cstdlib>
 #include <limits>
@@ -33,6 +38,9 @@
 
 #include <zmq.hpp>
 
+#include "cuda_api.h"
+#include "fd_channel.h"
+#include "gpu_import.h"
 #include "posix.h"
 #include "protocol.h"
 
@@ -42,7 +50,8 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using std::chrono::milliseconds;
 
-constexpr std::int64_t kMaxMessageBytes = std::int64_t{64} << 20;
+// How long a GPU Acquire waits for its fds on the side channel.
+constexpr milliseconds kFdFetchTimeout{10'000};
 // How long a Lease's destructor waits for the daemon to confirm a Release.
 constexpr milliseconds kReleaseTimeout{2000};
 // How long the heartbeat thread backs off when another call holds the socket.
@@ -175,6 +184,59 @@ class SocketMutex {
   bool held_ = false;
 };
 
+bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
+  return a.size() == b.size() && std::equal(a.begin(), a.end(), b.begin(), [](char x, char y) {
+           return std::tolower(static_cast<unsigned char>(x)) == std::tolower(static_cast<unsigned char>(y));
+         });
+}
+
+// The GPU half of a manifest's rules: device memory instead of shm names, and the export
+// mode's own fields. `uuid` is the GPU this process asked for.
+Status ValidateGpuManifest(const proto::Manifest& m, std::string_view uuid) {
+  if (!EqualsIgnoreCase(m.device, uuid))
+    return BadManifest(m.model, "asked for GPU " + std::string(uuid) + ", got memory on '" + m.device + "'");
+  const bool vmm = m.gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
+  if (!vmm && m.gpu_export != static_cast<std::uint8_t>(proto::GpuExport::kLegacy))
+    return BadManifest(m.model, "unknown GPU export mode " + std::to_string(m.gpu_export));
+  for (std::size_t i = 0; i < m.segments.size(); ++i) {
+    const auto& s = m.segments[i];
+    const std::string who = "GPU shard " + std::to_string(i);
+    if (s.size != 0 || !s.shm_name.empty()) return BadManifest(m.model, who + " names a host segment");
+    if (s.gpu_alloc_size == 0 || s.gpu_alloc_size < s.data_size)
+      return BadManifest(m.model, who + " allocation of " + std::to_string(s.gpu_alloc_size) + " bytes holds no " +
+                                      std::to_string(s.data_size) + " data bytes");
+    if (!vmm && s.ipc_handle.size() != gpu::kIpcHandleSize)
+      return BadManifest(m.model, who + " has a CUDA IPC handle of " + std::to_string(s.ipc_handle.size()) + " bytes");
+  }
+  if (vmm && (m.fd_token.empty() || m.fd_token.size() > fdchan::kMaxTokenBytes || m.fd_socket.empty() ||
+              m.fd_socket[0] != '/' || m.fd_socket.size() > 107))
+    return BadManifest(m.model, "no usable fd socket and token for the VMM export");
+  return Status::Ok();
+}
+
+// "cuda", "cuda:N" -> N. Anything else: nullopt.
+std::optional<int> ParseCudaOrdinal(std::string_view device) {
+  if (device == "cuda") return 0;
+  if (!device.starts_with("cuda:") || device.size() > 9) return std::nullopt;
+  int n = 0;
+  auto digits = device.substr(5);
+  auto [p, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), n);
+  if (digits.empty() || ec != std::errc() || p != digits.data() + digits.size() || n < 0) return std::nullopt;
+  return n;
+}
+
+GpuCopyInfo ToGpuCopyInfo(const proto::GpuCopyStatus& g) {
+  GpuCopyInfo out;
+  out.device = g.device;
+  out.uuid = g.uuid;
+  out.state = std::string(proto::ModelStateName(static_cast<proto::ModelState>(g.state)));
+  out.bytes = g.bytes;
+  out.leases = g.leases;
+  out.copy_ms = g.copy_ms;
+  if (g.last_error.code != 0) out.last_error = proto::FromErrorReply(g.last_error);
+  return out;
+}
+
 ModelInfo ToModelInfo(const proto::ModelStatus& s) {
   ModelInfo m;
   m.name = s.name;
@@ -189,8 +251,16 @@ ModelInfo ToModelInfo(const proto::ModelStatus& s) {
   m.last_load_ms = s.last_load_ms;
   m.idle_ms = s.last_used_ms_ago;
   if (s.last_error.code != 0) m.last_error = proto::FromErrorReply(s.last_error);
+  for (const auto& g : s.gpus) m.gpus.push_back(ToGpuCopyInfo(g));
   return m;
 }
+
+// One device's context creation, shared by the Client's calls (ContextWarmup itself has one
+// owner thread).
+struct Warmup {
+  std::mutex mu;
+  gpu::ContextWarmup w;  // guarded by mu
+};
 
 }  // namespace
 
@@ -202,14 +272,44 @@ struct Client::Impl {
   ClientOptions options;
   proto::HelloReply hello;
 
+  const pid_t pid = ::getpid();  // leases created here are released only from this process
+
   Impl(std::string ep, ClientOptions opts) : endpoint(std::move(ep)), options(std::move(opts)) {}
-  ~Impl() { StopHeartbeats(); }
+  ~Impl() {
+    StopHeartbeats();
+    // Context creation must finish before the CUDA interface goes.
+    std::lock_guard g(cuda_mu_);
+    warmups_.clear();
+  }
+
+  // The CUDA driver, loaded on first use; Unavailable "gpu.no_device" where there is none.
+  Result<std::shared_ptr<gpu::CudaApi>> Cuda() {
+    std::lock_guard g(cuda_mu_);
+    if (!cuda_ && cuda_error_.ok()) {
+      auto api = gpu::LoadCudaApi();
+      if (api.ok()) cuda_ = std::shared_ptr<gpu::CudaApi>(std::move(api).value());
+      else cuda_error_ = api.status();
+    }
+    if (!cuda_) return cuda_error_;
+    return cuda_;
+  }
+
+  // The context warm-up of `ordinal`, started on first use.
+  std::shared_ptr<Warmup> WarmupOf(gpu::CudaApi* api, int ordinal) {
+    std::lock_guard g(cuda_mu_);
+    auto& w = warmups_[ordinal];
+    if (!w) {
+      w = std::make_shared<Warmup>();
+      w->w = gpu::ContextWarmup::Start(api, ordinal);
+    }
+    return w;
+  }
 
   weightd::Status Open() {
     try {
       socket = zmq::socket_t(context, zmq::socket_type::dealer);
       socket.set(zmq::sockopt::linger, 0);
-      socket.set(zmq::sockopt::maxmsgsize, kMaxMessageBytes);
+      socket.set(zmq::sockopt::maxmsgsize, static_cast<std::int64_t>(proto::kMaxReplyBytes));
       socket.connect(endpoint);
     } catch (const zmq::error_t& e) {
       return InvalidArgument("cannot connect to '" + endpoint + "': " + e.what(), "client.bad_endpoint");
@@ -233,6 +333,9 @@ struct Client::Impl {
 
   // Called by a Lease's destructor: never throws, never blocks behind a long call.
   void ReleaseLease(std::uint64_t lease_id) noexcept {
+    // A forked child (a DataLoader worker, say) inherits the lease's tensors but not the lease:
+    // only the process that acquired it may talk to the daemon about it.
+    if (::getpid() != pid) return;
     try {
       auto r = TryCall(proto::Release{lease_id}, kReleaseTimeout, kReleaseTimeout);
       if (!r.has_value()) {
@@ -383,17 +486,26 @@ struct Client::Impl {
   std::condition_variable hb_cv_;
   std::atomic<bool> stopping_{false};  // written under hb_mu_, read anywhere
   std::thread heartbeat_thread_;
+
+  std::mutex cuda_mu_;
+  std::shared_ptr<gpu::CudaApi> cuda_;                  // guarded by cuda_mu_
+  weightd::Status cuda_error_;                          // guarded by cuda_mu_
+  std::map<int, std::shared_ptr<Warmup>> warmups_;      // guarded by cuda_mu_
 };
 
 // ---- Lease ----------------------------------------------------------------------------------
 
 struct Lease::Impl {
   std::shared_ptr<Client::Impl> client;  // keeps the connection alive for Release
+  std::shared_ptr<gpu::CudaApi> cuda;    // GPU leases; outlives `imports`
   std::uint64_t lease_id = 0;
   std::string model;
   std::string device;
+  int cuda_device = -1;
+  std::string gpu_uuid;
   std::string model_dir;
   std::vector<posix::Mapping> mappings;  // one per segment; empty for size-0 segments
+  std::vector<gpu::GpuImport> imports;   // GPU leases: one per segment
   std::vector<Tensor> tensors;
   std::vector<ShardInfo> shards;
   std::unordered_map<std::string_view, std::size_t> by_name;  // views into tensors[i].name
@@ -405,8 +517,12 @@ struct Lease::Impl {
   Impl& operator=(const Impl&) = delete;
 
   ~Impl() {
-    // Unmap first, so that when the daemon counts the lease as gone no mapping remains.
+    // Unmap first, so that when the daemon counts the lease as gone no mapping remains. A forked
+    // child must not touch its parent's CUDA state.
     mappings.clear();
+    if (client != nullptr && ::getpid() != client->pid)
+      for (auto& im : imports) im.Abandon();
+    imports.clear();
     if (client != nullptr && lease_id != 0) client->ReleaseLease(lease_id);
   }
 };
@@ -418,6 +534,8 @@ const std::vector<ShardInfo> kNoShards;
 }  // namespace
 
 std::uint64_t Lease::id() const { return impl_ ? impl_->lease_id : 0; }
+int Lease::cuda_device() const { return impl_ ? impl_->cuda_device : -1; }
+const std::string& Lease::gpu_uuid() const { return impl_ ? impl_->gpu_uuid : kEmptyString; }
 const std::string& Lease::model() const { return impl_ ? impl_->model : kEmptyString; }
 const std::string& Lease::device() const { return impl_ ? impl_->device : kEmptyString; }
 const std::string& Lease::model_dir() const { return impl_ ? impl_->model_dir : kEmptyString; }
@@ -427,6 +545,25 @@ std::size_t Lease::total_bytes() const { return impl_ ? impl_->total_bytes : 0; 
 std::chrono::microseconds Lease::attach_time() const {
   return impl_ ? impl_->attach_time : std::chrono::microseconds(0);
 }
+Status Lease::copy_to_host(const Tensor& t, std::uint64_t offset, std::uint64_t size, void* dst) const {
+  if (!impl_) return FailedPrecondition("empty lease", "client.empty_lease");
+  const Tensor* own = find(t.name);
+  if (own == nullptr || own->data != t.data || own->nbytes != t.nbytes)
+    return InvalidArgument("tensor '" + t.name + "' is not a tensor of this lease", "client.bad_tensor");
+  if (offset > t.nbytes || size > t.nbytes - offset)
+    return InvalidArgument("bytes [" + std::to_string(offset) + ", +" + std::to_string(size) + ") lie outside tensor '" +
+                               t.name + "' of " + std::to_string(t.nbytes) + " bytes",
+                           "client.bad_range");
+  if (size == 0) return Status::Ok();
+  if (impl_->cuda_device < 0) {
+    std::memcpy(dst, t.data + offset, size);
+    return Status::Ok();
+  }
+  RETURN_IF_ERROR(impl_->cuda->SetDevice(impl_->cuda_device));
+  return impl_->cuda->CopyDeviceToHost(dst, reinterpret_cast<gpu::DevicePtr>(t.data) + offset, size)
+      .WithContext("copying tensor '" + t.name + "' to the host");
+}
+
 const Tensor* Lease::find(std::string_view name) const {
   if (!impl_) return nullptr;
   auto it = impl_->by_name.find(name);
@@ -452,6 +589,10 @@ Result<Client> Client::Connect(ClientOptions options) {
   }
   auto impl = std::make_shared<Impl>(endpoint, options);
   RETURN_IF_ERROR(impl->Open());
+  if (options.prepare_cuda_device >= 0) {
+    // Overlap the context's creation with the handshake; errors surface at Acquire.
+    if (auto api = impl->Cuda(); api.ok()) (void)impl->WarmupOf(api->get(), options.prepare_cuda_device);
+  }
   auto reply = impl->Call(proto::Hello{options.client_name}, options.connect_timeout);
   if (!reply.ok()) {
     if (reply.status().code() == Code::kDeadlineExceeded)
@@ -466,32 +607,14 @@ Result<Client> Client::Connect(ClientOptions options) {
   return Client(std::move(impl));
 }
 
-Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& options) {
-  if (!impl_) return MovedFrom();
-  const auto start = Clock::now();
-  proto::Acquire req{std::string(model), options.device, options.tensor_filter};
-  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
-  auto* manifest = std::get_if<proto::Manifest>(&body);
-  if (manifest == nullptr) return UnexpectedReply(req, body);
-  proto::Manifest& m = *manifest;
+namespace {
 
-  // From here on the lease exists on the daemon; any early return destroys `lease`, whose
-  // destructor sends the Release.
-  auto lease = std::make_shared<Lease::Impl>();
-  lease->client = impl_;
-  lease->lease_id = m.lease_id;
-  lease->model = m.model;
-  lease->device = m.device;
-  lease->model_dir = m.model_dir;
-  RETURN_IF_ERROR(ValidateManifest(m));
-
-  lease->mappings.reserve(m.segments.size());
-  lease->shards.reserve(m.segments.size());
-  for (std::size_t i = 0; i < m.segments.size(); ++i) {
-    const auto& seg = m.segments[i];
-    lease->shards.push_back(ShardInfo{seg.file, seg.file_data_offset, seg.data_size});
+// Maps the host segments of a validated manifest.
+Status MapHostSegments(const proto::Manifest& m, Lease::Impl& lease) {
+  lease.mappings.reserve(m.segments.size());
+  for (const auto& seg : m.segments) {
     if (seg.size == 0) {
-      lease->mappings.emplace_back();
+      lease.mappings.emplace_back();
       continue;
     }
     const std::string ctx = "mapping model '" + m.model + "' shard " + seg.file;
@@ -503,9 +626,103 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
                       "client.segment_truncated");
     auto mapping = posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ, MAP_SHARED, seg.shm_name);
     if (!mapping.ok()) return mapping.status().WithContext(ctx);
-    lease->mappings.push_back(std::move(mapping).value());
+    lease.mappings.push_back(std::move(mapping).value());
+  }
+  return Status::Ok();
+}
+
+// Fetches the fds of a VMM lease (or takes the legacy handles) and imports every shard on
+// `ordinal`, once the context warm-up is done.
+Status ImportGpuSegments(const proto::Manifest& m, gpu::CudaApi* api, int ordinal, Warmup& warm,
+                         Lease::Impl& lease) {
+  const bool vmm = m.gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
+  std::vector<posix::Fd> fds;
+  if (vmm) {
+    ASSIGN_OR_RETURN(fdchan::FdReply reply, fdchan::FetchFds(m.fd_socket, m.fd_token, kFdFetchTimeout, m.segments.size()));
+    if (reply.payload != std::to_string(m.lease_id) || reply.fds.size() != m.segments.size())
+      return BadManifest(m.model, "the fd socket answered for lease '" + reply.payload.substr(0, 32) + "' with " +
+                                      std::to_string(reply.fds.size()) + " fds, expected lease " +
+                                      std::to_string(m.lease_id) + " with " + std::to_string(m.segments.size()));
+    fds = std::move(reply.fds);
+  }
+  {
+    std::lock_guard g(warm.mu);
+    RETURN_IF_ERROR(warm.w.Wait().status());
+  }
+  lease.imports.reserve(m.segments.size());
+  for (std::size_t i = 0; i < m.segments.size(); ++i) {
+    const auto& seg = m.segments[i];
+    auto im = vmm ? gpu::GpuImport::ImportVmm(api, ordinal, fds[i].get(), seg.gpu_alloc_size)
+                  : gpu::GpuImport::ImportLegacy(api, ordinal, seg.ipc_handle, seg.data_size);
+    if (!im.ok()) return im.status().WithContext("model '" + m.model + "' shard " + seg.file);
+    lease.imports.push_back(std::move(im).value());
+  }
+  return Status::Ok();
+}
+
+}  // namespace
+
+Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& options) {
+  if (!impl_) return MovedFrom();
+  const auto start = Clock::now();
+  proto::Acquire req{std::string(model), options.device, options.tensor_filter};
+
+  // GPU: find the device, start its context, and ask the daemon by UUID (ordinals differ
+  // between processes).
+  std::shared_ptr<gpu::CudaApi> api;
+  std::shared_ptr<Warmup> warm;
+  int ordinal = -1;
+  std::string uuid;
+  if (options.device != "cpu") {
+    auto cuda_ordinal = ParseCudaOrdinal(options.device);
+    const bool by_uuid = options.device.size() > 4 && EqualsIgnoreCase(options.device.substr(0, 4), "gpu-");
+    if (!cuda_ordinal && !by_uuid)
+      return InvalidArgument("unknown device '" + options.device + "' (use cpu, cuda:N or GPU-<uuid>)",
+                             "client.bad_device");
+    ASSIGN_OR_RETURN(api, impl_->Cuda());
+    if (cuda_ordinal) {
+      ordinal = *cuda_ordinal;
+    } else {
+      ASSIGN_OR_RETURN(ordinal, gpu::FindLocalOrdinal(api.get(), options.device));
+    }
+    warm = impl_->WarmupOf(api.get(), ordinal);
+    {
+      std::lock_guard g(warm->mu);
+      const Result<gpu::DeviceInfo>& info = warm->w.Device();
+      if (!info.ok()) return info.status().WithContext("device " + options.device);
+      uuid = info->uuid;
+    }
+    req.device = uuid;
   }
 
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
+  auto* manifest = std::get_if<proto::Manifest>(&body);
+  if (manifest == nullptr) return UnexpectedReply(req, body);
+  proto::Manifest& m = *manifest;
+
+  // From here on the lease exists on the daemon; any early return destroys `lease`, whose
+  // destructor sends the Release.
+  auto lease = std::make_shared<Lease::Impl>();
+  lease->client = impl_;
+  lease->lease_id = m.lease_id;
+  lease->model = m.model;
+  lease->model_dir = m.model_dir;
+  RETURN_IF_ERROR(ValidateManifest(m));
+  if (ordinal < 0) {
+    if (m.device != "cpu") return BadManifest(m.model, "asked for host memory, got memory on '" + m.device + "'");
+    lease->device = "cpu";
+    RETURN_IF_ERROR(MapHostSegments(m, *lease));
+  } else {
+    RETURN_IF_ERROR(ValidateGpuManifest(m, uuid));
+    lease->cuda = api;
+    lease->cuda_device = ordinal;
+    lease->device = "cuda:" + std::to_string(ordinal);
+    lease->gpu_uuid = uuid;
+    RETURN_IF_ERROR(ImportGpuSegments(m, api.get(), ordinal, *warm, *lease));
+  }
+
+  lease->shards.reserve(m.segments.size());
+  for (const auto& seg : m.segments) lease->shards.push_back(ShardInfo{seg.file, seg.file_data_offset, seg.data_size});
   lease->tensors.reserve(m.tensors.size());
   lease->by_name.reserve(m.tensors.size());
   for (auto& rec : m.tensors) {
@@ -513,8 +730,10 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
     t.name = std::move(rec.name);
     t.dtype = static_cast<DType>(rec.dtype);
     t.shape = std::move(rec.shape);
-    const auto& mapping = lease->mappings[rec.segment];
-    t.data = mapping.data() != nullptr ? mapping.data() + rec.offset : nullptr;
+    const std::byte* base = nullptr;
+    if (ordinal < 0) base = lease->mappings[rec.segment].data();
+    else base = reinterpret_cast<const std::byte*>(lease->imports[rec.segment].ptr());
+    t.data = base != nullptr ? base + rec.offset : nullptr;
     t.nbytes = static_cast<std::size_t>(rec.nbytes);
     t.shard = rec.segment;
     t.offset = rec.offset;
@@ -581,6 +800,9 @@ Result<DaemonStats> Client::Stats() {
   d.malformed_requests = s->malformed_requests;
   d.models.reserve(s->models.size());
   for (const auto& m : s->models) d.models.push_back(ToModelInfo(m));
+  for (const auto& g : s->gpus)
+    d.gpus.push_back(GpuInfo{g.device, g.uuid, g.name, g.total_bytes, g.resident_bytes, g.copies, g.leases});
+  d.gpu_unavailable = s->gpu_unavailable;
   return d;
 }
 

@@ -39,6 +39,10 @@ class GpuImport {
   // legacy path cannot enforce read-only.
   static Result<GpuImport> ImportLegacy(CudaApi* api, int ordinal, std::string_view handle, std::uint64_t size);
 
+  // Forgets the import without calling CUDA: for a forked child, where the parent's CUDA state
+  // must not be touched (the kernel drops the child's copy of the mapping at exit).
+  void Abandon() { kind_ = Kind::kNone; ptr_ = 0; handle_ = 0; size_ = 0; }
+
   bool valid() const { return ptr_ != 0; }
   DevicePtr ptr() const { return ptr_; }
   std::uint64_t size() const { return size_; }

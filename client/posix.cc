@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/random.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -112,6 +113,19 @@ std::uint64_t CurrentRssBytes() {
   int n = std::fscanf(f, "%llu %llu", &total, &resident);
   std::fclose(f);
   return n == 2 ? resident * PageSize() : 0;
+}
+
+Status RandomBytes(std::span<std::byte> out) {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    ssize_t n = ::getrandom(out.data() + done, out.size() - done, 0);
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("getrandom(" + std::to_string(out.size()) + " bytes)");
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  return Status::Ok();
 }
 
 }  // namespace weightd::posix

@@ -94,6 +94,9 @@ Result<Mapping> Map(int fd, std::size_t size, int prot, int flags, std::string_v
 std::size_t PageSize();
 inline std::uint64_t RoundUp(std::uint64_t v, std::uint64_t align) { return (v + align - 1) / align * align; }
 
+// Fills `out` from the kernel's CSPRNG (getrandom).
+Status RandomBytes(std::span<std::byte> out);
+
 // Resident set size of this process in bytes, from /proc/self/statm (0 if unreadable).
 std::uint64_t CurrentRssBytes();
 

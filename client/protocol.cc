@@ -17,9 +17,9 @@ namespace weightd::proto {
 namespace {
 
 // A cereal input archive over one received frame that refuses every size tag larger than the
-// bytes still unread. Every element of every container in the protocol takes at least one byte
-// on the wire, so a hostile length can never make the decoder allocate more than a small
-// multiple of the frame size (ZMQ_MAXMSGSIZE bounds the frame).
+// bytes still unread, and decodes vectors without trusting their counts (below). A hostile
+// length can therefore never make the decoder allocate more than a small multiple of the frame
+// size (ZMQ_MAXMSGSIZE bounds the frame).
 class BoundedInputArchive
     : public cereal::InputArchive<BoundedInputArchive, cereal::AllowEmptyClassElision> {
  public:
@@ -58,6 +58,28 @@ void CEREAL_LOAD_FUNCTION_NAME(BoundedInputArchive& ar, cereal::BinaryData<T>& t
   ar.loadBinary(t.data, static_cast<std::size_t>(t.size));
 }
 
+// Vectors. cereal's own loader resizes to the claimed count before reading an element, which
+// would let a short message make the decoder allocate count * sizeof(T) (200+ bytes per
+// element for ModelStatus). Here arithmetic elements must all be present in the frame before
+// anything is allocated, and other elements are appended one at a time as they decode, so
+// memory grows only with bytes actually consumed (every element takes at least one byte).
+template <class T, class Alloc>
+void CEREAL_LOAD_FUNCTION_NAME(BoundedInputArchive& ar, std::vector<T, Alloc>& v) {
+  cereal::size_type n = 0;
+  ar(cereal::make_size_tag(n));
+  v.clear();
+  if constexpr (std::is_arithmetic_v<T>) {
+    if (n > ar.left() / sizeof(T)) throw cereal::Exception("vector length exceeds the bytes left in the message");
+    v.resize(static_cast<std::size_t>(n));
+    ar.loadBinary(v.data(), static_cast<std::size_t>(n) * sizeof(T));
+  } else {
+    for (cereal::size_type i = 0; i < n; ++i) {
+      v.emplace_back();
+      ar(v.back());
+    }
+  }
+}
+
 }  // namespace
 }  // namespace weightd::proto
 
@@ -83,22 +105,28 @@ template <class A> void serialize(A& ar, HelloReply& m) {
      m.peer_uid, m.peer_pid);
 }
 template <class A> void serialize(A& ar, SegmentInfo& m) {
-  ar(m.shm_name, m.size, m.data_size, m.file, m.file_data_offset);
+  ar(m.shm_name, m.size, m.data_size, m.file, m.file_data_offset, m.gpu_alloc_size, m.ipc_handle);
 }
 template <class A> void serialize(A& ar, TensorRecord& m) {
   ar(m.name, m.dtype, m.shape, m.segment, m.offset, m.nbytes);
 }
 template <class A> void serialize(A& ar, Manifest& m) {
-  ar(m.lease_id, m.model, m.device, m.model_dir, m.segments, m.tensors);
+  ar(m.lease_id, m.model, m.device, m.model_dir, m.segments, m.tensors, m.gpu_export, m.fd_socket, m.fd_token);
+}
+template <class A> void serialize(A& ar, GpuCopyStatus& m) {
+  ar(m.device, m.uuid, m.state, m.bytes, m.leases, m.copy_ms, m.last_error);
+}
+template <class A> void serialize(A& ar, GpuDeviceStatus& m) {
+  ar(m.device, m.uuid, m.name, m.total_bytes, m.resident_bytes, m.copies, m.leases);
 }
 template <class A> void serialize(A& ar, ModelStatus& m) {
   ar(m.name, m.dir, m.state, m.shards, m.tensors, m.bytes, m.resident_bytes, m.leases, m.loads,
-     m.last_load_ms, m.last_used_ms_ago, m.last_error);
+     m.last_load_ms, m.last_used_ms_ago, m.last_error, m.gpus);
 }
 template <class A> void serialize(A& ar, ModelList& m) { ar(m.models); }
 template <class A> void serialize(A& ar, DaemonStats& m) {
   ar(m.daemon_version, m.uptime_ms, m.sessions, m.leases, m.host_resident_bytes, m.bytes_read_from_disk,
-     m.loads_ok, m.loads_failed, m.requests, m.malformed_requests, m.models);
+     m.loads_ok, m.loads_failed, m.requests, m.malformed_requests, m.models, m.gpus, m.gpu_unavailable);
 }
 template <class A> void serialize(A& ar, Reply& m) { ar(m.id, m.body); }
 

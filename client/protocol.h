@@ -5,12 +5,14 @@
 //   bytes 0..3  magic "WTD\0"
 //   bytes 4..5  protocol major, little-endian
 //   bytes 6..7  protocol minor, little-endian
-//   bytes 8..   a cereal portable-binary archive of a Request or a Reply
+//   bytes 8..   a cereal binary archive (cereal::BinaryOutputArchive: little-endian, u64 size
+//               tags, i32 variant index) of a Request or a Reply
 // The frame header is decoded before cereal, so a peer of another major version is told so
 // in a reply it can still read (ErrorReply is variant index 0 forever).
 //
 // Decoding never trusts a length: the archive refuses any size tag larger than the bytes left
-// in the frame, so a hostile message cannot make the decoder allocate more than its own size.
+// in the frame and grows containers only as their elements decode, so a hostile message cannot
+// make the decoder allocate more than a small multiple of its own size.
 // All functions here are pure and thread-safe.
 #pragma once
 
@@ -28,6 +30,8 @@ namespace weightd::proto {
 inline constexpr std::uint16_t kVersionMajor = 1;
 inline constexpr std::uint16_t kVersionMinor = 0;
 inline constexpr std::size_t kFrameHeaderSize = 8;
+// The largest reply a client accepts (its ZMQ_MAXMSGSIZE); the daemon never sends more.
+inline constexpr std::size_t kMaxReplyBytes = std::size_t{64} << 20;
 
 // ---- requests -------------------------------------------------------------------------------
 
@@ -90,13 +94,19 @@ struct HelloReply {
   std::uint32_t peer_pid = 0;
 };
 
+// One shard. Host leases map `shm_name`; GPU leases import the shard's device allocation
+// instead and leave `shm_name` empty and `size` 0.
 struct SegmentInfo {
   std::string shm_name;     // POSIX shm name, "/..." ; open O_RDONLY and mmap PROT_READ
   std::uint64_t size = 0;   // bytes to map (page-rounded data size)
   std::uint64_t data_size = 0;  // bytes of tensor data at the start of the segment
   std::string file;         // shard file name inside the model directory
   std::uint64_t file_data_offset = 0;  // where the data section starts in that file (8 + header)
+  std::uint64_t gpu_alloc_size = 0;    // GPU leases: bytes of the device allocation (>= data_size)
+  std::string ipc_handle;              // GPU leases, legacy export: the 64-byte cudaIpcMemHandle_t
 };
+
+enum class GpuExport : std::uint8_t { kVmm = 0, kLegacy = 1 };
 
 struct TensorRecord {
   std::string name;
@@ -110,14 +120,29 @@ struct TensorRecord {
 struct Manifest {
   std::uint64_t lease_id = 0;
   std::string model;
-  std::string device;
+  std::string device;     // "cpu", or the UUID ("GPU-...") of the GPU that holds the copy
   std::string model_dir;  // for --verify against the files; clients never need to read it
   std::vector<SegmentInfo> segments;
   std::vector<TensorRecord> tensors;
+  // GPU leases only.
+  std::uint8_t gpu_export = 0;  // GpuExport
+  std::string fd_socket;        // VMM: path of the fd side channel (client/fd_channel.h)
+  std::string fd_token;         // VMM: one-time token that fetches this lease's fds there
 };
 
 enum class ModelState : std::uint8_t { kAbsent = 0, kLoading = 1, kResident = 2, kFailed = 3 };
 std::string_view ModelStateName(ModelState s);
+
+// A model's copy on one GPU.
+struct GpuCopyStatus {
+  std::string device;                // "cuda:N" in the daemon's numbering
+  std::string uuid;
+  std::uint8_t state = 0;            // ModelState
+  std::uint64_t bytes = 0;           // device memory allocated for the copy
+  std::uint32_t leases = 0;          // live leases (imports) of this copy
+  std::uint64_t copy_ms = 0;         // host-to-device time of the last materialization
+  ErrorReply last_error;             // code 0 unless the last materialization failed
+};
 
 struct ModelStatus {
   std::string name;
@@ -132,10 +157,21 @@ struct ModelStatus {
   std::uint64_t last_load_ms = 0;
   std::uint64_t last_used_ms_ago = 0;
   ErrorReply last_error;             // code 0 when the last load succeeded
+  std::vector<GpuCopyStatus> gpus;   // one per GPU the model is (being) copied to
 };
 
 struct ModelList {
   std::vector<ModelStatus> models;
+};
+
+struct GpuDeviceStatus {
+  std::string device;  // "cuda:N"
+  std::string uuid;
+  std::string name;
+  std::uint64_t total_bytes = 0;
+  std::uint64_t resident_bytes = 0;  // device memory held by model copies
+  std::uint32_t copies = 0;
+  std::uint32_t leases = 0;          // live GPU leases on this device
 };
 
 struct DaemonStats {
@@ -150,6 +186,8 @@ struct DaemonStats {
   std::uint64_t requests = 0;
   std::uint64_t malformed_requests = 0;
   std::vector<ModelStatus> models;
+  std::vector<GpuDeviceStatus> gpus;  // empty when the daemon runs host-only
+  std::string gpu_unavailable;        // why, when it does
 };
 
 using ReplyBody =

@@ -14,11 +14,13 @@
 #include <cstring>
 #include <iostream>
 #include <map>
+#include <memory>
 #include <string>
 #include <vector>
 
 #include <CLI/CLI.hpp>
 #include <nlohmann/json.hpp>
+#include <xxhash.h>
 
 #include "posix.h"
 #include "weightd/client.h"
@@ -91,28 +93,44 @@ json StatusJson(const Status& s) {
 }
 
 json ModelJson(const weightd::ModelInfo& m) {
+  json gpus = json::array();
+  for (const auto& g : m.gpus)
+    gpus.push_back({{"device", g.device}, {"uuid", g.uuid}, {"state", g.state}, {"bytes", g.bytes},
+                    {"leases", g.leases}, {"copy_ms", g.copy_ms}, {"last_error", StatusJson(g.last_error)}});
   return {{"name", m.name},         {"dir", m.dir},
           {"state", m.state},       {"shards", m.shards},
           {"tensors", m.tensors},   {"bytes", m.bytes},
           {"resident_bytes", m.resident_bytes},
           {"leases", m.leases},     {"loads", m.loads},
           {"last_load_ms", m.last_load_ms},
-          {"idle_ms", m.idle_ms},   {"last_error", StatusJson(m.last_error)}};
+          {"idle_ms", m.idle_ms},   {"last_error", StatusJson(m.last_error)},
+          {"gpus", gpus}};
+}
+
+// "cuda:0 resident 2 leases, cuda:1 loading" or "-".
+std::string GpuSummary(const weightd::ModelInfo& m) {
+  std::string out;
+  for (const auto& g : m.gpus) {
+    if (!out.empty()) out += ", ";
+    out += g.device + " " + g.state;
+    if (g.leases > 0) out += " " + std::to_string(g.leases) + (g.leases == 1 ? " lease" : " leases");
+  }
+  return out.empty() ? "-" : out;
 }
 
 void PrintModels(const std::vector<weightd::ModelInfo>& models) {
   std::vector<std::vector<std::string>> rows = {
-      {"NAME", "STATE", "SHARDS", "TENSORS", "SIZE", "RESIDENT", "LEASES", "LOADS", "IDLE", "LAST ERROR"}};
+      {"NAME", "STATE", "SHARDS", "TENSORS", "SIZE", "RESIDENT", "LEASES", "LOADS", "IDLE", "GPU", "LAST ERROR"}};
   for (const auto& m : models) {
     rows.push_back({m.name, m.state, std::to_string(m.shards), std::to_string(m.tensors), HumanBytes(m.bytes),
                     HumanBytes(m.resident_bytes), std::to_string(m.leases), std::to_string(m.loads),
-                    Idle(m), m.last_error.ok() ? "-" : m.last_error.ToString()});
+                    Idle(m), GpuSummary(m), m.last_error.ok() ? "-" : m.last_error.ToString()});
   }
   PrintTable(rows);
 }
 
 void PrintModel(const weightd::ModelInfo& m) {
-  PrintTable({
+  std::vector<std::vector<std::string>> rows = {
       {"name:", m.name},
       {"dir:", m.dir},
       {"state:", m.state},
@@ -125,7 +143,14 @@ void PrintModel(const weightd::ModelInfo& m) {
       {"last load:", m.loads == 0 ? "-" : HumanDuration(m.last_load_ms)},
       {"idle:", Idle(m)},
       {"last error:", m.last_error.ok() ? "-" : m.last_error.ToString()},
-  });
+  };
+  for (const auto& g : m.gpus) {
+    std::string line = g.state + ", " + HumanBytes(g.bytes) + ", " + std::to_string(g.leases) + " leases";
+    if (g.copy_ms > 0) line += ", copied in " + HumanDuration(g.copy_ms);
+    if (!g.last_error.ok()) line += ", last error: " + g.last_error.ToString();
+    rows.push_back({g.device + ":", line + " (" + g.uuid + ")"});
+  }
+  PrintTable(rows);
 }
 
 // ---- verification ---------------------------------------------------------------------------
@@ -135,16 +160,21 @@ struct Mismatch {
   std::uint64_t first_byte;  // offset inside the tensor of the first differing byte
 };
 
-// Compares every tensor of the lease with the bytes of its shard file, in file order.
-weightd::Result<std::vector<Mismatch>> Verify(const weightd::Lease& lease, std::uint64_t* bytes_checked) {
+// Compares every tensor of the lease, byte for byte, with its shard file, in file order, and
+// hashes what the daemon serves (XXH3-128, tensors in file order) for the report. GPU tensors
+// are copied to the host chunk by chunk.
+weightd::Result<std::vector<Mismatch>> Verify(const weightd::Lease& lease, std::uint64_t* bytes_checked,
+                                              std::string* digest) {
   constexpr std::size_t kChunk = 8 << 20;
-  std::vector<std::byte> buf(kChunk);
+  std::vector<std::byte> file_buf(kChunk), served_buf(kChunk);
   std::vector<const weightd::Tensor*> order;
   for (const auto& t : lease.tensors()) order.push_back(&t);
   std::sort(order.begin(), order.end(), [](auto* a, auto* b) {
     return a->shard != b->shard ? a->shard < b->shard : a->offset < b->offset;
   });
 
+  std::unique_ptr<XXH3_state_t, decltype(&XXH3_freeState)> hash(XXH3_createState(), &XXH3_freeState);
+  XXH3_128bits_reset(hash.get());
   std::vector<Mismatch> mismatches;
   std::uint32_t open_shard = UINT32_MAX;
   weightd::posix::Fd fd;
@@ -156,20 +186,28 @@ weightd::Result<std::vector<Mismatch>> Verify(const weightd::Lease& lease, std::
       ASSIGN_OR_RETURN(fd, weightd::posix::Open(path, O_RDONLY));
       open_shard = t->shard;
     }
+    bool differs = false;
     for (std::uint64_t done = 0; done < t->nbytes;) {
       std::size_t n = static_cast<std::size_t>(std::min<std::uint64_t>(kChunk, t->nbytes - done));
-      RETURN_IF_ERROR(weightd::posix::PreadFull(fd.get(), std::span(buf.data(), n),
+      RETURN_IF_ERROR(weightd::posix::PreadFull(fd.get(), std::span(file_buf.data(), n),
                                                 shard.file_data_offset + t->offset + done, path));
-      if (std::memcmp(buf.data(), t->data + done, n) != 0) {
+      RETURN_IF_ERROR(lease.copy_to_host(*t, done, n, served_buf.data()));
+      XXH3_128bits_update(hash.get(), served_buf.data(), n);
+      if (!differs && std::memcmp(file_buf.data(), served_buf.data(), n) != 0) {
         std::uint64_t i = 0;
-        while (buf[i] == t->data[done + i]) ++i;
+        while (file_buf[i] == served_buf[i]) ++i;
         mismatches.push_back({t->name, done + i});
-        break;
+        differs = true;
       }
       done += n;
     }
     *bytes_checked += t->nbytes;
   }
+  const XXH128_hash_t h = XXH3_128bits_digest(hash.get());
+  char hex[33];
+  std::snprintf(hex, sizeof hex, "%016llx%016llx", static_cast<unsigned long long>(h.high64),
+                static_cast<unsigned long long>(h.low64));
+  *digest = hex;
   return mismatches;
 }
 
@@ -255,6 +293,10 @@ int CmdStats(const Globals& g) {
   if (g.json) {
     json models = json::array();
     for (const auto& m : st.models) models.push_back(ModelJson(m));
+    json gpus = json::array();
+    for (const auto& d : st.gpus)
+      gpus.push_back({{"device", d.device}, {"uuid", d.uuid}, {"name", d.name}, {"total_bytes", d.total_bytes},
+                      {"resident_bytes", d.resident_bytes}, {"copies", d.copies}, {"leases", d.leases}});
     std::cout << json{{"daemon_version", st.daemon_version},
                       {"uptime_ms", st.uptime_ms},
                       {"sessions", st.sessions},
@@ -265,7 +307,9 @@ int CmdStats(const Globals& g) {
                       {"loads_failed", st.loads_failed},
                       {"requests", st.requests},
                       {"malformed_requests", st.malformed_requests},
-                      {"models", models}}
+                      {"models", models},
+                      {"gpus", gpus},
+                      {"gpu_unavailable", st.gpu_unavailable.empty() ? json(nullptr) : json(st.gpu_unavailable)}}
                      .dump(2)
               << '\n';
     return 0;
@@ -279,7 +323,16 @@ int CmdStats(const Globals& g) {
       {"read from disk:", HumanBytes(st.bytes_read_from_disk)},
       {"loads:", std::to_string(st.loads_ok) + " ok, " + std::to_string(st.loads_failed) + " failed"},
       {"requests:", std::to_string(st.requests) + " (" + std::to_string(st.malformed_requests) + " malformed)"},
+      {"gpus:", st.gpus.empty() ? "none (" + st.gpu_unavailable + ")" : std::to_string(st.gpus.size())},
   });
+  if (!st.gpus.empty()) {
+    std::cout << '\n';
+    std::vector<std::vector<std::string>> rows = {{"GPU", "UUID", "NAME", "MEMORY", "RESIDENT", "COPIES", "LEASES"}};
+    for (const auto& d : st.gpus)
+      rows.push_back({d.device, d.uuid, d.name, HumanBytes(d.total_bytes), HumanBytes(d.resident_bytes),
+                      std::to_string(d.copies), std::to_string(d.leases)});
+    PrintTable(rows);
+  }
   if (!st.models.empty()) {
     std::cout << '\n';
     PrintModels(st.models);
@@ -313,15 +366,17 @@ int CmdAttach(const Globals& g, const std::string& name, const std::string& devi
     return 0;
   }
   std::uint64_t checked = 0;
-  TRY_ASSIGN(mismatches, Verify(lease, &checked), g);
+  std::string digest;
+  TRY_ASSIGN(mismatches, Verify(lease, &checked, &digest), g);
   json bad = json::array();
   for (const auto& m : mismatches) bad.push_back({{"tensor", m.tensor}, {"first_differing_byte", m.first_byte}});
   out["verify"] = {{"tensors", lease.tensors().size()}, {"bytes", checked}, {"ok", mismatches.empty()},
-                   {"mismatches", bad}};
+                   {"xxh3_128", digest}, {"mismatches", bad}};
   if (g.json) {
     std::cout << out.dump(2) << '\n';
   } else if (mismatches.empty()) {
-    std::cout << "verified " << lease.tensors().size() << " tensors, " << checked << " bytes, OK\n";
+    std::cout << "verified " << lease.tensors().size() << " tensors, " << checked << " bytes against the files, OK"
+              << " (xxh3-128 " << digest << ")\n";
   } else {
     for (const auto& m : mismatches)
       std::cout << "MISMATCH " << m.tensor << ": first differing byte at offset " << m.first_byte << '\n';
@@ -375,7 +430,10 @@ int main(int argc, char** argv) {
       "time, tensor count and bytes, then release it. With --verify, compare every tensor byte for\n"
       "byte with its shard file in the model directory; exit status 3 if any tensor differs.");
   attach->add_option("NAME", name, "Model name")->required();
-  attach->add_option("--device", device, "Tier to attach: cpu (host shared memory)")->capture_default_str();
+  attach->add_option("--device", device,
+                     "cpu (host shared memory), cuda:N (this process's numbering) or GPU-<uuid> (the daemon's "
+                     "shared copy on that GPU)")
+      ->capture_default_str();
   attach->add_flag("--verify", verify, "Read the shard files and compare every tensor with the mapped bytes");
 
   app.footer(

@@ -4,9 +4,11 @@
 
 #include <torch/version.h>
 
+#include <algorithm>
 #include <optional>
 #include <set>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 namespace weightd::shim {
@@ -70,7 +72,10 @@ torch::Tensor MakeTensor(const Lease& lease, const Tensor& t) {
                                     std::string(DTypeName(t.dtype)) + ", which LibTorch " TORCH_VERSION
                                     " cannot represent",
                                 "shim.unsupported_dtype"));
-  auto options = torch::TensorOptions().dtype(*scalar).device(torch::kCPU);
+  const torch::Device device = lease.cuda_device() >= 0
+                                  ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(lease.cuda_device()))
+                                  : torch::Device(torch::kCPU);
+  auto options = torch::TensorOptions().dtype(*scalar).device(device);
   if (t.nbytes == 0) return torch::empty(t.shape, options);
   // The deleter owns a copy of the lease: the mapping outlives every view of it.
   return torch::from_blob(const_cast<std::byte*>(t.data), t.shape, [lease](void*) {}, options);
@@ -85,22 +90,61 @@ TensorMap tensors_of(const Lease& lease) {
   return out;
 }
 
+TensorMap acquire(Client& client, std::string_view model, const Options& options) {
+  AcquireOptions request;
+  if (options.device.is_cpu()) {
+    request.device = "cpu";
+  } else if (options.device.is_cuda()) {
+    request.device = "cuda:" + std::to_string(options.device.has_index() ? options.device.index() : 0);
+  } else {
+    throw Error(InvalidArgument("cannot acquire model '" + std::string(model) + "' on " + options.device.str() +
+                                    ": weightd serves cpu and cuda devices",
+                                "shim.unsupported_device"));
+  }
+  request.tensor_filter = options.tensor_filter;
+  auto lease = client.Acquire(model, request);
+  if (!lease.ok()) throw Error(lease.status());
+  TensorMap tensors = tensors_of(*lease);
+  if (options.private_copy) {
+    // clone() is a device-to-device copy for CUDA tensors; the views (and with them the lease)
+    // go when this map is overwritten.
+    torch::NoGradGuard no_grad;
+    for (auto& [name, t] : tensors) t = t.clone();
+  }
+  return tensors;
+}
+
 TensorMap acquire(Client& client, std::string_view model, torch::Device device,
                   const std::vector<std::string>& tensor_filter) {
-  if (!device.is_cpu())
-    throw Error(InvalidArgument("cannot acquire model '" + std::string(model) + "' on " + device.str() +
-                                    ": GPU tier not available in this build",
-                                "shim.unsupported_device"));
-  AcquireOptions options;
-  options.device = "cpu";
+  Options options;
+  options.device = device;
   options.tensor_filter = tensor_filter;
-  auto lease = client.Acquire(model, options);
-  if (!lease.ok()) throw Error(lease.status());
-  return tensors_of(*lease);
+  return acquire(client, model, options);
 }
 
 BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict) {
   // Every check happens before the first set_data, so a throw leaves the module unchanged.
+  // A tensor registered under several names (tied weights) is one slot: any of its names
+  // binds it, and it is missing only when none is given.
+  struct Slot {
+    torch::Tensor slot;
+    std::vector<std::string> names;
+  };
+  std::vector<Slot> slots;
+  std::unordered_map<const void*, std::size_t> by_impl;
+  std::set<std::string> seen;
+  auto collect = [&](const std::string& name, const torch::Tensor& t) {
+    if (!seen.insert(name).second) return;
+    auto [it, fresh] = by_impl.emplace(t.unsafeGetTensorImpl(), slots.size());
+    if (fresh) slots.push_back(Slot{t, {}});
+    slots[it->second].names.push_back(name);
+  };
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) collect(item.key(), item.value());
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+    // An undefined buffer (e.g. BatchNorm without running stats) has nothing to bind.
+    if (item.value().defined()) collect(item.key(), item.value());
+  }
+
   struct Target {
     std::string name;
     torch::Tensor slot;
@@ -108,36 +152,31 @@ BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict
   };
   std::vector<Target> targets;
   BindReport report;
-  std::set<std::string> claimed;
-
-  auto visit = [&](const std::string& name, const torch::Tensor& slot) {
-    if (!claimed.insert(name).second) return;  // shared parameter, seen under another path
-    auto it = tensors.find(name);
-    if (it == tensors.end()) {
-      report.missing.push_back(name);
-      return;
+  for (const Slot& sl : slots) {
+    const torch::Tensor* source = nullptr;
+    std::string source_name;
+    for (const std::string& name : sl.names) {
+      auto it = tensors.find(name);
+      if (it == tensors.end()) continue;
+      const torch::Tensor& src = it->second;
+      if (!src.defined()) {
+        report.mismatched.push_back(name + ": undefined tensor, expected shape " + ShapeString(sl.slot.sizes()) + " " +
+                                    DTypeLabel(sl.slot.scalar_type()));
+      } else if (src.sizes() != sl.slot.sizes() || src.scalar_type() != sl.slot.scalar_type()) {
+        report.mismatched.push_back(name + ": shape " + ShapeString(src.sizes()) + " " + DTypeLabel(src.scalar_type()) +
+                                    " vs expected " + ShapeString(sl.slot.sizes()) + " " +
+                                    DTypeLabel(sl.slot.scalar_type()));
+      } else if (source == nullptr) {
+        source = &src;
+        source_name = name;
+      }
     }
-    const torch::Tensor& src = it->second;
-    if (!src.defined()) {
-      report.mismatched.push_back(name + ": undefined tensor, expected shape " + ShapeString(slot.sizes()) + " " +
-                                  DTypeLabel(slot.scalar_type()));
-      return;
-    }
-    if (src.sizes() != slot.sizes() || src.scalar_type() != slot.scalar_type()) {
-      report.mismatched.push_back(name + ": shape " + ShapeString(src.sizes()) + " " + DTypeLabel(src.scalar_type()) +
-                                  " vs expected " + ShapeString(slot.sizes()) + " " +
-                                  DTypeLabel(slot.scalar_type()));
-      return;
-    }
-    targets.push_back(Target{name, slot, &src});
-  };
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) visit(item.key(), item.value());
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
-    // An undefined buffer (e.g. BatchNorm without running stats) has nothing to bind.
-    if (item.value().defined()) visit(item.key(), item.value());
+    if (source != nullptr) targets.push_back(Target{source_name, sl.slot, source});
+    else if (std::none_of(sl.names.begin(), sl.names.end(), [&](const std::string& n) { return tensors.count(n) > 0; }))
+      report.missing.push_back(sl.names.front());
   }
   for (const auto& [name, tensor] : tensors)
-    if (claimed.count(name) == 0) report.unexpected.push_back(name);
+    if (seen.count(name) == 0) report.unexpected.push_back(name);
 
   const bool refuse = !report.mismatched.empty() ||
                       (strict && (!report.missing.empty() || !report.unexpected.empty()));

@@ -12,8 +12,17 @@
 //    destroyed (or release() is called on the last copy). Tensor pointers are valid exactly
 //    as long as some copy of their Lease is alive. A Lease keeps its Client's connection alive,
 //    so a Client may be destroyed before its leases.
-//  - Memory is mapped read-only (PROT_READ). Writing through a tensor pointer is a bug and
-//    ends the process with SIGSEGV.
+//  - Memory is mapped read-only. Host leases map shared memory PROT_READ: writing through a
+//    tensor pointer ends the process with SIGSEGV. GPU leases (VMM export, the default) map the
+//    daemon's device memory with CU_MEM_ACCESS_FLAGS_PROT_READ: a kernel that writes to it
+//    faults, which poisons this process's CUDA context. The legacy export cannot enforce this;
+//    writing there corrupts every process's copy. Never write to lease memory.
+//  - GPU leases: Tensor::data is a device pointer on lease.cuda_device(), valid in this process
+//    while the Lease lives. The first GPU Acquire loads the CUDA driver; the client creates the
+//    device's primary context on a background thread while it talks to the daemon (or from
+//    Connect() on, with ClientOptions::prepare_cuda_device), so a fresh process is ready in
+//    about the time the context takes. The context is the device's primary context, the one
+//    the CUDA runtime and LibTorch use.
 //  - Liveness: the client sends heartbeats from a background thread while the Client or any
 //    of its leases lives; a call that waits long (an Acquire that loads from disk) sends them
 //    from its wait loop. If the process dies, the daemon notices through a pidfd and frees its
@@ -50,10 +59,15 @@ struct ClientOptions {
   std::chrono::milliseconds request_timeout{std::chrono::minutes(10)};
   // How long Connect() waits for the Hello reply.
   std::chrono::milliseconds connect_timeout{std::chrono::seconds(5)};
+  // If >= 0, Connect() starts creating this CUDA device's context (this process's numbering)
+  // in the background, to overlap it with the handshake. Errors surface at Acquire.
+  int prepare_cuda_device = -1;
 };
 
 struct AcquireOptions {
-  std::string device = "cpu";              // "cpu" maps the host tier
+  // "cpu" maps the host tier. "cuda:N" (this process's device numbering, as CUDA and LibTorch
+  // use it) or "GPU-<uuid>" imports the daemon's copy on that GPU.
+  std::string device = "cpu";
   std::vector<std::string> tensor_filter;  // empty: every tensor of the model
 };
 
@@ -61,7 +75,9 @@ struct Tensor {
   std::string name;
   DType dtype;
   std::vector<std::int64_t> shape;
-  const std::byte* data = nullptr;  // read-only; valid while the Lease lives
+  // Read-only; valid while the Lease lives. A host pointer, or for GPU leases a device pointer
+  // on Lease::cuda_device().
+  const std::byte* data = nullptr;
   std::size_t nbytes = 0;
   std::uint32_t shard = 0;          // index into Lease::shards()
   std::uint64_t offset = 0;         // of the tensor in its shard's data section
@@ -80,7 +96,9 @@ class WEIGHTD_API Lease {
   bool valid() const { return impl_ != nullptr; }
   std::uint64_t id() const;
   const std::string& model() const;
-  const std::string& device() const;
+  const std::string& device() const;     // "cpu" or "cuda:N" (this process's numbering)
+  int cuda_device() const;               // N for GPU leases, -1 for host leases
+  const std::string& gpu_uuid() const;   // the GPU that holds the memory; empty for host leases
   const std::string& model_dir() const;  // the daemon's directory of the model (for verification)
   const std::vector<Tensor>& tensors() const;
   const std::vector<ShardInfo>& shards() const;
@@ -88,6 +106,9 @@ class WEIGHTD_API Lease {
   std::size_t total_bytes() const;
   // Time from the Acquire request to the mapped tensors, as measured by this library.
   std::chrono::microseconds attach_time() const;
+  // Copies bytes [offset, offset + size) of `t` (a tensor of this lease) into `dst`: a memcpy
+  // for host leases, a synchronous device-to-host copy for GPU leases.
+  weightd::Status copy_to_host(const Tensor& t, std::uint64_t offset, std::uint64_t size, void* dst) const;
 
   // Drops this handle. The lease itself ends when the last handle is dropped.
   void release() { impl_.reset(); }
@@ -99,6 +120,16 @@ class WEIGHTD_API Lease {
 
  private:
   std::shared_ptr<const Impl> impl_;
+};
+
+struct GpuCopyInfo {
+  std::string device;  // "cuda:N" in the daemon's numbering
+  std::string uuid;
+  std::string state;   // "loading", "resident", "failed"
+  std::uint64_t bytes = 0;
+  std::uint32_t leases = 0;
+  std::uint64_t copy_ms = 0;
+  Status last_error;
 };
 
 struct ModelInfo {
@@ -114,6 +145,17 @@ struct ModelInfo {
   std::uint64_t last_load_ms = 0;
   std::uint64_t idle_ms = 0;
   Status last_error;  // OK unless the last load failed
+  std::vector<GpuCopyInfo> gpus;
+};
+
+struct GpuInfo {
+  std::string device;  // "cuda:N" in the daemon's numbering
+  std::string uuid;
+  std::string name;
+  std::uint64_t total_bytes = 0;
+  std::uint64_t resident_bytes = 0;
+  std::uint32_t copies = 0;
+  std::uint32_t leases = 0;
 };
 
 struct DaemonStats {
@@ -128,6 +170,8 @@ struct DaemonStats {
   std::uint64_t requests = 0;
   std::uint64_t malformed_requests = 0;
   std::vector<ModelInfo> models;
+  std::vector<GpuInfo> gpus;     // empty when the daemon is host-only
+  std::string gpu_unavailable;   // and why
 };
 
 class WEIGHTD_API Client {
@@ -141,7 +185,9 @@ class WEIGHTD_API Client {
   ~Client();
 
   // Leases the model, loading it first if it is not resident (concurrent callers share one
-  // load), then maps it read-only.
+  // load), then maps it read-only. For a GPU device the daemon first makes the model resident
+  // on that GPU (from its host copy), then this process imports the device memory.
+  // Unavailable "gpu.no_device" when this process or the daemon has no usable GPU.
   Result<Lease> Acquire(std::string_view model, const AcquireOptions& options = {});
 
   Result<std::vector<ModelInfo>> List();

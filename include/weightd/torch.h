@@ -2,7 +2,8 @@
 //
 // Contract
 //  - Errors: every function throws weightd::Error (weightd/status.h), LibTorch's own style.
-//  - Zero-copy: tensors are torch::from_blob views of the lease's read-only mapping. Each
+//  - Zero-copy: tensors are torch::from_blob views of the lease's read-only mapping (host
+//    shared memory, or the GPU copy imported into this process for CUDA devices). Each
 //    tensor's deleter holds a reference to the lease, so the lease ends when the last tensor
 //    (or the TensorMap, or any module parameter bound to one) is destroyed, and no sooner.
 //  - Read-only: the memory is mapped PROT_READ. In-place operations on these tensors (or on
@@ -28,10 +29,21 @@ namespace weightd::shim {
 
 using TensorMap = std::map<std::string, torch::Tensor>;
 
-// Acquires `model` on `device` and returns its tensors by name. Only CPU is supported until
-// the GPU tier lands; other devices raise InvalidArgument.
-WEIGHTD_API TensorMap acquire(Client& client, std::string_view model,
-                              torch::Device device = torch::kCPU,
+struct Options {
+  // torch::kCPU maps the host tier; a CUDA device (torch::Device(torch::kCUDA, N), index 0 when
+  // none is given) imports the daemon's shared copy on that GPU.
+  torch::Device device = torch::kCPU;
+  std::vector<std::string> tensor_filter;  // empty: every tensor of the model
+  // Give this process its own writable copy (a device-to-device copy for CUDA, a memcpy for
+  // the CPU) instead of read-only views of the shared one; the lease ends when acquire returns.
+  // For users who must modify weights; it costs one copy of the model per process.
+  bool private_copy = false;
+};
+
+// Acquires `model` and returns its tensors by name: zero-copy, read-only views of the shared
+// copy on options.device, unless options.private_copy.
+WEIGHTD_API TensorMap acquire(Client& client, std::string_view model, const Options& options);
+WEIGHTD_API TensorMap acquire(Client& client, std::string_view model, torch::Device device = torch::kCPU,
                               const std::vector<std::string>& tensor_filter = {});
 
 // The tensors of an existing lease (the lease stays alive through the tensors' deleters).
@@ -45,7 +57,9 @@ struct BindReport {
 };
 
 // Sets the module's parameters and buffers (recursively, by their dotted names) to the given
-// tensors, without copying. Shapes and dtypes must match exactly. With strict=true any
+// tensors, without copying. Shapes and dtypes must match exactly; a parameter takes the device
+// of its tensor (bind CUDA tensors into a module that lives on that GPU). A tensor registered
+// under several names (tied weights) is bound by any one of them. With strict=true any
 // missing, unexpected or mismatched name throws InvalidArgument listing all three lists, and
 // nothing is changed; with strict=false the matching names are bound, mismatched ones throw
 // (a wrong shape is never silently skipped), and missing/unexpected ones are reported.

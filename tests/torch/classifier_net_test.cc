@@ -9,12 +9,14 @@
 #include <tuple>
 
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 
 #include "checkpoint_reader.h"
 #include "classifier_net.h"
 #include "classifier_spec.h"
 #include "generator.h"
+#include "support/daemon_process.h"
 #include "weightd/torch.h"
 
 namespace weightd::example {
@@ -143,6 +145,42 @@ TEST(ClassifierNet, ShardedAndSingleFileGiveIdenticalLogits) {
   auto single = ReadCheckpoint(dir.sub("single"));
   ASSERT_TRUE(single.ok());
   EXPECT_TRUE(torch::equal(ForwardTiny(*single), ForwardTiny(*sharded)));
+}
+
+torch::Tensor ForwardOn(const torch::Device& device, const shim::TensorMap& tensors) {
+  ClassifierNet net(*ClassifierPreset("tiny"));
+  net->to(device);
+  shim::bind(*net, tensors, /*strict=*/true);
+  net->eval();
+  torch::InferenceMode guard;
+  return net->forward(SyntheticImages(net->config(), 3).to(device)).cpu();
+}
+
+TEST(ClassifierNet, CudaForwardThroughWeightdEqualsLoadingTheFile) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  // Same weights, same device, same kernels: the logits must agree bit for bit.
+  at::globalContext().setDeterministicCuDNN(true);
+  at::globalContext().setBenchmarkCuDNN(false);
+  const torch::Device cuda(torch::kCUDA, 0);
+  ScratchDir dir;
+  ASSERT_TRUE(Generate(TinyOptions(dir.sub("m"), 8000)).ok());
+  testing::DaemonOptions o;
+  o.models = {{"tiny", dir.sub("m")}};
+  auto daemon = testing::DaemonProcess::Start(o);
+  ASSERT_TRUE(daemon.ok()) << daemon.status().ToString();
+  ClientOptions co;
+  co.endpoint = (*daemon)->endpoint();
+  auto client = Client::Connect(co);
+  ASSERT_TRUE(client.ok()) << client.status().ToString();
+  const torch::Tensor served = ForwardOn(cuda, shim::acquire(*client, "tiny", cuda));
+
+  auto from_file = ReadCheckpoint(dir.sub("m"));
+  ASSERT_TRUE(from_file.ok());
+  shim::TensorMap on_gpu;
+  for (const auto& [name, t] : *from_file) on_gpu[name] = t.to(cuda);
+  EXPECT_TRUE(torch::equal(served, ForwardOn(cuda, on_gpu)));
+  // And the GPU agrees with the CPU within float tolerance.
+  EXPECT_TRUE(torch::allclose(served, ForwardOn(torch::kCPU, *from_file), 1e-3, 1e-4));
 }
 
 TEST(CheckpointReader, RejectsIndexDisagreeingWithShards) {

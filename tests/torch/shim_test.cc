@@ -7,6 +7,7 @@
 #include <span>
 
 #include <gtest/gtest.h>
+#include <torch/cuda.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -268,14 +269,61 @@ TEST_F(ShimLease, TensorFilterSelectsTensors) {
   EXPECT_TRUE(torch::equal(tensors.at("fc.bias"), Weights().at("fc.bias")));
 }
 
-TEST_F(ShimLease, GpuDeviceIsRefusedForNow) {
+TEST_F(ShimLease, CudaDeviceWithoutAGpuIsUnavailable) {
+  if (torch::cuda::is_available()) GTEST_SKIP() << "this machine has a CUDA device";
   try {
     shim::acquire(*client_, "tiny", torch::Device(torch::kCUDA, 0));
     FAIL() << "acquire on cuda:0 did not throw";
   } catch (const Error& e) {
-    EXPECT_EQ(e.status().code(), Code::kInvalidArgument);
-    EXPECT_NE(e.status().message().find("GPU tier not available"), std::string::npos) << e.what();
+    EXPECT_EQ(e.status().code(), Code::kUnavailable) << e.what();
+    EXPECT_EQ(e.status().reason(), "gpu.no_device") << e.what();
   }
+  EXPECT_EQ(Leases("tiny"), 0u);
+}
+
+TEST_F(ShimLease, PrivateCopyIsWritableAndLeavesTheSharedCopyAlone) {
+  std::vector<torch::Device> devices = {torch::kCPU};
+  if (torch::cuda::is_available()) devices.emplace_back(torch::kCUDA, 0);
+  for (const torch::Device& device : devices) {
+    SCOPED_TRACE(device.str());
+    shim::Options o;
+    o.device = device;
+    o.private_copy = true;
+    auto mine = shim::acquire(*client_, "tiny", o);
+    EXPECT_EQ(Leases("tiny"), 0u) << "a private copy needs no lease";
+    torch::NoGradGuard no_grad;
+    mine.at("fc.weight").add_(1.0);  // would fault on the shared, read-only copy
+    auto shared = shim::acquire(*client_, "tiny", device);
+    EXPECT_TRUE(torch::equal(shared.at("fc.weight").cpu(), Weights().at("fc.weight")));
+    EXPECT_TRUE(torch::equal(mine.at("fc.weight").cpu(), Weights().at("fc.weight") + 1.0));
+    EXPECT_EQ(mine.at("fc.weight").device(), device);
+  }
+}
+
+TEST_F(ShimLease, CudaTensorsAreZeroCopyViewsAndBindIntoACudaModule) {
+  if (!torch::cuda::is_available()) GTEST_SKIP() << "no CUDA device";
+  const torch::Device cuda(torch::kCUDA, 0);
+  auto tensors = shim::acquire(*client_, "tiny", cuda);
+  EXPECT_EQ(Leases("tiny"), 1u);
+  shim::TensorMap expected;
+  for (const auto& [name, t] : Weights()) expected[name] = t.to(cuda);
+  for (const auto& [name, t] : tensors) {
+    EXPECT_TRUE(t.is_cuda()) << name;
+    EXPECT_TRUE(torch::equal(t, expected.at(name))) << name;
+  }
+  TinyNet served, reference;
+  served->to(cuda);
+  reference->to(cuda);
+  shim::bind(*served, tensors);
+  shim::bind(*reference, expected);
+  EXPECT_EQ(served->fc->weight.data_ptr(), tensors.at("fc.weight").data_ptr());
+  served->eval();
+  reference->eval();
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({2, 3, 4, 4}, torch::TensorOptions().device(cuda));
+  EXPECT_TRUE(torch::equal(served->forward(x), reference->forward(x)));
+  tensors.clear();
+  served = TinyNet{nullptr};
   EXPECT_EQ(Leases("tiny"), 0u);
 }
 
