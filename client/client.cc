@@ -100,10 +100,12 @@ std::string ShapeString(const std::vector<std::int64_t>& shape) {
 
 // Checks every record against the rules a well-behaved daemon follows. The manifest comes from
 // another process; nothing in it is used (as a size, offset or index) before this passes.
-Status ValidateManifest(const proto::Manifest& m) {
+// `gpu`: the lease was asked for on a GPU, whose shards map no host segment (size 0);
+// ValidateGpuManifest checks their allocations.
+Status ValidateManifest(const proto::Manifest& m, bool gpu) {
   for (std::size_t i = 0; i < m.segments.size(); ++i) {
     const auto& s = m.segments[i];
-    if (s.data_size > s.size)
+    if (!gpu && s.data_size > s.size)
       return BadManifest(m.model, "segment " + std::to_string(i) + " (" + s.shm_name + ") has " +
                                       std::to_string(s.data_size) + " data bytes in a " +
                                       std::to_string(s.size) + "-byte segment");
@@ -707,7 +709,7 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
   lease->lease_id = m.lease_id;
   lease->model = m.model;
   lease->model_dir = m.model_dir;
-  RETURN_IF_ERROR(ValidateManifest(m));
+  RETURN_IF_ERROR(ValidateManifest(m, ordinal >= 0));
   if (ordinal < 0) {
     if (m.device != "cpu") return BadManifest(m.model, "asked for host memory, got memory on '" + m.device + "'");
     lease->device = "cpu";
