@@ -1,6 +1,8 @@
 #include "posix.h"
 
+#include <dirent.h>
 #include <fcntl.h>
+#include <ftw.h>
 #include <sys/mman.h>
 #include <sys/random.h>
 #include <sys/stat.h>
@@ -113,6 +115,41 @@ std::uint64_t CurrentRssBytes() {
   int n = std::fscanf(f, "%llu %llu", &total, &resident);
   std::fclose(f);
   return n == 2 ? resident * PageSize() : 0;
+}
+
+Status MakeDirs(const std::string& path, mode_t mode) {
+  if (path.empty()) return InvalidArgument("MakeDirs: empty path", "posix.bad_path");
+  for (std::size_t i = 1; i <= path.size(); ++i) {
+    if (i < path.size() && path[i] != '/') continue;
+    const std::string prefix = path.substr(0, i);
+    if (::mkdir(prefix.c_str(), mode) != 0 && errno != EEXIST) return ErrnoStatus("mkdir(" + prefix + ")");
+  }
+  struct stat st;
+  if (::stat(path.c_str(), &st) != 0) return ErrnoStatus("stat(" + path + ")");
+  if (!S_ISDIR(st.st_mode)) return FailedPrecondition(path + " exists and is not a directory", "posix.not_a_directory");
+  return Status::Ok();
+}
+
+Status RemoveTree(const std::string& path) {
+  auto remove_one = [](const char* p, const struct stat*, int, struct FTW*) { return ::remove(p) == 0 || errno == ENOENT ? 0 : -1; };
+  if (::nftw(path.c_str(), remove_one, 16, FTW_DEPTH | FTW_PHYS) != 0 && errno != ENOENT)
+    return ErrnoStatus("removing " + path);
+  return Status::Ok();
+}
+
+Result<std::vector<std::string>> ListDir(const std::string& path) {
+  DIR* d = ::opendir(path.c_str());
+  if (d == nullptr) return ErrnoStatus("opendir(" + path + ")");
+  std::vector<std::string> out;
+  errno = 0;
+  while (dirent* e = ::readdir(d)) {
+    const std::string n = e->d_name;
+    if (n != "." && n != "..") out.push_back(n);
+  }
+  const int err = errno;
+  ::closedir(d);
+  if (err != 0) return ErrnoStatus("readdir(" + path + ")", err);
+  return out;
 }
 
 Status RandomBytes(std::span<std::byte> out) {

@@ -14,6 +14,7 @@
 #include <string>
 #include <string_view>
 #include <utility>
+#include <vector>
 
 #include "weightd/status.h"
 
@@ -93,6 +94,17 @@ Result<Mapping> Map(int fd, std::size_t size, int prot, int flags, std::string_v
 
 std::size_t PageSize();
 inline std::uint64_t RoundUp(std::uint64_t v, std::uint64_t align) { return (v + align - 1) / align * align; }
+
+// mkdir -p: creates `path` and its missing parents with `mode`; an existing directory is fine.
+// (std::filesystem is avoided in code that runs inside LibTorch processes: the PyTorch 2.11
+// wheels' libtorch.so exports std::filesystem symbols of its own, which interpose on
+// libstdc++'s and crashed remove_all on the GPU machine.)
+Status MakeDirs(const std::string& path, mode_t mode = 0755);
+// rm -rf: removes `path` and everything below it, without following symlinks. A missing path
+// is fine.
+Status RemoveTree(const std::string& path);
+// The names in directory `path` (without "." and "..").
+Result<std::vector<std::string>> ListDir(const std::string& path);
 
 // Fills `out` from the kernel's CSPRNG (getrandom).
 Status RandomBytes(std::span<std::byte> out);

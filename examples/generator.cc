@@ -11,7 +11,6 @@
 #include <condition_variable>
 #include <cstdio>
 #include <cstring>
-#include <filesystem>
 #include <functional>
 #include <mutex>
 #include <set>
@@ -301,10 +300,7 @@ Result<GenerateReport> Generate(const GenerateOptions& options) {
                       " (tensor '" + t.name + "')");
   }
 
-  std::error_code ec;
-  std::filesystem::create_directories(options.out_dir, ec);
-  if (ec)
-    return posix::ErrnoStatus("creating output directory " + options.out_dir, ec.value());
+  RETURN_IF_ERROR(posix::MakeDirs(options.out_dir).WithContext("creating the output directory"));
 
   const auto shards = PlanShards(tensors, options.shard_size);
   const bool sharded = shards.size() > 1;
@@ -316,11 +312,10 @@ Result<GenerateReport> Generate(const GenerateOptions& options) {
   std::set<std::string> ours(names.begin(), names.end());
   if (sharded) ours.insert(kIndexFileName);
   std::vector<std::string> stale;
-  for (const auto& entry : std::filesystem::directory_iterator(options.out_dir, ec)) {
-    const std::string fn = entry.path().filename().string();
+  ASSIGN_OR_RETURN(std::vector<std::string> present, posix::ListDir(options.out_dir));
+  for (const std::string& fn : present)
     if (IsCheckpointFileName(fn) && !ours.contains(fn)) stale.push_back(fn);
-  }
-  if (ec) return posix::ErrnoStatus("listing " + options.out_dir, ec.value());
+  std::sort(stale.begin(), stale.end());
   if (!stale.empty()) {
     std::string list;
     for (const auto& f : stale) list += (list.empty() ? "" : ", ") + f;

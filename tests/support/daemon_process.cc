@@ -13,7 +13,6 @@
 #include <atomic>
 #include <cstdlib>
 #include <cstring>
-#include <filesystem>
 #include <fstream>
 #include <sstream>
 
@@ -25,8 +24,6 @@
 
 namespace weightd::testing {
 
-namespace fs = std::filesystem;
-
 TempDir::TempDir() {
   const char* base = std::getenv("TMPDIR");
   std::string tmpl = std::string(base && *base ? base : "/tmp") + "/wdtest-XXXXXX";
@@ -35,10 +32,7 @@ TempDir::TempDir() {
   path_ = p;
 }
 
-TempDir::~TempDir() {
-  std::error_code ec;
-  fs::remove_all(path_, ec);
-}
+TempDir::~TempDir() { (void)posix::RemoveTree(path_); }
 
 std::byte PatternByte(std::uint64_t seed, std::size_t index, std::uint64_t offset) {
   std::uint64_t x = seed * 0x9E3779B97F4A7C15ull ^ (index + 1) * 0xBF58476D1CE4E5B9ull ^ (offset / 8) * 0x94D049BB133111EBull;
@@ -55,14 +49,14 @@ st::FillFn PatternFill(std::uint64_t seed) {
 }
 
 Status WriteModel(const std::string& dir, const std::vector<st::TensorSpec>& tensors, std::uint64_t seed) {
-  fs::create_directories(dir);
+  RETURN_IF_ERROR(posix::MakeDirs(dir));
   auto r = st::WriteFile(dir + "/model.safetensors", tensors, PatternFill(seed));
   return r.ok() ? Status::Ok() : r.status();
 }
 
 Status WriteShardedModel(const std::string& dir, const std::vector<st::TensorSpec>& tensors, int shards,
                          std::uint64_t seed) {
-  fs::create_directories(dir);
+  RETURN_IF_ERROR(posix::MakeDirs(dir));
   nlohmann::json index;
   std::uint64_t total = 0;
   const std::size_t per = (tensors.size() + static_cast<std::size_t>(shards) - 1) / static_cast<std::size_t>(shards);

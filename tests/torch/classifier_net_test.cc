@@ -2,7 +2,6 @@
 // weightd-example --from-file uses: names match the spec, weights bind, forward runs.
 #include <stdlib.h>
 
-#include <filesystem>
 #include <fstream>
 #include <map>
 #include <string>
@@ -16,6 +15,7 @@
 #include "classifier_net.h"
 #include "classifier_spec.h"
 #include "generator.h"
+#include "posix.h"
 #include "support/daemon_process.h"
 #include "weightd/torch.h"
 
@@ -25,14 +25,12 @@ namespace {
 class ScratchDir {
  public:
   ScratchDir() {
-    std::string tmpl = (std::filesystem::temp_directory_path() / "weightd-net-test-XXXXXX").string();
+    const char* base = std::getenv("TMPDIR");
+    std::string tmpl = std::string(base && *base ? base : "/tmp") + "/weightd-net-test-XXXXXX";
     if (::mkdtemp(tmpl.data()) == nullptr) throw std::runtime_error("mkdtemp failed");
     path_ = tmpl;
   }
-  ~ScratchDir() {
-    std::error_code ec;
-    std::filesystem::remove_all(path_, ec);
-  }
+  ~ScratchDir() { (void)posix::RemoveTree(path_); }
   std::string sub(const std::string& name) const { return path_ + "/" + name; }
 
  private:
@@ -214,7 +212,7 @@ TEST(CheckpointReader, RejectsIndexDisagreeingWithShards) {
 
 TEST(CheckpointReader, MissingCheckpointIsNotFound) {
   ScratchDir dir;
-  std::filesystem::create_directories(dir.sub("empty"));
+  ASSERT_TRUE(posix::MakeDirs(dir.sub("empty")).ok());
   auto r = ReadCheckpoint(dir.sub("empty"));
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), Code::kNotFound);

@@ -2,7 +2,6 @@
 // and buffers, and its refusals, with plain tensors (bind() does not care where memory comes
 // from). ShimLease: tensors of a real lease served by the weightd binary.
 #include <cstring>
-#include <filesystem>
 #include <optional>
 #include <span>
 
@@ -11,6 +10,7 @@
 #include <torch/torch.h>
 #include <torch/version.h>
 
+#include "posix.h"
 #include "support/daemon_process.h"
 #include "weightd/torch.h"
 
@@ -192,7 +192,7 @@ Status WriteTensors(const std::string& dir, const shim::TensorMap& tensors) {
     specs.push_back({name, dt, t.sizes().vec()});
     order.push_back(t.contiguous());
   }
-  std::filesystem::create_directories(dir);
+  RETURN_IF_ERROR(posix::MakeDirs(dir));
   auto r = st::WriteFile(dir + "/model.safetensors", specs,
                          [&](std::size_t index, std::uint64_t offset, std::span<std::byte> out) {
                            std::memcpy(out.data(), static_cast<const std::byte*>(order[index].data_ptr()) + offset,
