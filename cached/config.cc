@@ -171,6 +171,10 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         auto b = node.value<bool>();
         if (!b) return Invalid(origin, qk + " must be true or false");
         cfg->gpu_enabled = *b;
+      } else if (k == "pin_host") {
+        auto b = node.value<bool>();
+        if (!b) return Invalid(origin, qk + " must be true or false");
+        cfg->gpu_pin_host = *b;
       } else if (k == "export") {
         ASSIGN_OR_RETURN(cfg->gpu_export, StringNode(node, qk, origin));
       } else if (k == "fd_socket") {

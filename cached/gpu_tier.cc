@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <utility>
 #include <cctype>
 #include <chrono>
 #include <cstring>
@@ -42,6 +43,15 @@ std::string Lower(std::string_view s) {
 }
 
 enum VmmProgress : std::uint8_t { kNothing = 0, kCreated = 1, kReserved = 2, kMapped = 3 };
+
+// Registration works on whole pages; the shm mapping around a shard covers them. Every
+// registration of a range goes through this, so that PinHost and CopyIn agree on its key.
+std::pair<const void*, std::uint64_t> PageSpan(const void* ptr, std::uint64_t size) {
+  const std::uint64_t page = posix::PageSize();
+  auto begin = reinterpret_cast<std::uintptr_t>(ptr) / page * page;
+  auto end = posix::RoundUp(reinterpret_cast<std::uintptr_t>(ptr) + size, page);
+  return {reinterpret_cast<const void*>(begin), end - begin};
+}
 
 }  // namespace
 
@@ -341,15 +351,12 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   } session{api_, state_.get(), {}, {}, {}, {}};
 
   const bool ro = devices_[static_cast<std::size_t>(copy.ordinal_)].host_register_read_only;
-  const std::uint64_t page = posix::PageSize();
   std::vector<bool> direct(shards.size(), false);
   for (std::size_t i = 0; i < shards.size(); ++i) {
     if (shards[i].size == 0) continue;
-    // Registration works on whole pages; the shm mapping around a shard covers them.
-    auto begin = reinterpret_cast<std::uintptr_t>(shards[i].data) / page * page;
-    auto end = posix::RoundUp(reinterpret_cast<std::uintptr_t>(shards[i].data) + shards[i].size, page);
-    const void* base = reinterpret_cast<const void*>(begin);
-    if (state_->Register(base, end - begin, ro)) {
+    // Free when PinHost already holds the range; otherwise registered for this copy only.
+    auto [base, len] = PageSpan(shards[i].data, shards[i].size);
+    if (state_->Register(base, len, ro)) {
       session.registered.push_back(base);
       direct[i] = true;
     } else {
@@ -439,6 +446,18 @@ Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<con
   ++d.copies;
   copy->accounted_ = true;
   return copy;
+}
+
+Result<std::shared_ptr<const void>> GpuTier::PinHost(const void* ptr, std::uint64_t size) {
+  RETURN_IF_ERROR(CheckOrdinal(0));
+  if (ptr == nullptr || size == 0) return InvalidArgument("nothing to pin", "gpu.bad_pin");
+  const bool ro = std::all_of(devices_.begin(), devices_.end(), [](const DeviceInfo& d) { return d.host_register_read_only; });
+  auto [base, len] = PageSpan(ptr, size);
+  if (!state_->Register(base, len, ro))
+    return FailedPrecondition("cannot page-lock " + std::to_string(len) + " bytes of host memory for the GPU (RLIMIT_MEMLOCK?)",
+                              "gpu.register_failed");
+  std::shared_ptr<GpuCopy::State> state = state_;
+  return std::shared_ptr<const void>(base, [state](const void* p) { state->Unregister(p); });
 }
 
 GpuTierStats GpuTier::Stats() const {

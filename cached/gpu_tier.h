@@ -144,6 +144,13 @@ class GpuTier {
   // "gpu.out_of_memory" when the device is full; nothing stays allocated after a failure.
   Result<std::shared_ptr<GpuCopy>> Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode);
 
+  // Keeps host memory [ptr, ptr+size) page-locked (registered with CUDA, for all devices)
+  // until the returned handle is destroyed, so that Materialize copies from it at full PCIe
+  // speed instead of registering it first (~50 ms per GB). Blocking; run it on a worker. The
+  // handle may be destroyed on any thread (that unregisters: also a blocking call).
+  // FailedPrecondition "gpu.register_failed" when CUDA refuses (RLIMIT_MEMLOCK, say).
+  Result<std::shared_ptr<const void>> PinHost(const void* ptr, std::uint64_t size);
+
   GpuTierStats Stats() const;
 
  private:

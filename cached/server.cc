@@ -124,6 +124,9 @@ struct ModelEntry {
   std::unordered_map<std::string, std::size_t> tensor_index;
 
   std::map<int, GpuEntry> gpus;  // by the daemon's device ordinal
+  // The host copy's shards stay page-locked while resident, so that copies to a GPU run at
+  // PCIe speed without registering them first.
+  std::vector<std::shared_ptr<const void>> host_pins;
 
   bool Busy() const {
     if (state == ModelState::kLoading) return true;
@@ -140,7 +143,9 @@ struct Completion {
   int ordinal = -1;
   Result<std::shared_ptr<ResidentModel>> result{Status(Code::kInternal, "unset")};
   Result<std::shared_ptr<gpu::GpuCopy>> gpu_result{Status(Code::kInternal, "unset")};
+  std::vector<std::shared_ptr<const void>> pins;  // host loads: the shards' page-lock handles
   std::uint64_t ms = 0;
+  std::uint64_t pin_ms = 0;
 };
 
 // A VMM lease whose fds wait to be fetched over the side channel.
@@ -262,6 +267,16 @@ struct Server::Impl {
   void CompleteGpu(Completion& c);
   void AnswerWaiters(ModelEntry& m, std::vector<Waiter>& waiters, ModelState state, const Status& error);
   void PostCompletion(Completion c);
+  // Unregistering takes time too: done on a GPU worker, never on the loop. `host` keeps the
+  // pinned mappings until they are unregistered.
+  void ReleasePins(std::vector<std::shared_ptr<const void>> pins, std::shared_ptr<const ResidentModel> host) {
+    if (pins.empty()) return;
+    auto release = [p = std::move(pins), h = std::move(host)]() mutable {
+      p.clear();
+      h.reset();
+    };
+    if (!gpu_jobs.Submit(release)) release();
+  }
   proto::ReplyBody GrantLease(Session& s, ModelEntry& m, const proto::Acquire& req, int ordinal);
   void AcceptFdClients();
   void ServeFdClient(int fd);
@@ -580,6 +595,7 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
 // Drops every tier's copy. GPU copies that a lease still pins (after a catalog change) live on
 // in the lease table until their leases end.
 void Server::Impl::DropResident(ModelEntry& m) {
+  ReleasePins(std::move(m.host_pins), m.resident);
   if (m.resident) m.resident->RemoveSegments();
   m.resident.reset();
   m.segments.clear();
@@ -619,6 +635,20 @@ void Server::Impl::StartLoad(ModelEntry& m) {
       c.result = Internal(std::string("loading failed: ") + e.what(), "load.exception");
     }
     c.ms = ToMs(std::chrono::steady_clock::now() - t0);
+    if (c.result.ok() && gpu_available() && config.gpu_pin_host) {
+      const auto p0 = std::chrono::steady_clock::now();
+      for (const ResidentShard& sh : c.result.value()->shards) {
+        if (sh.segment.data_size() == 0) continue;
+        auto pin = gpu->PinHost(sh.segment.data(), sh.segment.data_size());
+        if (!pin.ok()) {
+          // Not fatal: copies then register (or stage) each time.
+          spdlog::warn("model '{}': {}", mc.name, pin.status().ToString());
+          break;
+        }
+        c.pins.push_back(std::move(pin).value());
+      }
+      c.pin_ms = ToMs(std::chrono::steady_clock::now() - p0);
+    }
     PostCompletion(std::move(c));
   });
   if (!ok) {
@@ -685,7 +715,10 @@ void Server::Impl::Complete(Completion& c) {
   auto it = models.find(c.model);
   if (it == models.end() || it->second.generation != c.generation || it->second.state != ModelState::kLoading) {
     // The model was removed, changed or evicted while loading: the result is nobody's.
-    if (c.result.ok()) c.result.value()->RemoveSegments();
+    if (c.result.ok()) {
+      c.result.value()->RemoveSegments();
+      ReleasePins(std::move(c.pins), c.result.value());
+    }
     return;
   }
   ModelEntry& m = it->second;
@@ -712,6 +745,8 @@ void Server::Impl::Complete(Completion& c) {
       }
     }
     m.resident = std::move(r);
+    m.host_pins = std::move(c.pins);
+    if (!m.host_pins.empty()) spdlog::info("model '{}' page-locked for GPU copies in {} ms", m.config.name, c.pin_ms);
     const double secs = std::max<double>(static_cast<double>(c.ms), 1) / 1000.0;
     spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
                  m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, c.ms,

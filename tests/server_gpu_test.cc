@@ -253,6 +253,20 @@ TEST_F(ServerGpu, EvictIsRefusedWhileGpuLeasedAndFreesTheDeviceAfter) {
   EXPECT_EQ(fake_.allocated_bytes(0), 0u);
   EXPECT_EQ(fake_.counters().live_allocations, 0);
   EXPECT_TRUE(StatusOfModel(c).gpus.empty());
+  // The host copy was page-locked while resident; a worker unregisters it after the eviction.
+  for (int i = 0; i < 200 && fake_.counters().live_host_registrations != 0; ++i) std::this_thread::sleep_for(10ms);
+  EXPECT_EQ(fake_.counters().live_host_registrations, 0);
+  EXPECT_EQ(fake_.counters().unsafe_host_releases, 0);
+}
+
+TEST_F(ServerGpu, ResidentHostCopiesStayPageLockedForFastCopies) {
+  StartServer();
+  RawClient c(endpoint_);
+  ASSERT_TRUE(std::holds_alternative<proto::ModelStatus>(c.Call(proto::Load{"m"}).body));
+  EXPECT_EQ(fake_.counters().live_host_registrations, 3);  // one per shard
+  (void)AcquireManifest(c, GpuAcquire());
+  EXPECT_EQ(fake_.counters().host_registrations_total, 3) << "the copy registered the shards again";
+  EXPECT_EQ(fake_.counters().pageable_copies, 0);
 }
 
 TEST_F(ServerGpu, ConcurrentAcquiresShareOneHostLoadAndOneCopy) {
