@@ -920,6 +920,7 @@ proto::ModelStatus Server::Impl::StatusOf(const ModelEntry& m) const {
     gs.bytes = g.copy ? g.copy->allocated_bytes() : 0;
     gs.leases = leases.LeasesOf(m.config.name, gs.device);
     gs.copy_ms = g.copy_ms;
+    gs.h2d_us = g.copy ? static_cast<std::uint64_t>(g.copy->copy_seconds() * 1e6) : 0;
     if (!g.last_error.ok()) gs.last_error = proto::ToErrorReply(g.last_error);
     st.gpus.push_back(std::move(gs));
   }

@@ -235,6 +235,7 @@ GpuCopyInfo ToGpuCopyInfo(const proto::GpuCopyStatus& g) {
   out.bytes = g.bytes;
   out.leases = g.leases;
   out.copy_ms = g.copy_ms;
+  out.h2d_us = g.h2d_us;
   if (g.last_error.code != 0) out.last_error = proto::FromErrorReply(g.last_error);
   return out;
 }

@@ -114,7 +114,7 @@ template <class A> void serialize(A& ar, Manifest& m) {
   ar(m.lease_id, m.model, m.device, m.model_dir, m.segments, m.tensors, m.gpu_export, m.fd_socket, m.fd_token);
 }
 template <class A> void serialize(A& ar, GpuCopyStatus& m) {
-  ar(m.device, m.uuid, m.state, m.bytes, m.leases, m.copy_ms, m.last_error);
+  ar(m.device, m.uuid, m.state, m.bytes, m.leases, m.copy_ms, m.h2d_us, m.last_error);
 }
 template <class A> void serialize(A& ar, GpuDeviceStatus& m) {
   ar(m.device, m.uuid, m.name, m.total_bytes, m.resident_bytes, m.copies, m.leases);

@@ -140,7 +140,8 @@ struct GpuCopyStatus {
   std::uint8_t state = 0;            // ModelState
   std::uint64_t bytes = 0;           // device memory allocated for the copy
   std::uint32_t leases = 0;          // live leases (imports) of this copy
-  std::uint64_t copy_ms = 0;         // host-to-device time of the last materialization
+  std::uint64_t copy_ms = 0;         // the last materialization: allocation and copy
+  std::uint64_t h2d_us = 0;          // its host-to-device copies alone
   ErrorReply last_error;             // code 0 unless the last materialization failed
 };
 

@@ -86,6 +86,13 @@ print_table() {
       printf '%-34s %7s %7s %8s %5s\n' "$n" "$p" "$f" "$s" "$rc"
     done
   fi
+  local b
+  for b in "$OUT"/bench/*.txt; do
+    [[ -f "$b" ]] || continue
+    echo
+    echo "benchmark $(basename "$b" .txt):"
+    grep -vE '^\*\*\*WARNING|^Running |^Run on|^CPU Caches|^  L[0-9]|^Load Average' "$b"
+  done
   if [[ -s "$OUT/skipped.txt" ]]; then
     echo
     echo "skipped tests:"

@@ -128,7 +128,8 @@ struct GpuCopyInfo {
   std::string state;   // "loading", "resident", "failed"
   std::uint64_t bytes = 0;
   std::uint32_t leases = 0;
-  std::uint64_t copy_ms = 0;
+  std::uint64_t copy_ms = 0;  // the last copy to this GPU: allocation and transfer
+  std::uint64_t h2d_us = 0;   // its host-to-device transfer alone
   Status last_error;
 };
 
