@@ -197,7 +197,7 @@ run_tests() {
       grep -A1 'Skipped$' "$log" | head -6 | sed 's/^/    /' | tee -a "$OUT/gpu-check.log" || true
     fi
     summary_tests+=("$name|${passed:-0}|${failed:-0}|${skipped:-0}|$rc")
-    grep -E '^\[  SKIPPED \] [A-Za-z]' "$log" | sed "s/^\[  SKIPPED \] /  $name: /" >>"$OUT/skipped.txt" || true
+    grep -E '^\[  SKIPPED \] [A-Za-z]' "$log" | grep -v ' ms)$' | sed "s/^\[  SKIPPED \] /  $name: /" >>"$OUT/skipped.txt" || true
     if [[ $rc != 0 ]]; then
       overall=1
       log "test $name failed (rc=$rc):"

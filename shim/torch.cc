@@ -5,6 +5,7 @@
 #include <torch/version.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <optional>
 #include <set>
 #include <string>
@@ -77,8 +78,18 @@ torch::Tensor MakeTensor(const Lease& lease, const Tensor& t) {
                                   : torch::Device(torch::kCPU);
   auto options = torch::TensorOptions().dtype(*scalar).device(device);
   if (t.nbytes == 0) return torch::empty(t.shape, options);
+  void* data = const_cast<std::byte*>(t.data);
+  if (device.is_cuda() && reinterpret_cast<std::uintptr_t>(data) % DTypeSize(t.dtype) != 0) {
+    // safetensors does not pad between tensors, so a tensor may start at an address that is
+    // not a multiple of its element size. GPU kernels fault on such loads ("misaligned
+    // address"), so this one tensor gets an aligned copy of its bytes (a byte-wise
+    // device-to-device copy) instead of a view; it holds no reference to the lease.
+    torch::Tensor bytes = torch::from_blob(data, {static_cast<std::int64_t>(t.nbytes)}, [lease](void*) {},
+                                           torch::TensorOptions().dtype(torch::kByte).device(device));
+    return bytes.clone().view(*scalar).view(t.shape);
+  }
   // The deleter owns a copy of the lease: the mapping outlives every view of it.
-  return torch::from_blob(const_cast<std::byte*>(t.data), t.shape, [lease](void*) {}, options);
+  return torch::from_blob(data, t.shape, [lease](void*) {}, options);
 }
 
 }  // namespace

@@ -6,9 +6,15 @@
 //    shared memory, or the GPU copy imported into this process for CUDA devices). Each
 //    tensor's deleter holds a reference to the lease, so the lease ends when the last tensor
 //    (or the TensorMap, or any module parameter bound to one) is destroyed, and no sooner.
-//  - Read-only: the memory is mapped PROT_READ. In-place operations on these tensors (or on
-//    parameters bound to them: optimizers, `param.add_()`, `load_state_dict` copies) end the
-//    process with SIGSEGV. Use them for inference under torch::NoGradGuard/InferenceMode.
+//  - Alignment: safetensors does not pad between tensors. A CUDA tensor whose address is not a
+//    multiple of its element size (which GPU kernels cannot load) is returned as an aligned
+//    private copy of its bytes instead of a view; every other tensor is zero-copy. CPU tensors
+//    are always views.
+//  - Read-only: host memory is mapped PROT_READ and GPU memory is imported read-only. In-place
+//    operations on these tensors (or on parameters bound to them: optimizers, `param.add_()`,
+//    `load_state_dict` copies) end the process with SIGSEGV on the CPU, and on a GPU with a
+//    CUDA error that poisons the process's context. Use them for inference under
+//    torch::NoGradGuard/InferenceMode, or ask for Options::private_copy.
 //  - Thread safety: functions may be called concurrently on different modules; binding the
 //    same module from two threads at once is a data race, as for any LibTorch module.
 //  - Builds against LibTorch 1.13 and 2.x. Dtypes LibTorch lacks (unsigned 16/32/64-bit
