@@ -243,8 +243,11 @@ Status Finalize(DaemonConfig* cfg) {
     std::snprintf(buf, sizeof buf, "weightd-%08x", static_cast<unsigned>(XXH64(cfg->socket.data(), cfg->socket.size(), 0)));
     cfg->shm_prefix = buf;
   }
-  if (cfg->shm_prefix.size() > 64 || !std::all_of(cfg->shm_prefix.begin(), cfg->shm_prefix.end(), IsNameChar))
-    return InvalidArgument("shm_prefix must be 1-64 of A-Z a-z 0-9 . _ -, got '" + cfg->shm_prefix + "'", "config.bad_prefix");
+  // No '.': segment names are "<prefix>.<model>...", and a prefix with a dot could be the start
+  // of another daemon's names ("a" and "a.b"), whose segments the stale-segment sweep would take.
+  if (cfg->shm_prefix.size() > 64 || cfg->shm_prefix.find('.') != std::string::npos ||
+      !std::all_of(cfg->shm_prefix.begin(), cfg->shm_prefix.end(), IsNameChar))
+    return InvalidArgument("shm_prefix must be 1-64 of A-Z a-z 0-9 _ -, got '" + cfg->shm_prefix + "'", "config.bad_prefix");
   if (cfg->shm_mode & 0002) return InvalidArgument("shm_mode must not be world-writable", "config.bad_mode");
   if (cfg->shm_mode & 0022) return InvalidArgument("shm_mode must not let group or others write segments", "config.bad_mode");
   if (cfg->chunk_size < 4096 || cfg->chunk_size > (1ull << 30))

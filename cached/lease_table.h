@@ -44,6 +44,7 @@ struct Session {
   posix::Fd pidfd;  // readable once the peer process has exited; invalid if unknown
   Clock::TimePoint last_seen;
   std::set<std::uint64_t> leases;
+  std::uint32_t pending = 0;  // requests parked until a load completes
 };
 
 struct LeaseRecord {

@@ -1,6 +1,7 @@
 #include "loader.h"
 
 #include <fcntl.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 #include <condition_variable>
@@ -38,8 +39,10 @@ Result<std::shared_ptr<ResidentModel>> Loader::LoadHost(const ModelConfig& mc, s
   std::vector<st::Header> headers;
   for (std::size_t i = 0; i < files.size(); ++i) {
     const std::string path = mc.dir + "/" + files[i];
-    ASSIGN_OR_RETURN(posix::Fd fd, posix::Open(path, O_RDONLY));
+    // O_NONBLOCK: a FIFO swapped in for a shard must not hang the loader on open.
+    ASSIGN_OR_RETURN(posix::Fd fd, posix::Open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC));
     ASSIGN_OR_RETURN(posix::FileInfo fi, posix::Stat(fd.get(), path));
+    if (!S_ISREG(fi.mode)) return InvalidArgument(path + " is not a regular file", "loader.not_a_regular_file");
     auto header = st::ReadHeader(fd.get(), fi.size);
     if (!header.ok()) return header.status().WithContext(path);
     ResidentShard shard;

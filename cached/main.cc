@@ -1,4 +1,5 @@
 // weightd — the resident weight cache daemon. See README.md ("weightd(8)").
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include <cstdio>
@@ -102,6 +103,24 @@ int main(int argc, char** argv) {
     weightd::UpsertModel(&cfg, *m);
   }
   if (auto s = weightd::Finalize(&cfg); !s.ok()) return Fail(kExitConfig, s);
+  // Every client connection takes a socket and a pidfd. Raise the soft fd limit to the hard one,
+  // and keep the session cap well inside it: libzmq aborts the process when accept() runs out
+  // of descriptors.
+  rlimit nofile{};
+  if (::getrlimit(RLIMIT_NOFILE, &nofile) == 0) {
+    if (nofile.rlim_cur < nofile.rlim_max) {
+      nofile.rlim_cur = nofile.rlim_max;
+      (void)::setrlimit(RLIMIT_NOFILE, &nofile);
+      (void)::getrlimit(RLIMIT_NOFILE, &nofile);
+    }
+    const auto budget = static_cast<std::uint64_t>(nofile.rlim_cur);
+    const std::uint64_t reserve = 256;  // segments being loaded, the fd channel, logs
+    const std::uint64_t fit = budget > 3 * reserve ? (budget - reserve) / 3 : 64;
+    if (cfg.max_sessions > fit) {
+      spdlog::warn("max_sessions {} lowered to {}: the fd limit is {} (raise LimitNOFILE)", cfg.max_sessions, fit, budget);
+      cfg.max_sessions = static_cast<std::uint32_t>(fit);
+    }
+  }
   auto level = spdlog::level::from_str(cfg.log_level);
   if (level == spdlog::level::off && cfg.log_level != "off")
     return Fail(kExitConfig, weightd::InvalidArgument("unknown log level '" + cfg.log_level + "'", "config.invalid"));

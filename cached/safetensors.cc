@@ -206,6 +206,12 @@ class SchemaHandler {
           state_ = State::kMetaObject;
           return true;
         }
+        // Names travel in manifests and index maps: they must be printable and bounded.
+        if (k.empty() || k.size() > kMaxTensorNameBytes ||
+            std::any_of(k.begin(), k.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; }))
+          return Reject(ParseError::kBadTensorEntry,
+                        "tensor name " + Quote(k) + " is empty, longer than " + std::to_string(kMaxTensorNameBytes) +
+                            " bytes, or holds control characters");
         // Copied, not moved: `k` is the lexer's token buffer, and stealing it would make the
         // lexer regrow a buffer for every later string.
         entry_ = TensorEntry{};

@@ -41,6 +41,9 @@ namespace weightd::st {
 
 inline constexpr std::uint64_t kMaxHeaderSize = 100'000'000;  // 100 MB, as the reference library
 
+// The longest tensor name accepted (Hugging Face names are well under 200 bytes).
+inline constexpr std::size_t kMaxTensorNameBytes = 1024;
+
 enum class ParseError {
   kFileTooSmall,       // fewer than 8 bytes
   kHeaderTooLarge,     // N > kMaxHeaderSize

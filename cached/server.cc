@@ -421,7 +421,14 @@ void Server::Impl::HandleMessages() {
       return;
     }
     ++requests;
-    HandleRequest(id.to_string(), payload);
+    const std::string rid = id.to_string();
+    try {
+      HandleRequest(rid, payload);
+    } catch (const std::exception& e) {
+      // A bug or an allocation failure while serving one request must not end the daemon.
+      spdlog::error("internal error serving a request: {}", e.what());
+      SendError(rid, 0, Internal(std::string("internal error: ") + e.what(), "daemon.internal"));
+    }
   }
 }
 
@@ -470,6 +477,9 @@ void Server::Impl::HandleRequest(const std::string& rid, zmq::message_t& payload
           return OnEvict(body);
         } else if constexpr (std::is_same_v<T, proto::Stats>) {
           return StatsNow();
+        } else if constexpr (std::is_same_v<T, proto::Goodbye>) {
+          EndSession(s->id, "client closed");
+          return std::nullopt;
         }
       },
       req->body);
@@ -479,7 +489,8 @@ void Server::Impl::HandleRequest(const std::string& rid, zmq::message_t& payload
 std::optional<proto::ReplyBody> Server::Impl::OnHello(const std::string& rid, const proto::Hello& m,
                                                        zmq::message_t& payload) {
   PeerCred peer;
-  if (const char* addr = payload.gets("Peer-Address")) {
+  // zmq_msg_gets, not cppzmq's gets(), which throws when the property is missing.
+  if (const char* addr = zmq_msg_gets(payload.handle(), "Peer-Address")) {
     if (auto p = ParsePeerAddress(addr)) peer = *p;
   }
   const bool fresh = leases.Find(rid) == nullptr;
@@ -532,15 +543,21 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
                                                      " leases, the maximum per client; release some first",
                                                  "limits.leases"));
   ModelEntry& e = it->second;
+  if (s.pending >= config.max_leases_per_client)
+    return proto::ToErrorReply(ResourceExhausted("this client already waits for " + std::to_string(s.pending) +
+                                                     " loads; wait for their answers first",
+                                                 "limits.pending"));
   Waiter w{Waiter::kAcquire, s.routing_id, req, s.id, m, ordinal};
   if (ordinal < 0) {
     if (e.state == ModelState::kResident) return GrantLease(s, e, m, -1);
+    ++s.pending;
     e.waiters.push_back(std::move(w));
     if (e.state != ModelState::kLoading) StartLoad(e);
     return std::nullopt;
   }
   GpuEntry& g = e.gpus[ordinal];
   if (g.state == ModelState::kResident) return GrantLease(s, e, m, ordinal);
+  ++s.pending;
   g.waiters.push_back(std::move(w));
   if (g.state != ModelState::kLoading) {
     g.state = ModelState::kLoading;
@@ -559,6 +576,11 @@ std::optional<proto::ReplyBody> Server::Impl::OnLoad(Session& s, std::uint64_t r
     return proto::ToErrorReply(NotFound("model '" + m.model + "' is not in the catalog", "catalog.unknown_model"));
   ModelEntry& e = it->second;
   if (e.state == ModelState::kResident) return StatusOf(e);
+  if (s.pending >= config.max_leases_per_client)
+    return proto::ToErrorReply(ResourceExhausted("this client already waits for " + std::to_string(s.pending) +
+                                                     " loads; wait for their answers first",
+                                                 "limits.pending"));
+  ++s.pending;
   e.waiters.push_back(Waiter{Waiter::kLoad, s.routing_id, req, s.id, {}});
   if (e.state != ModelState::kLoading) StartLoad(e);
   return std::nullopt;
@@ -807,6 +829,7 @@ void Server::Impl::AnswerWaiters(ModelEntry& m, std::vector<Waiter>& waiters, Mo
   for (Waiter& w : waiters) {
     Session* s = leases.FindById(w.session_id);
     if (s == nullptr) continue;  // the client went away while it waited
+    --s->pending;
     if (state != ModelState::kResident) {
       SendError(w.routing_id, w.request_id,
                 error.WithContext((w.ordinal < 0 ? "loading model '" : "copying model '") + m.config.name + "'" +
@@ -1159,8 +1182,12 @@ void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
     if (m.cancel) m.cancel->store(true);
     const Status changed = Unavailable("model '" + name + "' " + why + " while loading", "catalog.changed");
     auto answer = [&](std::vector<Waiter>& waiters) {
-      for (Waiter& w : waiters)
-        if (leases.FindById(w.session_id)) SendError(w.routing_id, w.request_id, changed);
+      for (Waiter& w : waiters) {
+        if (Session* s = leases.FindById(w.session_id)) {
+          --s->pending;
+          SendError(w.routing_id, w.request_id, changed);
+        }
+      }
       waiters.clear();
     };
     answer(m.waiters);

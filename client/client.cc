@@ -67,8 +67,8 @@ std::string Seconds(milliseconds ms) {
 }
 
 std::string_view RequestName(const proto::RequestBody& b) {
-  static constexpr std::string_view kNames[] = {"Hello", "Acquire",       "Release", "Heartbeat", "List",
-                                                "StatusRequest", "Load", "Evict",   "Stats"};
+  static constexpr std::string_view kNames[] = {"Hello",         "Acquire", "Release", "Heartbeat", "List",
+                                                "StatusRequest", "Load",    "Evict",   "Stats",     "Goodbye"};
   return b.index() < std::size(kNames) ? kNames[b.index()] : "?";
 }
 
@@ -118,33 +118,34 @@ Status ValidateManifest(const proto::Manifest& m, bool gpu) {
   std::unordered_set<std::string_view> seen;
   seen.reserve(m.tensors.size());
   for (const auto& t : m.tensors) {
-    const std::string who = "tensor '" + t.name + "'";
+    // Built only on the error paths: this loop runs for every tensor of every attach.
+    auto who = [&t] { return "tensor '" + t.name + "'"; };
     if (t.name.empty()) return BadManifest(m.model, "a tensor has an empty name");
-    if (!seen.insert(t.name).second) return BadManifest(m.model, who + " appears twice");
+    if (!seen.insert(t.name).second) return BadManifest(m.model, who() + " appears twice");
     if (!IsValidDType(t.dtype))
-      return BadManifest(m.model, who + " has unknown dtype code " + std::to_string(t.dtype));
+      return BadManifest(m.model, who() + " has unknown dtype code " + std::to_string(t.dtype));
     if (t.segment >= m.segments.size())
-      return BadManifest(m.model, who + " is in segment " + std::to_string(t.segment) + " of " +
+      return BadManifest(m.model, who() + " is in segment " + std::to_string(t.segment) + " of " +
                                       std::to_string(m.segments.size()));
     std::uint64_t elements = 1;
     for (std::int64_t d : t.shape) {
-      if (d < 0) return BadManifest(m.model, who + " has negative dimension in shape " + ShapeString(t.shape));
+      if (d < 0) return BadManifest(m.model, who() + " has negative dimension in shape " + ShapeString(t.shape));
       auto ud = static_cast<std::uint64_t>(d);
       if (ud != 0 && elements > std::numeric_limits<std::uint64_t>::max() / ud)
-        return BadManifest(m.model, who + " shape " + ShapeString(t.shape) + " overflows");
+        return BadManifest(m.model, who() + " shape " + ShapeString(t.shape) + " overflows");
       elements *= ud;
     }
     const std::uint64_t esize = DTypeSize(static_cast<DType>(t.dtype));
     if (elements > std::numeric_limits<std::uint64_t>::max() / esize)
-      return BadManifest(m.model, who + " shape " + ShapeString(t.shape) + " overflows");
+      return BadManifest(m.model, who() + " shape " + ShapeString(t.shape) + " overflows");
     if (elements * esize != t.nbytes)
-      return BadManifest(m.model, who + " claims " + std::to_string(t.nbytes) + " bytes, but shape " +
+      return BadManifest(m.model, who() + " claims " + std::to_string(t.nbytes) + " bytes, but shape " +
                                       ShapeString(t.shape) + " of " +
                                       std::string(DTypeName(static_cast<DType>(t.dtype))) + " needs " +
                                       std::to_string(elements * esize));
     const auto& seg = m.segments[t.segment];
     if (t.offset > seg.data_size || t.nbytes > seg.data_size - t.offset)
-      return BadManifest(m.model, who + " at [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
+      return BadManifest(m.model, who() + " at [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +
                                       ") lies outside the " + std::to_string(seg.data_size) +
                                       " data bytes of segment " + std::to_string(t.segment));
   }
@@ -202,13 +203,13 @@ Status ValidateGpuManifest(const proto::Manifest& m, std::string_view uuid) {
     return BadManifest(m.model, "unknown GPU export mode " + std::to_string(m.gpu_export));
   for (std::size_t i = 0; i < m.segments.size(); ++i) {
     const auto& s = m.segments[i];
-    const std::string who = "GPU shard " + std::to_string(i);
-    if (s.size != 0 || !s.shm_name.empty()) return BadManifest(m.model, who + " names a host segment");
+    auto who = [i] { return "GPU shard " + std::to_string(i); };
+    if (s.size != 0 || !s.shm_name.empty()) return BadManifest(m.model, who() + " names a host segment");
     if (s.gpu_alloc_size == 0 || s.gpu_alloc_size < s.data_size)
-      return BadManifest(m.model, who + " allocation of " + std::to_string(s.gpu_alloc_size) + " bytes holds no " +
+      return BadManifest(m.model, who() + " allocation of " + std::to_string(s.gpu_alloc_size) + " bytes holds no " +
                                       std::to_string(s.data_size) + " data bytes");
     if (!vmm && s.ipc_handle.size() != gpu::kIpcHandleSize)
-      return BadManifest(m.model, who + " has a CUDA IPC handle of " + std::to_string(s.ipc_handle.size()) + " bytes");
+      return BadManifest(m.model, who() + " has a CUDA IPC handle of " + std::to_string(s.ipc_handle.size()) + " bytes");
   }
   if (vmm && (m.fd_token.empty() || m.fd_token.size() > fdchan::kMaxTokenBytes || m.fd_socket.empty() ||
               m.fd_socket[0] != '/' || m.fd_socket.size() > 107))
@@ -280,6 +281,7 @@ struct Client::Impl {
   Impl(std::string ep, ClientOptions opts) : endpoint(std::move(ep)), options(std::move(opts)) {}
   ~Impl() {
     StopHeartbeats();
+    SayGoodbye();
     // Context creation must finish before the CUDA interface goes.
     std::lock_guard g(cuda_mu_);
     warmups_.clear();
@@ -359,6 +361,17 @@ struct Client::Impl {
  private:
   milliseconds Interval() const { return milliseconds(hello.heartbeat_interval_ms); }
   Clock::time_point LastHeartbeat() const { return Clock::time_point(Clock::duration(last_heartbeat_ns_.load())); }
+
+  // Lets the daemon end the session now instead of at its heartbeat timeout. Best effort:
+  // queued without waiting, flushed within the linger time.
+  void SayGoodbye() noexcept {
+    if (hello.session_id == 0 || ::getpid() != pid) return;
+    try {
+      socket.set(zmq::sockopt::linger, 200);
+      (void)Send(proto::Goodbye{}, next_id_++);
+    } catch (...) {
+    }
+  }
 
   void StopHeartbeats() {
     {
@@ -465,6 +478,13 @@ struct Client::Impl {
         }
         auto reply = proto::DecodeReply(std::string_view(static_cast<const char*>(msg.data()), msg.size()));
         if (!reply.ok()) return reply.status().WithContext("reply from weightd at " + endpoint);
+        if (reply->id == 0) {
+          // The daemon could not decode a request of ours, so it could not echo its id: the
+          // request in flight is the one it means.
+          if (auto* err = std::get_if<proto::ErrorReply>(&reply->body))
+            return proto::FromErrorReply(*err).WithContext(std::string(RequestName(body)) + " refused");
+          continue;
+        }
         if (reply->id != id) {
           DiscardLeftover(*reply);
           continue;

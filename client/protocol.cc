@@ -96,6 +96,7 @@ template <class A> void serialize(A& ar, StatusRequest& m) { ar(m.model); }
 template <class A> void serialize(A& ar, Load& m) { ar(m.model); }
 template <class A> void serialize(A& ar, Evict& m) { ar(m.model); }
 template <class A> void serialize(A&, Stats&) {}
+template <class A> void serialize(A&, Goodbye&) {}
 template <class A> void serialize(A& ar, Request& m) { ar(m.id, m.body); }
 
 template <class A> void serialize(A& ar, ErrorReply& m) { ar(m.code, m.message, m.reason); }

@@ -66,8 +66,12 @@ struct Evict {
 
 struct Stats {};
 
+// Ends the session and its leases now, rather than at the heartbeat timeout. Sent by a client
+// that closes; the daemon does not answer it.
+struct Goodbye {};
+
 using RequestBody =
-    std::variant<Hello, Acquire, Release, Heartbeat, List, StatusRequest, Load, Evict, Stats>;
+    std::variant<Hello, Acquire, Release, Heartbeat, List, StatusRequest, Load, Evict, Stats, Goodbye>;
 
 struct Request {
   std::uint64_t id = 0;  // echoed in the reply

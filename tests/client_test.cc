@@ -277,6 +277,23 @@ TEST(Client, ErrorReplyBecomesStatus) {
   EXPECT_TRUE(d.ReceivedOf<proto::Release>().empty());
 }
 
+TEST(Client, AnErrorTheDaemonCouldNotAddressAnswersTheCallInFlight) {
+  // A daemon that cannot decode a request answers with id 0; the call must not wait out its
+  // timeout (10 s here) for a reply that will never carry its id.
+  FakeDaemon d([](const proto::Request& r) -> std::optional<std::string> {
+    if (std::holds_alternative<proto::Stats>(r.body))
+      return Frame(0, proto::ErrorReply{static_cast<std::uint8_t>(Code::kInvalidArgument), "malformed message",
+                                        "protocol.malformed"});
+    return std::nullopt;
+  });
+  Client c = ConnectOrDie(d);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto st = c.Stats();
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, std::chrono::seconds(2));
+  ASSERT_FALSE(st.ok());
+  EXPECT_EQ(st.status().reason(), "protocol.malformed");
+}
+
 // ---- hostile manifests ----------------------------------------------------------------------
 
 struct BadManifestCase {

@@ -426,3 +426,57 @@ TEST_F(DaemonTest, CleanShutdownRemovesSegmentsButClientsKeepTheirMappings) {
 
 }  // namespace
 }  // namespace weightd
+
+namespace weightd {
+namespace {
+
+TEST_F(DaemonTest, ParkedRequestsPerClientAreCapped) {
+  // A model big enough that its load is still running when the burst below arrives.
+  std::vector<st::TensorSpec> big;
+  for (int i = 0; i < 8; ++i) big.push_back({"w." + std::to_string(i), DType::kF32, {1024, 2048}});
+  ASSERT_TRUE(testing::WriteModel(models_.file("big"), big, 5).ok());
+  auto d = StartOrDie({.models = {{"big", models_.file("big")}}, .config_toml = "[daemon]\nmax_leases_per_client = 2\n"});
+  ASSERT_NE(d, nullptr);
+  zmq::context_t ctx;
+  zmq::socket_t sock(ctx, zmq::socket_type::dealer);
+  sock.set(zmq::sockopt::linger, 0);
+  sock.set(zmq::sockopt::rcvtimeo, 20000);
+  sock.connect(d->endpoint());
+  auto send = [&](std::uint64_t id, proto::RequestBody b) { sock.send(zmq::buffer(proto::EncodeRequest({id, std::move(b)}))); };
+  send(1, proto::Hello{"burst"});
+  for (std::uint64_t id = 2; id <= 4; ++id) send(id, proto::Load{"big"});
+  std::map<std::uint64_t, proto::Reply> replies;
+  while (replies.size() < 4) {
+    zmq::message_t m;
+    ASSERT_TRUE(sock.recv(m)) << "no reply";
+    auto r = proto::DecodeReply(m.to_string_view());
+    ASSERT_TRUE(r.ok());
+    replies[r->id] = *r;
+  }
+  // Two wait for the load; the third is refused at once.
+  EXPECT_TRUE(std::holds_alternative<proto::ModelStatus>(replies[2].body));
+  EXPECT_TRUE(std::holds_alternative<proto::ModelStatus>(replies[3].body));
+  auto* e = std::get_if<proto::ErrorReply>(&replies[4].body);
+  ASSERT_NE(e, nullptr);
+  EXPECT_EQ(e->reason, "limits.pending");
+}
+
+TEST_F(DaemonTest, AClosedClientsSessionEndsAtOnce) {
+  auto d = StartOrDie({.models = {{"small", models_.file("small")}}});
+  ASSERT_NE(d, nullptr);
+  Client watcher = ConnectOrDie(*d);
+  { Client gone = ConnectOrDie(*d); }
+  // Goodbye, not the 10 s heartbeat timeout, ends it.
+  const auto t0 = std::chrono::steady_clock::now();
+  std::uint32_t sessions = 2;
+  while (sessions > 1 && std::chrono::steady_clock::now() - t0 < std::chrono::seconds(2)) {
+    auto st = watcher.Stats();
+    ASSERT_TRUE(st.ok());
+    sessions = st->sessions;
+    if (sessions > 1) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  EXPECT_EQ(sessions, 1u);
+}
+
+}  // namespace
+}  // namespace weightd

@@ -306,6 +306,16 @@ TEST(Safetensors, RejectsBadTensorEntry) {
   }
 }
 
+TEST(Safetensors, RejectsEmptyOverlongAndControlCharacterNames) {
+  const std::string entry = R"({"dtype":"U8","shape":[1],"data_offsets":[0,1]})";
+  for (const std::string& name : {std::string(""), std::string("a\\u0000b"), std::string("tab\\there"),
+                                  std::string(kMaxTensorNameBytes + 1, 'n')}) {
+    auto r = Parse("{\"" + name + "\":" + entry + "}", 1);
+    EXPECT_TRUE(FailsWith(r, ParseError::kBadTensorEntry)) << name.substr(0, 20);
+  }
+  EXPECT_TRUE(Parse("{\"" + std::string(kMaxTensorNameBytes, 'n') + "\":" + entry + "}", 1).ok());
+}
+
 TEST(Safetensors, RejectsUnknownDtype) {
   for (const std::string d : {"F128", "f32", "bf16", "", "U8 ", "FLOAT", "F8_E4M3FN"}) {
     auto r = Parse(R"({"w":)" + Entry(d, "[1]", 0, 1) + "}", 1);
@@ -406,14 +416,15 @@ TEST(Safetensors, RefusesDeepNestingAtItsFirstLevel) {
 }
 
 TEST(Safetensors, ClipsHostileNamesInMessages) {
+  // Both names are refused (too long; control characters), and the refusal quotes them safely.
   const std::string name(1 << 20, 'n');
   auto r = Parse("{\"" + name + "\":" + Entry("U8", "[2]", 0, 1) + "}", 1);
-  EXPECT_TRUE(FailsWith(r, ParseError::kSizeMismatch));
+  EXPECT_TRUE(FailsWith(r, ParseError::kBadTensorEntry));
   EXPECT_LT(r.status().message().size(), 1024u);
   EXPECT_NE(r.status().message().find("1048576 bytes"), std::string::npos) << r.status().message();
   // Control characters in names are escaped, not written raw into logs.
   auto c = Parse(R"({"a\nb\u001b":)" + Entry("U8", "[2]", 0, 1) + "}", 1);
-  EXPECT_TRUE(FailsWith(c, ParseError::kSizeMismatch));
+  EXPECT_TRUE(FailsWith(c, ParseError::kBadTensorEntry));
   EXPECT_EQ(c.status().message().find('\n'), std::string::npos);
   EXPECT_NE(c.status().message().find("a\\x0ab\\x1b"), std::string::npos) << c.status().message();
 }
