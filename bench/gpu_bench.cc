@@ -13,10 +13,6 @@
 // Environment: WEIGHTD_BENCH_DIT_DIR, where the checkpoint is written once and reused (default
 // $TMPDIR/weightd-bench-dit5b). The process re-executes itself as the N memory clients.
 #include <fcntl.h>
-#include <poll.h>
-#include <signal.h>
-#include <spawn.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -33,10 +29,9 @@
 #include "cuda_api.h"
 #include "generator.h"
 #include "posix.h"
+#include "support/child_process.h"
 #include "support/daemon_process.h"
 #include "weightd/client.h"
-
-extern char** environ;
 
 namespace weightd::bench {
 namespace {
@@ -100,48 +95,6 @@ int ChildMain(const std::string& mode, const std::string& endpoint) {
   for (gpu::DevicePtr p : own) (void)api->Free(p);
   return 0;
 }
-
-class ChildProcess {
- public:
-  ChildProcess(const std::string& mode, const std::string& endpoint) {
-    int in[2], out[2];
-    if (::pipe2(in, O_CLOEXEC) != 0 || ::pipe2(out, O_CLOEXEC) != 0) return;
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, in[0], STDIN_FILENO);
-    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-    std::string arg_mode = "--child=" + mode, arg_ep = endpoint;
-    char* argv[] = {const_cast<char*>("weightd_bench_gpu"), arg_mode.data(), arg_ep.data(), nullptr};
-    if (::posix_spawn(&pid_, "/proc/self/exe", &fa, nullptr, argv, environ) != 0) pid_ = -1;
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(in[0]);
-    ::close(out[1]);
-    to_.reset(in[1]);
-    from_.reset(out[0]);
-  }
-  ~ChildProcess() {
-    to_.reset();
-    if (pid_ > 0) ::waitpid(pid_, nullptr, 0);
-  }
-  // "ready", or what went wrong.
-  std::string WaitReady() {
-    std::string got;
-    const auto deadline = Clock::now() + std::chrono::seconds(120);
-    while (got.find('\n') == std::string::npos && Clock::now() < deadline) {
-      pollfd p{from_.get(), POLLIN, 0};
-      if (::poll(&p, 1, 1000) <= 0) continue;
-      char buf[512];
-      ssize_t n = ::read(from_.get(), buf, sizeof buf);
-      if (n <= 0) break;
-      got.append(buf, static_cast<std::size_t>(n));
-    }
-    return got.substr(0, got.find('\n'));
-  }
-
- private:
-  pid_t pid_ = -1;
-  posix::Fd to_, from_;
-};
 
 // ---- setup ---------------------------------------------------------------------------------
 
@@ -303,10 +256,12 @@ void BM_GpuMemory(benchmark::State& state) {
   };
   for (auto _ : state) {
     const std::uint64_t before = used();  // the daemon's copy and this process's context
-    std::vector<std::unique_ptr<ChildProcess>> kids;
-    for (int i = 0; i < n; ++i) kids.push_back(std::make_unique<ChildProcess>(shared ? "shared" : "private", g_env->daemon->endpoint()));
+    std::vector<std::unique_ptr<testing::ChildProcess>> kids;
+    for (int i = 0; i < n; ++i)
+      kids.push_back(std::make_unique<testing::ChildProcess>(
+          std::vector<std::string>{std::string("--child=") + (shared ? "shared" : "private"), g_env->daemon->endpoint()}));
     for (auto& k : kids) {
-      std::string r = k->WaitReady();
+      std::string r = k->ReadLine(std::chrono::seconds(120));
       if (r != "ready") return state.SkipWithError(("client: " + r).c_str());
     }
     const std::uint64_t during = used();

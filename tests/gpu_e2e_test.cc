@@ -3,9 +3,7 @@
 // back against the files. Every test skips, with its reason, where no CUDA device is usable.
 #include <fcntl.h>
 #include <gtest/gtest.h>
-#include <poll.h>
 #include <signal.h>
-#include <spawn.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -18,10 +16,9 @@
 
 #include "cuda_api.h"
 #include "posix.h"
+#include "support/child_process.h"
 #include "support/daemon_process.h"
 #include "weightd/client.h"
-
-extern char** environ;
 
 namespace weightd {
 namespace {
@@ -91,73 +88,30 @@ TEST(GpuE2EChild, Hold) {
   }
 }
 
-// A GpuE2EChild.Hold process with a pipe to its stdin and from its stdout.
+// A GpuE2EChild.Hold process, driven over its stdin and stdout.
 class Child {
  public:
-  Child(const std::string& mode, const std::string& socket, const std::string& model) {
-    int in[2], out[2];
-    EXPECT_EQ(::pipe2(in, O_CLOEXEC), 0);
-    EXPECT_EQ(::pipe2(out, O_CLOEXEC), 0);
-    posix_spawn_file_actions_t fa;
-    posix_spawn_file_actions_init(&fa);
-    posix_spawn_file_actions_adddup2(&fa, in[0], STDIN_FILENO);
-    posix_spawn_file_actions_adddup2(&fa, out[1], STDOUT_FILENO);
-    std::vector<std::string> env_strings = {"WEIGHTD_E2E_MODE=" + mode, "WEIGHTD_E2E_SOCKET=" + socket,
-                                            "WEIGHTD_E2E_MODEL=" + model};
-    for (char** e = environ; *e != nullptr; ++e) env_strings.emplace_back(*e);
-    std::vector<char*> envp;
-    for (auto& s : env_strings) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    std::string filter = "--gtest_filter=GpuE2EChild.Hold";
-    char* argv[] = {const_cast<char*>("gpu_e2e_test"), filter.data(), nullptr};
-    EXPECT_EQ(::posix_spawn(&pid_, "/proc/self/exe", &fa, nullptr, argv, envp.data()), 0);
-    posix_spawn_file_actions_destroy(&fa);
-    ::close(in[0]);
-    ::close(out[1]);
-    to_.reset(in[1]);
-    from_.reset(out[0]);
+  Child(const std::string& mode, const std::string& socket, const std::string& model)
+      : p_({"--gtest_filter=GpuE2EChild.Hold"},
+           {"WEIGHTD_E2E_MODE=" + mode, "WEIGHTD_E2E_SOCKET=" + socket, "WEIGHTD_E2E_MODEL=" + model}) {
+    EXPECT_TRUE(p_.started());
   }
-  ~Child() {
-    to_.reset();  // EOF: the child exits
-    if (pid_ > 0) {
-      for (int i = 0; i < 100 && ::waitpid(pid_, nullptr, WNOHANG) == 0; ++i) std::this_thread::sleep_for(50ms);
-      ::kill(pid_, SIGKILL);
-      ::waitpid(pid_, nullptr, 0);
-    }
-  }
-  pid_t pid() const { return pid_; }
-  // The child's next stdout line ("ready", "ok", "bad ..."), or "" after `timeout`.
+  // The child's next answer ("ready", "ok", "bad ..."), skipping gtest's own output; "" on
+  // timeout.
   std::string ReadLine(std::chrono::milliseconds timeout = 60s) {
     const auto deadline = std::chrono::steady_clock::now() + timeout;
-    for (;;) {
-      if (auto nl = pending_.find('\n'); nl != std::string::npos) {
-        std::string line = pending_.substr(0, nl);
-        pending_.erase(0, nl + 1);
-        // gtest's own chatter goes to stdout too.
-        if (line == "ready" || line == "ok" || line.rfind("bad", 0) == 0) return line;
-        continue;
-      }
-      auto left = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - std::chrono::steady_clock::now());
-      if (left.count() <= 0) return "";
-      pollfd p{from_.get(), POLLIN, 0};
-      if (::poll(&p, 1, static_cast<int>(left.count())) <= 0) return "";
-      char buf[4096];
-      ssize_t n = ::read(from_.get(), buf, sizeof buf);
-      if (n <= 0) return "";
-      pending_.append(buf, static_cast<std::size_t>(n));
+    while (std::chrono::steady_clock::now() < deadline) {
+      std::string line = p_.ReadLine(std::chrono::duration_cast<std::chrono::milliseconds>(
+          deadline - std::chrono::steady_clock::now()));
+      if (line == "ready" || line == "ok" || line.rfind("bad", 0) == 0) return line;
     }
+    return "";
   }
-  void Say(const std::string& line) { (void)!::write(to_.get(), (line + "\n").data(), line.size() + 1); }
-  void Kill() {
-    ::kill(pid_, SIGKILL);
-    ::waitpid(pid_, nullptr, 0);
-    pid_ = -1;
-  }
+  void Say(const std::string& line) { p_.Say(line); }
+  void Kill() { p_.Kill(); }
 
  private:
-  pid_t pid_ = -1;
-  posix::Fd to_, from_;
-  std::string pending_;
+  testing::ChildProcess p_;
 };
 
 class GpuE2E : public ::testing::Test {
