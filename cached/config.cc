@@ -57,6 +57,11 @@ Result<std::uint32_t> CountNode(const toml::node& n, const std::string& key, con
   return static_cast<std::uint32_t>(*i);
 }
 
+Result<bool> BoolNode(const toml::node& n, const std::string& key, const std::string& origin) {
+  if (!n.is_boolean()) return Invalid(origin, key + " must be true or false");
+  return *n.value<bool>();
+}
+
 Result<std::string> StringNode(const toml::node& n, const std::string& key, const std::string& origin) {
   auto s = n.value<std::string>();
   if (!n.is_string() || !s) return Invalid(origin, key + " must be a string");
@@ -168,13 +173,9 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
       const std::string k(key.str());
       const std::string qk = "gpu." + k;
       if (k == "enabled") {
-        auto b = node.value<bool>();
-        if (!b) return Invalid(origin, qk + " must be true or false");
-        cfg->gpu_enabled = *b;
+        ASSIGN_OR_RETURN(cfg->gpu_enabled, BoolNode(node, qk, origin));
       } else if (k == "pin_host") {
-        auto b = node.value<bool>();
-        if (!b) return Invalid(origin, qk + " must be true or false");
-        cfg->gpu_pin_host = *b;
+        ASSIGN_OR_RETURN(cfg->gpu_pin_host, BoolNode(node, qk, origin));
       } else if (k == "export") {
         ASSIGN_OR_RETURN(cfg->gpu_export, StringNode(node, qk, origin));
       } else if (k == "fd_socket") {

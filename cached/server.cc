@@ -241,6 +241,7 @@ struct Server::Impl {
   Status Loop();
   void HandleMessages();
   void HandleRequest(const std::string& routing_id, zmq::message_t& payload);
+  void Dispatch(const std::string& routing_id, std::uint64_t id, proto::Request& req, zmq::message_t& payload);
   void HandleEpoll();
   void HandleSignal();
   void HandleCompletions();
@@ -421,14 +422,7 @@ void Server::Impl::HandleMessages() {
       return;
     }
     ++requests;
-    const std::string rid = id.to_string();
-    try {
-      HandleRequest(rid, payload);
-    } catch (const std::exception& e) {
-      // A bug or an allocation failure while serving one request must not end the daemon.
-      spdlog::error("internal error serving a request: {}", e.what());
-      SendError(rid, 0, Internal(std::string("internal error: ") + e.what(), "daemon.internal"));
-    }
+    HandleRequest(id.to_string(), payload);
   }
 }
 
@@ -441,7 +435,17 @@ void Server::Impl::HandleRequest(const std::string& rid, zmq::message_t& payload
     return;
   }
   const std::uint64_t id = req->id;
-  if (auto* hello = std::get_if<proto::Hello>(&req->body)) {
+  try {
+    Dispatch(rid, id, *req, payload);
+  } catch (const std::exception& e) {
+    // A bug or an allocation failure while serving one request must not end the daemon.
+    spdlog::error("internal error serving a request: {}", e.what());
+    SendError(rid, id, Internal(std::string("internal error: ") + e.what(), "daemon.internal"));
+  }
+}
+
+void Server::Impl::Dispatch(const std::string& rid, std::uint64_t id, proto::Request& req, zmq::message_t& payload) {
+  if (auto* hello = std::get_if<proto::Hello>(&req.body)) {
     if (auto r = OnHello(rid, *hello, payload)) Send(rid, id, std::move(*r));
     return;
   }
@@ -482,7 +486,7 @@ void Server::Impl::HandleRequest(const std::string& rid, zmq::message_t& payload
           return std::nullopt;
         }
       },
-      req->body);
+      req.body);
   if (reply) Send(rid, id, std::move(*reply));
 }
 
@@ -543,20 +547,27 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
                                                      " leases, the maximum per client; release some first",
                                                  "limits.leases"));
   ModelEntry& e = it->second;
-  if (s.pending >= config.max_leases_per_client)
-    return proto::ToErrorReply(ResourceExhausted("this client already waits for " + std::to_string(s.pending) +
-                                                     " loads; wait for their answers first",
-                                                 "limits.pending"));
+  const Status too_many = ResourceExhausted("this client already waits for " + std::to_string(s.pending) +
+                                                " loads; wait for their answers first",
+                                            "limits.pending");
   Waiter w{Waiter::kAcquire, s.routing_id, req, s.id, m, ordinal};
   if (ordinal < 0) {
     if (e.state == ModelState::kResident) return GrantLease(s, e, m, -1);
+    if (s.pending >= config.max_leases_per_client) return proto::ToErrorReply(too_many);
     ++s.pending;
     e.waiters.push_back(std::move(w));
     if (e.state != ModelState::kLoading) StartLoad(e);
     return std::nullopt;
   }
+  // A VMM copy reaches only the process that proved who it is: without the peer's credentials
+  // its fds could never be fetched.
+  if (gpu_mode == gpu::ExportMode::kVmm && !s.peer.known)
+    return proto::ToErrorReply(PermissionDenied("GPU leases need the client's credentials, which this connection did not "
+                                                "provide (connect over ipc://)",
+                                                "gpu.no_credentials"));
   GpuEntry& g = e.gpus[ordinal];
   if (g.state == ModelState::kResident) return GrantLease(s, e, m, ordinal);
+  if (s.pending >= config.max_leases_per_client) return proto::ToErrorReply(too_many);
   ++s.pending;
   g.waiters.push_back(std::move(w));
   if (g.state != ModelState::kLoading) {
@@ -994,7 +1005,8 @@ void Server::Impl::Send(const std::string& rid, std::uint64_t request_id, proto:
   const bool too_large = frame.size() > proto::kMaxReplyBytes;
   if (too_large) {
     Status error = ResourceExhausted("the reply would be " + std::to_string(frame.size()) + " bytes, more than the " +
-                                         std::to_string(proto::kMaxReplyBytes) + " a client accepts; use a tensor filter",
+                                         std::to_string(proto::kMaxReplyBytes) +
+                                         " a client accepts (for an Acquire: select fewer tensors)",
                                      "protocol.reply_too_large");
     frame = proto::EncodeReply(proto::Reply{request_id, proto::ToErrorReply(error)});
   }
@@ -1010,6 +1022,7 @@ void Server::Impl::Send(const std::string& rid, std::uint64_t request_id, proto:
   // rather than when the session ends.
   if (granted != 0 && (!sent || too_large)) {
     if (Session* s = leases.Find(rid)) (void)leases.Release(*s, granted);
+    std::erase_if(pending_fds, [granted](const auto& kv) { return kv.second.lease_id == granted; });
   }
 }
 
@@ -1045,7 +1058,8 @@ void Server::Impl::AcceptFdClients() {
     if (!conn->has_value()) return;
     fdchan::FdConnection c = std::move(**conn);
     if (fd_clients.size() >= kMaxFdConnections) {
-      (void)c.SendReply(ResourceExhausted("too many pending fd requests; try again", "fdchan.busy"), {}, {}, kFdSendTimeout);
+      // Never wait on this peer: a fresh socket takes the short reply at once, or it goes unsent.
+      (void)c.SendReply(ResourceExhausted("too many pending fd requests; try again", "fdchan.busy"), {}, {}, Ms(0));
       continue;
     }
     const int fd = c.fd();

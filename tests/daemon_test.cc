@@ -435,7 +435,8 @@ TEST_F(DaemonTest, ParkedRequestsPerClientAreCapped) {
   std::vector<st::TensorSpec> big;
   for (int i = 0; i < 8; ++i) big.push_back({"w." + std::to_string(i), DType::kF32, {1024, 2048}});
   ASSERT_TRUE(testing::WriteModel(models_.file("big"), big, 5).ok());
-  auto d = StartOrDie({.models = {{"big", models_.file("big")}}, .config_toml = "[daemon]\nmax_leases_per_client = 2\n"});
+  auto d = StartOrDie({.models = {{"big", models_.file("big")}, {"small", models_.file("small")}},
+                       .config_toml = "[daemon]\nmax_leases_per_client = 2\n"});
   ASSERT_NE(d, nullptr);
   zmq::context_t ctx;
   zmq::socket_t sock(ctx, zmq::socket_type::dealer);
@@ -443,10 +444,15 @@ TEST_F(DaemonTest, ParkedRequestsPerClientAreCapped) {
   sock.set(zmq::sockopt::rcvtimeo, 20000);
   sock.connect(d->endpoint());
   auto send = [&](std::uint64_t id, proto::RequestBody b) { sock.send(zmq::buffer(proto::EncodeRequest({id, std::move(b)}))); };
+  {
+    Client c = ConnectOrDie(*d);
+    ASSERT_TRUE(c.Load("small").ok());
+  }
   send(1, proto::Hello{"burst"});
   for (std::uint64_t id = 2; id <= 4; ++id) send(id, proto::Load{"big"});
+  send(5, proto::Acquire{"small", "cpu", {}});  // resident: served at once, whatever is parked
   std::map<std::uint64_t, proto::Reply> replies;
-  while (replies.size() < 4) {
+  while (replies.size() < 5) {
     zmq::message_t m;
     ASSERT_TRUE(sock.recv(m)) << "no reply";
     auto r = proto::DecodeReply(m.to_string_view());
@@ -459,6 +465,7 @@ TEST_F(DaemonTest, ParkedRequestsPerClientAreCapped) {
   auto* e = std::get_if<proto::ErrorReply>(&replies[4].body);
   ASSERT_NE(e, nullptr);
   EXPECT_EQ(e->reason, "limits.pending");
+  EXPECT_TRUE(std::holds_alternative<proto::Manifest>(replies[5].body));
 }
 
 TEST_F(DaemonTest, AClosedClientsSessionEndsAtOnce) {
