@@ -7,6 +7,9 @@
 //                          resident (the daemon's copy time, and the whole Acquire)
 //   BM_GpuAttach           the model resident on the GPU: Connect + Acquire(cuda:0) until all
 //                          270 CUDA tensors are usable, this process's context already made
+//   BM_FreshProcessReady   a fresh process, from main() to all 270 CUDA tensors usable, against
+//                          a fresh process that only creates its CUDA context: the client
+//                          overlaps the context with the attach, so the two should be close
 //   BM_GpuMemory/N/shared  GPU memory used by N processes holding the model through weightd,
 //   BM_GpuMemory/N/private ... and by N processes that each keep a private device copy
 //
@@ -15,6 +18,7 @@
 #include <fcntl.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -63,7 +67,24 @@ ClientOptions Options(const std::string& endpoint) {
 
 // --child=shared|private ENDPOINT: acquires the model on cuda:0; "private" then copies it into
 // memory of its own and drops the lease. Prints "ready", then waits for stdin to close.
-int ChildMain(const std::string& mode, const std::string& endpoint) {
+// --child=startup|context ENDPOINT: prints the milliseconds from process start to tensors
+// ready (Connect with prepare_cuda_device, Acquire on cuda:0), or to a CUDA context alone.
+int ChildMain(const std::string& mode, const std::string& endpoint, Clock::time_point start) {
+  if (mode == "context" || mode == "startup") {
+    if (mode == "context") {
+      auto api = gpu::LoadCudaApi();
+      if (!api.ok() || !(*api)->SetDevice(0).ok()) return std::printf("bad no CUDA\n"), 1;
+    } else {
+      ClientOptions o = Options(endpoint);
+      o.prepare_cuda_device = 0;
+      auto c = Client::Connect(o);
+      if (!c.ok()) return std::printf("bad %s\n", c.status().ToString().c_str()), 1;
+      auto lease = c->Acquire(kModel, AcquireOptions{"cuda:0", {}});
+      if (!lease.ok()) return std::printf("bad %s\n", lease.status().ToString().c_str()), 1;
+    }
+    std::printf("%.3f\n", std::chrono::duration<double, std::milli>(Clock::now() - start).count());
+    return 0;
+  }
   auto client = Client::Connect(Options(endpoint));
   if (!client.ok()) return std::printf("bad %s\n", client.status().ToString().c_str()), 1;
   auto lease = client->Acquire(kModel, AcquireOptions{"cuda:0", {}});
@@ -273,9 +294,40 @@ void BM_GpuMemory(benchmark::State& state) {
   }
 }
 
+void BM_FreshProcessReady(benchmark::State& state) {
+  if (SkipIfNoGpu(state)) return;
+  {
+    auto c = Client::Connect(Options(g_env->daemon->endpoint()));  // make sure the copy is resident
+    if (!c.ok() || !c->Acquire(kModel, AcquireOptions{"cuda:0", {}}).ok())
+      return state.SkipWithError("cannot make the model GPU resident");
+  }
+  auto run = [](const char* mode) -> double {
+    testing::ChildProcess p({std::string("--child=") + mode, g_env->daemon->endpoint()});
+    std::string line = p.ReadLine(std::chrono::seconds(60));
+    return line.empty() || line[0] == 'b' ? -1 : std::stod(line);
+  };
+  std::vector<double> ready, context;
+  for (auto _ : state) {
+    const double r = run("startup"), c = run("context");
+    if (r < 0 || c < 0) return state.SkipWithError("a child process failed");
+    state.SetIterationTime(r / 1e3);
+    ready.push_back(r);
+    context.push_back(c);
+  }
+  auto median = [](std::vector<double> v) {
+    std::sort(v.begin(), v.end());
+    return v[v.size() / 2];
+  };
+  ModelCounters(state);
+  state.counters["ready_ms"] = median(ready);
+  state.counters["context_only_ms"] = median(context);
+  state.counters["attach_beyond_context_ms"] = median(ready) - median(context);
+}
+
 BENCHMARK(BM_PinnedH2D)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_HostToGpuResidency)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_GpuAttach)->UseManualTime()->Iterations(50)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_FreshProcessReady)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_GpuMemory)
     ->ArgsProduct({{1, 2, 4, 8}, {0, 1}})
     ->ArgNames({"N", "private"})
@@ -286,7 +338,9 @@ BENCHMARK(BM_GpuMemory)
 }  // namespace weightd::bench
 
 int main(int argc, char** argv) {
-  if (argc >= 3 && std::strncmp(argv[1], "--child=", 8) == 0) return weightd::bench::ChildMain(argv[1] + 8, argv[2]);
+  const auto start = weightd::bench::Clock::now();
+  if (argc >= 3 && std::strncmp(argv[1], "--child=", 8) == 0)
+    return weightd::bench::ChildMain(argv[1] + 8, argv[2], start);
   weightd::bench::Env env;
   weightd::bench::g_env = &env;
   benchmark::Initialize(&argc, argv);
