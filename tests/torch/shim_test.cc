@@ -201,6 +201,23 @@ Status WriteTensors(const std::string& dir, const shim::TensorMap& tensors) {
   return r.ok() ? Status::Ok() : r.status();
 }
 
+// Binds the served tensors and the expected ones into two TinyNets on `device`: the served
+// module must alias the lease's memory and compute what the reference computes.
+void ExpectBoundForwardMatches(const shim::TensorMap& served_tensors, const shim::TensorMap& expected,
+                               const torch::Device& device) {
+  TinyNet served, reference;
+  served->to(device);
+  reference->to(device);
+  shim::bind(*served, served_tensors);
+  shim::bind(*reference, expected);
+  EXPECT_EQ(served->fc->weight.data_ptr(), served_tensors.at("fc.weight").data_ptr());
+  served->eval();
+  reference->eval();
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({2, 3, 4, 4}, torch::TensorOptions().device(device));
+  EXPECT_TRUE(torch::equal(served->forward(x), reference->forward(x)));
+}
+
 class ShimLease : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -239,15 +256,7 @@ TEST_F(ShimLease, BoundModuleRunsOnTheDaemonsMemory) {
     EXPECT_TRUE(torch::equal(t, expected.at(name))) << name;
     EXPECT_FALSE(t.requires_grad()) << name;
   }
-  TinyNet served, reference;
-  shim::bind(*served, tensors);
-  shim::bind(*reference, expected);
-  EXPECT_EQ(served->fc->weight.data_ptr(), tensors.at("fc.weight").data_ptr());
-  served->eval();
-  reference->eval();
-  torch::NoGradGuard no_grad;
-  auto x = torch::randn({2, 3, 4, 4});
-  EXPECT_TRUE(torch::equal(served->forward(x), reference->forward(x)));
+  ExpectBoundForwardMatches(tensors, expected, torch::kCPU);
 }
 
 TEST_F(ShimLease, LeaseEndsWithItsLastTensor) {
@@ -311,19 +320,8 @@ TEST_F(ShimLease, CudaTensorsAreZeroCopyViewsAndBindIntoACudaModule) {
     EXPECT_TRUE(t.is_cuda()) << name;
     EXPECT_TRUE(torch::equal(t, expected.at(name))) << name;
   }
-  TinyNet served, reference;
-  served->to(cuda);
-  reference->to(cuda);
-  shim::bind(*served, tensors);
-  shim::bind(*reference, expected);
-  EXPECT_EQ(served->fc->weight.data_ptr(), tensors.at("fc.weight").data_ptr());
-  served->eval();
-  reference->eval();
-  torch::NoGradGuard no_grad;
-  auto x = torch::randn({2, 3, 4, 4}, torch::TensorOptions().device(cuda));
-  EXPECT_TRUE(torch::equal(served->forward(x), reference->forward(x)));
+  ExpectBoundForwardMatches(tensors, expected, cuda);
   tensors.clear();
-  served = TinyNet{nullptr};
   EXPECT_EQ(Leases("tiny"), 0u);
 }
 
