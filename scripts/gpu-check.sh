@@ -14,6 +14,7 @@
 #   TARGETS      space-separated CMake targets to build (default: all)
 #   TORCH_PREFIX LibTorch's CMake prefix (default: from the python3 torch package)
 #   TESTS        extended regex of test program names to run (default: all test programs)
+#   RUN_TESTS    0 to build only, without running any test program (default 1)
 #   BENCH        1 to build and run bench/ programs whose name matches BENCH_FILTER (default 1)
 #   BENCH_FILTER extended regex of benchmark program names (default: gpu|cuda)
 #   TEST_TIMEOUT seconds per test program (default 300)
@@ -28,6 +29,7 @@ DEPS=${DEPS:-/tmp/deps}
 BUILD_DIR=${BUILD_DIR:-$repo/build-gpucheck}
 JOBS=${JOBS:-$(nproc)}
 TESTS=${TESTS:-.}
+RUN_TESTS=${RUN_TESTS:-1}
 BENCH=${BENCH:-1}
 BENCH_FILTER=${BENCH_FILTER:-gpu|cuda}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
@@ -232,6 +234,6 @@ step deps extract_debs
 step configure configure
 [[ $last_rc -eq 0 ]] || exit 1
 step build build  # on failure, run whatever built; the table shows the build failure
-run_tests
+if [[ "$RUN_TESTS" == 1 ]]; then run_tests; fi
 if [[ "$BENCH" == 1 ]]; then run_benchmarks; fi
 exit $overall
