@@ -739,7 +739,16 @@ class Harness:
         tar = os.path.join(self.out, "e2e-logs-%s.tar.gz" % self.a.tag)
         with tarfile.open(tar, "w:gz") as t:
             t.add(self.logs, arcname=os.path.basename(self.logs))
-        report([self.result], self.out, "e2e-" + self.a.tag)
+        if self.a.merge_parts:  # this part and the earlier ones kept under --work/parts
+            pdir = os.path.join(self.work, "parts")
+            parts = []
+            for f in sorted(os.listdir(pdir)):
+                if f.endswith(".json"):
+                    with open(os.path.join(pdir, f)) as fh:
+                        parts.append(json.load(fh))
+            report(parts, self.out, "e2e-merged")
+        else:
+            report([self.result], self.out, "e2e-" + self.a.tag)
 
 
 # ---- report --------------------------------------------------------------------------------
@@ -962,6 +971,8 @@ def main():
     ap.add_argument("--child-timeout-s", type=float, default=300)
     ap.add_argument("--tag", default=None, help="name of this part (default: models + phases)")
     ap.add_argument("--merge", nargs="+", metavar="PART_JSON", help="merge part files into one table, JSON and PNG")
+    ap.add_argument("--merge-parts", action="store_true",
+                    help="report every part under --work/parts (earlier calls and this one) as e2e-merged.*")
     ap.add_argument("--clean", action="store_true", help="delete the checkpoints under --work at the end")
     a = ap.parse_args()
     if a.merge:
