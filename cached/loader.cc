@@ -1,151 +1,633 @@
 #include "loader.h"
 
 #include <fcntl.h>
+#include <sys/mman.h>
 #include <sys/stat.h>
 
 #include <algorithm>
-#include <condition_variable>
-#include <mutex>
+#include <cstdlib>
+#include <cstring>
+#include <map>
+#include <thread>
 
 #include "catalog.h"
 
+// Linux 5.14 added MADV_POPULATE_WRITE; Debian 12's headers have it, older ones do not.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 namespace weightd {
+namespace {
+
+// O_DIRECT needs file offset, length and buffer address aligned to the logical block size.
+// 4096 is a multiple of every common one (512, 4096) and the x86 page size.
+constexpr std::uint64_t kDirectAlign = 4096;
+// A manifest is a line per file; anything this large is not one.
+constexpr std::uint64_t kMaxManifestBytes = 16ull << 20;
+
+std::uint64_t AlignDown(std::uint64_t v, std::uint64_t a) { return v / a * a; }
+
+struct AlignedFree {
+  void operator()(std::byte* p) const { std::free(p); }
+};
+using AlignedBuffer = std::unique_ptr<std::byte[], AlignedFree>;
+
+struct XxhStateFree {
+  void operator()(XXH3_state_t* s) const { XXH3_freeState(s); }
+};
+
+Status Cancelled(const std::string& model) {
+  return Unavailable("load of model '" + model + "' cancelled", "loader.cancelled");
+}
+
+// True if at least half of the file's pages are in the page cache (mincore of a read-only
+// mapping). Reading such a file with O_DIRECT would go to the disk for data that is in memory.
+bool MostlyCached(int fd, std::uint64_t size) {
+  if (size == 0) return true;
+  void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
+  if (p == MAP_FAILED) return false;
+  const std::size_t page = posix::PageSize();
+  std::vector<unsigned char> vec((size + page - 1) / page);
+  bool cached = false;
+  if (::mincore(p, size, vec.data()) == 0) {
+    std::size_t resident = 0;
+    for (unsigned char v : vec) resident += v & 1;
+    cached = resident * 2 >= vec.size();
+  }
+  ::munmap(p, size);
+  return cached;
+}
+
+// The manifest of `dir`, file name -> checksum; nullopt if there is none.
+Result<std::optional<std::map<std::string, XXH128_hash_t>>> ReadManifest(const std::string& dir) {
+  const std::string path = dir + "/" + std::string(kChecksumManifest);
+  auto opened = posix::Open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  if (!opened.ok()) {
+    if (opened.status().code() == Code::kNotFound) return std::optional<std::map<std::string, XXH128_hash_t>>();
+    return opened.status();
+  }
+  posix::Fd fd = std::move(opened).value();
+  ASSIGN_OR_RETURN(posix::FileInfo fi, posix::Stat(fd.get(), path));
+  if (!S_ISREG(fi.mode)) return InvalidArgument(path + " is not a regular file", "loader.bad_manifest");
+  if (fi.size > kMaxManifestBytes)
+    return InvalidArgument(path + " is " + std::to_string(fi.size) + " bytes, more than a manifest can be",
+                           "loader.bad_manifest");
+  std::string text(fi.size, '\0');
+  RETURN_IF_ERROR(posix::PreadFull(fd.get(), std::as_writable_bytes(std::span(text)), 0, path));
+
+  std::map<std::string, XXH128_hash_t> out;
+  std::size_t line_no = 0;
+  for (std::size_t pos = 0; pos < text.size();) {
+    std::size_t nl = text.find('\n', pos);
+    if (nl == std::string::npos) nl = text.size();
+    std::string_view line(text.data() + pos, nl - pos);
+    pos = nl + 1;
+    ++line_no;
+    if (!line.empty() && line.back() == '\r') line.remove_suffix(1);
+    if (line.find_first_not_of(" \t") == std::string_view::npos) continue;
+    auto bad = [&](const std::string& why) {
+      return InvalidArgument(path + ":" + std::to_string(line_no) + ": " + why +
+                                 " (expected '<32 hex digits>  <file name>', as xxh128sum prints)",
+                             "loader.bad_manifest");
+    };
+    // xxh128sum starts a line with '\' when it escaped the name; shard names never need it.
+    if (line.front() == '\\') return bad("escaped file names are not supported");
+    if (line.size() < 35) return bad("line too short");
+    auto hash = ParseChecksumHex(line.substr(0, 32));
+    if (!hash) return bad("'" + std::string(line.substr(0, 32)) + "' is not 32 hex digits");
+    if (line[32] != ' ' || (line[33] != ' ' && line[33] != '*')) return bad("no '  ' or ' *' after the checksum");
+    std::string_view name = line.substr(34);
+    if (name.starts_with("./")) name.remove_prefix(2);
+    if (name.empty()) return bad("no file name");
+    if (!out.emplace(std::string(name), *hash).second) return bad("'" + std::string(name) + "' is listed twice");
+  }
+  return std::optional(std::move(out));
+}
+
+// One shard while it is read.
+struct ShardFill {
+  std::string path;
+  int fd = -1;                 // the plan's buffered fd
+  posix::Fd direct_fd;         // O_DIRECT, when used
+  std::atomic<bool> direct{false};
+  std::uint64_t data_offset = 0;
+  std::uint64_t data_size = 0;
+  std::byte* dst = nullptr;
+  std::size_t chunks = 0;
+  std::unique_ptr<XXH3_state_t, XxhStateFree> hash;
+
+  std::mutex mu;
+  std::vector<bool> done;      // guarded by mu: chunk finished
+  std::size_t next_gap = 0;    // guarded by mu: first unfinished chunk
+  std::uint64_t filled = 0;    // guarded by mu: contiguous prefix in the segment
+  std::uint64_t hashed = 0;    // guarded by mu: prefix fed to `hash`
+  bool hashing = false;        // guarded by mu: a thread owns `hash`
+};
+
+}  // namespace
+
+std::string ChecksumHex(const XXH128_hash_t& h) {
+  XXH128_canonical_t c;
+  XXH128_canonicalFromHash(&c, h);
+  static constexpr char kDigits[] = "0123456789abcdef";
+  std::string s(32, '0');
+  for (int i = 0; i < 16; ++i) {
+    s[2 * i] = kDigits[c.digest[i] >> 4];
+    s[2 * i + 1] = kDigits[c.digest[i] & 0xf];
+  }
+  return s;
+}
+
+std::optional<XXH128_hash_t> ParseChecksumHex(std::string_view hex) {
+  if (hex.size() != 32) return std::nullopt;
+  XXH128_canonical_t c;
+  for (int i = 0; i < 32; ++i) {
+    const char ch = hex[i];
+    int v;
+    if (ch >= '0' && ch <= '9') v = ch - '0';
+    else if (ch >= 'a' && ch <= 'f') v = ch - 'a' + 10;
+    else if (ch >= 'A' && ch <= 'F') v = ch - 'A' + 10;
+    else return std::nullopt;
+    if (i % 2 == 0) c.digest[i / 2] = static_cast<unsigned char>(v << 4);
+    else c.digest[i / 2] |= static_cast<unsigned char>(v);
+  }
+  return XXH128_hashFromCanonical(&c);
+}
 
 void ResidentModel::RemoveSegments() const {
   for (const auto& s : shards) (void)HostSegment::Remove(s.segment.name());
 }
 
-Loader::Loader(LoaderOptions options) : options_(std::move(options)), readers_(options_.threads, "wd-read") {}
+// ---- LoadProgress ----
+
+Result<std::shared_ptr<const ResidentModel>> LoadProgress::WaitSegments() const {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return model_ != nullptr || !error_.ok() || done_; });
+  if (model_ != nullptr) return model_;
+  if (!error_.ok()) return error_;
+  return Internal("load finished without publishing its segments", "loader.no_segments");
+}
+
+Status LoadProgress::WaitFilled(std::size_t shard, std::uint64_t end) const {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return model_ != nullptr || !error_.ok() || done_; });
+  if (model_ == nullptr) return error_.ok() ? Internal("load finished without publishing its segments") : error_;
+  if (shard >= filled_.size())
+    return InvalidArgument("shard " + std::to_string(shard) + " of a model with " + std::to_string(filled_.size()) +
+                           " shards", "loader.bad_shard");
+  if (end > model_->shards[shard].segment.data_size())
+    return InvalidArgument("bytes [0, " + std::to_string(end) + ") of shard " + std::to_string(shard) + ", which has " +
+                           std::to_string(model_->shards[shard].segment.data_size()), "loader.bad_range");
+  cv_.wait(lock, [&] { return filled_[shard] >= end || !error_.ok() || done_; });
+  if (filled_[shard] >= end) return Status::Ok();
+  if (!error_.ok()) return error_;
+  return Internal("load finished with shard " + std::to_string(shard) + " unfilled");
+}
+
+Status LoadProgress::Wait() const {
+  std::unique_lock lock(mu_);
+  cv_.wait(lock, [&] { return done_; });
+  return error_;
+}
+
+std::uint64_t LoadProgress::filled(std::size_t shard) const {
+  std::lock_guard lock(mu_);
+  return shard < filled_.size() ? filled_[shard] : 0;
+}
+
+bool LoadProgress::done() const {
+  std::lock_guard lock(mu_);
+  return done_;
+}
+
+void LoadProgress::PublishSegments(std::shared_ptr<const ResidentModel> model) {
+  std::lock_guard lock(mu_);
+  if (model_ != nullptr || done_) return;
+  filled_.assign(model->shards.size(), 0);
+  model_ = std::move(model);
+  cv_.notify_all();
+}
+
+void LoadProgress::SetFilled(std::size_t shard, std::uint64_t end) {
+  std::lock_guard lock(mu_);
+  if (shard >= filled_.size() || end <= filled_[shard]) return;
+  filled_[shard] = end;
+  cv_.notify_all();
+}
+
+void LoadProgress::Finish() {
+  std::lock_guard lock(mu_);
+  if (done_) return;
+  done_ = true;
+  cv_.notify_all();
+}
+
+void LoadProgress::Fail(Status error) {
+  std::lock_guard lock(mu_);
+  if (done_) return;
+  error_ = error.ok() ? Internal("load failed without an error") : std::move(error);
+  done_ = true;
+  cv_.notify_all();
+}
+
+// ---- FileIo ----
+
+Result<posix::Fd> FileIo::Open(const std::string& path, int flags) { return posix::Open(path, flags); }
+
+Result<std::size_t> FileIo::Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {
+  return posix::PreadUpTo(fd, out, offset, what);
+}
+
+// ---- Loader ----
+
+Loader::Loader(LoaderOptions options)
+    : options_(std::move(options)),
+      io_(options_.io_layer != nullptr ? options_.io_layer : &posix_io_),
+      readers_(std::max(1u, options_.threads), "wd-read") {}
 
 std::string Loader::SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const {
   return options_.shm_prefix + "." + model + "." + std::to_string(generation) + "." + std::to_string(shard);
 }
 
-Result<std::shared_ptr<ResidentModel>> Loader::LoadHost(const ModelConfig& mc, std::uint64_t generation,
-                                                        const std::atomic<bool>& cancel) {
-  auto model = std::make_shared<ResidentModel>();
-  model->name = mc.name;
-  model->dir = mc.dir;
-  // Whatever this function leaves half-built is unlinked on the way out.
-  struct Cleanup {
-    ResidentModel* m;
-    ~Cleanup() {
-      if (m) m->RemoveSegments();
-    }
-  } cleanup{model.get()};
-
+Result<LoadPlan> Loader::Plan(const ModelConfig& mc) const {
+  LoadPlan plan;
+  plan.name = mc.name;
+  plan.dir = mc.dir;
   ASSIGN_OR_RETURN(std::vector<std::string> files, DiscoverShards(mc.dir));
-  std::vector<posix::Fd> fds;
   std::vector<st::Header> headers;
-  for (std::size_t i = 0; i < files.size(); ++i) {
-    const std::string path = mc.dir + "/" + files[i];
+  for (const std::string& file : files) {
+    const std::string path = mc.dir + "/" + file;
+    PlannedShard shard;
+    shard.file = file;
     // O_NONBLOCK: a FIFO swapped in for a shard must not hang the loader on open.
-    ASSIGN_OR_RETURN(posix::Fd fd, posix::Open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC));
-    ASSIGN_OR_RETURN(posix::FileInfo fi, posix::Stat(fd.get(), path));
-    if (!S_ISREG(fi.mode)) return InvalidArgument(path + " is not a regular file", "loader.not_a_regular_file");
-    auto header = st::ReadHeader(fd.get(), fi.size);
+    ASSIGN_OR_RETURN(shard.fd, io_->Open(path, O_RDONLY | O_NONBLOCK));
+    ASSIGN_OR_RETURN(shard.file_info, posix::Stat(shard.fd.get(), path));
+    if (!S_ISREG(shard.file_info.mode))
+      return InvalidArgument(path + " is not a regular file", "loader.not_a_regular_file");
+    auto header = st::ReadHeader(shard.fd.get(), shard.file_info.size);
     if (!header.ok()) return header.status().WithContext(path);
-    ResidentShard shard;
-    shard.file = files[i];
-    shard.header = header.value();
-    shard.file_info = fi;
-    headers.push_back(std::move(header).value());
-    model->shards.push_back(std::move(shard));
-    fds.push_back(std::move(fd));
+    shard.header = std::move(header).value();
+    // The checksum covers the whole file, so Fill() needs the header's bytes too; they are
+    // few (KBs) and were just read, so read them again rather than re-parse our own copy.
+    shard.header_bytes.resize(shard.header.data_offset);
+    ASSIGN_OR_RETURN(std::size_t got, io_->Pread(shard.fd.get(), shard.header_bytes, 0, path));
+    if (got != shard.header_bytes.size())
+      return DataLoss(path + " shrank while its header was read", "loader.file_changed");
+    headers.push_back(shard.header);
+    plan.bytes += shard.header.data_size;
+    plan.tensor_count += static_cast<std::uint32_t>(shard.header.tensors.size());
+    plan.shards.push_back(std::move(shard));
   }
   RETURN_IF_ERROR(CheckShardSet(mc.dir, files, headers));
 
-  for (std::size_t i = 0; i < model->shards.size(); ++i) {
-    auto& shard = model->shards[i];
-    const std::string name = SegmentName(mc.name, generation, i);
-    // A segment of this name can only be a leftover of an earlier instance of this daemon
-    // (the prefix is locked), so replacing it is safe: its old mappings stay valid.
-    (void)HostSegment::Remove(name);
-    ASSIGN_OR_RETURN(shard.segment, HostSegment::Create(name, shard.header.data_size, options_.shm_mode));
-    model->bytes += shard.header.data_size;
-    model->tensor_count += static_cast<std::uint32_t>(shard.header.tensors.size());
+  if (options_.verify_manifest) {
+    ASSIGN_OR_RETURN(auto manifest, ReadManifest(mc.dir));
+    if (manifest) {
+      plan.has_manifest = true;
+      for (PlannedShard& s : plan.shards) {
+        auto it = manifest->find(s.file);
+        // A manifest that does not cover a shard cannot vouch for it; loading it unverified
+        // would defeat the manifest.
+        if (it == manifest->end())
+          return InvalidArgument(mc.dir + "/" + std::string(kChecksumManifest) + " does not list shard " + s.file,
+                                 "loader.manifest_incomplete");
+        s.expected = it->second;
+      }
+    }
   }
-
-  RETURN_IF_ERROR(ReadShards(fds, *model, cancel));
-
-  // A file rewritten while we read it would give a mix of old and new bytes.
-  for (std::size_t i = 0; i < model->shards.size(); ++i) {
-    const std::string path = mc.dir + "/" + model->shards[i].file;
-    ASSIGN_OR_RETURN(posix::FileInfo now, posix::Stat(fds[i].get(), path));
-    if (now.size != model->shards[i].file_info.size || now.mtime_ns != model->shards[i].file_info.mtime_ns)
-      return DataLoss(path + " changed while it was being loaded", "loader.file_changed");
-  }
-  cleanup.m = nullptr;
-  return model;
+  return plan;
 }
 
-Status Loader::ReadShards(const std::vector<posix::Fd>& fds, ResidentModel& model, const std::atomic<bool>& cancel) {
+Result<std::shared_ptr<ResidentModel>> Loader::LoadHost(const ModelConfig& mc, std::uint64_t generation,
+                                                        const std::atomic<bool>& cancel) {
+  ASSIGN_OR_RETURN(LoadPlan plan, Plan(mc));
+  return Fill(std::move(plan), generation, cancel);
+}
+
+Result<bool> Loader::Changed(const ResidentModel& model) {
+  for (const ResidentShard& s : model.shards) {
+    auto now = posix::StatPath(model.dir + "/" + s.file);
+    if (!now.ok()) {
+      if (now.status().code() == Code::kNotFound) return true;
+      return now.status();
+    }
+    const posix::FileInfo& was = s.file_info;
+    if (now->size != was.size || now->mtime_ns != was.mtime_ns || now->inode != was.inode || now->dev != was.dev)
+      return true;
+  }
+  return false;
+}
+
+struct Loader::FillState {
   struct Chunk {
     std::size_t shard;
+    std::size_t index;     // within the shard
     std::uint64_t offset;  // in the data section
     std::uint64_t size;
   };
+  std::string model;
+  std::uint64_t chunk_size = 0;
+  std::vector<std::unique_ptr<ShardFill>> shards;
   std::vector<Chunk> chunks;
-  for (std::size_t i = 0; i < model.shards.size(); ++i) {
-    const std::uint64_t n = model.shards[i].header.data_size;
-    for (std::uint64_t off = 0; off < n; off += options_.chunk_size)
-      chunks.push_back({i, off, std::min(options_.chunk_size, n - off)});
-  }
-  if (chunks.empty()) return Status::Ok();
+  LoadProgress* progress = nullptr;
 
-  struct Shared {
+  std::atomic<std::size_t> next{0};
+  std::atomic<std::size_t> next_prefault{0};
+  std::atomic<bool> failed{false};
+  std::mutex mu;
+  Status first_error;  // guarded by mu
+
+  void Fail(Status s) {
+    std::lock_guard lock(mu);
+    if (first_error.ok()) first_error = std::move(s);
+    failed = true;
+  }
+};
+
+Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t generation,
+                                                    const std::atomic<bool>& cancel,
+                                                    std::shared_ptr<LoadProgress> progress) {
+  auto model = std::make_shared<ResidentModel>();
+  model->name = plan.name;
+  model->dir = plan.dir;
+  // Whatever this function leaves half-built is unlinked on the way out, and a consumer of
+  // `progress` learns why.
+  struct Cleanup {
+    ResidentModel* m;
+    LoadProgress* progress;
+    Status* error;
+    ~Cleanup() {
+      if (m) m->RemoveSegments();
+      if (progress) progress->Fail(*error);
+    }
+  };
+  Status error = Internal("load abandoned", "loader.abandoned");
+  Cleanup cleanup{model.get(), progress.get(), &error};
+  auto fail = [&](Status s) {
+    error = s;
+    return s;
+  };
+
+  if (cancel.load()) return fail(Cancelled(plan.name));
+  for (std::size_t i = 0; i < plan.shards.size(); ++i) {
+    PlannedShard& p = plan.shards[i];
+    ResidentShard shard;
+    shard.file = p.file;
+    shard.header = p.header;
+    shard.file_info = p.file_info;
+    const std::string name = SegmentName(plan.name, generation, i);
+    // A segment of this name can only be a leftover of an earlier instance of this daemon
+    // (the prefix is locked), so replacing it is safe: its old mappings stay valid.
+    (void)HostSegment::Remove(name);
+    auto seg = HostSegment::Create(name, p.header.data_size, options_.shm_mode);
+    if (!seg.ok()) return fail(seg.status());
+    shard.segment = std::move(seg).value();
+    model->bytes += p.header.data_size;
+    model->tensor_count += static_cast<std::uint32_t>(p.header.tensors.size());
+    model->shards.push_back(std::move(shard));
+  }
+  if (progress) progress->PublishSegments(model);
+
+  FillState fs;
+  fs.model = plan.name;
+  fs.progress = progress.get();
+  // O_DIRECT lengths and offsets must stay block-aligned, and so must the chunks.
+  fs.chunk_size = posix::RoundUp(std::max<std::uint64_t>(options_.chunk_size, 1), kDirectAlign);
+  for (std::size_t i = 0; i < plan.shards.size(); ++i) {
+    PlannedShard& p = plan.shards[i];
+    auto sf = std::make_unique<ShardFill>();
+    sf->path = plan.dir + "/" + p.file;
+    sf->fd = p.fd.get();
+    sf->data_offset = p.header.data_offset;
+    sf->data_size = p.header.data_size;
+    sf->dst = model->shards[i].segment.data();
+    sf->hash.reset(XXH3_createState());
+    if (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
+        XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR)
+      return fail(Internal("cannot start the XXH3 hash of " + sf->path, "loader.hash_failed"));
+    bool direct = options_.io == IoMode::kDirect ||
+                  (options_.io == IoMode::kAuto && !MostlyCached(sf->fd, p.file_info.size));
+    if (direct && sf->data_size > 0) {
+      auto opened = io_->Open(sf->path, O_RDONLY | O_NONBLOCK | O_DIRECT);
+      if (opened.ok()) {
+        // The name may point at another file by now; only the file the plan parsed will do.
+        auto fi = posix::Stat(opened->get(), sf->path);
+        if (!fi.ok()) return fail(fi.status());
+        if (fi->inode != p.file_info.inode || fi->dev != p.file_info.dev)
+          return fail(DataLoss(sf->path + " was replaced while it was being loaded", "loader.file_changed"));
+        sf->direct_fd = std::move(opened).value();
+        sf->direct = true;
+      } else if (opened.status().reason() != "errno.EINVAL") {
+        return fail(opened.status());
+      }  // else: the filesystem has no O_DIRECT (tmpfs); read buffered.
+    }
+    sf->chunks = static_cast<std::size_t>((sf->data_size + fs.chunk_size - 1) / fs.chunk_size);
+    sf->done.assign(sf->chunks, false);
+    for (std::size_t c = 0; c < sf->chunks; ++c) {
+      const std::uint64_t off = c * fs.chunk_size;
+      fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf->data_size - off)});
+    }
+    fs.shards.push_back(std::move(sf));
+  }
+
+  if (Status s = ReadShards(fs, cancel); !s.ok()) return fail(s);
+
+  for (std::size_t i = 0; i < fs.shards.size(); ++i) {
+    ShardFill& sf = *fs.shards[i];
+    ResidentShard& shard = model->shards[i];
+    if (sf.hashed != sf.data_size)
+      return fail(Internal(sf.path + ": hashed " + std::to_string(sf.hashed) + " of " + std::to_string(sf.data_size) +
+                           " bytes", "loader.hash_incomplete"));
+    shard.checksum = XXH3_128bits_digest(sf.hash.get());
+    shard.direct_io = sf.direct.load();
+    const auto& expected = plan.shards[i].expected;
+    if (expected) {
+      if (!XXH128_isEqual(*expected, shard.checksum))
+        return fail(DataLoss(sf.path + " does not match " + plan.dir + "/" + std::string(kChecksumManifest) +
+                                 ": the manifest says " + ChecksumHex(*expected) + ", the file is " +
+                                 ChecksumHex(shard.checksum),
+                             "loader.checksum_mismatch"));
+      shard.verified = true;
+    }
+    // A file rewritten while we read it would give a mix of old and new bytes.
+    auto now = posix::Stat(sf.fd, sf.path);
+    if (!now.ok()) return fail(now.status());
+    if (now->size != shard.file_info.size || now->mtime_ns != shard.file_info.mtime_ns)
+      return fail(DataLoss(sf.path + " changed while it was being loaded", "loader.file_changed"));
+  }
+  cleanup.m = nullptr;
+  cleanup.progress = nullptr;
+  if (progress) progress->Finish();
+  return model;
+}
+
+namespace {
+
+// Reads one chunk of a shard into its segment.
+Status ReadChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t size, AlignedBuffer& bounce,
+                 std::uint64_t bounce_size) {
+  std::byte* dst = sf.dst + off;
+  const std::uint64_t begin = sf.data_offset + off;
+  if (sf.direct.load(std::memory_order_relaxed)) {
+    const std::uint64_t a0 = AlignDown(begin, kDirectAlign);
+    const std::uint64_t a1 = posix::RoundUp(begin + size, kDirectAlign);
+    Result<std::size_t> got = std::size_t{0};
+    if (a0 == begin) {
+      // The data section is block-aligned in the file, so is the chunk in the page-aligned
+      // segment: read straight into it. The rounded-up tail stays inside the mapping, which
+      // is page-rounded, and the file ends there anyway.
+      got = io.Pread(sf.direct_fd.get(), std::span(dst, a1 - a0), a0, sf.path);
+      if (got.ok() && *got >= size) return Status::Ok();
+    } else {
+      // Unaligned (the usual case: the header is padded to 8 bytes only): read the aligned
+      // range into a bounce buffer and copy out.
+      if (bounce == nullptr) {
+        bounce.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectAlign, bounce_size)));
+        if (bounce == nullptr) return ResourceExhausted("no memory for a " + std::to_string(bounce_size) + "-byte O_DIRECT buffer");
+      }
+      got = io.Pread(sf.direct_fd.get(), std::span(bounce.get(), a1 - a0), a0, sf.path);
+      if (got.ok() && *got >= begin + size - a0) {
+        std::memcpy(dst, bounce.get() + (begin - a0), size);
+        return Status::Ok();
+      }
+    }
+    if (got.ok())
+      return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(a0 + *got), "io.short_read");
+    // Some filesystems accept O_DIRECT at open and refuse the read; read buffered instead.
+    if (got.status().reason() != "errno.EINVAL") return got.status();
+    sf.direct.store(false, std::memory_order_relaxed);
+  }
+  ASSIGN_OR_RETURN(std::size_t got, io.Pread(sf.fd, std::span(dst, size), begin, sf.path));
+  if (got != size)
+    return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(begin + got), "io.short_read");
+  return Status::Ok();
+}
+
+// Marks chunk `index` done, moves the shard's watermark over finished chunks, and feeds the
+// newly contiguous bytes to the shard's hash unless another thread already does.
+void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
+               const std::atomic<bool>& failed) {
+  std::unique_lock lock(sf.mu);
+  sf.done[index] = true;
+  while (sf.next_gap < sf.chunks && sf.done[sf.next_gap]) ++sf.next_gap;
+  sf.filled = std::min(sf.data_size, sf.next_gap * chunk_size);
+  if (progress) progress->SetFilled(shard, sf.filled);
+  if (sf.hashing) return;
+  sf.hashing = true;
+  // Hash at most a chunk at a time, so that a failure elsewhere stops this thread soon.
+  while (sf.hashed < sf.filled && !failed.load(std::memory_order_relaxed)) {
+    const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + chunk_size);
+    lock.unlock();
+    XXH3_128bits_update(sf.hash.get(), sf.dst + from, to - from);
+    lock.lock();
+    sf.hashed = to;
+  }
+  sf.hashing = false;
+}
+
+// Maps the segment pages of a chunk in before a reader writes them. MADV_POPULATE_WRITE does
+// it in one call; without it (EINVAL before Linux 5.14), an atomic add of zero per page
+// write-faults the page without changing a byte a reader may already have written.
+void Prefault(std::byte* base, std::uint64_t mapped_size, std::uint64_t off, std::uint64_t size,
+              std::atomic<bool>& use_madvise) {
+  const std::uint64_t page = posix::PageSize();
+  const std::uint64_t a0 = AlignDown(off, page);
+  const std::uint64_t a1 = std::min(mapped_size, posix::RoundUp(off + size, page));
+  if (a1 <= a0) return;
+  if (use_madvise.load(std::memory_order_relaxed)) {
+    if (::madvise(base + a0, a1 - a0, MADV_POPULATE_WRITE) == 0) return;
+    if (errno == EINVAL) use_madvise = false;
+    else return;  // ENOMEM, EFAULT...: the reader's own faults will report the problem
+  }
+  for (std::uint64_t p = a0; p < a1; p += page)
+    __atomic_fetch_add(reinterpret_cast<unsigned char*>(base + p), 0, __ATOMIC_RELAXED);
+}
+
+}  // namespace
+
+Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
+  if (fs.chunks.empty()) return Status::Ok();
+
+  struct Done {
     std::mutex mu;
     std::condition_variable cv;
-    unsigned running = 0;   // guarded by mu
-    Status first_error;     // guarded by mu
-    std::atomic<std::size_t> next{0};
-    std::atomic<bool> failed{false};
-  } shared;
+    unsigned running = 0;  // guarded by mu
+  } done;
+  const std::uint64_t bounce_size = fs.chunk_size + 2 * kDirectAlign;
 
   auto work = [&] {
+    AlignedBuffer bounce;
     for (;;) {
-      if (shared.failed.load(std::memory_order_relaxed)) break;
+      if (fs.failed.load(std::memory_order_relaxed)) break;
       if (cancel.load(std::memory_order_relaxed)) {
-        std::lock_guard lock(shared.mu);
-        if (shared.first_error.ok()) shared.first_error = Unavailable("load of model '" + model.name + "' cancelled", "loader.cancelled");
-        shared.failed = true;
+        fs.Fail(Cancelled(fs.model));
         break;
       }
-      std::size_t i = shared.next.fetch_add(1, std::memory_order_relaxed);
-      if (i >= chunks.size()) break;
-      const Chunk& c = chunks[i];
-      ResidentShard& shard = model.shards[c.shard];
-      std::span<std::byte> dst(shard.segment.data() + c.offset, c.size);
-      Status s = posix::PreadFull(fds[c.shard].get(), dst, shard.header.data_offset + c.offset,
-                                  model.dir + "/" + shard.file);
-      if (!s.ok()) {
-        std::lock_guard lock(shared.mu);
-        if (shared.first_error.ok()) shared.first_error = s;
-        shared.failed = true;
+      const std::size_t i = fs.next.fetch_add(1, std::memory_order_relaxed);
+      if (i >= fs.chunks.size()) break;
+      const FillState::Chunk& c = fs.chunks[i];
+      ShardFill& sf = *fs.shards[c.shard];
+      if (Status s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size); !s.ok()) {
+        fs.Fail(std::move(s));
         break;
       }
       bytes_read_.fetch_add(c.size, std::memory_order_relaxed);
+      ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed);
     }
-    std::lock_guard lock(shared.mu);
-    if (--shared.running == 0) shared.cv.notify_all();
+    std::lock_guard lock(done.mu);
+    if (--done.running == 0) done.cv.notify_all();
   };
 
-  const unsigned n = static_cast<unsigned>(std::min<std::size_t>(readers_.size(), chunks.size()));
+  // Pre-faulters walk the chunks in the readers' order and skip what the readers have passed,
+  // so the pages a reader is about to write are usually mapped already.
+  std::atomic<bool> use_madvise{true};
+  std::vector<std::jthread> prefaulters;
+  const unsigned n_prefault = static_cast<unsigned>(std::min<std::size_t>(options_.prefault_threads, fs.chunks.size()));
+  for (unsigned t = 0; t < n_prefault; ++t) {
+    prefaulters.emplace_back([&] {
+      for (;;) {
+        if (fs.failed.load(std::memory_order_relaxed) || cancel.load(std::memory_order_relaxed)) break;
+        std::size_t i = fs.next_prefault.fetch_add(1, std::memory_order_relaxed);
+        if (i >= fs.chunks.size()) break;
+        if (i < fs.next.load(std::memory_order_relaxed)) {
+          // Behind the readers: jump ahead of them.
+          std::size_t ahead = fs.next.load(std::memory_order_relaxed) + 1;
+          std::size_t cur = i + 1;
+          fs.next_prefault.compare_exchange_strong(cur, ahead, std::memory_order_relaxed);
+          continue;
+        }
+        const FillState::Chunk& c = fs.chunks[i];
+        const ShardFill& sf = *fs.shards[c.shard];
+        Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise);
+      }
+    });
+  }
+
+  const unsigned n = static_cast<unsigned>(std::min<std::size_t>(readers_.size(), fs.chunks.size()));
   {
-    std::lock_guard lock(shared.mu);
-    shared.running = n;
+    std::lock_guard lock(done.mu);
+    done.running = n;
   }
   for (unsigned t = 0; t < n; ++t) {
     if (!readers_.Submit(work)) {
-      std::lock_guard lock(shared.mu);
-      shared.running -= (n - t);
-      if (shared.first_error.ok()) shared.first_error = Unavailable("the daemon is shutting down", "loader.closed");
+      {
+        std::lock_guard lock(done.mu);
+        done.running -= (n - t);
+      }
+      fs.Fail(Unavailable("the daemon is shutting down", "loader.closed"));
       break;
     }
   }
-  std::unique_lock lock(shared.mu);
-  shared.cv.wait(lock, [&] { return shared.running == 0; });
-  return shared.first_error;
+  {
+    std::unique_lock lock(done.mu);
+    done.cv.wait(lock, [&] { return done.running == 0; });
+  }
+  // Readers are done; pre-faulters still walking would only waste time.
+  fs.next_prefault.store(fs.chunks.size());
+  prefaulters.clear();
+  std::lock_guard lock(fs.mu);
+  return fs.first_error;
 }
 
 }  // namespace weightd

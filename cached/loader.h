@@ -1,18 +1,40 @@
-// loader.h — reads a model's shards from disk into host-tier segments.
+// loader.h — reads a model's shards from disk into host-tier segments, verified.
 //
-// LoadHost() is blocking and runs on a loader job thread, never on the control loop. Its
-// chunked preads run on the Loader's reader pool (loader_threads), chunk_size bytes each,
-// straight into the segment, so the data is read once and never copied. A failure removes
-// every segment the load created; nothing of a failed load stays behind.
+// A load has two phases, so that the server can admit it against a memory budget in between:
+//   Plan()  discovers the shard files, opens them, parses and cross-checks their headers and
+//           reads the checksum manifest. It creates nothing and costs a few small reads.
+//   Fill()  creates one segment per shard and reads the data sections into them with chunked
+//           preads on the Loader's reader pool, while a per-shard XXH3-128 of the whole file
+//           follows the reads. It verifies the checksums against the manifest, and checks that
+//           no file changed while it was read.
+// LoadHost() is Plan() then Fill(). All three block and run on a loader job thread, never on
+// the control loop. A failure removes every segment the load created (their names; mappings
+// that a LoadProgress consumer holds stay valid until it drops them).
 //
-// Thread-safe: any number of LoadHost() calls may run at once (they share the reader pool).
+// Reads: buffered preads straight into the segment, or O_DIRECT preads (LoaderOptions::io)
+// with a fallback to buffered reads where the filesystem refuses O_DIRECT (tmpfs, for one).
+// docs/loading.md has the measurements behind the defaults and the manifest format.
+//
+// Thread safety: a Loader is thread-safe; any number of loads may run at once (they share the
+// reader pool). A LoadPlan is a move-only value owned by one thread. A LoadProgress is shared
+// between the loader and any number of consumers and is thread-safe. A ResidentModel is
+// immutable once Fill() returns it.
 #pragma once
 
+#include <sys/types.h>
+
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
 #include <string>
+#include <string_view>
 #include <vector>
+
+#include <xxhash.h>
 
 #include "config.h"
 #include "host_tier.h"
@@ -22,15 +44,28 @@
 
 namespace weightd {
 
+// The name of the checksum manifest in a model directory (xxh128sum's output format).
+inline constexpr std::string_view kChecksumManifest = "checksums.xxh128";
+
+// 32 lowercase hex digits, as xxh128sum prints them (the canonical, big-endian form).
+std::string ChecksumHex(const XXH128_hash_t& h);
+// Parses 32 hex digits (either case). nullopt if `hex` is anything else.
+std::optional<XXH128_hash_t> ParseChecksumHex(std::string_view hex);
+
 struct ResidentShard {
   std::string file;  // name inside the model directory
   st::Header header;
-  posix::FileInfo file_info;  // size and mtime when it was read
+  posix::FileInfo file_info;  // size, mtime and identity when it was read
   HostSegment segment;
+  XXH128_hash_t checksum{};   // XXH3-128 of the whole file (header + data), as xxh128sum
+  bool verified = false;      // checksum matched the directory's manifest
+  bool direct_io = false;     // the data was read with O_DIRECT
+
+  std::string checksum_hex() const { return ChecksumHex(checksum); }
 };
 
-// A model resident in the host tier. Immutable once built; shared by the server and by
-// anything that reads the segments (the GPU tier).
+// A model resident in the host tier. Immutable once Fill() returns it; shared by the server and
+// by anything that reads the segments (the GPU tier).
 struct ResidentModel {
   std::string name;
   std::string dir;
@@ -42,31 +77,146 @@ struct ResidentModel {
   void RemoveSegments() const;
 };
 
+// One shard file of a plan: opened, its header parsed, its expected checksum (if the manifest
+// names it) known.
+struct PlannedShard {
+  std::string file;  // name inside the model directory
+  st::Header header;
+  posix::FileInfo file_info;
+  posix::Fd fd;  // O_RDONLY | O_NONBLOCK, buffered
+  std::vector<std::byte> header_bytes;  // file bytes [0, data_offset): the checksum's prefix
+  std::optional<XXH128_hash_t> expected;  // from the manifest
+};
+
+// What Plan() found. Move-only (it holds the open files).
+struct LoadPlan {
+  LoadPlan() = default;
+  LoadPlan(LoadPlan&&) noexcept = default;
+  LoadPlan& operator=(LoadPlan&&) noexcept = default;
+  LoadPlan(const LoadPlan&) = delete;
+  LoadPlan& operator=(const LoadPlan&) = delete;
+
+  std::string name;
+  std::string dir;
+  std::vector<PlannedShard> shards;
+  std::uint64_t bytes = 0;  // tensor data, all shards: what the segments will hold
+  std::uint32_t tensor_count = 0;
+  bool has_manifest = false;  // a manifest was read and every shard will be verified
+};
+
+// The state of one Fill(), for a consumer that streams the data while it loads (the GPU copy
+// pipelines disk -> host -> GPU with it). Thread-safe. The loader publishes the model as soon
+// as its segments exist, then, per shard, the length of the contiguous prefix of the data
+// section that is in the segment (chunks finish out of order; the watermark only moves over
+// finished ones), then the end of the load.
+//
+// Only the segments and the headers of the published model may be read before Wait() returns
+// OK; checksums and flags are written at the end. The published pointer keeps the mappings
+// valid even if the load fails and its segment names are removed.
+class LoadProgress {
+ public:
+  LoadProgress() = default;
+  LoadProgress(const LoadProgress&) = delete;
+  LoadProgress& operator=(const LoadProgress&) = delete;
+
+  // Consumer side. Each blocks until it can answer.
+  // The model with its segments, or the load's error if it failed before making them.
+  Result<std::shared_ptr<const ResidentModel>> WaitSegments() const;
+  // OK once bytes [0, end) of shard `shard`'s data section are in its segment. The load's error
+  // (Unavailable "loader.cancelled" for a cancellation) if it fails first; InvalidArgument for a
+  // shard or an end the model does not have. Bytes that were filled stay OK even if the load
+  // later fails, so a consumer must still check Wait() (or Fill()'s result) before using them.
+  Status WaitFilled(std::size_t shard, std::uint64_t end) const;
+  // The load's outcome: OK once every byte is in and every checksum verified.
+  Status Wait() const;
+  // Non-blocking: the filled prefix of a shard now (0 before the segments exist).
+  std::uint64_t filled(std::size_t shard) const;
+  bool done() const;
+
+  // Loader side. PublishSegments once; SetFilled with ends that never decrease; then Finish or
+  // Fail once (later calls are ignored, so the first error wins).
+  void PublishSegments(std::shared_ptr<const ResidentModel> model);
+  void SetFilled(std::size_t shard, std::uint64_t end);
+  void Finish();
+  void Fail(Status error);
+
+ private:
+  mutable std::mutex mu_;
+  mutable std::condition_variable cv_;
+  std::shared_ptr<const ResidentModel> model_;  // guarded by mu_
+  std::vector<std::uint64_t> filled_;           // guarded by mu_
+  bool done_ = false;                           // guarded by mu_
+  Status error_;                                // guarded by mu_
+};
+
+// The file reads of a load, behind an interface so that tests can inject faults. Must be
+// thread-safe: the reader pool calls it concurrently.
+class FileIo {
+ public:
+  virtual ~FileIo() = default;
+  // open(path, flags | O_CLOEXEC). O_DIRECT in `flags` asks for direct I/O; a filesystem that
+  // does not support it fails with EINVAL (reason "errno.EINVAL").
+  virtual Result<posix::Fd> Open(const std::string& path, int flags);
+  // Reads up to out.size() bytes at `offset`, short only at end of file (posix::PreadUpTo).
+  virtual Result<std::size_t> Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what);
+};
+
+enum class IoMode {
+  kBuffered,  // page-cache preads straight into the segment
+  kDirect,    // O_DIRECT; buffered for a file whose filesystem refuses O_DIRECT (EINVAL)
+  kAuto,      // O_DIRECT for a file that is not in the page cache, buffered for one that is
+};
+
 struct LoaderOptions {
   std::string shm_prefix;
   mode_t shm_mode = 0640;
   std::uint32_t threads = 4;
-  std::uint64_t chunk_size = 16ull << 20;
+  std::uint64_t chunk_size = 16ull << 20;  // rounded up to a multiple of 4096 for O_DIRECT
+  IoMode io = IoMode::kAuto;
+  // Threads that pre-fault the fresh segment pages ahead of the readers (MADV_POPULATE_WRITE,
+  // or a touch per page where the kernel lacks it). 0: the readers fault them in themselves.
+  std::uint32_t prefault_threads = 2;
+  // Verify shards against the directory's checksums.xxh128 when there is one.
+  bool verify_manifest = true;
+  // Not owned; must outlive the Loader. nullptr: plain POSIX calls.
+  FileIo* io_layer = nullptr;
 };
 
 class Loader {
  public:
   explicit Loader(LoaderOptions options);
 
-  // `generation` makes the segment names of this load unique. `cancel` may be set by another
-  // thread to abandon the load (Unavailable).
+  // Discovers, opens and checks the shards of `model`; reads the manifest. Creates nothing.
+  Result<LoadPlan> Plan(const ModelConfig& model) const;
+
+  // Reads the plan's shards into new segments. `generation` makes the segment names of this
+  // load unique. `cancel` may be set by another thread to abandon the load (Unavailable,
+  // "loader.cancelled"). `progress`, if given, is published to as the load advances, and is
+  // finished or failed before Fill returns.
+  Result<std::shared_ptr<ResidentModel>> Fill(LoadPlan plan, std::uint64_t generation, const std::atomic<bool>& cancel,
+                                              std::shared_ptr<LoadProgress> progress = nullptr);
+
+  // Plan() then Fill().
   Result<std::shared_ptr<ResidentModel>> LoadHost(const ModelConfig& model, std::uint64_t generation,
                                                   const std::atomic<bool>& cancel);
+
+  // True if any shard file of `model` has another size, mtime or identity (inode, device) than
+  // when it was loaded, or is gone. Errors other than a missing file (EACCES, ...) are returned.
+  static Result<bool> Changed(const ResidentModel& model);
 
   // The segment name of a shard: "<prefix>.<model>.<generation>.<index>".
   std::string SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const;
 
   std::uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
+  const LoaderOptions& options() const { return options_; }
 
  private:
-  Status ReadShards(const std::vector<posix::Fd>& fds, ResidentModel& model, const std::atomic<bool>& cancel);
+  struct FillState;
+  Status ReadShards(FillState& fs, const std::atomic<bool>& cancel);
 
   const LoaderOptions options_;
+  FileIo posix_io_;
+  FileIo* const io_;
   ThreadPool readers_;
   std::atomic<std::uint64_t> bytes_read_{0};
 };

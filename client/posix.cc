@@ -60,6 +60,34 @@ Result<FileInfo> Stat(int fd, std::string_view what) {
   return fi;
 }
 
+Result<FileInfo> StatPath(const std::string& path) {
+  struct stat st {};
+  if (::stat(path.c_str(), &st) != 0) return ErrnoStatus("stat(" + path + ")");
+  FileInfo fi;
+  fi.size = static_cast<std::uint64_t>(st.st_size);
+  fi.mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+  fi.inode = st.st_ino;
+  fi.dev = st.st_dev;
+  fi.mode = st.st_mode;
+  fi.uid = st.st_uid;
+  return fi;
+}
+
+Result<std::size_t> PreadUpTo(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {
+  std::size_t done = 0;
+  while (done < out.size()) {
+    ssize_t n = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("pread(" + std::string(what) + ", " + std::to_string(out.size() - done) + " @ " +
+                         std::to_string(offset + done) + ")");
+    }
+    if (n == 0) break;
+    done += static_cast<std::size_t>(n);
+  }
+  return done;
+}
+
 Status PreadFull(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {
   std::size_t done = 0;
   while (done < out.size()) {

@@ -59,9 +59,14 @@ struct FileInfo {
   uid_t uid = 0;
 };
 Result<FileInfo> Stat(int fd, std::string_view what);
+// stat() of a path (following symlinks, opening nothing). A missing file is NotFound.
+Result<FileInfo> StatPath(const std::string& path);
 
 // Reads exactly out.size() bytes at `offset`; a short file is DataLoss ("unexpected EOF").
 Status PreadFull(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what);
+// Reads up to out.size() bytes at `offset`, stopping early only at end of file; returns how
+// many bytes it read. For O_DIRECT reads whose aligned length runs past the end of the file.
+Result<std::size_t> PreadUpTo(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what);
 // Writes all of `in` at the current offset.
 Status WriteFull(int fd, std::span<const std::byte> in, std::string_view what);
 

@@ -1,0 +1,706 @@
+// Tests of the loader: byte-exact fills across chunk boundaries in every I/O mode, the O_DIRECT
+// fallback, checksums against xxh128sum, the manifest, change detection, injected read errors,
+// cancellation and LoadProgress. Files are a few KB and chunks 4096 bytes, so a "multi-chunk"
+// shard is tiny.
+#include "loader.h"
+
+#include <fcntl.h>
+#include <gtest/gtest.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <chrono>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <future>
+#include <map>
+#include <string>
+#include <thread>
+#include <type_traits>
+#include <vector>
+
+#include <xxhash.h>
+
+#include "posix.h"
+#include "safetensors_writer.h"
+#include "support/daemon_process.h"
+
+namespace weightd {
+namespace {
+
+using namespace std::chrono_literals;
+constexpr std::uint64_t kChunk = 4096;
+
+static_assert(!std::is_copy_constructible_v<LoadPlan> && std::is_move_constructible_v<LoadPlan>);
+
+std::string UniquePrefix() {
+  static int n = 0;
+  return "wdlt-" + std::to_string(::getpid()) + "-" + std::to_string(n++);
+}
+
+std::vector<std::byte> ReadAll(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  std::vector<char> v((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  std::vector<std::byte> out(v.size());
+  std::memcpy(out.data(), v.data(), v.size());
+  return out;
+}
+
+XXH128_hash_t HashOfFile(const std::string& path) {
+  auto bytes = ReadAll(path);
+  return XXH3_128bits(bytes.data(), bytes.size());
+}
+
+// A one-tensor model of `data_bytes` bytes of U8. `meta_pad` bytes of metadata move the data
+// section's offset in the file.
+Status WriteModelOfSize(const std::string& dir, std::uint64_t data_bytes, std::size_t meta_pad = 0, std::uint64_t seed = 7) {
+  RETURN_IF_ERROR(posix::MakeDirs(dir));
+  std::vector<st::TensorSpec> t = {{"w", DType::kU8, {static_cast<std::int64_t>(data_bytes)}}};
+  std::map<std::string, std::string> meta;
+  if (meta_pad > 0) meta["pad"] = std::string(meta_pad, 'x');
+  auto r = st::WriteFile(dir + "/model.safetensors", t, testing::PatternFill(seed), meta);
+  return r.ok() ? Status::Ok() : r.status();
+}
+
+// The data section of shard `i` must equal the file's bytes after the header.
+void ExpectMatchesFile(const ResidentModel& m) {
+  for (const ResidentShard& s : m.shards) {
+    const auto file = ReadAll(m.dir + "/" + s.file);
+    ASSERT_EQ(file.size(), s.header.data_offset + s.header.data_size) << s.file;
+    ASSERT_EQ(s.segment.data_size(), s.header.data_size);
+    if (s.header.data_size > 0) {
+      EXPECT_EQ(0, std::memcmp(s.segment.data(), file.data() + s.header.data_offset, s.header.data_size)) << s.file;
+    }
+    EXPECT_TRUE(XXH128_isEqual(s.checksum, XXH3_128bits(file.data(), file.size()))) << s.file;
+  }
+}
+
+// True if files in `dir` can be opened with O_DIRECT and read with 4096-aligned buffers.
+bool SupportsDirect(const std::string& dir) {
+  const std::string probe = dir + "/.direct-probe";
+  {
+    std::ofstream(probe) << std::string(8192, 'x');
+  }
+  int fd = ::open(probe.c_str(), O_RDONLY | O_DIRECT | O_CLOEXEC);
+  bool ok = false;
+  if (fd >= 0) {
+    void* buf = std::aligned_alloc(4096, 4096);
+    ok = ::pread(fd, buf, 4096, 0) == 4096;
+    std::free(buf);
+    ::close(fd);
+  }
+  ::unlink(probe.c_str());
+  return ok;
+}
+
+// A directory in /dev/shm (tmpfs: no O_DIRECT), removed on destruction.
+class ShmDir {
+ public:
+  ShmDir() {
+    std::string t = "/dev/shm/wdlt-dir.XXXXXX";
+    if (::mkdtemp(t.data()) != nullptr) path_ = t;
+  }
+  ~ShmDir() {
+    if (!path_.empty()) (void)posix::RemoveTree(path_);
+  }
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+};
+
+struct Fixture : ::testing::Test {
+  void TearDown() override {
+    for (const auto& n : ListSegments(prefix)) (void)HostSegment::Remove(n);
+  }
+  LoaderOptions Options(std::uint32_t threads = 2, IoMode io = IoMode::kBuffered) {
+    LoaderOptions o;
+    o.shm_prefix = prefix;
+    o.shm_mode = 0600;
+    o.threads = threads;
+    o.chunk_size = kChunk;
+    o.io = io;
+    return o;
+  }
+  std::string prefix = UniquePrefix();
+  testing::TempDir tmp;
+  const std::atomic<bool> no_cancel{false};
+};
+
+// ---- chunk boundaries, in every mode ----
+
+struct FillCase {
+  std::uint64_t size;
+  IoMode io;
+  std::uint32_t threads;
+  std::uint32_t prefault;
+};
+
+std::string ModeName(IoMode m) {
+  return m == IoMode::kBuffered ? "buffered" : m == IoMode::kDirect ? "direct" : "auto";
+}
+
+class ChunkBoundaries : public Fixture, public ::testing::WithParamInterface<FillCase> {};
+
+TEST_P(ChunkBoundaries, FillsByteExactWithTheFileChecksum) {
+  const FillCase c = GetParam();
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, c.size).ok());
+  LoaderOptions o = Options(c.threads, c.io);
+  o.prefault_threads = c.prefault;
+  Loader loader(o);
+  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  ExpectMatchesFile(**m);
+  EXPECT_EQ((*m)->bytes, c.size);
+  EXPECT_EQ(loader.bytes_read(), c.size);
+  if (c.io == IoMode::kDirect && c.size > 0 && SupportsDirect(tmp.path())) {
+    EXPECT_TRUE((*m)->shards[0].direct_io) << "the temp dir supports O_DIRECT";
+  }
+  if (c.io == IoMode::kBuffered) {
+    EXPECT_FALSE((*m)->shards[0].direct_io);
+  }
+}
+
+std::vector<FillCase> FillCases() {
+  std::vector<FillCase> out;
+  for (std::uint64_t size : {std::uint64_t{0}, std::uint64_t{1}, kChunk - 1, kChunk, kChunk + 1, 3 * kChunk + 777})
+    for (IoMode io : {IoMode::kBuffered, IoMode::kDirect, IoMode::kAuto})
+      for (std::uint32_t threads : {1u, 3u}) out.push_back({size, io, threads, threads == 3 ? 2u : 0u});
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(Loader, ChunkBoundaries, ::testing::ValuesIn(FillCases()),
+                         [](const ::testing::TestParamInfo<FillCase>& i) {
+                           return "size" + std::to_string(i.param.size) + "_" + ModeName(i.param.io) + "_threads" +
+                                  std::to_string(i.param.threads) + "_prefault" + std::to_string(i.param.prefault);
+                         });
+
+TEST_F(Fixture, DirectModeUsesODirectWhereTheFilesystemSupportsIt) {
+  if (!SupportsDirect(tmp.path())) GTEST_SKIP() << tmp.path() << " does not support O_DIRECT";
+  // Unaligned data section (the bounce-buffer path) and a block-aligned one (read in place).
+  const std::string base = st::BuildHeaderJson({{"w", DType::kU8, {5 * 4096 + 3}}}, {{"pad", ""}});
+  const std::size_t aligned_pad = 4096 - 8 - base.size() - 4;  // json padded to 8 -> 4088 bytes
+  for (std::size_t pad : {std::size_t{0}, std::size_t{13}, aligned_pad}) {
+    const std::string dir = tmp.file("d" + std::to_string(pad));
+    ASSERT_TRUE(WriteModelOfSize(dir, 5 * 4096 + 3, pad).ok());
+    Loader loader(Options(3, IoMode::kDirect));
+    auto m = loader.LoadHost({"d", dir}, pad, no_cancel);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    if (pad == aligned_pad) {
+      EXPECT_EQ((*m)->shards[0].header.data_offset, 4096u);
+    } else {
+      EXPECT_NE((*m)->shards[0].header.data_offset % 4096, 0u);
+    }
+    EXPECT_TRUE((*m)->shards[0].direct_io);
+    ExpectMatchesFile(**m);
+  }
+}
+
+// tmpfs refused O_DIRECT before Linux 6.6 and accepts it since; either way the fill is exact
+// and reports what it used.
+TEST_F(Fixture, DirectModeOnTmpfsUsesWhatTheKernelOffers) {
+  ShmDir shm;
+  ASSERT_FALSE(shm.path().empty());
+  const bool direct = SupportsDirect(shm.path());
+  const std::string dir = shm.path() + "/m";
+  ASSERT_TRUE(WriteModelOfSize(dir, 3 * kChunk + 5).ok());
+  Loader loader(Options(2, IoMode::kDirect));
+  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ((*m)->shards[0].direct_io, direct);
+  ExpectMatchesFile(**m);
+}
+
+// A filesystem without O_DIRECT: open(O_DIRECT) fails with EINVAL.
+class DirectOpenRefused : public FileIo {
+ public:
+  Result<posix::Fd> Open(const std::string& path, int flags) override {
+    if (flags & O_DIRECT) {
+      ++refused;
+      return posix::ErrnoStatus("open(" + path + ", O_DIRECT)", EINVAL);
+    }
+    return FileIo::Open(path, flags);
+  }
+  std::atomic<int> refused{0};
+};
+
+TEST_F(Fixture, DirectOpenRefusedWithEinvalFallsBackToBuffered) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 3 * kChunk + 5).ok());
+  DirectOpenRefused io;
+  LoaderOptions o = Options(2, IoMode::kDirect);
+  o.io_layer = &io;
+  Loader loader(o);
+  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ(io.refused.load(), 1);
+  EXPECT_FALSE((*m)->shards[0].direct_io);
+  ExpectMatchesFile(**m);
+}
+
+// A layer whose O_DIRECT reads fail with EINVAL although the open succeeded, as on some
+// filesystems: the loader must read buffered instead.
+class DirectReadRefused : public FileIo {
+ public:
+  Result<posix::Fd> Open(const std::string& path, int flags) override {
+    auto fd = FileIo::Open(path, flags & ~O_DIRECT);
+    if (fd.ok() && (flags & O_DIRECT)) {
+      std::lock_guard lock(mu_);
+      direct_fds_.push_back(fd->get());
+    }
+    return fd;
+  }
+  Result<std::size_t> Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) override {
+    {
+      std::lock_guard lock(mu_);
+      for (int d : direct_fds_)
+        if (d == fd) {
+          ++refused;
+          return posix::ErrnoStatus("pread(O_DIRECT)", EINVAL);
+        }
+    }
+    return FileIo::Pread(fd, out, offset, what);
+  }
+  std::atomic<int> refused{0};
+
+ private:
+  std::mutex mu_;
+  std::vector<int> direct_fds_;
+};
+
+TEST_F(Fixture, DirectReadRefusedWithEinvalFallsBackToBuffered) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 4 * kChunk + 1).ok());
+  DirectReadRefused io;
+  LoaderOptions o = Options(2, IoMode::kDirect);
+  o.io_layer = &io;
+  Loader loader(o);
+  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_GE(io.refused.load(), 1);
+  EXPECT_FALSE((*m)->shards[0].direct_io);
+  ExpectMatchesFile(**m);
+}
+
+TEST_F(Fixture, LoadsEveryShardOfAShardedModel) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, testing::SmallTensors(40), 3, 5).ok());
+  Loader loader(Options(3, IoMode::kAuto));
+  auto m = loader.LoadHost({"s", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  ASSERT_EQ((*m)->shards.size(), 3u);
+  ExpectMatchesFile(**m);
+  EXPECT_EQ(ListSegments(prefix).size(), 3u);
+}
+
+// ---- Plan ----
+
+TEST_F(Fixture, PlanOpensAndChecksWithoutCreatingSegments) {
+  const std::string dir = tmp.file("s");
+  const auto tensors = testing::SmallTensors(12);
+  ASSERT_TRUE(testing::WriteShardedModel(dir, tensors, 2, 5).ok());
+  Loader loader(Options());
+  auto plan = loader.Plan({"s", dir});
+  ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+  std::uint64_t bytes = 0;
+  for (const auto& t : tensors) bytes += t.nbytes();
+  EXPECT_EQ(plan->bytes, bytes);
+  EXPECT_EQ(plan->tensor_count, 12u);
+  ASSERT_EQ(plan->shards.size(), 2u);
+  for (const auto& s : plan->shards) EXPECT_TRUE(s.fd.valid());
+  EXPECT_FALSE(plan->has_manifest);
+  EXPECT_TRUE(ListSegments(prefix).empty());
+  auto m = loader.Fill(std::move(plan).value(), 3, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_EQ((*m)->bytes, bytes);
+  EXPECT_EQ((*m)->shards[1].segment.name(), loader.SegmentName("s", 3, 1));
+  ExpectMatchesFile(**m);
+}
+
+// ---- checksums and the manifest ----
+
+// stdout of `sh -c cmd`, or "" if it failed (xxh128sum not installed).
+std::string RunShell(const std::string& cmd) {
+  std::string out;
+  FILE* p = ::popen(("(" + cmd + ") 2>/dev/null").c_str(), "r");
+  if (p == nullptr) return out;
+  char buf[512];
+  while (std::fgets(buf, sizeof buf, p) != nullptr) out += buf;
+  return ::pclose(p) == 0 ? out : std::string();
+}
+
+TEST_F(Fixture, ChecksumIsWhatXxh128sumPrints) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 3 * kChunk + 11).ok());
+  Loader loader(Options(3));
+  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  const std::string path = dir + "/model.safetensors";
+  EXPECT_EQ((*m)->shards[0].checksum_hex(), ChecksumHex(HashOfFile(path)));
+  const std::string tool = RunShell("xxh128sum '" + path + "'");
+  if (tool.empty()) GTEST_SKIP() << "xxh128sum is not installed (Debian package xxhash); compared with XXH3_128bits only";
+  EXPECT_EQ(tool, (*m)->shards[0].checksum_hex() + "  " + path + "\n");
+}
+
+TEST(ChecksumHex, RoundTripsAndRejectsNonHex) {
+  const XXH128_hash_t h{0x0123456789abcdefull, 0xfedcba9876543210ull};  // low64, high64
+  EXPECT_EQ(ChecksumHex(h), "fedcba98765432100123456789abcdef");  // canonical: high64 first
+  auto back = ParseChecksumHex("FEDCBA98765432100123456789ABCDEF");
+  ASSERT_TRUE(back.has_value());
+  EXPECT_TRUE(XXH128_isEqual(*back, h));
+  EXPECT_FALSE(ParseChecksumHex("fedcba98765432100123456789abcde").has_value());
+  EXPECT_FALSE(ParseChecksumHex("gedcba98765432100123456789abcdef").has_value());
+}
+
+void WriteText(const std::string& path, const std::string& text) { std::ofstream(path, std::ios::binary) << text; }
+
+TEST_F(Fixture, ManifestThatMatchesVerifiesEveryShard) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, testing::SmallTensors(20), 2, 5).ok());
+  const std::string a = "model-00001-of-00002.safetensors", b = "model-00002-of-00002.safetensors";
+  // Both markers ("  " text, " *" binary), a "./" prefix, a CRLF, blank lines and an extra file.
+  WriteText(dir + "/checksums.xxh128", ChecksumHex(HashOfFile(dir + "/" + a)) + "  ./" + a + "\r\n\n" +
+                                           ChecksumHex(HashOfFile(dir + "/" + b)) + " *" + b + "\n" +
+                                           std::string(32, '0') + "  config.json\n");
+  Loader loader(Options());
+  auto m = loader.LoadHost({"s", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  for (const auto& s : (*m)->shards) EXPECT_TRUE(s.verified) << s.file;
+}
+
+TEST_F(Fixture, ManifestWrittenByXxh128sumVerifies) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, testing::SmallTensors(20), 2, 5).ok());
+  // xxh128sum names files as given on its command line, so run it in the directory.
+  const std::string text = RunShell("cd '" + dir + "' && xxh128sum model-0000*.safetensors");
+  if (text.empty()) GTEST_SKIP() << "xxh128sum is not installed (Debian package xxhash)";
+  WriteText(dir + "/checksums.xxh128", text);
+  Loader loader(Options());
+  auto m = loader.LoadHost({"s", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  for (const auto& s : (*m)->shards) EXPECT_TRUE(s.verified) << s.file;
+}
+
+TEST_F(Fixture, ManifestMismatchIsDataLossNamingTheFileAndLeavesNoSegment) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 2 * kChunk + 9).ok());
+  const std::string actual = ChecksumHex(HashOfFile(dir + "/model.safetensors"));
+  std::string wrong = actual;
+  wrong[5] = wrong[5] == '0' ? '1' : '0';
+  WriteText(dir + "/checksums.xxh128", wrong + "  model.safetensors\n");
+  auto progress = std::make_shared<LoadProgress>();
+  Loader loader(Options());
+  auto plan = loader.Plan({"m", dir});
+  ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+  EXPECT_TRUE(plan->has_manifest);
+  auto m = loader.Fill(std::move(plan).value(), 1, no_cancel, progress);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kDataLoss);
+  EXPECT_EQ(m.status().reason(), "loader.checksum_mismatch");
+  EXPECT_NE(m.status().message().find("model.safetensors"), std::string::npos) << m.status().message();
+  EXPECT_NE(m.status().message().find(wrong), std::string::npos) << m.status().message();
+  EXPECT_NE(m.status().message().find(actual), std::string::npos) << m.status().message();
+  EXPECT_TRUE(ListSegments(prefix).empty());
+  EXPECT_EQ(progress->Wait().reason(), "loader.checksum_mismatch");
+
+  // verify_manifest = false loads it anyway (the checksum is still computed).
+  LoaderOptions o = Options();
+  o.verify_manifest = false;
+  Loader lax(o);
+  auto m2 = lax.LoadHost({"m", dir}, 2, no_cancel);
+  ASSERT_TRUE(m2.ok()) << m2.status().ToString();
+  EXPECT_FALSE((*m2)->shards[0].verified);
+  EXPECT_EQ((*m2)->shards[0].checksum_hex(), actual);
+}
+
+TEST_F(Fixture, MalformedManifestIsInvalidArgument) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 100).ok());
+  const std::string good = ChecksumHex(HashOfFile(dir + "/model.safetensors"));
+  const std::vector<std::string> bad = {
+      good.substr(0, 31) + "  model.safetensors\n",             // short hash
+      std::string(31, 'a') + "z  model.safetensors\n",          // not hex
+      good + " model.safetensors\n",                            // one space
+      good + "  \n",                                            // no name
+      "\\" + good + "  model.safetensors\n",                    // escaped name
+      good + "  model.safetensors\n" + good + "  model.safetensors\n",  // listed twice
+      "XXH128 (model.safetensors) = " + good + "\n",            // BSD tag style
+  };
+  Loader loader(Options());
+  for (const auto& text : bad) {
+    WriteText(dir + "/checksums.xxh128", text);
+    auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+    ASSERT_FALSE(m.ok()) << text;
+    EXPECT_EQ(m.status().code(), Code::kInvalidArgument) << text;
+    EXPECT_EQ(m.status().reason(), "loader.bad_manifest") << text;
+    EXPECT_NE(m.status().message().find("checksums.xxh128:"), std::string::npos) << m.status().message();
+  }
+  EXPECT_TRUE(ListSegments(prefix).empty());
+}
+
+TEST_F(Fixture, ManifestThatOmitsAShardIsRefused) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, testing::SmallTensors(20), 2, 5).ok());
+  const std::string a = "model-00001-of-00002.safetensors";
+  WriteText(dir + "/checksums.xxh128", ChecksumHex(HashOfFile(dir + "/" + a)) + "  " + a + "\n");
+  Loader loader(Options());
+  auto m = loader.LoadHost({"s", dir}, 1, no_cancel);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kInvalidArgument);
+  EXPECT_EQ(m.status().reason(), "loader.manifest_incomplete");
+  EXPECT_NE(m.status().message().find("model-00002-of-00002.safetensors"), std::string::npos);
+}
+
+// ---- change detection ----
+
+TEST_F(Fixture, ChangedDetectsSizeMtimeReplacementAndRemoval) {
+  const std::string dir = tmp.file("m");
+  const std::string path = dir + "/model.safetensors";
+  ASSERT_TRUE(WriteModelOfSize(dir, 1000).ok());
+  Loader loader(Options());
+  auto load = [&] {
+    auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+    EXPECT_TRUE(m.ok()) << m.status().ToString();
+    auto r = *m;
+    r->RemoveSegments();
+    return r;
+  };
+  auto m = load();
+  EXPECT_FALSE(*Loader::Changed(*m));
+
+  // mtime only: same bytes, another timestamp.
+  struct timespec ts[2] = {{0, UTIME_OMIT}, {1'000'000, 5}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), ts, 0), 0);
+  EXPECT_TRUE(*Loader::Changed(*m));
+  m = load();
+  EXPECT_FALSE(*Loader::Changed(*m));
+
+  // Size.
+  ASSERT_TRUE(WriteModelOfSize(dir, 1001).ok());
+  EXPECT_TRUE(*Loader::Changed(*m));
+  m = load();
+
+  // Replaced by a file of the same size and mtime (another inode).
+  const auto info = posix::StatPath(path);
+  ASSERT_TRUE(WriteModelOfSize(dir, 1001, 0, 99).ok());
+  struct timespec same[2] = {{0, UTIME_OMIT}, {info->mtime_ns / 1'000'000'000, info->mtime_ns % 1'000'000'000}};
+  ASSERT_EQ(::utimensat(AT_FDCWD, path.c_str(), same, 0), 0);
+  EXPECT_TRUE(*Loader::Changed(*m));
+  m = load();
+
+  ASSERT_EQ(::unlink(path.c_str()), 0);
+  EXPECT_TRUE(*Loader::Changed(*m));
+}
+
+// ---- injected faults and cancellation ----
+
+// Fails every read that reaches past `fail_at` in the file with EIO.
+class FailingIo : public FileIo {
+ public:
+  explicit FailingIo(std::uint64_t fail_at) : fail_at_(fail_at) {}
+  Result<std::size_t> Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) override {
+    if (offset + out.size() > fail_at_) {
+      ++failures;
+      return posix::ErrnoStatus("pread(" + std::string(what) + ") [injected]", EIO);
+    }
+    return FileIo::Pread(fd, out, offset, what);
+  }
+  std::atomic<int> failures{0};
+
+ private:
+  const std::uint64_t fail_at_;
+};
+
+TEST_F(Fixture, ReadErrorMidFileFailsCleanlyAndLeaksNoSegment) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {20000}}, {"b", DType::kU8, {20000}}}, 2, 3).ok());
+  for (IoMode io : {IoMode::kBuffered, IoMode::kDirect}) {
+    FailingIo failing(3 * kChunk);
+    LoaderOptions o = Options(3, io);
+    o.io_layer = &failing;
+    o.prefault_threads = 1;
+    Loader loader(o);
+    auto progress = std::make_shared<LoadProgress>();
+    auto plan = loader.Plan({"s", dir});
+    ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+    auto m = loader.Fill(std::move(plan).value(), 1, no_cancel, progress);
+    ASSERT_FALSE(m.ok());
+    EXPECT_EQ(m.status().code(), Code::kDataLoss) << m.status().ToString();
+    EXPECT_EQ(m.status().reason(), "errno.EIO");
+    EXPECT_NE(m.status().message().find("[injected]"), std::string::npos);
+    EXPECT_GE(failing.failures.load(), 1);
+    EXPECT_TRUE(ListSegments(prefix).empty()) << ModeName(io);
+    // The consumer learns the error; its mappings stay valid though the names are gone.
+    EXPECT_EQ(progress->Wait().reason(), "errno.EIO");
+    auto segs = progress->WaitSegments();
+    ASSERT_TRUE(segs.ok());
+    EXPECT_EQ(progress->WaitFilled(0, 20000).reason(), "errno.EIO");
+    // Chunks 0 and 1 end before the failing offset, and a chunk once taken is always read.
+    EXPECT_TRUE(progress->WaitFilled(0, 2 * kChunk).ok());
+    EXPECT_EQ((*segs)->shards[0].segment.data()[0], testing::PatternByte(3, 0, 0));
+  }
+}
+
+TEST_F(Fixture, CancelledLoadIsUnavailableAndLeaksNoSegment) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 10 * kChunk).ok());
+  Loader loader(Options(2));
+  const std::atomic<bool> cancelled{true};
+  auto m = loader.LoadHost({"m", dir}, 1, cancelled);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kUnavailable);
+  EXPECT_EQ(m.status().reason(), "loader.cancelled");
+  EXPECT_TRUE(ListSegments(prefix).empty());
+}
+
+// Sets `cancel` on the `n`-th data read.
+class CancellingIo : public FileIo {
+ public:
+  CancellingIo(std::atomic<bool>& cancel, int n) : cancel_(cancel), n_(n) {}
+  Result<std::size_t> Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) override {
+    if (++reads_ == n_) cancel_ = true;
+    return FileIo::Pread(fd, out, offset, what);
+  }
+
+ private:
+  std::atomic<bool>& cancel_;
+  const int n_;
+  std::atomic<int> reads_{0};
+};
+
+TEST_F(Fixture, CancelMidLoadStopsAndLeaksNoSegment) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 20 * kChunk).ok());
+  std::atomic<bool> cancel{false};
+  CancellingIo io(cancel, 3);  // read 1 is the header in Plan
+  LoaderOptions o = Options(1);
+  o.io_layer = &io;
+  Loader loader(o);
+  auto progress = std::make_shared<LoadProgress>();
+  auto plan = loader.Plan({"m", dir});
+  ASSERT_TRUE(plan.ok());
+  auto m = loader.Fill(std::move(plan).value(), 1, cancel, progress);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().reason(), "loader.cancelled");
+  EXPECT_LT(loader.bytes_read(), 20 * kChunk);
+  EXPECT_TRUE(ListSegments(prefix).empty());
+  EXPECT_EQ(progress->WaitFilled(0, 20 * kChunk).reason(), "loader.cancelled");
+}
+
+// ---- LoadProgress ----
+
+TEST(LoadProgress, WaitFilledBlocksUntilTheWatermarkPassesTheEnd) {
+  auto model = std::make_shared<ResidentModel>();
+  model->shards.resize(2);
+  const std::string prefix = UniquePrefix();
+  auto seg = HostSegment::Create(prefix + ".p.0", 10000, 0600);
+  ASSERT_TRUE(seg.ok());
+  model->shards[0].segment = std::move(seg).value();
+  LoadProgress p;
+  auto waiter = std::async(std::launch::async, [&] { return p.WaitFilled(0, 8000); });
+  EXPECT_EQ(waiter.wait_for(50ms), std::future_status::timeout);
+  p.PublishSegments(model);
+  p.SetFilled(0, 4096);
+  EXPECT_EQ(waiter.wait_for(50ms), std::future_status::timeout);
+  EXPECT_EQ(p.filled(0), 4096u);
+  p.SetFilled(0, 2048);  // never moves back
+  EXPECT_EQ(p.filled(0), 4096u);
+  p.SetFilled(0, 8192);
+  EXPECT_TRUE(waiter.get().ok());
+  EXPECT_EQ(p.WaitFilled(1, 1).reason(), "loader.bad_range");  // shard 1 holds nothing
+  EXPECT_EQ(p.WaitFilled(2, 0).reason(), "loader.bad_shard");
+  EXPECT_TRUE(p.WaitSegments().ok());
+  EXPECT_FALSE(p.done());
+  p.Finish();
+  EXPECT_TRUE(p.Wait().ok());
+  (void)HostSegment::Remove(prefix + ".p.0");
+}
+
+TEST(LoadProgress, FailureWakesEveryWaiter) {
+  LoadProgress p;
+  auto segs = std::async(std::launch::async, [&] { return p.WaitSegments().status(); });
+  auto filled = std::async(std::launch::async, [&] { return p.WaitFilled(0, 1); });
+  auto done = std::async(std::launch::async, [&] { return p.Wait(); });
+  EXPECT_EQ(segs.wait_for(50ms), std::future_status::timeout);
+  p.Fail(DataLoss("disk on fire", "test.fire"));
+  p.Fail(Internal("second error is ignored"));
+  EXPECT_EQ(segs.get().reason(), "test.fire");
+  EXPECT_EQ(filled.get().reason(), "test.fire");
+  EXPECT_EQ(done.get().reason(), "test.fire");
+}
+
+TEST(LoadProgress, FailureAfterSegmentsWakesWaitersOnUnfilledBytes) {
+  auto model = std::make_shared<ResidentModel>();
+  model->shards.resize(1);
+  const std::string prefix = UniquePrefix();
+  auto seg = HostSegment::Create(prefix + ".p.0", 10000, 0600);
+  ASSERT_TRUE(seg.ok());
+  model->shards[0].segment = std::move(seg).value();
+  LoadProgress p;
+  p.PublishSegments(model);
+  p.SetFilled(0, 100);
+  auto waiter = std::async(std::launch::async, [&] { return p.WaitFilled(0, 5000); });
+  EXPECT_EQ(waiter.wait_for(50ms), std::future_status::timeout);
+  p.Fail(Unavailable("cancelled", "loader.cancelled"));
+  EXPECT_EQ(waiter.get().reason(), "loader.cancelled");
+  EXPECT_TRUE(p.WaitFilled(0, 100).ok());  // what was filled stays filled
+  (void)HostSegment::Remove(prefix + ".p.0");
+}
+
+// Holds the read of the first chunk of the data section until released, so that the chunks
+// after it finish first.
+class GatedIo : public FileIo {
+ public:
+  explicit GatedIo(std::uint64_t gated_offset) : gated_(gated_offset) {}
+  Result<std::size_t> Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) override {
+    if (offset == gated_) gate_.get_future().wait();
+    return FileIo::Pread(fd, out, offset, what);
+  }
+  void Release() { gate_.set_value(); }
+
+ private:
+  const std::uint64_t gated_;
+  std::promise<void> gate_;
+};
+
+TEST_F(Fixture, ProgressWatermarkWaitsForOutOfOrderChunks) {
+  const std::string dir = tmp.file("m");
+  const std::uint64_t size = 6 * kChunk + 100;
+  ASSERT_TRUE(WriteModelOfSize(dir, size).ok());
+  Loader probe(Options());
+  auto planned = probe.Plan({"m", dir});
+  ASSERT_TRUE(planned.ok());
+  GatedIo io(planned->shards[0].header.data_offset);
+  LoaderOptions o = Options(2);
+  o.io_layer = &io;
+  Loader loader(o);
+  auto progress = std::make_shared<LoadProgress>();
+  auto plan = loader.Plan({"m", dir});
+  ASSERT_TRUE(plan.ok());
+  auto fill = std::async(std::launch::async, [&, p = std::move(plan).value()]() mutable {
+    return loader.Fill(std::move(p), 1, no_cancel, progress);
+  });
+  auto segs = progress->WaitSegments();
+  ASSERT_TRUE(segs.ok()) << segs.status().ToString();
+  // The other reader does chunks 1..6 while chunk 0 is held.
+  for (int i = 0; i < 500 && loader.bytes_read() < size - kChunk; ++i) std::this_thread::sleep_for(2ms);
+  EXPECT_EQ(loader.bytes_read(), size - kChunk);
+  EXPECT_EQ(progress->filled(0), 0u);
+  auto waiter = std::async(std::launch::async, [&] { return progress->WaitFilled(0, 1); });
+  EXPECT_EQ(waiter.wait_for(20ms), std::future_status::timeout);
+  io.Release();
+  EXPECT_TRUE(waiter.get().ok());
+  EXPECT_TRUE(progress->WaitFilled(0, size).ok());
+  EXPECT_EQ(progress->filled(0), size);
+  auto m = fill.get();
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_TRUE(progress->Wait().ok());
+  EXPECT_EQ(segs->get(), m->get());
+  ExpectMatchesFile(**m);
+}
+
+}  // namespace
+}  // namespace weightd
