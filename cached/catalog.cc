@@ -110,6 +110,7 @@ CatalogDiff Catalog::Update(const std::vector<ModelConfig>& models) {
     auto it = next.find(name);
     if (it == next.end()) diff.removed.push_back(name);
     else if (it->second.dir != m.dir) diff.changed.push_back(name);
+    else if (!(it->second == m)) diff.updated.push_back(name);
   }
   for (const auto& [name, m] : next)
     if (!models_.count(name)) diff.added.push_back(name);

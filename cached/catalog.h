@@ -29,6 +29,7 @@ struct CatalogDiff {
   std::vector<std::string> added;
   std::vector<std::string> removed;
   std::vector<std::string> changed;  // same name, other directory
+  std::vector<std::string> updated;  // same directory, other policy (pin, preload, priority, TTLs)
 };
 
 class Catalog {

@@ -62,13 +62,169 @@ Result<bool> BoolNode(const toml::node& n, const std::string& key, const std::st
   return *n.value<bool>();
 }
 
+Result<double> FractionNode(const toml::node& n, const std::string& key, const std::string& origin) {
+  if (n.is_floating_point() || n.is_integer()) {
+    const double v = n.is_integer() ? static_cast<double>(*n.value<std::int64_t>()) : *n.value<double>();
+    if (!(v >= 0 && v <= 1)) return Invalid(origin, key + " must be a fraction in [0, 1] or a percentage like \"80%\"");
+    return v;
+  }
+  if (auto s = n.value<std::string>()) {
+    auto r = ParseFraction(*s);
+    if (!r.ok()) return Invalid(origin, key + ": " + r.status().message());
+    return r;
+  }
+  return Invalid(origin, key + " must be a fraction like 0.8 or a string like \"80%\"");
+}
+
+Result<Budget> BudgetNode(const toml::node& n, const std::string& key, const std::string& origin) {
+  if (n.is_floating_point()) {
+    ASSIGN_OR_RETURN(double f, FractionNode(n, key, origin));
+    return Budget{0, f};
+  }
+  if (n.is_integer()) {
+    ASSIGN_OR_RETURN(std::uint64_t b, SizeNode(n, key, origin));
+    return Budget{b, 0};
+  }
+  if (auto s = n.value<std::string>()) {
+    auto r = ParseBudget(*s);
+    if (!r.ok()) return Invalid(origin, key + ": " + r.status().message());
+    return r;
+  }
+  return Invalid(origin, key + " must be bytes (\"64GiB\") or a share of the total (\"50%\", 0.5)");
+}
+
 Result<std::string> StringNode(const toml::node& n, const std::string& key, const std::string& origin) {
   auto s = n.value<std::string>();
   if (!n.is_string() || !s) return Invalid(origin, key + " must be a string");
   return *s;
 }
 
+// A model's [models.NAME] table.
+Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig* mc) {
+  const std::string base = "models." + mc->name + ".";
+  for (auto&& [mk, mv] : mt) {
+    const std::string k(mk.str());
+    const std::string qk = base + k;
+    if (k == "path") {
+      ASSIGN_OR_RETURN(mc->dir, StringNode(mv, qk, origin));
+    } else if (k == "pin") {
+      ASSIGN_OR_RETURN(mc->pin, BoolNode(mv, qk, origin));
+    } else if (k == "priority") {
+      auto i = mv.value<std::int64_t>();
+      if (!mv.is_integer() || !i || *i < -1000 || *i > 1000) return Invalid(origin, qk + " must be an integer in [-1000, 1000]");
+      mc->priority = static_cast<std::int32_t>(*i);
+    } else if (k == "host_idle_ttl") {
+      ASSIGN_OR_RETURN(mc->host_idle_ttl, DurationNode(mv, qk, origin));
+    } else if (k == "gpu_idle_ttl") {
+      ASSIGN_OR_RETURN(mc->gpu_idle_ttl, DurationNode(mv, qk, origin));
+    } else if (k == "preload") {
+      const toml::array* a = mv.as_array();
+      if (a == nullptr) return Invalid(origin, qk + " must be an array like [\"host\", \"cuda:0\"]");
+      mc->preload.clear();
+      for (const toml::node& e : *a) {
+        ASSIGN_OR_RETURN(std::string tier, StringNode(e, qk, origin));
+        if (tier != "host" && tier.rfind("cuda", 0) != 0)
+          return Invalid(origin, qk + ": unknown tier '" + tier + "' (use \"host\" or \"cuda:N\")");
+        if (std::find(mc->preload.begin(), mc->preload.end(), tier) == mc->preload.end()) mc->preload.push_back(tier);
+      }
+    } else {
+      return Invalid(origin, "unknown key '" + qk + "'");
+    }
+  }
+  if (mc->dir.empty()) return Invalid(origin, "models." + mc->name + " has no 'path'");
+  return Status::Ok();
+}
+
+Status CacheTable(const toml::table& t, const std::string& origin, CacheConfig* c) {
+  for (auto&& [key, node] : t) {
+    const std::string k(key.str());
+    const std::string qk = "cache." + k;
+    if (k == "host_budget") {
+      ASSIGN_OR_RETURN(c->host_budget, BudgetNode(node, qk, origin));
+    } else if (k == "gpu_budget") {
+      ASSIGN_OR_RETURN(c->gpu_budget, BudgetNode(node, qk, origin));
+    } else if (k == "host_idle_ttl") {
+      ASSIGN_OR_RETURN(c->host_idle_ttl, DurationNode(node, qk, origin));
+    } else if (k == "gpu_idle_ttl") {
+      ASSIGN_OR_RETURN(c->gpu_idle_ttl, DurationNode(node, qk, origin));
+    } else if (k == "host_pressure") {
+      ASSIGN_OR_RETURN(c->host_pressure, FractionNode(node, qk, origin));
+    } else if (k == "gpu_pressure") {
+      ASSIGN_OR_RETURN(c->gpu_pressure, FractionNode(node, qk, origin));
+    } else if (k == "max_host_models") {
+      ASSIGN_OR_RETURN(c->max_host_models, CountNode(node, qk, origin, 0, 1'000'000));
+    } else if (k == "max_gpu_models") {
+      ASSIGN_OR_RETURN(c->max_gpu_models, CountNode(node, qk, origin, 0, 1'000'000));
+    } else if (k == "admission_timeout") {
+      ASSIGN_OR_RETURN(c->admission_timeout, DurationNode(node, qk, origin));
+    } else if (k == "file_check_interval") {
+      ASSIGN_OR_RETURN(c->file_check_interval, DurationNode(node, qk, origin));
+    } else if (k == "pressure_interval") {
+      ASSIGN_OR_RETURN(c->pressure_interval, DurationNode(node, qk, origin));
+    } else {
+      return Invalid(origin, "unknown key '" + qk + "'");
+    }
+  }
+  return Status::Ok();
+}
+
 }  // namespace
+
+std::uint64_t Budget::Resolve(std::uint64_t total) const {
+  if (fraction > 0) return static_cast<std::uint64_t>(static_cast<double>(total) * fraction);
+  return bytes == 0 ? total : std::min(bytes, total);
+}
+
+std::string Budget::ToString() const {
+  char buf[64];
+  if (fraction > 0) std::snprintf(buf, sizeof buf, "%g%% of the total", fraction * 100);
+  else if (bytes == 0) std::snprintf(buf, sizeof buf, "the whole total");
+  else std::snprintf(buf, sizeof buf, "%llu bytes", static_cast<unsigned long long>(bytes));
+  return buf;
+}
+
+Result<double> ParseFraction(const std::string& text) {
+  std::string s = text;
+  double scale = 1;
+  if (!s.empty() && s.back() == '%') {
+    s.pop_back();
+    scale = 100;
+  }
+  double v = 0;
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), v);
+  if (s.empty() || ec != std::errc() || p != s.data() + s.size())
+    return InvalidArgument("not a fraction: '" + text + "' (use 0.8 or \"80%\")", "config.bad_fraction");
+  v /= scale;
+  if (!(v >= 0 && v <= 1)) return InvalidArgument("fraction out of [0, 1]: '" + text + "'", "config.bad_fraction");
+  return v;
+}
+
+Result<Budget> ParseBudget(const std::string& text) {
+  if (!text.empty() && text.back() == '%') {
+    ASSIGN_OR_RETURN(double f, ParseFraction(text));
+    if (f <= 0) return InvalidArgument("a budget of 0% holds nothing: '" + text + "'", "config.bad_budget");
+    return Budget{0, f};
+  }
+  ASSIGN_OR_RETURN(std::uint64_t b, ParseSize(text));
+  return Budget{b, 0};
+}
+
+Status ValidateHttpListen(const std::string& listen) {
+  const auto colon = listen.rfind(':');
+  if (colon == std::string::npos || colon == 0 || colon + 1 == listen.size())
+    return InvalidArgument("http listen address must be HOST:PORT, got '" + listen + "'", "config.bad_listen");
+  const std::string host = listen.substr(0, colon);
+  const std::string port = listen.substr(colon + 1);
+  unsigned v = 0;
+  auto [p, ec] = std::from_chars(port.data(), port.data() + port.size(), v);
+  if (ec != std::errc() || p != port.data() + port.size() || v == 0 || v > 65535)
+    return InvalidArgument("bad port in http listen address '" + listen + "'", "config.bad_listen");
+  // The listener has no authentication: it must never be reachable from another machine.
+  if (host != "127.0.0.1" && host != "[::1]" && host != "localhost")
+    return InvalidArgument("http listen address must be loopback (127.0.0.1, [::1] or localhost), got '" + host + "'",
+                           "config.bad_listen");
+  return Status::Ok();
+}
 
 Status ValidateModelName(const std::string& name) {
   if (name.empty() || name.size() > 64 || !std::isalnum(static_cast<unsigned char>(name[0])) ||
@@ -126,8 +282,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
   }
   for (auto&& [key, node] : root) {
     const std::string k(key.str());
-    if (k != "daemon" && k != "gpu" && k != "models")
-      return Invalid(origin, "unknown table or key '" + k + "' (expected [daemon], [gpu] and [models.NAME])");
+    if (k != "daemon" && k != "gpu" && k != "cache" && k != "models")
+      return Invalid(origin, "unknown table or key '" + k + "' (expected [daemon], [gpu], [cache] and [models.NAME])");
   }
   if (auto* d = root.get("daemon")) {
     const toml::table* t = d->as_table();
@@ -149,6 +305,12 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->loader_threads, CountNode(node, qk, origin, 1, 256));
       } else if (k == "chunk_size") {
         ASSIGN_OR_RETURN(cfg->chunk_size, SizeNode(node, qk, origin));
+      } else if (k == "io") {
+        ASSIGN_OR_RETURN(cfg->io, StringNode(node, qk, origin));
+      } else if (k == "prefault_threads") {
+        ASSIGN_OR_RETURN(cfg->prefault_threads, CountNode(node, qk, origin, 0, 256));
+      } else if (k == "verify_checksums") {
+        ASSIGN_OR_RETURN(cfg->verify_checksums, BoolNode(node, qk, origin));
       } else if (k == "heartbeat_interval") {
         ASSIGN_OR_RETURN(cfg->heartbeat_interval, DurationNode(node, qk, origin));
       } else if (k == "heartbeat_timeout") {
@@ -161,6 +323,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->max_message_size, SizeNode(node, qk, origin));
       } else if (k == "log_level") {
         ASSIGN_OR_RETURN(cfg->log_level, StringNode(node, qk, origin));
+      } else if (k == "http_listen") {
+        ASSIGN_OR_RETURN(cfg->http_listen, StringNode(node, qk, origin));
       } else {
         return Invalid(origin, "unknown key '" + qk + "'");
       }
@@ -185,6 +349,11 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
       }
     }
   }
+  if (auto* c = root.get("cache")) {
+    const toml::table* t = c->as_table();
+    if (t == nullptr) return Invalid(origin, "'cache' must be a table");
+    RETURN_IF_ERROR(CacheTable(*t, origin, &cfg->cache));
+  }
   if (auto* m = root.get("models")) {
     const toml::table* t = m->as_table();
     if (t == nullptr) return Invalid(origin, "'models' must be a table of [models.NAME] tables");
@@ -194,15 +363,7 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
       RETURN_IF_ERROR(ValidateModelName(mc.name).WithContext(origin));
       const toml::table* mt = node.as_table();
       if (mt == nullptr) return Invalid(origin, "models." + mc.name + " must be a table with a 'path'");
-      for (auto&& [mk, mv] : *mt) {
-        const std::string k(mk.str());
-        if (k == "path") {
-          ASSIGN_OR_RETURN(mc.dir, StringNode(mv, "models." + mc.name + ".path", origin));
-        } else {
-          return Invalid(origin, "unknown key 'models." + mc.name + "." + k + "'");
-        }
-      }
-      if (mc.dir.empty()) return Invalid(origin, "models." + mc.name + " has no 'path'");
+      RETURN_IF_ERROR(ModelTable(*mt, origin, &mc));
       UpsertModel(cfg, std::move(mc));
     }
   }
@@ -259,6 +420,17 @@ Status Finalize(DaemonConfig* cfg) {
   if (cfg->gpu_export != "vmm" && cfg->gpu_export != "legacy")
     return InvalidArgument("gpu.export must be \"vmm\" or \"legacy\", not \"" + cfg->gpu_export + "\"",
                            "config.bad_gpu_export");
+  if (!cfg->http_listen.empty()) RETURN_IF_ERROR(ValidateHttpListen(cfg->http_listen));
+  if (cfg->io != "auto" && cfg->io != "direct" && cfg->io != "buffered")
+    return InvalidArgument("daemon.io must be \"auto\", \"direct\" or \"buffered\", not \"" + cfg->io + "\"", "config.invalid");
+  for (const Budget* b : {&cfg->cache.host_budget, &cfg->cache.gpu_budget})
+    if (b->fraction < 0 || b->fraction > 1) return InvalidArgument("a budget's fraction must be in (0, 1]", "config.bad_budget");
+  if (cfg->cache.pressure_interval.count() <= 0)
+    return InvalidArgument("cache.pressure_interval must be positive", "config.invalid");
+  for (const ModelConfig& m : cfg->models)
+    for (const std::string& tier : m.preload)
+      if (tier != "host" && tier.rfind("cuda:", 0) != 0 && tier != "cuda")
+        return InvalidArgument("model '" + m.name + "': unknown preload tier '" + tier + "'", "config.invalid");
   if (cfg->fd_socket.empty()) {
     // Clients receive this path in manifests, so it must not depend on the daemon's cwd.
     std::error_code ec;

@@ -21,9 +21,48 @@ namespace weightd {
 
 inline constexpr const char* kDefaultConfigPath = "/etc/weightd/weightd.toml";
 
+// A memory budget: a number of bytes, or a fraction of the tier's total (the host's MemTotal, a
+// GPU's memory), resolved when the total is known. Zero bytes with no fraction: no limit.
+struct Budget {
+  std::uint64_t bytes = 0;
+  double fraction = 0;  // in (0, 1]; wins over `bytes` when set
+
+  std::uint64_t Resolve(std::uint64_t total) const;
+  std::string ToString() const;  // "64.0 GiB" or "80% of the total"
+  bool operator==(const Budget&) const = default;
+};
+
 struct ModelConfig {
   std::string name;
   std::string dir;
+  // Cache policy of this model (README, "Cache policy").
+  bool pin = false;                  // never evicted, by any reason but an admin's evict
+  std::vector<std::string> preload;  // tiers loaded at start: "host", "cuda:N"
+  std::int32_t priority = 0;         // lower priorities are evicted first
+  std::optional<std::chrono::milliseconds> host_idle_ttl;  // overrides [cache].host_idle_ttl
+  std::optional<std::chrono::milliseconds> gpu_idle_ttl;   // overrides [cache].gpu_idle_ttl
+
+  bool operator==(const ModelConfig&) const = default;
+};
+
+// The cache policy ([cache]). A duration of 0 turns its rule off.
+struct CacheConfig {
+  Budget host_budget{0, 0.5};  // of MemTotal
+  Budget gpu_budget{0, 0.8};   // of each GPU's memory
+  std::chrono::milliseconds host_idle_ttl{0};
+  std::chrono::milliseconds gpu_idle_ttl{30'000};
+  // Evict unleased models while the used share of host memory (1 - MemAvailable/MemTotal) or of
+  // a GPU's memory is above this; 0 turns the rule off.
+  double host_pressure = 0.8;
+  double gpu_pressure = 0.8;
+  std::uint32_t max_host_models = 0;  // warm-pool caps; 0: no cap
+  std::uint32_t max_gpu_models = 0;   // per GPU
+  // How long a load that needs memory waits for leases to end before ResourceExhausted.
+  std::chrono::milliseconds admission_timeout{10'000};
+  // How often resident models' files are checked for changes on disk (0: never).
+  std::chrono::milliseconds file_check_interval{5'000};
+  // How often the pressure rule samples memory.
+  std::chrono::milliseconds pressure_interval{1'000};
 };
 
 struct DaemonConfig {
@@ -34,12 +73,19 @@ struct DaemonConfig {
   mode_t shm_mode = 0640;
   std::uint32_t loader_threads = 4;
   std::uint64_t chunk_size = 16ull << 20;
+  std::string io = "auto";               // "auto", "direct" (O_DIRECT) or "buffered"
+  std::uint32_t prefault_threads = 2;    // pre-fault fresh segments; 0: readers fault them in
+  bool verify_checksums = true;          // against a model directory's checksums.xxh128
   std::chrono::milliseconds heartbeat_interval{1000};
   std::chrono::milliseconds heartbeat_timeout{10000};
   std::uint32_t max_leases_per_client = 256;
   std::uint32_t max_sessions = 4096;
   std::uint64_t max_message_size = 1ull << 20;
   std::string log_level = "info";
+  // "HOST:PORT" of the loopback HTTP listener (/healthz, /readyz, /metrics); empty: none.
+  std::string http_listen;
+
+  CacheConfig cache;
 
   // GPU tier. Off (host-only) when no CUDA device is found, or when gpu_enabled is false.
   bool gpu_enabled = true;
@@ -63,6 +109,13 @@ Status ValidateModelName(const std::string& name);
 Result<std::uint64_t> ParseSize(const std::string& text);
 // "250ms", "10s", "2m", or a bare number of milliseconds.
 Result<std::chrono::milliseconds> ParseDuration(const std::string& text);
+
+// "64GiB" (bytes), "80%" or a TOML float 0.8 (a fraction of the total).
+Result<Budget> ParseBudget(const std::string& text);
+// "80%" or 0.8 -> 0.8; InvalidArgument outside [0, 1].
+Result<double> ParseFraction(const std::string& text);
+// "HOST:PORT" with a loopback host (127.0.0.1, ::1 in brackets, localhost).
+Status ValidateHttpListen(const std::string& listen);
 
 // Parses TOML text into `base` (overriding what the file sets). `origin` names the file in
 // messages.
