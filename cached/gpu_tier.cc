@@ -320,7 +320,8 @@ Status GpuTier::Allocate(GpuCopy& copy, std::span<const HostShard> shards) {
   return Status::Ok();
 }
 
-Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged) {
+Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged,
+                       const WaitReadyFn& wait_ready) {
   // Everything a copy borrows while queued work may still read it. The destructor waits for
   // the streams before it frees staging buffers or unregisters host memory, on success and on
   // every error path alike.
@@ -383,6 +384,7 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
       const std::uint64_t len = std::min(options_.chunk_bytes, src.size - off);
       const std::size_t j = k % n_streams;
       Stream stream = session.streams[j];
+      if (wait_ready) RETURN_IF_ERROR(wait_ready(i, off + len));
       Status st;
       if (direct[i]) {
         st = api_->CopyHostToDeviceAsync(dst.ptr + off, src.data + off, len, stream);
@@ -414,7 +416,17 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   return Status::Ok();
 }
 
-Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode) {
+std::uint64_t GpuTier::AllocationBytes(int ordinal, std::span<const std::uint64_t> shard_sizes) const {
+  std::uint64_t g = 2ull << 20;  // legacy cudaMalloc: no granularity, but 2 MiB is a fair estimate
+  if (ordinal >= 0 && static_cast<std::size_t>(ordinal) < granularity_.size() && granularity_[ordinal] > 0)
+    g = granularity_[ordinal];
+  std::uint64_t total = 0;
+  for (std::uint64_t n : shard_sizes) total += std::max<std::uint64_t>(posix::RoundUp(n, g), g);
+  return total;
+}
+
+Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode,
+                                                      const WaitReadyFn& wait_ready) {
   RETURN_IF_ERROR(CheckOrdinal(ordinal));
   const DeviceInfo& dev = devices_[static_cast<std::size_t>(ordinal)];
   if (mode == ExportMode::kVmm && !dev.vmm_posix_fd)
@@ -431,7 +443,7 @@ Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<con
   std::uint64_t staged = 0;
   Status s = api_->SetDevice(ordinal);
   if (s.ok()) s = Allocate(*copy, shards);
-  if (s.ok()) s = CopyIn(*copy, shards, &staged);
+  if (s.ok()) s = CopyIn(*copy, shards, &staged, wait_ready);
   if (!s.ok()) copy.reset();  // frees what was allocated; takes state_->mu itself
   std::lock_guard lock(state_->mu);
   state_->totals.staged_shards += staged;

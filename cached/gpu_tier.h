@@ -21,6 +21,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -45,6 +46,11 @@ struct HostShard {
   const std::byte* data = nullptr;
   std::uint64_t size = 0;
 };
+
+// Blocks until bytes [0, end) of host shard `shard` hold their final data, or returns why they
+// never will. Lets a copy start while its source is still being read from disk (disk -> host ->
+// GPU, chunk by chunk).
+using WaitReadyFn = std::function<Status(std::size_t shard, std::uint64_t end)>;
 
 struct MaterializeOptions {
   std::uint64_t chunk_bytes = 64ull << 20;  // one async copy; large enough to run at PCIe speed
@@ -142,7 +148,13 @@ class GpuTier {
 
   // One device allocation per shard, filled from `shards` and synchronized. ResourceExhausted
   // "gpu.out_of_memory" when the device is full; nothing stays allocated after a failure.
-  Result<std::shared_ptr<GpuCopy>> Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode);
+  // With `wait_ready`, each chunk is copied once it reports its bytes ready (the host shards
+  // must already be mapped at their final addresses); its error fails the copy.
+  Result<std::shared_ptr<GpuCopy>> Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode,
+                                               const WaitReadyFn& wait_ready = {});
+
+  // Device bytes a copy of shards of these sizes takes (allocation granularity included).
+  std::uint64_t AllocationBytes(int ordinal, std::span<const std::uint64_t> shard_sizes) const;
 
   // Keeps host memory [ptr, ptr+size) page-locked (registered with CUDA, for all devices)
   // until the returned handle is destroyed, so that Materialize copies from it at full PCIe
@@ -156,7 +168,7 @@ class GpuTier {
  private:
   Status CheckOrdinal(int ordinal) const;
   Status Allocate(GpuCopy& copy, std::span<const HostShard> shards);
-  Status CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged);
+  Status CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged, const WaitReadyFn& wait_ready);
 
   // Const after construction.
   CudaApi* api_;

@@ -5,6 +5,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
+#include <tuple>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -44,7 +45,7 @@ int main(int argc, char** argv) {
   std::vector<std::string> model_flags;
   std::uint32_t loader_threads = 0;
   bool check_only = false, no_gpu = false;
-  std::string gpu_export;
+  std::string gpu_export, http_listen, host_budget, gpu_budget, io;
   app.add_option("-c,--config", config_path,
                  std::string("TOML config file (default: ") + weightd::kDefaultConfigPath + " if it exists)");
   app.add_option("-s,--socket", socket, "ZeroMQ endpoint to serve, ipc://PATH (default: ipc:///run/weightd/weightd.sock)");
@@ -61,6 +62,11 @@ int main(int argc, char** argv) {
                  "how GPU copies are shared: vmm (fds over a Unix socket, read-only imports; default) or legacy "
                  "(cudaIpcMemHandle_t, a bearer token any local user may open)")
       ->check(CLI::IsMember({"vmm", "legacy"}));
+  app.add_option("--io", io, "how shards are read: auto (O_DIRECT for files not in the page cache; default), direct or buffered")
+      ->check(CLI::IsMember({"auto", "direct", "buffered"}));
+  app.add_option("--host-budget", host_budget, "host memory models may hold: bytes (\"64GiB\") or a share of RAM (\"50%\", the default)");
+  app.add_option("--gpu-budget", gpu_budget, "memory models may hold on each GPU: bytes or a share (\"80%\", the default)");
+  app.add_option("--http", http_listen, "serve /healthz, /readyz and /metrics on this loopback HOST:PORT, e.g. 127.0.0.1:9464");
   app.add_option("--log-level", log_level, "trace, debug, info, warn, error or critical (default info)");
   app.add_flag("--check-config", check_only, "validate the configuration, print the catalog, and exit");
   try {
@@ -86,6 +92,15 @@ int main(int argc, char** argv) {
   if (!log_level.empty()) cfg.log_level = log_level;
   if (no_gpu) cfg.gpu_enabled = false;
   if (!gpu_export.empty()) cfg.gpu_export = gpu_export;
+  if (!http_listen.empty()) cfg.http_listen = http_listen;
+  if (!io.empty()) cfg.io = io;
+  for (auto [text, budget, flag] : {std::tuple{&host_budget, &cfg.cache.host_budget, "--host-budget"},
+                                    std::tuple{&gpu_budget, &cfg.cache.gpu_budget, "--gpu-budget"}}) {
+    if (text->empty()) continue;
+    auto b = weightd::ParseBudget(*text);
+    if (!b.ok()) return Fail(kExitConfig, b.status().WithContext(flag));
+    *budget = *b;
+  }
   if (!chunk.empty()) {
     auto v = weightd::ParseSize(chunk);
     if (!v.ok()) return Fail(kExitConfig, v.status().WithContext("--chunk-size"));

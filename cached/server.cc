@@ -12,7 +12,10 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <cstdio>
+#include <cstring>
 #include <deque>
+#include <future>
 #include <filesystem>
 #include <map>
 #include <mutex>
@@ -26,6 +29,9 @@
 #include "catalog.h"
 #include "fd_channel.h"
 #include "gpu_tier.h"
+#include "http.h"
+#include "metrics.h"
+#include "policy.h"
 #include "lease_table.h"
 #include "loader.h"
 #include "posix.h"
@@ -83,6 +89,18 @@ Result<posix::Fd> LockShmPrefix(const std::string& prefix) {
   return owned;
 }
 
+LoaderOptions LoaderOptionsOf(const DaemonConfig& c) {
+  LoaderOptions o;
+  o.shm_prefix = c.shm_prefix;
+  o.shm_mode = c.shm_mode;
+  o.threads = c.loader_threads;
+  o.chunk_size = c.chunk_size;
+  o.io = c.io == "direct" ? IoMode::kDirect : c.io == "buffered" ? IoMode::kBuffered : IoMode::kAuto;
+  o.prefault_threads = c.prefault_threads;
+  o.verify_manifest = c.verify_checksums;
+  return o;
+}
+
 struct Waiter {
   enum Kind { kAcquire, kLoad } kind;
   std::string routing_id;
@@ -94,21 +112,59 @@ struct Waiter {
 
 std::string CudaName(int ordinal) { return "cuda:" + std::to_string(ordinal); }
 
+// "16.0 KiB", "1.50 GiB": sizes in messages and logs.
+std::string Gib(std::uint64_t b) {
+  char buf[32];
+  if (b < (1ull << 20)) std::snprintf(buf, sizeof buf, "%.1f KiB", static_cast<double>(b) / 1024);
+  else if (b < (1ull << 30)) std::snprintf(buf, sizeof buf, "%.1f MiB", static_cast<double>(b) / (1ull << 20));
+  else std::snprintf(buf, sizeof buf, "%.2f GiB", static_cast<double>(b) / (1ull << 30));
+  return buf;
+}
+
+// A finished job: a host plan or fill, a GPU materialization, a page-locking, or a check of
+// resident files.
+struct Completion {
+  enum Kind { kPlan, kFill, kGpu, kPin, kCheck } kind = kFill;
+  std::string model;
+  std::uint64_t generation = 0;
+  int ordinal = -1;
+  Result<std::shared_ptr<ResidentModel>> result{Status(Code::kInternal, "unset")};
+  Result<std::shared_ptr<gpu::GpuCopy>> gpu_result{Status(Code::kInternal, "unset")};
+  std::shared_ptr<LoadPlan> plan;                 // kPlan, when it succeeded
+  Status status;                                  // kPlan's error; kCheck: the check's error
+  std::vector<std::shared_ptr<const void>> pins;  // kPin: the shards' page-lock handles
+  std::vector<std::string> changed;               // kCheck: models whose files changed on disk
+  std::uint64_t ms = 0;
+};
+
+// Where a copy's load stands. Host: plan (read the headers) -> admit (make room under the
+// budget, perhaps waiting for leases to end) -> fill (read the data). GPU: wait for the host
+// copy (or for its fill to start, when the copy is pipelined behind the disk) -> admit -> copy.
+enum class Phase : std::uint8_t { kIdle, kPlanning, kWaitHost, kAdmitting, kWorking };
+
 // A model's copy on one GPU. Its waiters are GPU Acquires; the copy is made from the host tier,
-// so while the host copy is loading the materialization waits (`started` false).
+// so while the host copy is loading the materialization waits (phase kWaitHost).
 struct GpuEntry {
   ModelState state = ModelState::kAbsent;
+  Phase phase = Phase::kIdle;
   std::shared_ptr<gpu::GpuCopy> copy;
   std::uint64_t generation = 0;  // of the materialization in flight
-  bool started = false;
+  std::uint64_t reserved = 0;    // budget bytes held for the copy in flight
+  bool pipelined = false;        // the copy in flight reads the host copy while it fills
+  bool preload = false;          // readiness waits for this copy
   std::vector<Waiter> waiters;
   Status last_error;
   std::uint64_t copy_ms = 0;
+  Clock::TimePoint last_used{};
+  Clock::TimePoint admission_deadline{};
+  std::string waiting_for;
+  std::optional<Completion> stashed;  // a pipelined copy that finished before its host fill did
 };
 
 struct ModelEntry {
   ModelConfig config;
   ModelState state = ModelState::kAbsent;
+  Phase phase = Phase::kIdle;
   std::shared_ptr<const ResidentModel> resident;
   std::shared_ptr<std::atomic<bool>> cancel;  // of the load in flight
   std::uint64_t generation = 0;               // of the load in flight
@@ -116,7 +172,18 @@ struct ModelEntry {
   Status last_error;
   std::uint64_t loads = 0;
   std::uint64_t last_load_ms = 0;
-  Clock::TimePoint last_used{};
+  Clock::TimePoint last_used{};  // of the host copy
+
+  // The load in flight: its plan until admitted, then its progress while the data is read.
+  std::shared_ptr<LoadPlan> plan;
+  std::shared_ptr<LoadProgress> progress;
+  std::uint64_t plan_ms = 0;
+  std::uint64_t host_reserved = 0;  // budget bytes held for the fill in flight
+  std::uint64_t host_bytes = 0;     // of the copy, page-rounded: what it takes from the budget
+  std::vector<std::uint64_t> shard_sizes;  // data bytes per shard (known once planned)
+  Clock::TimePoint admission_deadline{};
+  std::string waiting_for;
+  bool preload_host = false;  // readiness waits for the host copy
 
   // Built once per resident copy.
   std::vector<proto::SegmentInfo> segments;
@@ -134,18 +201,12 @@ struct ModelEntry {
       if (g.state == ModelState::kLoading) return true;
     return false;
   }
-};
-
-// A finished host load (ordinal -1) or GPU materialization.
-struct Completion {
-  std::string model;
-  std::uint64_t generation = 0;
-  int ordinal = -1;
-  Result<std::shared_ptr<ResidentModel>> result{Status(Code::kInternal, "unset")};
-  Result<std::shared_ptr<gpu::GpuCopy>> gpu_result{Status(Code::kInternal, "unset")};
-  std::vector<std::shared_ptr<const void>> pins;  // host loads: the shards' page-lock handles
-  std::uint64_t ms = 0;
-  std::uint64_t pin_ms = 0;
+  // A GPU copy reads the host copy now: the host copy must stay.
+  bool GpuCopying() const {
+    for (const auto& [ordinal, g] : gpus)
+      if (g.phase == Phase::kWorking) return true;
+    return false;
+  }
 };
 
 // A VMM lease whose fds wait to be fetched over the side channel.
@@ -196,8 +257,44 @@ struct Server::Impl {
   std::uint64_t next_generation = 1;
   std::uint64_t loads_ok = 0, loads_failed = 0, requests = 0, malformed = 0;
   std::uint64_t watchdog_usec = 0;
-  Clock::TimePoint last_watchdog{}, last_expiry_check{};
+  Clock::TimePoint last_watchdog{}, last_expiry_check{}, last_pressure_check{}, last_file_check{};
   bool stopping = false;
+
+  // The cache policy.
+  MemoryProbe* memory;  // borrowed, or owned_memory
+  std::unique_ptr<MemoryProbe> owned_memory;
+  std::uint64_t host_total = 0, host_budget = 0;
+  std::map<int, std::uint64_t> gpu_budget;  // by ordinal
+  struct Ticket {
+    std::string model;
+    int ordinal;  // -1: the host copy
+  };
+  std::deque<Ticket> admissions;  // copies waiting for room, oldest first
+  bool retry_admissions = false;
+  bool file_check_running = false;
+  // Readiness: preloads not finished yet, as "model/tier".
+  std::set<std::string> preloads;
+  std::vector<std::string> preload_failures;
+  bool ready = false;
+  Clock::TimePoint ready_at{};
+
+  // Metrics (the loop's own counters; the rest is read from the state when rendered).
+  struct TierMetrics {
+    std::uint64_t loads_ok = 0, loads_failed = 0, bytes = 0, hits = 0, misses = 0;
+    metrics::Histogram durations = metrics::LoadDurationHistogram();
+    std::map<std::string, std::uint64_t> evictions;  // by reason
+    std::map<std::string, std::uint64_t> errors;     // by reason of the error
+  };
+  TierMetrics host_metrics, gpu_metrics;
+
+  // The HTTP listener's requests, answered on the loop thread.
+  std::unique_ptr<HttpServer> http;
+  struct HttpCall {
+    std::string path;
+    std::promise<HttpResponse> reply;
+  };
+  std::mutex http_mu;
+  std::deque<std::shared_ptr<HttpCall>> http_calls;  // guarded by http_mu
   // The fd side channel (VMM export only).
   std::optional<fdchan::FdListener> fd_listener;
   std::map<int, FdClient> fd_clients;              // by socket fd
@@ -209,29 +306,41 @@ struct Server::Impl {
   std::atomic<bool> stop_requested{false};
   Loader loader;
   // Declared last so that they are joined first.
-  ThreadPool jobs;      // one host load per job
-  ThreadPool gpu_jobs;  // one GPU materialization per job
+  ThreadPool jobs;        // one host plan or fill per job
+  // One GPU materialization or page-locking per job. A pipelined copy holds its thread while the
+  // disk is read, hence more threads than GPUs need.
+  ThreadPool gpu_jobs;
+  ThreadPool check_jobs;  // checks of resident files for changes
 
-  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g)
+  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem)
       : config(std::move(cfg)),
         clock(c),
         started(c->Now()),
         gpu(g),
         leases(config.max_sessions, config.max_leases_per_client),
-        loader(LoaderOptions{config.shm_prefix, config.shm_mode, config.loader_threads, config.chunk_size}),
+        memory(mem),
+        loader(LoaderOptionsOf(config)),
         jobs(2, "wd-load"),
-        gpu_jobs(2, "wd-gpu") {}
+        gpu_jobs(4, "wd-gpu"),
+        check_jobs(1, "wd-check") {
+    if (memory == nullptr) {
+      owned_memory = std::make_unique<SystemMemoryProbe>(g);
+      memory = owned_memory.get();
+    }
+  }
 
   ~Impl() {
+    if (http) http->Stop();
     for (auto& [name, m] : models)
       if (m.cancel) m.cancel->store(true);
     jobs.Close();
     gpu_jobs.Close();
+    check_jobs.Close();
     for (auto& [name, m] : models)
       if (m.resident) m.resident->RemoveSegments();
     std::lock_guard lock(completions_mu);
     for (auto& c : completions)
-      if (c.result.ok()) c.result.value()->RemoveSegments();
+      if (c.kind == Completion::kFill && c.result.ok()) c.result.value()->RemoveSegments();
     if (fd_listener) (void)fd_listener->Unlink();
   }
 
@@ -262,10 +371,45 @@ struct Server::Impl {
   proto::ReplyBody OnRelease(Session& s, const proto::Release& m);
   proto::ReplyBody OnEvict(const proto::Evict& m);
 
+  // Loading, in phases (see Phase).
   void StartLoad(ModelEntry& m);
-  void StartGpuLoad(ModelEntry& m, int ordinal);
+  void OnPlanned(Completion& c);
+  void StartFill(ModelEntry& m);
   void Complete(Completion& c);
+  void FailHostLoad(ModelEntry& m, const Status& error);
+  void RequestGpu(ModelEntry& m, int ordinal);
+  void MaybeStartGpu(ModelEntry& m, int ordinal);
+  void StartGpuLoad(ModelEntry& m, int ordinal);
   void CompleteGpu(Completion& c);
+  void FailGpu(ModelEntry& m, int ordinal, const Status& error);
+  void StartPin(ModelEntry& m);
+  void CompletePin(Completion& c);
+
+  // The cache policy.
+  enum class Admitted { kStarted, kWaiting, kFailed };
+  Admitted AdmitHost(ModelEntry& m);
+  Admitted AdmitGpu(ModelEntry& m, int ordinal);
+  void RetryAdmissions();
+  std::vector<policy::Copy> HostCopies(const ModelEntry* except, std::vector<ModelEntry*>* owners);
+  std::vector<policy::Copy> GpuCopies(int ordinal, const ModelEntry* except, std::vector<ModelEntry*>* owners);
+  std::uint64_t HostUsed() const;
+  std::size_t HostCount() const;
+  std::uint64_t GpuUsed(int ordinal) const;
+  std::size_t GpuCount(int ordinal) const;
+  std::string Holders(const std::vector<policy::Copy>& copies, int ordinal) const;
+  void EvictHost(ModelEntry& m, policy::EvictReason why);
+  void EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why);
+  void EnforcePolicy(Clock::TimePoint now);
+  void StartFileCheck();
+  void CompleteFileCheck(Completion& c);
+  void StartPreloads(ModelEntry& m, bool for_readiness);
+  void PreloadDone(const std::string& key, const Status& s);
+  void MaybeReady();
+
+  // Observability.
+  std::string RenderMetrics() const;
+  void HandleHttpCalls();
+  HttpResponse AnswerHttp(const std::string& path);
   void AnswerWaiters(ModelEntry& m, std::vector<Waiter>& waiters, ModelState state, const Status& error);
   void PostCompletion(Completion c);
   // Unregistering takes time too: done on a GPU worker, never on the loop. `host` keeps the
@@ -286,6 +430,8 @@ struct Server::Impl {
   proto::ModelStatus StatusOf(const ModelEntry& m) const;
   proto::DaemonStats StatsNow() const;
   void DropResident(ModelEntry& m);
+  void BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
+                  const std::vector<std::string>& shm_paths);
   void Notify(const std::string& state) { sd_notify(0, state.c_str()); }
 };
 
@@ -367,7 +513,51 @@ Status Server::Impl::Init() {
     spdlog::info("host-only: {}", gpu != nullptr ? gpu->unavailable_status().message() : "the GPU tier is disabled");
   }
 
+  // Budgets: fractions resolve against the memory there is.
+  auto host_mem = memory->Host();
+  if (host_mem.ok()) {
+    host_total = host_mem->total;
+  } else {
+    spdlog::warn("cannot read the host's memory ({}); using the physical page count", host_mem.status().ToString());
+    host_total = static_cast<std::uint64_t>(::sysconf(_SC_PHYS_PAGES)) * posix::PageSize();
+  }
+  host_budget = config.cache.host_budget.Resolve(host_total);
+  spdlog::info("host budget {} ({} of {})", Gib(host_budget), config.cache.host_budget.ToString(), Gib(host_total));
+  if (gpu_available())
+    for (const auto& d : gpu->Devices()) {
+      gpu_budget[d.ordinal] = config.cache.gpu_budget.Resolve(d.total_bytes);
+      spdlog::info("{} budget {} ({} of {})", CudaName(d.ordinal), Gib(gpu_budget[d.ordinal]),
+                   config.cache.gpu_budget.ToString(), Gib(d.total_bytes));
+    }
+
   ApplyCatalog(config.models);
+  for (auto& [name, m] : models) StartPreloads(m, true);
+  if (!preloads.empty()) Notify("STATUS=preloading " + std::to_string(preloads.size()) + " copies");
+
+  if (!config.http_listen.empty()) {
+    auto h = HttpServer::Start(config.http_listen, [this](const std::string& path) {
+      auto call = std::make_shared<HttpCall>();
+      call->path = path;
+      std::future<HttpResponse> answer = call->reply.get_future();
+      {
+        std::lock_guard lock(http_mu);
+        http_calls.push_back(call);
+      }
+      std::uint64_t one = 1;
+      (void)!::write(event_fd.get(), &one, sizeof one);
+      // A loop that does not answer is itself the health check's answer.
+      if (answer.wait_for(std::chrono::seconds(2)) != std::future_status::ready)
+        return HttpResponse{503, "text/plain", "the daemon's loop did not answer within 2 s\n"};
+      try {
+        return answer.get();
+      } catch (const std::future_error&) {
+        return HttpResponse{503, "text/plain", "the daemon is stopping\n"};
+      }
+    });
+    if (!h.ok()) return h.status();
+    http = std::move(h).value();
+    spdlog::info("HTTP on {} (/healthz, /readyz, /metrics)", config.http_listen);
+  }
   if (sd_watchdog_enabled(0, &watchdog_usec) <= 0) watchdog_usec = 0;
   spdlog::info("weightd {} listening on {} (segment prefix '{}', {} models, {} loader threads, {} MiB chunks)",
                WEIGHTD_VERSION, config.socket, config.shm_prefix, catalog.models().size(), config.loader_threads,
@@ -376,7 +566,7 @@ Status Server::Impl::Init() {
 }
 
 Status Server::Impl::Loop() {
-  Notify("READY=1\nSTATUS=serving " + std::to_string(catalog.models().size()) + " models");
+  MaybeReady();
   while (!stopping) {
     zmq::pollitem_t items[] = {{router.handle(), 0, ZMQ_POLLIN, 0}, {nullptr, epoll_fd.get(), ZMQ_POLLIN, 0}};
     try {
@@ -390,7 +580,15 @@ Status Server::Impl::Loop() {
     if (now - last_expiry_check >= Ms(200)) {
       last_expiry_check = now;
       ExpireSessions();
+      EnforcePolicy(now);
+      if (!admissions.empty()) retry_admissions = true;  // deadlines
+      if (config.cache.file_check_interval.count() > 0 && !file_check_running &&
+          now - last_file_check >= config.cache.file_check_interval) {
+        last_file_check = now;
+        StartFileCheck();
+      }
     }
+    if (retry_admissions) RetryAdmissions();
     if (watchdog_usec > 0 && now - last_watchdog >= std::chrono::microseconds(watchdog_usec / 2)) {
       last_watchdog = now;
       Notify("WATCHDOG=1");
@@ -552,8 +750,12 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
                                             "limits.pending");
   Waiter w{Waiter::kAcquire, s.routing_id, req, s.id, m, ordinal};
   if (ordinal < 0) {
-    if (e.state == ModelState::kResident) return GrantLease(s, e, m, -1);
+    if (e.state == ModelState::kResident) {
+      ++host_metrics.hits;
+      return GrantLease(s, e, m, -1);
+    }
     if (s.pending >= config.max_leases_per_client) return proto::ToErrorReply(too_many);
+    ++host_metrics.misses;
     ++s.pending;
     e.waiters.push_back(std::move(w));
     if (e.state != ModelState::kLoading) StartLoad(e);
@@ -566,18 +768,15 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
                                                 "provide (connect over ipc://)",
                                                 "gpu.no_credentials"));
   GpuEntry& g = e.gpus[ordinal];
-  if (g.state == ModelState::kResident) return GrantLease(s, e, m, ordinal);
+  if (g.state == ModelState::kResident) {
+    ++gpu_metrics.hits;
+    return GrantLease(s, e, m, ordinal);
+  }
   if (s.pending >= config.max_leases_per_client) return proto::ToErrorReply(too_many);
+  ++gpu_metrics.misses;
   ++s.pending;
   g.waiters.push_back(std::move(w));
-  if (g.state != ModelState::kLoading) {
-    g.state = ModelState::kLoading;
-    g.started = false;
-    g.generation = next_generation++;
-    // The copy is made from the host tier, which is loaded first if need be.
-    if (e.state == ModelState::kResident) StartGpuLoad(e, ordinal);
-    else if (e.state != ModelState::kLoading) StartLoad(e);
-  }
+  RequestGpu(e, ordinal);
   return std::nullopt;
 }
 
@@ -601,7 +800,16 @@ proto::ReplyBody Server::Impl::OnRelease(Session& s, const proto::Release& m) {
   auto r = leases.Release(s, m.lease_id);
   if (!r.ok()) return proto::ToErrorReply(r.status());
   auto it = models.find(r->model);
-  if (it != models.end()) it->second.last_used = clock->Now();
+  if (it != models.end()) {
+    const auto now = clock->Now();
+    if (r->device == "cpu") {
+      it->second.last_used = now;
+    } else {
+      for (auto& [ordinal, g] : it->second.gpus)
+        if (CudaName(ordinal) == r->device) g.last_used = now;
+    }
+  }
+  retry_admissions = true;
   return proto::OkReply{};
 }
 
@@ -610,18 +818,40 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
   if (it == models.end())
     return proto::ToErrorReply(NotFound("model '" + m.model + "' is not in the catalog", "catalog.unknown_model"));
   ModelEntry& e = it->second;
-  if (std::uint32_t n = leases.LeasesOf(m.model); n > 0)
-    return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' has " + std::to_string(n) +
-                                                      (n == 1 ? " live lease" : " live leases") + "; it cannot be evicted until they are released",
+  // Which tiers: every one, the host only, or one GPU.
+  bool host = m.device.empty() || m.device == "cpu";
+  std::vector<int> ordinals;
+  if (m.device.empty()) {
+    for (const auto& [ordinal, g] : e.gpus) ordinals.push_back(ordinal);
+  } else if (m.device != "cpu") {
+    if (gpu == nullptr) return proto::ToErrorReply(Unavailable("this daemon has no GPU tier", "gpu.no_device"));
+    auto o = gpu->ResolveDevice(m.device);
+    if (!o.ok()) return proto::ToErrorReply(o.status());
+    ordinals.push_back(*o);
+  }
+  const std::uint32_t n = host && m.device.empty() ? leases.LeasesOf(m.model) : 0;
+  std::uint32_t on_tiers = n;
+  if (!m.device.empty()) on_tiers = leases.LeasesOf(m.model, host ? "cpu" : CudaName(ordinals.front()));
+  if (on_tiers > 0)
+    return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' has " + std::to_string(on_tiers) +
+                                                      (on_tiers == 1 ? " live lease" : " live leases") +
+                                                      (m.device.empty() ? "" : " on " + m.device) +
+                                                      "; it cannot be evicted until they are released",
                                                   "evict.leased"));
-  if (e.Busy())
+  bool busy = host && e.state == ModelState::kLoading;
+  for (int o : ordinals) {
+    auto g = e.gpus.find(o);
+    if (g != e.gpus.end() && g->second.state == ModelState::kLoading) busy = true;
+  }
+  if (host && e.GpuCopying()) busy = true;
+  if (busy)
     return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' is loading; evict it once the load finishes",
                                                   "evict.loading"));
-  if (e.resident) spdlog::info("evicting model '{}' ({} bytes) on admin request", e.config.name, e.resident->bytes);
-  for (const auto& [ordinal, g] : e.gpus)
-    if (g.copy) spdlog::info("evicting model '{}' from {} ({} bytes)", e.config.name, CudaName(ordinal), g.copy->allocated_bytes());
-  DropResident(e);
-  e.state = ModelState::kAbsent;
+  for (int o : ordinals)
+    if (e.gpus.count(o)) EvictGpu(e, o, policy::EvictReason::kAdmin);
+  if (host && e.resident) EvictHost(e, policy::EvictReason::kAdmin);
+  if (host && e.state == ModelState::kFailed) e.state = ModelState::kAbsent;
+  retry_admissions = true;
   return proto::OkReply{};
 }
 
@@ -631,10 +861,49 @@ void Server::Impl::DropResident(ModelEntry& m) {
   ReleasePins(std::move(m.host_pins), m.resident);
   if (m.resident) m.resident->RemoveSegments();
   m.resident.reset();
+  m.plan.reset();
+  m.progress.reset();
+  m.host_reserved = 0;
+  m.phase = Phase::kIdle;
   m.segments.clear();
   m.tensors.clear();
   m.tensor_index.clear();
   m.gpus.clear();
+  std::erase_if(admissions, [&](const Ticket& t) { return t.model == m.config.name; });
+}
+
+void Server::Impl::EvictHost(ModelEntry& m, policy::EvictReason why) {
+  if (!m.resident) return;
+  spdlog::info("evicting model '{}' from the host tier ({} bytes, {})", m.config.name, m.host_bytes, policy::ReasonName(why));
+  ++host_metrics.evictions[std::string(policy::ReasonName(why))];
+  ReleasePins(std::move(m.host_pins), m.resident);
+  m.resident->RemoveSegments();
+  m.resident.reset();
+  m.state = ModelState::kAbsent;
+  // GPU leases still need the tensor records; they go with the last copy.
+  if (m.gpus.empty()) {
+    m.segments.clear();
+    m.tensors.clear();
+    m.tensor_index.clear();
+  }
+}
+
+void Server::Impl::EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why) {
+  auto it = m.gpus.find(ordinal);
+  if (it == m.gpus.end()) return;
+  if (it->second.copy) {
+    spdlog::info("evicting model '{}' from {} ({} bytes, {})", m.config.name, CudaName(ordinal),
+                 it->second.copy->allocated_bytes(), policy::ReasonName(why));
+    ++gpu_metrics.evictions[std::string(policy::ReasonName(why))];
+  }
+  // The copy is freed once no lease pins it (none does: only unleased copies are evicted, or
+  // leases of a dropped catalog entry, which keep theirs).
+  m.gpus.erase(it);
+  if (!m.resident && m.gpus.empty()) {
+    m.segments.clear();
+    m.tensors.clear();
+    m.tensor_index.clear();
+  }
 }
 
 void Server::Impl::PostCompletion(Completion c) {
@@ -646,88 +915,324 @@ void Server::Impl::PostCompletion(Completion c) {
   (void)!::write(event_fd.get(), &one, sizeof one);
 }
 
+// Phase 1 of a host load: read the headers on a worker, so that the bytes it needs are known
+// before any memory is taken.
 void Server::Impl::StartLoad(ModelEntry& m) {
   m.state = ModelState::kLoading;
+  m.phase = Phase::kPlanning;
   m.generation = next_generation++;
   m.cancel = std::make_shared<std::atomic<bool>>(false);
+  m.waiting_for.clear();
   Notify("STATUS=loading model '" + m.config.name + "'");
   spdlog::info("loading model '{}' from {}", m.config.name, m.config.dir);
   ModelConfig mc = m.config;
-  // Each load gets its own segment names (the generation is in them), so a cancelled load can
-  // never unlink a newer one's.
   const std::uint64_t gen = m.generation;
-  auto cancel = m.cancel;
-  bool ok = jobs.Submit([this, mc, gen, cancel] {
+  bool ok = jobs.Submit([this, mc, gen] {
     const auto t0 = std::chrono::steady_clock::now();
     Completion c;
+    c.kind = Completion::kPlan;
     c.model = mc.name;
     c.generation = gen;
     try {
-      c.result = loader.LoadHost(mc, gen, *cancel);
+      auto plan = loader.Plan(mc);
+      if (plan.ok()) c.plan = std::make_shared<LoadPlan>(std::move(plan).value());
+      else c.status = plan.status();
     } catch (const std::exception& e) {  // bad_alloc of a huge header, and the like
-      c.result = Internal(std::string("loading failed: ") + e.what(), "load.exception");
+      c.status = Internal(std::string("loading failed: ") + e.what(), "load.exception");
     }
     c.ms = ToMs(std::chrono::steady_clock::now() - t0);
-    if (c.result.ok() && gpu_available() && config.gpu_pin_host) {
-      const auto p0 = std::chrono::steady_clock::now();
-      for (const ResidentShard& sh : c.result.value()->shards) {
-        if (sh.segment.data_size() == 0) continue;
-        auto pin = gpu->PinHost(sh.segment.data(), sh.segment.data_size());
-        if (!pin.ok()) {
-          // Not fatal: copies then register (or stage) each time.
-          spdlog::warn("model '{}': {}", mc.name, pin.status().ToString());
-          break;
-        }
-        c.pins.push_back(std::move(pin).value());
-      }
-      c.pin_ms = ToMs(std::chrono::steady_clock::now() - p0);
-    }
     PostCompletion(std::move(c));
   });
-  if (!ok) {
-    Completion c;
-    c.model = m.config.name;
-    c.generation = gen;
-    c.result = Unavailable("the daemon is shutting down", "daemon.stopping");
-    Complete(c);
+  if (!ok) FailHostLoad(m, Unavailable("the daemon is shutting down", "daemon.stopping"));
+}
+
+void Server::Impl::OnPlanned(Completion& c) {
+  auto it = models.find(c.model);
+  if (it == models.end() || it->second.generation != c.generation || it->second.phase != Phase::kPlanning) return;
+  ModelEntry& m = it->second;
+  if (c.plan == nullptr) {
+    FailHostLoad(m, c.status);
+    return;
+  }
+  m.plan = std::move(c.plan);
+  m.plan_ms = c.ms;
+  m.host_bytes = 0;
+  m.shard_sizes.clear();
+  for (const PlannedShard& sh : m.plan->shards) {
+    m.host_bytes += posix::RoundUp(sh.header.data_size, posix::PageSize());
+    m.shard_sizes.push_back(sh.header.data_size);
+  }
+  m.phase = Phase::kAdmitting;
+  m.admission_deadline = clock->Now() + config.cache.admission_timeout;
+  if (AdmitHost(m) == Admitted::kWaiting) {
+    spdlog::info("model '{}' waits for room: {}", m.config.name, m.waiting_for);
+    admissions.push_back(Ticket{m.config.name, -1});
   }
 }
 
-void Server::Impl::StartGpuLoad(ModelEntry& m, int ordinal) {
+std::uint64_t Server::Impl::HostUsed() const {
+  std::uint64_t used = 0;
+  for (const auto& [name, m] : models) used += (m.resident ? m.host_bytes : 0) + m.host_reserved;
+  return used;
+}
+
+std::size_t Server::Impl::HostCount() const {
+  std::size_t n = 0;
+  for (const auto& [name, m] : models) n += (m.resident || m.host_reserved > 0) ? 1 : 0;
+  return n;
+}
+
+std::uint64_t Server::Impl::GpuUsed(int ordinal) const {
+  std::uint64_t used = 0;
+  for (const auto& [name, m] : models) {
+    auto g = m.gpus.find(ordinal);
+    if (g != m.gpus.end()) used += (g->second.copy ? g->second.copy->allocated_bytes() : 0) + g->second.reserved;
+  }
+  return used;
+}
+
+std::size_t Server::Impl::GpuCount(int ordinal) const {
+  std::size_t n = 0;
+  for (const auto& [name, m] : models) {
+    auto g = m.gpus.find(ordinal);
+    if (g != m.gpus.end() && (g->second.copy || g->second.reserved > 0)) ++n;
+  }
+  return n;
+}
+
+std::vector<policy::Copy> Server::Impl::HostCopies(const ModelEntry* except, std::vector<ModelEntry*>* owners) {
+  std::vector<policy::Copy> out;
+  for (auto& [name, m] : models) {
+    if (&m == except || !m.resident) continue;
+    policy::Copy c;
+    c.model = name;
+    c.bytes = m.host_bytes;
+    c.evictable = !m.config.pin && m.state == ModelState::kResident && !m.GpuCopying() && leases.LeasesOf(name, "cpu") == 0;
+    c.priority = m.config.priority;
+    c.last_used = m.last_used;
+    c.idle_ttl = m.config.host_idle_ttl.value_or(config.cache.host_idle_ttl);
+    out.push_back(std::move(c));
+    owners->push_back(&m);
+  }
+  return out;
+}
+
+std::vector<policy::Copy> Server::Impl::GpuCopies(int ordinal, const ModelEntry* except, std::vector<ModelEntry*>* owners) {
+  std::vector<policy::Copy> out;
+  for (auto& [name, m] : models) {
+    if (&m == except) continue;
+    auto g = m.gpus.find(ordinal);
+    if (g == m.gpus.end() || !g->second.copy) continue;
+    policy::Copy c;
+    c.model = name;
+    c.bytes = g->second.copy->allocated_bytes();
+    c.evictable = !m.config.pin && g->second.state == ModelState::kResident && leases.LeasesOf(name, CudaName(ordinal)) == 0;
+    c.priority = m.config.priority;
+    c.last_used = g->second.last_used;
+    c.idle_ttl = m.config.gpu_idle_ttl.value_or(config.cache.gpu_idle_ttl);
+    out.push_back(std::move(c));
+    owners->push_back(&m);
+  }
+  return out;
+}
+
+// "a (3.0 GiB, 2 leases), b (4.5 GiB, pinned)": what holds a tier that cannot make room.
+std::string Server::Impl::Holders(const std::vector<policy::Copy>& copies, int ordinal) const {
+  std::string out;
+  for (const policy::Copy& c : copies) {
+    if (!out.empty()) out += ", ";
+    out += c.model + " (" + Gib(c.bytes);
+    auto it = models.find(c.model);
+    const std::uint32_t n = leases.LeasesOf(c.model, ordinal < 0 ? "cpu" : CudaName(ordinal));
+    if (n > 0) out += ", " + std::to_string(n) + (n == 1 ? " lease" : " leases");
+    if (it != models.end() && it->second.config.pin) out += ", pinned";
+    if (it != models.end() && it->second.config.priority != 0) out += ", priority " + std::to_string(it->second.config.priority);
+    out += ")";
+  }
+  return out.empty() ? "nothing evictable" : out;
+}
+
+Server::Impl::Admitted Server::Impl::AdmitHost(ModelEntry& m) {
+  std::vector<ModelEntry*> owners;
+  std::vector<policy::Copy> copies = HostCopies(&m, &owners);
+  const std::size_t cap = config.cache.max_host_models;
+  policy::Admission a = policy::Admit(copies, HostUsed(), HostCount(), m.host_bytes, m.config.priority, host_budget, cap);
+  if (!a.fits) {
+    const std::string budget = "the host budget of " + Gib(host_budget) + " (" + config.cache.host_budget.ToString() + ")";
+    if (m.host_bytes > host_budget) {
+      FailHostLoad(m, ResourceExhausted("model '" + m.config.name + "' needs " + Gib(m.host_bytes) + ", more than " + budget,
+                                        "cache.too_large"));
+      return Admitted::kFailed;
+    }
+    m.waiting_for = "needs " + Gib(m.host_bytes) + " of " + budget + (cap ? " and a slot of " + std::to_string(cap) : "") +
+                    "; " + Gib(HostUsed()) + " held by " + Holders(copies, -1);
+    return Admitted::kWaiting;
+  }
+  for (std::size_t i : a.victims) EvictHost(*owners[i], policy::EvictReason::kLru);
+  m.host_reserved = m.host_bytes;
+  m.waiting_for.clear();
+  StartFill(m);
+  return Admitted::kStarted;
+}
+
+Server::Impl::Admitted Server::Impl::AdmitGpu(ModelEntry& m, int ordinal) {
   GpuEntry& g = m.gpus.at(ordinal);
-  g.started = true;
-  Notify("STATUS=copying model '" + m.config.name + "' to " + CudaName(ordinal));
-  spdlog::info("copying model '{}' ({} bytes) to {}", m.config.name, m.resident->bytes, CudaName(ordinal));
-  // The job holds the host copy, so its mappings stay valid even if the model is evicted or
-  // changed meanwhile; the generation tells the loop whether the result is still wanted.
-  std::shared_ptr<const ResidentModel> host = m.resident;
-  const std::uint64_t gen = g.generation;
+  const std::uint64_t need = gpu->AllocationBytes(ordinal, m.shard_sizes);
+  const std::uint64_t budget = gpu_budget.at(ordinal);
+  std::vector<ModelEntry*> owners;
+  std::vector<policy::Copy> copies = GpuCopies(ordinal, &m, &owners);
+  const std::size_t cap = config.cache.max_gpu_models;
+  policy::Admission a = policy::Admit(copies, GpuUsed(ordinal), GpuCount(ordinal), need, m.config.priority, budget, cap);
+  if (!a.fits) {
+    const std::string what = "the " + CudaName(ordinal) + " budget of " + Gib(budget) + " (" + config.cache.gpu_budget.ToString() + ")";
+    if (need > budget) {
+      FailGpu(m, ordinal, ResourceExhausted("model '" + m.config.name + "' needs " + Gib(need) + " on " + CudaName(ordinal) +
+                                                ", more than " + what,
+                                            "cache.too_large"));
+      return Admitted::kFailed;
+    }
+    g.waiting_for = "needs " + Gib(need) + " of " + what + (cap ? " and a slot of " + std::to_string(cap) : "") + "; " +
+                    Gib(GpuUsed(ordinal)) + " held by " + Holders(copies, ordinal);
+    return Admitted::kWaiting;
+  }
+  for (std::size_t i : a.victims) EvictGpu(*owners[i], ordinal, policy::EvictReason::kLru);
+  g.reserved = need;
+  g.waiting_for.clear();
+  StartGpuLoad(m, ordinal);
+  return Admitted::kStarted;
+}
+
+void Server::Impl::RetryAdmissions() {
+  retry_admissions = false;
+  const auto now = clock->Now();
+  for (auto it = admissions.begin(); it != admissions.end();) {
+    auto m_it = models.find(it->model);
+    if (m_it == models.end()) {
+      it = admissions.erase(it);
+      continue;
+    }
+    ModelEntry& m = m_it->second;
+    Admitted r = Admitted::kFailed;  // no longer waiting: drop the ticket
+    if (it->ordinal < 0) {
+      if (m.phase == Phase::kAdmitting) {
+        r = AdmitHost(m);
+        if (r == Admitted::kWaiting && now >= m.admission_deadline) {
+          FailHostLoad(m, ResourceExhausted("model '" + m.config.name + "' waited " +
+                                                std::to_string(config.cache.admission_timeout.count()) + " ms for room: it " +
+                                                m.waiting_for,
+                                            "cache.budget_exhausted"));
+          r = Admitted::kFailed;
+        }
+      }
+    } else {
+      auto g = m.gpus.find(it->ordinal);
+      if (g != m.gpus.end() && g->second.phase == Phase::kAdmitting) {
+        r = AdmitGpu(m, it->ordinal);
+        if (r == Admitted::kWaiting && now >= g->second.admission_deadline) {
+          FailGpu(m, it->ordinal,
+                  ResourceExhausted("model '" + m.config.name + "' waited " +
+                                        std::to_string(config.cache.admission_timeout.count()) + " ms for room on " +
+                                        CudaName(it->ordinal) + ": it " + g->second.waiting_for,
+                                    "cache.budget_exhausted"));
+          r = Admitted::kFailed;
+        }
+      }
+    }
+    if (r == Admitted::kWaiting) ++it;
+    else it = admissions.erase(it);
+  }
+}
+
+// Phase 3 of a host load: the data, read into fresh segments by the loader's readers. GPU
+// copies already asked for start at once and follow the reads chunk by chunk.
+void Server::Impl::StartFill(ModelEntry& m) {
+  m.phase = Phase::kWorking;
+  m.progress = std::make_shared<LoadProgress>();
+  std::vector<std::string> files, shm_paths;
+  std::vector<st::Header> headers;
+  for (std::size_t i = 0; i < m.plan->shards.size(); ++i) {
+    files.push_back(m.plan->shards[i].file);
+    headers.push_back(m.plan->shards[i].header);
+    shm_paths.push_back("/" + loader.SegmentName(m.config.name, m.generation, i));
+  }
+  // The tensor index is known from the headers already; the fill rebuilds it with its segments.
+  BuildIndex(m, files, headers, shm_paths);
+  const std::uint64_t gen = m.generation;
   const std::string name = m.config.name;
-  bool ok = gpu_jobs.Submit([this, host, gen, name, ordinal] {
+  auto cancel = m.cancel;
+  auto progress = m.progress;
+  std::shared_ptr<LoadPlan> plan = std::move(m.plan);
+  const std::uint64_t plan_ms = m.plan_ms;
+  bool ok = jobs.Submit([this, plan, gen, name, cancel, progress, plan_ms] {
     const auto t0 = std::chrono::steady_clock::now();
-    std::vector<gpu::HostShard> shards;
-    shards.reserve(host->shards.size());
-    for (const ResidentShard& sh : host->shards) shards.push_back(gpu::HostShard{sh.segment.data(), sh.segment.data_size()});
     Completion c;
+    c.kind = Completion::kFill;
     c.model = name;
     c.generation = gen;
-    c.ordinal = ordinal;
     try {
-      c.gpu_result = gpu->Materialize(ordinal, shards, gpu_mode);
+      c.result = loader.Fill(std::move(*plan), gen, *cancel, progress);
     } catch (const std::exception& e) {
-      c.gpu_result = Internal(std::string("GPU copy failed: ") + e.what(), "gpu.exception");
+      c.result = Internal(std::string("loading failed: ") + e.what(), "load.exception");
     }
-    c.ms = ToMs(std::chrono::steady_clock::now() - t0);
+    c.ms = plan_ms + ToMs(std::chrono::steady_clock::now() - t0);
     PostCompletion(std::move(c));
   });
   if (!ok) {
-    Completion c;
-    c.model = name;
-    c.generation = gen;
-    c.ordinal = ordinal;
-    c.gpu_result = Unavailable("the daemon is shutting down", "daemon.stopping");
-    CompleteGpu(c);
+    FailHostLoad(m, Unavailable("the daemon is shutting down", "daemon.stopping"));
+    return;
   }
+  for (auto& [ordinal, g] : m.gpus)
+    if (g.state == ModelState::kLoading && g.phase == Phase::kWaitHost) MaybeStartGpu(m, ordinal);
+}
+
+void Server::Impl::BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
+                              const std::vector<std::string>& shm_paths) {
+  m.segments.clear();
+  m.tensors.clear();
+  m.tensor_index.clear();
+  for (std::size_t i = 0; i < headers.size(); ++i) {
+    const st::Header& h = headers[i];
+    m.segments.push_back(proto::SegmentInfo{shm_paths[i], posix::RoundUp(h.data_size, posix::PageSize()), h.data_size,
+                                            files[i], h.data_offset, 0, {}});
+    for (const auto& t : h.tensors) {
+      m.tensor_index[t.name] = m.tensors.size();
+      m.tensors.push_back(proto::TensorRecord{t.name, static_cast<std::uint8_t>(t.dtype), t.shape,
+                                              static_cast<std::uint32_t>(i), t.begin, t.nbytes()});
+    }
+  }
+}
+
+void Server::Impl::FailHostLoad(ModelEntry& m, const Status& error) {
+  ++loads_failed;
+  ++host_metrics.loads_failed;
+  ++host_metrics.errors[error.reason().empty() ? std::string(CodeName(error.code())) : error.reason()];
+  m.state = ModelState::kFailed;
+  m.phase = Phase::kIdle;
+  m.last_error = error;
+  m.cancel.reset();
+  m.plan.reset();
+  m.progress.reset();
+  m.host_reserved = 0;
+  m.waiting_for.clear();
+  spdlog::error("model '{}' failed to load: {}", m.config.name, error.ToString());
+  std::vector<Waiter> waiters;
+  waiters.swap(m.waiters);
+  AnswerWaiters(m, waiters, ModelState::kFailed, error);
+  // GPU copies that waited for this host copy fail with it, and so do pipelined ones, even if
+  // every byte already reached the GPU: those bytes did not verify.
+  for (auto& [ordinal, g] : m.gpus) {
+    if (g.state != ModelState::kLoading || !(g.phase == Phase::kWaitHost || g.pipelined)) continue;
+    g.stashed.reset();
+    FailGpu(m, ordinal, error);
+  }
+  if (!m.resident && m.gpus.empty()) {
+    m.segments.clear();
+    m.tensors.clear();
+    m.tensor_index.clear();
+  }
+  if (m.preload_host) PreloadDone(m.config.name + "/host", error);
+  m.preload_host = false;
+  retry_admissions = true;
 }
 
 void Server::Impl::HandleCompletions() {
@@ -737,75 +1242,209 @@ void Server::Impl::HandleCompletions() {
     batch.swap(completions);
   }
   for (Completion& c : batch) {
-    if (c.ordinal < 0) Complete(c);
-    else CompleteGpu(c);
+    switch (c.kind) {
+      case Completion::kPlan: OnPlanned(c); break;
+      case Completion::kFill: Complete(c); break;
+      case Completion::kGpu: CompleteGpu(c); break;
+      case Completion::kPin: CompletePin(c); break;
+      case Completion::kCheck: CompleteFileCheck(c); break;
+    }
   }
+  retry_admissions = true;
   Notify("STATUS=serving " + std::to_string(catalog.models().size()) + " models, " +
          std::to_string(leases.lease_count()) + " leases");
 }
 
 void Server::Impl::Complete(Completion& c) {
   auto it = models.find(c.model);
-  if (it == models.end() || it->second.generation != c.generation || it->second.state != ModelState::kLoading) {
+  if (it == models.end() || it->second.generation != c.generation || it->second.phase != Phase::kWorking) {
     // The model was removed, changed or evicted while loading: the result is nobody's.
-    if (c.result.ok()) {
-      c.result.value()->RemoveSegments();
-      ReleasePins(std::move(c.pins), c.result.value());
-    }
+    if (c.result.ok()) c.result.value()->RemoveSegments();
     return;
   }
   ModelEntry& m = it->second;
-  m.cancel.reset();
-  if (c.result.ok()) {
-    std::shared_ptr<ResidentModel> r = std::move(c.result).value();
-    ++loads_ok;
-    ++m.loads;
-    m.last_load_ms = c.ms;
-    m.last_error = Status::Ok();
-    m.state = ModelState::kResident;
-    m.last_used = clock->Now();
-    m.segments.clear();
-    m.tensors.clear();
-    m.tensor_index.clear();
-    for (std::size_t i = 0; i < r->shards.size(); ++i) {
-      const ResidentShard& sh = r->shards[i];
-      m.segments.push_back(proto::SegmentInfo{sh.segment.shm_path(), sh.segment.mapped_size(), sh.segment.data_size(),
-                                              sh.file, sh.header.data_offset, 0, {}});
-      for (const auto& t : sh.header.tensors) {
-        m.tensor_index[t.name] = m.tensors.size();
-        m.tensors.push_back(proto::TensorRecord{t.name, static_cast<std::uint8_t>(t.dtype), t.shape,
-                                                static_cast<std::uint32_t>(i), t.begin, t.nbytes()});
-      }
-    }
-    m.resident = std::move(r);
-    m.host_pins = std::move(c.pins);
-    if (!m.host_pins.empty()) spdlog::info("model '{}' page-locked for GPU copies in {} ms", m.config.name, c.pin_ms);
-    const double secs = std::max<double>(static_cast<double>(c.ms), 1) / 1000.0;
-    spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
-                 m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, c.ms,
-                 static_cast<double>(m.resident->bytes) / secs / 1e9);
-  } else {
-    ++loads_failed;
-    m.state = ModelState::kFailed;
-    m.last_error = c.result.status();
-    spdlog::error("model '{}' failed to load: {}", m.config.name, m.last_error.ToString());
+  m.progress.reset();
+  if (!c.result.ok()) {
+    FailHostLoad(m, c.result.status());
+    return;
   }
+  std::shared_ptr<ResidentModel> r = std::move(c.result).value();
+  m.cancel.reset();
+  m.host_reserved = 0;
+  m.phase = Phase::kIdle;
+  ++loads_ok;
+  ++m.loads;
+  ++host_metrics.loads_ok;
+  host_metrics.bytes += r->bytes;
+  host_metrics.durations.Observe(static_cast<double>(c.ms) / 1000.0);
+  m.last_load_ms = c.ms;
+  m.last_error = Status::Ok();
+  m.state = ModelState::kResident;
+  m.last_used = clock->Now();
+  std::vector<std::string> files, shm_paths;
+  std::vector<st::Header> headers;
+  for (const ResidentShard& sh : r->shards) {
+    files.push_back(sh.file);
+    headers.push_back(sh.header);
+    shm_paths.push_back(sh.segment.shm_path());
+  }
+  BuildIndex(m, files, headers, shm_paths);
+  m.resident = std::move(r);
+  const double secs = std::max<double>(static_cast<double>(c.ms), 1) / 1000.0;
+  spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
+               m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, c.ms,
+               static_cast<double>(m.resident->bytes) / secs / 1e9);
+  StartPin(m);
   std::vector<Waiter> waiters;
   waiters.swap(m.waiters);
   AnswerWaiters(m, waiters, m.state, m.last_error);
-  // GPU copies that waited for the host tier.
+  if (m.preload_host) PreloadDone(m.config.name + "/host", Status::Ok());
+  m.preload_host = false;
   for (auto& [ordinal, g] : m.gpus) {
-    if (g.state != ModelState::kLoading || g.started) continue;
-    if (m.state == ModelState::kResident) {
-      StartGpuLoad(m, ordinal);
-    } else {
-      g.state = ModelState::kFailed;
-      g.last_error = m.last_error;
-      std::vector<Waiter> gw;
-      gw.swap(g.waiters);
-      AnswerWaiters(m, gw, ModelState::kFailed, m.last_error);
+    if (g.stashed) {
+      Completion done = std::move(*g.stashed);
+      g.stashed.reset();
+      CompleteGpu(done);
     }
   }
+  // GPU copies that waited for the host tier.
+  for (auto& [ordinal, g] : m.gpus)
+    if (g.state == ModelState::kLoading && g.phase == Phase::kWaitHost) MaybeStartGpu(m, ordinal);
+}
+
+// Resident host copies stay page-locked (when GPUs are served), so that later copies to a GPU
+// run at PCIe speed. Done after the load, off the path of its first answer.
+void Server::Impl::StartPin(ModelEntry& m) {
+  if (!gpu_available() || !config.gpu_pin_host || !m.resident) return;
+  std::shared_ptr<const ResidentModel> host = m.resident;
+  const std::string name = m.config.name;
+  const std::uint64_t gen = m.generation;
+  (void)gpu_jobs.Submit([this, host, name, gen] {
+    const auto t0 = std::chrono::steady_clock::now();
+    Completion c;
+    c.kind = Completion::kPin;
+    c.model = name;
+    c.generation = gen;
+    for (const ResidentShard& sh : host->shards) {
+      if (sh.segment.data_size() == 0) continue;
+      auto pin = gpu->PinHost(sh.segment.data(), sh.segment.data_size());
+      if (!pin.ok()) {
+        // Not fatal: copies then register (or stage) each time.
+        spdlog::warn("model '{}': {}", name, pin.status().ToString());
+        break;
+      }
+      c.pins.push_back(std::move(pin).value());
+    }
+    c.result = std::const_pointer_cast<ResidentModel>(host);
+    c.ms = ToMs(std::chrono::steady_clock::now() - t0);
+    PostCompletion(std::move(c));
+  });
+}
+
+void Server::Impl::CompletePin(Completion& c) {
+  auto it = models.find(c.model);
+  const bool current = it != models.end() && c.result.ok() && it->second.resident == c.result.value();
+  if (!current) {
+    // Evicted meanwhile: unpin on a worker, keeping the mappings until then.
+    ReleasePins(std::move(c.pins), c.result.ok() ? c.result.value() : nullptr);
+    return;
+  }
+  it->second.host_pins = std::move(c.pins);
+  if (!it->second.host_pins.empty()) spdlog::info("model '{}' page-locked for GPU copies in {} ms", c.model, c.ms);
+}
+
+// A GPU copy was asked for: start it when its source is there, else load the host copy first.
+void Server::Impl::RequestGpu(ModelEntry& m, int ordinal) {
+  GpuEntry& g = m.gpus[ordinal];
+  if (g.state == ModelState::kLoading || g.state == ModelState::kResident) return;
+  g.state = ModelState::kLoading;
+  g.phase = Phase::kWaitHost;
+  g.generation = next_generation++;
+  g.last_error = Status::Ok();
+  MaybeStartGpu(m, ordinal);
+  if (g.phase == Phase::kWaitHost && m.state != ModelState::kLoading) StartLoad(m);
+}
+
+void Server::Impl::MaybeStartGpu(ModelEntry& m, int ordinal) {
+  GpuEntry& g = m.gpus.at(ordinal);
+  const bool filling = m.phase == Phase::kWorking && m.progress != nullptr;
+  if (!(m.state == ModelState::kResident && m.resident) && !filling) return;  // wait for the host copy
+  g.phase = Phase::kAdmitting;
+  g.pipelined = !(m.state == ModelState::kResident && m.resident);  // see StartGpuLoad
+  g.admission_deadline = clock->Now() + config.cache.admission_timeout;
+  if (AdmitGpu(m, ordinal) == Admitted::kWaiting) {
+    spdlog::info("model '{}' waits for room on {}: {}", m.config.name, CudaName(ordinal), g.waiting_for);
+    admissions.push_back(Ticket{m.config.name, ordinal});
+  }
+}
+
+void Server::Impl::StartGpuLoad(ModelEntry& m, int ordinal) {
+  GpuEntry& g = m.gpus.at(ordinal);
+  g.phase = Phase::kWorking;
+  // Decided now, not at admission: the host copy may have finished while this one waited.
+  g.pipelined = !(m.state == ModelState::kResident && m.resident);
+  if (g.pipelined && m.progress == nullptr) {
+    FailGpu(m, ordinal, Internal("no host copy to copy from", "gpu.no_source"));
+    return;
+  }
+  Notify("STATUS=copying model '" + m.config.name + "' to " + CudaName(ordinal));
+  spdlog::info("copying model '{}' to {}{}", m.config.name, CudaName(ordinal), g.pipelined ? " as it is read from disk" : "");
+  // The job holds the host copy (or the load's progress, which holds the copy being filled), so
+  // its mappings stay valid even if the model is evicted or changed meanwhile; the generation
+  // tells the loop whether the result is still wanted.
+  std::shared_ptr<const ResidentModel> host = g.pipelined ? nullptr : m.resident;
+  std::shared_ptr<LoadProgress> progress = g.pipelined ? m.progress : nullptr;
+  const std::uint64_t gen = g.generation;
+  const std::string name = m.config.name;
+  bool ok = gpu_jobs.Submit([this, host, progress, gen, name, ordinal]() mutable {
+    const auto t0 = std::chrono::steady_clock::now();
+    Completion c;
+    c.kind = Completion::kGpu;
+    c.model = name;
+    c.generation = gen;
+    c.ordinal = ordinal;
+    try {
+      gpu::WaitReadyFn wait;
+      if (progress) {
+        auto segments = progress->WaitSegments();
+        if (segments.ok()) {
+          host = *segments;
+          wait = [progress](std::size_t shard, std::uint64_t end) { return progress->WaitFilled(shard, end); };
+        } else {
+          c.gpu_result = segments.status();
+        }
+      }
+      if (host) {
+        std::vector<gpu::HostShard> shards;
+        shards.reserve(host->shards.size());
+        for (const ResidentShard& sh : host->shards) shards.push_back(gpu::HostShard{sh.segment.data(), sh.segment.data_size()});
+        c.gpu_result = gpu->Materialize(ordinal, shards, gpu_mode, wait);
+      }
+    } catch (const std::exception& e) {
+      c.gpu_result = Internal(std::string("GPU copy failed: ") + e.what(), "gpu.exception");
+    }
+    c.ms = ToMs(std::chrono::steady_clock::now() - t0);
+    PostCompletion(std::move(c));
+  });
+  if (!ok) FailGpu(m, ordinal, Unavailable("the daemon is shutting down", "daemon.stopping"));
+}
+
+void Server::Impl::FailGpu(ModelEntry& m, int ordinal, const Status& error) {
+  GpuEntry& g = m.gpus.at(ordinal);
+  ++gpu_metrics.loads_failed;
+  ++gpu_metrics.errors[error.reason().empty() ? std::string(CodeName(error.code())) : error.reason()];
+  g.state = ModelState::kFailed;
+  g.phase = Phase::kIdle;
+  g.reserved = 0;
+  g.last_error = error;
+  g.waiting_for.clear();
+  spdlog::error("model '{}' failed to copy to {}: {}", m.config.name, CudaName(ordinal), error.ToString());
+  std::vector<Waiter> waiters;
+  waiters.swap(g.waiters);
+  AnswerWaiters(m, waiters, ModelState::kFailed, error);
+  if (g.preload) PreloadDone(m.config.name + "/" + CudaName(ordinal), error);
+  g.preload = false;
+  retry_admissions = true;
 }
 
 void Server::Impl::CompleteGpu(Completion& c) {
@@ -817,23 +1456,36 @@ void Server::Impl::CompleteGpu(Completion& c) {
     return;
   ModelEntry& m = it->second;
   GpuEntry& g = g_it->second;
-  g.copy_ms = c.ms;
-  if (c.gpu_result.ok()) {
-    g.copy = std::move(c.gpu_result).value();
-    g.state = ModelState::kResident;
-    g.last_error = Status::Ok();
-    m.last_used = clock->Now();
-    const double secs = std::max(g.copy->copy_seconds(), 1e-6);
-    spdlog::info("model '{}' resident on {}: {} bytes in {} ms (host-to-device {:.2f} GB/s)", m.config.name,
-                 CudaName(c.ordinal), g.copy->allocated_bytes(), c.ms, static_cast<double>(m.resident->bytes) / secs / 1e9);
-  } else {
-    g.state = ModelState::kFailed;
-    g.last_error = c.gpu_result.status();
-    spdlog::error("model '{}' failed to copy to {}: {}", m.config.name, CudaName(c.ordinal), g.last_error.ToString());
+  if (!c.gpu_result.ok()) {
+    g.copy_ms = c.ms;
+    FailGpu(m, c.ordinal, c.gpu_result.status());
+    return;
   }
+  // A pipelined copy is only as good as the load it followed: it waits for the load's verdict
+  // (the checksums, the unchanged files).
+  if (g.pipelined && m.phase == Phase::kWorking) {
+    g.stashed = std::move(c);
+    return;
+  }
+  g.copy_ms = c.ms;
+  g.copy = std::move(c.gpu_result).value();
+  g.state = ModelState::kResident;
+  g.phase = Phase::kIdle;
+  g.reserved = 0;
+  g.pipelined = false;
+  g.last_error = Status::Ok();
+  g.last_used = clock->Now();
+  ++gpu_metrics.loads_ok;
+  gpu_metrics.bytes += g.copy->allocated_bytes();
+  gpu_metrics.durations.Observe(static_cast<double>(c.ms) / 1000.0);
+  const double secs = std::max(g.copy->copy_seconds(), 1e-6);
+  spdlog::info("model '{}' resident on {}: {} bytes in {} ms (host-to-device {:.2f} GB/s)", m.config.name,
+               CudaName(c.ordinal), g.copy->allocated_bytes(), c.ms, static_cast<double>(g.copy->allocated_bytes()) / secs / 1e9);
   std::vector<Waiter> waiters;
   waiters.swap(g.waiters);
   AnswerWaiters(m, waiters, g.state, g.last_error);
+  if (g.preload) PreloadDone(m.config.name + "/" + CudaName(c.ordinal), Status::Ok());
+  g.preload = false;
 }
 
 void Server::Impl::AnswerWaiters(ModelEntry& m, std::vector<Waiter>& waiters, ModelState state, const Status& error) {
@@ -940,11 +1592,21 @@ proto::ModelStatus Server::Impl::StatusOf(const ModelEntry& m) const {
     st.tensors = m.resident->tensor_count;
     st.bytes = m.resident->bytes;
     st.resident_bytes = m.resident->bytes;
+  } else if (!m.shard_sizes.empty()) {
+    st.shards = static_cast<std::uint32_t>(m.shard_sizes.size());
+    st.tensors = static_cast<std::uint32_t>(m.tensors.size());
+    for (std::uint64_t n : m.shard_sizes) st.bytes += n;
   }
+  if (m.progress)
+    for (std::size_t i = 0; i < m.shard_sizes.size(); ++i) st.loaded_bytes += m.progress->filled(i);
+  st.waiting_for = m.waiting_for;
+  st.pinned = m.config.pin ? 1 : 0;
+  st.priority = m.config.priority;
   st.leases = leases.LeasesOf(m.config.name);
   st.loads = m.loads;
   st.last_load_ms = m.last_load_ms;
-  st.last_used_ms_ago = m.last_used == Clock::TimePoint{} ? 0 : ToMs(clock->Now() - m.last_used);
+  const auto now = clock->Now();
+  st.last_used_ms_ago = m.last_used == Clock::TimePoint{} ? 0 : ToMs(now - m.last_used);
   if (!m.last_error.ok()) st.last_error = proto::ToErrorReply(m.last_error);
   for (const auto& [ordinal, g] : m.gpus) {
     proto::GpuCopyStatus gs;
@@ -956,6 +1618,7 @@ proto::ModelStatus Server::Impl::StatusOf(const ModelEntry& m) const {
     gs.copy_ms = g.copy_ms;
     gs.h2d_us = g.copy ? static_cast<std::uint64_t>(g.copy->copy_seconds() * 1e6) : 0;
     if (!g.last_error.ok()) gs.last_error = proto::ToErrorReply(g.last_error);
+    gs.last_used_ms_ago = g.last_used == Clock::TimePoint{} ? 0 : ToMs(now - g.last_used);
     st.gpus.push_back(std::move(gs));
   }
   return st;
@@ -977,25 +1640,105 @@ proto::DaemonStats Server::Impl::StatsNow() const {
     st.host_resident_bytes += st.models.back().resident_bytes;
   }
   if (gpu_available()) {
-    const gpu::GpuTierStats gs = gpu->Stats();
     for (const gpu::DeviceInfo& d : gpu->Devices()) {
       proto::GpuDeviceStatus ds;
       ds.device = CudaName(d.ordinal);
       ds.uuid = d.uuid;
       ds.name = d.name;
       ds.total_bytes = d.total_bytes;
-      for (const gpu::GpuDeviceStats& x : gs.devices)
-        if (x.ordinal == d.ordinal) {
-          ds.resident_bytes = x.resident_bytes;
-          ds.copies = x.copies;
-        }
+      ds.resident_bytes = GpuUsed(d.ordinal);
+      ds.copies = static_cast<std::uint32_t>(GpuCount(d.ordinal));
       ds.leases = leases.LeasesOn(ds.device);
+      ds.budget_bytes = gpu_budget.count(d.ordinal) ? gpu_budget.at(d.ordinal) : 0;
       st.gpus.push_back(std::move(ds));
     }
   } else {
     st.gpu_unavailable = gpu != nullptr ? gpu->unavailable_status().message() : "the GPU tier is disabled";
   }
+  st.host_budget_bytes = host_budget;
+  st.host_total_bytes = host_total;
+  st.ready = ready ? 1 : 0;
+  st.ready_ms = ready ? ToMs(ready_at - started) : 0;
+  st.metrics = RenderMetrics();
   return st;
+}
+
+// Every figure the daemon exports. Label values are model names (validated: [A-Za-z0-9._-]),
+// device names and error reasons, so the series stay few and bounded by the catalog.
+std::string Server::Impl::RenderMetrics() const {
+  metrics::Writer w;
+  using metrics::Labels;
+  const std::pair<const char*, const TierMetrics*> tiers[] = {{"host", &host_metrics}, {"gpu", &gpu_metrics}};
+  w.Family("weightd_loads_total", "counter", "Completed loads, by tier and result.");
+  for (auto [tier, t] : tiers) {
+    w.Sample("weightd_loads_total", Labels{{"tier", tier}, {"result", "ok"}}, static_cast<double>(t->loads_ok));
+    w.Sample("weightd_loads_total", Labels{{"tier", tier}, {"result", "error"}}, static_cast<double>(t->loads_failed));
+  }
+  w.Family("weightd_load_bytes_total", "counter", "Bytes made resident by completed loads, by tier.");
+  for (auto [tier, t] : tiers) w.Sample("weightd_load_bytes_total", Labels{{"tier", tier}}, static_cast<double>(t->bytes));
+  w.Family("weightd_load_duration_seconds", "histogram", "Duration of successful loads (host: disk to segments; gpu: to device).");
+  for (auto [tier, t] : tiers) w.HistogramSamples("weightd_load_duration_seconds", Labels{{"tier", tier}}, t->durations);
+  w.Family("weightd_load_errors_total", "counter", "Failed loads, by tier and error reason.");
+  for (auto [tier, t] : tiers)
+    for (const auto& [reason, n] : t->errors)
+      w.Sample("weightd_load_errors_total", Labels{{"tier", tier}, {"reason", reason}}, static_cast<double>(n));
+  w.Family("weightd_cache_hits_total", "counter", "Acquires served from a resident copy, by tier.");
+  for (auto [tier, t] : tiers) w.Sample("weightd_cache_hits_total", Labels{{"tier", tier}}, static_cast<double>(t->hits));
+  w.Family("weightd_cache_misses_total", "counter", "Acquires that had to wait for a load, by tier.");
+  for (auto [tier, t] : tiers) w.Sample("weightd_cache_misses_total", Labels{{"tier", tier}}, static_cast<double>(t->misses));
+  w.Family("weightd_evictions_total", "counter", "Evicted copies, by tier and reason (lru, ttl, pressure, admin, changed).");
+  for (auto [tier, t] : tiers)
+    for (const char* reason : {"lru", "ttl", "pressure", "admin", "changed"}) {
+      auto it = t->evictions.find(reason);
+      w.Sample("weightd_evictions_total", Labels{{"tier", tier}, {"reason", reason}},
+               it == t->evictions.end() ? 0.0 : static_cast<double>(it->second));
+    }
+  w.Family("weightd_resident_bytes", "gauge", "Bytes held by model copies (and loads in flight), by tier and device.");
+  w.Sample("weightd_resident_bytes", Labels{{"tier", "host"}, {"device", "cpu"}}, static_cast<double>(HostUsed()));
+  if (gpu_available())
+    for (const auto& d : gpu->Devices())
+      w.Sample("weightd_resident_bytes", Labels{{"tier", "gpu"}, {"device", CudaName(d.ordinal)}},
+               static_cast<double>(GpuUsed(d.ordinal)));
+  w.Family("weightd_budget_bytes", "gauge", "The memory budget, by tier and device.");
+  w.Sample("weightd_budget_bytes", Labels{{"tier", "host"}, {"device", "cpu"}}, static_cast<double>(host_budget));
+  for (const auto& [ordinal, b] : gpu_budget)
+    w.Sample("weightd_budget_bytes", Labels{{"tier", "gpu"}, {"device", CudaName(ordinal)}}, static_cast<double>(b));
+  w.Family("weightd_resident_models", "gauge", "Models with a copy in the tier, by tier and device.");
+  w.Sample("weightd_resident_models", Labels{{"tier", "host"}, {"device", "cpu"}}, static_cast<double>(HostCount()));
+  for (const auto& [ordinal, b] : gpu_budget)
+    w.Sample("weightd_resident_models", Labels{{"tier", "gpu"}, {"device", CudaName(ordinal)}},
+             static_cast<double>(GpuCount(ordinal)));
+  w.Family("weightd_model_leases", "gauge", "Live leases per model and device (cpu: host mappings).");
+  for (const auto& [name, m] : models) {
+    w.Sample("weightd_model_leases", Labels{{"model", name}, {"device", "cpu"}}, leases.LeasesOf(name, "cpu"));
+    for (const auto& [ordinal, g] : m.gpus)
+      w.Sample("weightd_model_leases", Labels{{"model", name}, {"device", CudaName(ordinal)}},
+               leases.LeasesOf(name, CudaName(ordinal)));
+  }
+  w.Family("weightd_model_imports", "gauge", "Live GPU imports per model and device (each GPU lease is one import).");
+  for (const auto& [name, m] : models)
+    for (const auto& [ordinal, g] : m.gpus)
+      w.Sample("weightd_model_imports", Labels{{"model", name}, {"device", CudaName(ordinal)}},
+               leases.LeasesOf(name, CudaName(ordinal)));
+  const std::string out = w.text();
+  metrics::Writer tail;
+  tail.Family("weightd_sessions", "gauge", "Open client sessions.");
+  tail.Sample("weightd_sessions", {}, static_cast<double>(leases.session_count()));
+  tail.Family("weightd_requests_total", "counter", "Requests received, and those that did not decode.");
+  tail.Sample("weightd_requests_total", Labels{{"result", "all"}}, static_cast<double>(requests));
+  tail.Sample("weightd_requests_total", Labels{{"result", "malformed"}}, static_cast<double>(malformed));
+  tail.Family("weightd_disk_read_bytes_total", "counter", "Bytes read from model files.");
+  tail.Sample("weightd_disk_read_bytes_total", {}, static_cast<double>(loader.bytes_read()));
+  tail.Family("weightd_admission_waiting", "gauge", "Copies waiting for room under a budget.");
+  tail.Sample("weightd_admission_waiting", {}, static_cast<double>(admissions.size()));
+  tail.Family("weightd_ready", "gauge", "1 once every preload has finished.");
+  tail.Sample("weightd_ready", {}, ready ? 1 : 0);
+  tail.Family("weightd_start_to_ready_seconds", "gauge", "Seconds from the daemon's start to ready (0 until ready).");
+  tail.Sample("weightd_start_to_ready_seconds", {},
+              ready ? std::chrono::duration<double>(ready_at - started).count() : 0.0);
+  tail.Family("weightd_preload_failures", "gauge", "Preloads that failed (the daemon is ready without them).");
+  tail.Sample("weightd_preload_failures", {}, static_cast<double>(preload_failures.size()));
+  return out + tail.text();
 }
 
 void Server::Impl::Send(const std::string& rid, std::uint64_t request_id, proto::ReplyBody body) {
@@ -1035,6 +1778,7 @@ void Server::Impl::HandleEpoll() {
       std::uint64_t v;
       (void)!::read(event_fd.get(), &v, sizeof v);
       HandleCompletions();
+      HandleHttpCalls();
       if (stop_requested.load()) stopping = true;
     } else if (tag == kTagSignal) {
       HandleSignal();
@@ -1154,9 +1898,13 @@ void Server::Impl::EndSession(std::uint64_t session_id, const char* why) {
   const auto now = clock->Now();
   for (const auto& l : ended) {
     auto it = models.find(l.model);
-    if (it != models.end()) it->second.last_used = now;
+    if (it == models.end()) continue;
+    if (l.device == "cpu") it->second.last_used = now;
+    for (auto& [ordinal, g] : it->second.gpus)
+      if (CudaName(ordinal) == l.device) g.last_used = now;
   }
   spdlog::info("session {} of '{}' (pid {}) ended: {}; {} leases freed", session_id, name, pid, why, ended.size());
+  retry_admissions = true;
 }
 
 void Server::Impl::ExpireSessions() {
@@ -1224,11 +1972,218 @@ void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
     m.last_error = Status::Ok();
     spdlog::info("model '{}' now served from {}", name, m.config.dir);
   }
+  for (const auto& name : diff.updated) {
+    models[name].config = *catalog.Find(name);
+    spdlog::info("model '{}': new policy settings", name);
+  }
   for (const auto& name : diff.added) {
     ModelEntry& m = models[name];
     m.config = *catalog.Find(name);
     spdlog::info("model '{}' added to the catalog ({})", name, m.config.dir);
   }
+  // Preloads of models added by a reload: not part of readiness, which was reached already.
+  if (ready)
+    for (const auto& name : diff.added) StartPreloads(models[name], false);
+  retry_admissions = true;
+}
+
+// TTLs and memory pressure; budgets and warm-pool caps are enforced when copies are admitted.
+void Server::Impl::EnforcePolicy(Clock::TimePoint now) {
+  {
+    std::vector<ModelEntry*> owners;
+    std::vector<policy::Copy> copies = HostCopies(nullptr, &owners);
+    for (std::size_t i : policy::Expired(copies, now)) EvictHost(*owners[i], policy::EvictReason::kTtl);
+  }
+  for (const auto& [ordinal, budget] : gpu_budget) {
+    std::vector<ModelEntry*> owners;
+    std::vector<policy::Copy> copies = GpuCopies(ordinal, nullptr, &owners);
+    for (std::size_t i : policy::Expired(copies, now)) EvictGpu(*owners[i], ordinal, policy::EvictReason::kTtl);
+  }
+  if (now - last_pressure_check < config.cache.pressure_interval) return;
+  last_pressure_check = now;
+  // Used above the threshold: evict unleased copies, in eviction order, worth the excess.
+  auto excess_of = [](const MemoryProbe::Reading& r, double threshold) -> std::uint64_t {
+    if (threshold <= 0 || r.total == 0) return 0;
+    const std::uint64_t used = r.total - std::min(r.available, r.total);
+    const auto limit = static_cast<std::uint64_t>(static_cast<double>(r.total) * threshold);
+    return used > limit ? used - limit : 0;
+  };
+  if (config.cache.host_pressure > 0) {
+    auto reading = memory->Host();
+    if (!reading.ok()) {
+      spdlog::debug("memory pressure: {}", reading.status().ToString());
+    } else if (std::uint64_t excess = excess_of(*reading, config.cache.host_pressure); excess > 0) {
+      std::vector<ModelEntry*> owners;
+      std::vector<policy::Copy> copies = HostCopies(nullptr, &owners);
+      std::vector<std::size_t> victims = policy::Relieve(copies, excess);
+      if (!victims.empty())
+        spdlog::warn("host memory pressure: {} used over the {:.0f}% threshold; evicting {} models", Gib(excess),
+                     config.cache.host_pressure * 100, victims.size());
+      for (std::size_t i : victims) EvictHost(*owners[i], policy::EvictReason::kPressure);
+    }
+  }
+  if (config.cache.gpu_pressure > 0) {
+    for (const auto& [ordinal, budget] : gpu_budget) {
+      auto reading = memory->Gpu(ordinal);
+      if (!reading.ok()) continue;
+      std::uint64_t excess = excess_of(*reading, config.cache.gpu_pressure);
+      if (excess == 0) continue;
+      std::vector<ModelEntry*> owners;
+      std::vector<policy::Copy> copies = GpuCopies(ordinal, nullptr, &owners);
+      std::vector<std::size_t> victims = policy::Relieve(copies, excess);
+      if (!victims.empty())
+        spdlog::warn("{} memory pressure: {} used over the {:.0f}% threshold; evicting {} models", CudaName(ordinal),
+                     Gib(excess), config.cache.gpu_pressure * 100, victims.size());
+      for (std::size_t i : victims) EvictGpu(*owners[i], ordinal, policy::EvictReason::kPressure);
+    }
+  }
+}
+
+// Resident copies of files that changed on disk must not be served: checked on a worker (stat
+// can block on a slow filesystem), acted on here.
+void Server::Impl::StartFileCheck() {
+  std::vector<std::shared_ptr<const ResidentModel>> resident;
+  for (const auto& [name, m] : models)
+    if (m.resident) resident.push_back(m.resident);
+  if (resident.empty()) return;
+  file_check_running = true;
+  bool ok = check_jobs.Submit([this, resident] {
+    Completion c;
+    c.kind = Completion::kCheck;
+    for (const auto& r : resident) {
+      auto changed = loader.Changed(*r);
+      if (!changed.ok()) spdlog::debug("checking model '{}': {}", r->name, changed.status().ToString());
+      // A file that cannot be read any more has changed, as far as serving it goes.
+      if (!changed.ok() || *changed) c.changed.push_back(r->name);
+    }
+    PostCompletion(std::move(c));
+  });
+  if (!ok) file_check_running = false;
+}
+
+void Server::Impl::CompleteFileCheck(Completion& c) {
+  file_check_running = false;
+  for (const std::string& name : c.changed) {
+    auto it = models.find(name);
+    if (it == models.end() || !it->second.resident) continue;
+    ModelEntry& m = it->second;
+    spdlog::warn("model '{}': its files changed on disk; the next request loads them again", name);
+    // Every tier's copy is stale. Leases keep what they map; new requests load the new files.
+    ++host_metrics.evictions["changed"];
+    for (const auto& [ordinal, g] : m.gpus)
+      if (g.copy) ++gpu_metrics.evictions["changed"];
+    if (m.Busy()) continue;  // a load in flight reads the new files already
+    DropResident(m);
+    m.state = ModelState::kAbsent;
+  }
+}
+
+void Server::Impl::StartPreloads(ModelEntry& m, bool for_readiness) {
+  for (const std::string& tier : m.config.preload) {
+    const std::string key = m.config.name + "/" + tier;
+    if (tier == "host") {
+      if (for_readiness) {
+        preloads.insert(key);
+        m.preload_host = true;
+      }
+      if (m.state != ModelState::kLoading && m.state != ModelState::kResident) StartLoad(m);
+      else if (m.state == ModelState::kResident && for_readiness) PreloadDone(key, Status::Ok());
+      continue;
+    }
+    auto ordinal = gpu != nullptr ? gpu->ResolveDevice(tier) : Result<int>(Unavailable("no GPU tier", "gpu.no_device"));
+    if (!ordinal.ok()) {
+      spdlog::error("model '{}': cannot preload '{}': {}", m.config.name, tier, ordinal.status().ToString());
+      if (for_readiness) preload_failures.push_back(key);
+      continue;
+    }
+    const std::string device_key = m.config.name + "/" + CudaName(*ordinal);
+    if (for_readiness) {
+      preloads.insert(device_key);
+      m.gpus[*ordinal].preload = true;
+    }
+    RequestGpu(m, *ordinal);
+  }
+}
+
+void Server::Impl::PreloadDone(const std::string& key, const Status& s) {
+  if (preloads.erase(key) == 0) return;
+  if (!s.ok()) {
+    preload_failures.push_back(key);
+    spdlog::error("preload of {} failed: {}", key, s.ToString());
+  }
+  if (!ready)
+    Notify("STATUS=preloading: " + std::to_string(preloads.size()) + " left, " +
+           std::to_string(preload_failures.size()) + " failed");
+  MaybeReady();
+}
+
+// READY=1 once every preload has finished. A failed preload does not hold the service back
+// (a corrupt file would otherwise make systemd restart it forever); it is logged, counted in
+// weightd_preload_failures and named in STATUS.
+void Server::Impl::MaybeReady() {
+  if (ready || !preloads.empty()) return;
+  ready = true;
+  ready_at = clock->Now();
+  std::string status = "STATUS=serving " + std::to_string(catalog.models().size()) + " models";
+  if (!preload_failures.empty()) {
+    status += "; failed preloads:";
+    for (const auto& k : preload_failures) status += " " + k;
+  }
+  spdlog::info("ready in {} ms{}", ToMs(ready_at - started),
+               preload_failures.empty() ? "" : " (" + std::to_string(preload_failures.size()) + " preloads failed)");
+  Notify("READY=1\n" + status);
+}
+
+void Server::Impl::HandleHttpCalls() {
+  std::deque<std::shared_ptr<HttpCall>> calls;
+  {
+    std::lock_guard lock(http_mu);
+    calls.swap(http_calls);
+  }
+  for (auto& c : calls) {
+    try {
+      c->reply.set_value(AnswerHttp(c->path));
+    } catch (const std::exception& e) {
+      c->reply.set_value(HttpResponse{500, "text/plain", std::string("internal error: ") + e.what() + "\n"});
+    }
+  }
+}
+
+HttpResponse Server::Impl::AnswerHttp(const std::string& path) {
+  if (path == "/healthz") return HttpResponse{200, "text/plain", "ok\n"};
+  if (path == "/readyz") {
+    if (ready) return HttpResponse{200, "text/plain", "ready\n"};
+    return HttpResponse{503, "text/plain", "not ready: " + std::to_string(preloads.size()) + " preloads in progress\n"};
+  }
+  if (path == "/metrics") return HttpResponse{200, "text/plain; version=0.0.4; charset=utf-8", RenderMetrics()};
+  return HttpResponse{404, "text/plain", "not found: try /healthz, /readyz or /metrics\n"};
+}
+
+Result<MemoryProbe::Reading> SystemMemoryProbe::Host() {
+  std::FILE* f = std::fopen("/proc/meminfo", "re");
+  if (f == nullptr) return posix::ErrnoStatus("opening /proc/meminfo");
+  Reading r;
+  bool have_total = false, have_available = false;
+  char key[64];
+  unsigned long long kib = 0;
+  while (std::fscanf(f, "%63s %llu kB\n", key, &kib) == 2) {
+    if (std::strcmp(key, "MemTotal:") == 0) {
+      r.total = kib * 1024;
+      have_total = true;
+    } else if (std::strcmp(key, "MemAvailable:") == 0) {
+      r.available = kib * 1024;
+      have_available = true;
+    }
+  }
+  std::fclose(f);
+  if (!have_total || !have_available) return Unavailable("/proc/meminfo has no MemTotal or MemAvailable", "memory.unreadable");
+  return r;
+}
+
+Result<MemoryProbe::Reading> SystemMemoryProbe::Gpu(int ordinal) {
+  if (gpu_ == nullptr || !gpu_->available()) return Unavailable("no GPU tier", "gpu.no_device");
+  ASSIGN_OR_RETURN(gpu::MemInfo info, gpu_->Memory(ordinal));
+  return Reading{info.total_bytes, info.free_bytes};
 }
 
 Server::Server(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
@@ -1240,8 +2195,9 @@ void Server::Stop() {
 }
 Server::~Server() = default;
 
-Result<std::unique_ptr<Server>> Server::Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu) {
-  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu);
+Result<std::unique_ptr<Server>> Server::Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu,
+                                               MemoryProbe* memory) {
+  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu, memory);
   RETURN_IF_ERROR(impl->Init());
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }

@@ -11,6 +11,7 @@
 // Create() starts any thread.
 #pragma once
 
+#include <cstdint>
 #include <memory>
 
 #include "clock.h"
@@ -23,12 +24,38 @@ namespace weightd {
 // Blocks the signals the server reads through its signalfd. Call first thing in main().
 void BlockSignals();
 
+// Readings of memory for the pressure rule of the cache policy; tests inject their own.
+// Called on the loop thread only.
+class MemoryProbe {
+ public:
+  struct Reading {
+    std::uint64_t total = 0;
+    std::uint64_t available = 0;  // host: MemAvailable; GPU: free device memory
+  };
+  virtual ~MemoryProbe() = default;
+  virtual Result<Reading> Host() = 0;
+  virtual Result<Reading> Gpu(int ordinal) = 0;
+};
+
+// /proc/meminfo, and the GPU tier's cuMemGetInfo.
+class SystemMemoryProbe final : public MemoryProbe {
+ public:
+  explicit SystemMemoryProbe(gpu::GpuTier* gpu) : gpu_(gpu) {}
+  Result<Reading> Host() override;
+  Result<Reading> Gpu(int ordinal) override;
+
+ private:
+  gpu::GpuTier* gpu_;
+};
+
 class Server {
  public:
   // Takes the instance locks, binds the sockets and loads the catalog (no model is read yet).
   // `gpu` (borrowed; it must outlive the Server) serves cuda:N requests; null or a tier
   // without devices makes the daemon host-only.
-  static Result<std::unique_ptr<Server>> Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu);
+  // `memory` (borrowed; may be null: SystemMemoryProbe) feeds the pressure rule.
+  static Result<std::unique_ptr<Server>> Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu,
+                                                MemoryProbe* memory = nullptr);
   ~Server();
 
   // Serves until SIGTERM/SIGINT or Stop(). Returns the reason the loop stopped if it was an

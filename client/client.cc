@@ -237,6 +237,7 @@ GpuCopyInfo ToGpuCopyInfo(const proto::GpuCopyStatus& g) {
   out.leases = g.leases;
   out.copy_ms = g.copy_ms;
   out.h2d_us = g.h2d_us;
+  out.idle_ms = g.last_used_ms_ago;
   if (g.last_error.code != 0) out.last_error = proto::FromErrorReply(g.last_error);
   return out;
 }
@@ -256,6 +257,10 @@ ModelInfo ToModelInfo(const proto::ModelStatus& s) {
   m.idle_ms = s.last_used_ms_ago;
   if (s.last_error.code != 0) m.last_error = proto::FromErrorReply(s.last_error);
   for (const auto& g : s.gpus) m.gpus.push_back(ToGpuCopyInfo(g));
+  m.pinned = s.pinned != 0;
+  m.priority = s.priority;
+  m.loaded_bytes = s.loaded_bytes;
+  m.waiting_for = s.waiting_for;
   return m;
 }
 
@@ -797,9 +802,9 @@ Result<ModelInfo> Client::Load(std::string_view model) {
   return ToModelInfo(*s);
 }
 
-weightd::Status Client::Evict(std::string_view model) {
+weightd::Status Client::Evict(std::string_view model, std::string_view device) {
   if (!impl_) return MovedFrom();
-  proto::Evict req{std::string(model)};
+  proto::Evict req{std::string(model), std::string(device)};
   ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
   if (!std::holds_alternative<proto::OkReply>(body)) return UnexpectedReply(req, body);
   return weightd::Status::Ok();
@@ -824,8 +829,13 @@ Result<DaemonStats> Client::Stats() {
   d.models.reserve(s->models.size());
   for (const auto& m : s->models) d.models.push_back(ToModelInfo(m));
   for (const auto& g : s->gpus)
-    d.gpus.push_back(GpuInfo{g.device, g.uuid, g.name, g.total_bytes, g.resident_bytes, g.copies, g.leases});
+    d.gpus.push_back(GpuInfo{g.device, g.uuid, g.name, g.total_bytes, g.resident_bytes, g.copies, g.leases, g.budget_bytes});
   d.gpu_unavailable = s->gpu_unavailable;
+  d.host_budget_bytes = s->host_budget_bytes;
+  d.host_total_bytes = s->host_total_bytes;
+  d.ready = s->ready != 0;
+  d.ready_ms = s->ready_ms;
+  d.metrics = s->metrics;
   return d;
 }
 

@@ -94,7 +94,7 @@ template <class A> void serialize(A&, Heartbeat&) {}
 template <class A> void serialize(A&, List&) {}
 template <class A> void serialize(A& ar, StatusRequest& m) { ar(m.model); }
 template <class A> void serialize(A& ar, Load& m) { ar(m.model); }
-template <class A> void serialize(A& ar, Evict& m) { ar(m.model); }
+template <class A> void serialize(A& ar, Evict& m) { ar(m.model, m.device); }
 template <class A> void serialize(A&, Stats&) {}
 template <class A> void serialize(A&, Goodbye&) {}
 template <class A> void serialize(A& ar, Request& m) { ar(m.id, m.body); }
@@ -115,19 +115,20 @@ template <class A> void serialize(A& ar, Manifest& m) {
   ar(m.lease_id, m.model, m.device, m.model_dir, m.segments, m.tensors, m.gpu_export, m.fd_socket, m.fd_token);
 }
 template <class A> void serialize(A& ar, GpuCopyStatus& m) {
-  ar(m.device, m.uuid, m.state, m.bytes, m.leases, m.copy_ms, m.h2d_us, m.last_error);
+  ar(m.device, m.uuid, m.state, m.bytes, m.leases, m.copy_ms, m.h2d_us, m.last_error, m.last_used_ms_ago);
 }
 template <class A> void serialize(A& ar, GpuDeviceStatus& m) {
-  ar(m.device, m.uuid, m.name, m.total_bytes, m.resident_bytes, m.copies, m.leases);
+  ar(m.device, m.uuid, m.name, m.total_bytes, m.resident_bytes, m.copies, m.leases, m.budget_bytes);
 }
 template <class A> void serialize(A& ar, ModelStatus& m) {
   ar(m.name, m.dir, m.state, m.shards, m.tensors, m.bytes, m.resident_bytes, m.leases, m.loads,
-     m.last_load_ms, m.last_used_ms_ago, m.last_error, m.gpus);
+     m.last_load_ms, m.last_used_ms_ago, m.last_error, m.gpus, m.pinned, m.priority, m.loaded_bytes, m.waiting_for);
 }
 template <class A> void serialize(A& ar, ModelList& m) { ar(m.models); }
 template <class A> void serialize(A& ar, DaemonStats& m) {
   ar(m.daemon_version, m.uptime_ms, m.sessions, m.leases, m.host_resident_bytes, m.bytes_read_from_disk,
-     m.loads_ok, m.loads_failed, m.requests, m.malformed_requests, m.models, m.gpus, m.gpu_unavailable);
+     m.loads_ok, m.loads_failed, m.requests, m.malformed_requests, m.models, m.gpus, m.gpu_unavailable,
+     m.host_budget_bytes, m.host_total_bytes, m.ready, m.ready_ms, m.metrics);
 }
 template <class A> void serialize(A& ar, Reply& m) { ar(m.id, m.body); }
 

@@ -27,7 +27,7 @@
 
 namespace weightd::proto {
 
-inline constexpr std::uint16_t kVersionMajor = 1;
+inline constexpr std::uint16_t kVersionMajor = 2;
 inline constexpr std::uint16_t kVersionMinor = 0;
 inline constexpr std::size_t kFrameHeaderSize = 8;
 // The largest reply a client accepts (its ZMQ_MAXMSGSIZE); the daemon never sends more.
@@ -62,6 +62,7 @@ struct Load {
 
 struct Evict {
   std::string model;
+  std::string device;  // "": every tier; "cpu": the host copy only; "cuda:N": that GPU's copy only
 };
 
 struct Stats {};
@@ -147,6 +148,7 @@ struct GpuCopyStatus {
   std::uint64_t copy_ms = 0;         // the last materialization: allocation and copy
   std::uint64_t h2d_us = 0;          // its host-to-device copies alone
   ErrorReply last_error;             // code 0 unless the last materialization failed
+  std::uint64_t last_used_ms_ago = 0;
 };
 
 struct ModelStatus {
@@ -163,6 +165,11 @@ struct ModelStatus {
   std::uint64_t last_used_ms_ago = 0;
   ErrorReply last_error;             // code 0 when the last load succeeded
   std::vector<GpuCopyStatus> gpus;   // one per GPU the model is (being) copied to
+  // Policy and progress.
+  std::uint8_t pinned = 0;
+  std::int32_t priority = 0;
+  std::uint64_t loaded_bytes = 0;    // while loading: bytes read so far (of `bytes`)
+  std::string waiting_for;           // while a load waits for memory: which budget, and why
 };
 
 struct ModelList {
@@ -177,6 +184,7 @@ struct GpuDeviceStatus {
   std::uint64_t resident_bytes = 0;  // device memory held by model copies
   std::uint32_t copies = 0;
   std::uint32_t leases = 0;          // live GPU leases on this device
+  std::uint64_t budget_bytes = 0;    // what model copies may hold on this device
 };
 
 struct DaemonStats {
@@ -193,6 +201,13 @@ struct DaemonStats {
   std::vector<ModelStatus> models;
   std::vector<GpuDeviceStatus> gpus;  // empty when the daemon runs host-only
   std::string gpu_unavailable;        // why, when it does
+  std::uint64_t host_budget_bytes = 0;
+  std::uint64_t host_total_bytes = 0;  // MemTotal
+  std::uint8_t ready = 0;              // every preload has finished
+  std::uint64_t ready_ms = 0;          // start to ready
+  // Every figure of /metrics, in the Prometheus text format, so that `weightctl stats` and a
+  // scrape always agree.
+  std::string metrics;
 };
 
 using ReplyBody =

@@ -7,15 +7,22 @@
 // 3 `attach --verify` found tensors whose bytes differ from the files.
 
 #include <fcntl.h>
+#include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cmath>
+#include <condition_variable>
 #include <cstdio>
 #include <cstring>
 #include <iostream>
 #include <map>
 #include <memory>
+#include <mutex>
+#include <optional>
+#include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -104,7 +111,9 @@ json ModelJson(const weightd::ModelInfo& m) {
           {"leases", m.leases},     {"loads", m.loads},
           {"last_load_ms", m.last_load_ms},
           {"idle_ms", m.idle_ms},   {"last_error", StatusJson(m.last_error)},
-          {"gpus", gpus}};
+          {"gpus", gpus},           {"pinned", m.pinned},
+          {"priority", m.priority}, {"loaded_bytes", m.loaded_bytes},
+          {"waiting_for", m.waiting_for.empty() ? json(nullptr) : json(m.waiting_for)}};
 }
 
 // "cuda:0 resident 2 leases, cuda:1 loading" or "-".
@@ -143,7 +152,9 @@ void PrintModel(const weightd::ModelInfo& m) {
       {"last load:", m.loads == 0 ? "-" : HumanDuration(m.last_load_ms)},
       {"idle:", Idle(m)},
       {"last error:", m.last_error.ok() ? "-" : m.last_error.ToString()},
+      {"policy:", std::string(m.pinned ? "pinned" : "evictable") + ", priority " + std::to_string(m.priority)},
   };
+  if (!m.waiting_for.empty()) rows.push_back({"waiting:", m.waiting_for});
   for (const auto& g : m.gpus) {
     std::string line = g.state + ", " + HumanBytes(g.bytes) + ", " + std::to_string(g.leases) + " leases";
     if (g.copy_ms > 0) line += ", copied in " + HumanDuration(g.copy_ms);
@@ -262,9 +273,99 @@ int CmdStatus(const Globals& g, const std::string& name) {
   return 0;
 }
 
+// "[##########----------]  3.20 GiB / 10.2 GiB  1.45 GB/s  ETA 5s" on a terminal (redrawn in
+// place), a plain line every few seconds otherwise.
+class LoadProgressPrinter {
+ public:
+  explicit LoadProgressPrinter(std::string name) : name_(std::move(name)), tty_(::isatty(STDERR_FILENO) == 1) {}
+
+  void Update(const weightd::ModelInfo& m) {
+    const auto now = std::chrono::steady_clock::now();
+    if (!m.waiting_for.empty()) {
+      Print("waiting for room: " + m.waiting_for, now);
+      return;
+    }
+    if (m.bytes == 0) {
+      Print("reading headers", now);
+      return;
+    }
+    if (!started_) {
+      started_ = true;
+      t0_ = now;
+      b0_ = m.loaded_bytes;
+    }
+    const double secs = std::chrono::duration<double>(now - t0_).count();
+    const double rate = secs > 0.2 ? static_cast<double>(m.loaded_bytes - b0_) / secs : 0;
+    const double frac = static_cast<double>(m.loaded_bytes) / static_cast<double>(m.bytes);
+    std::string line;
+    if (tty_) {
+      const int width = 24;
+      const int done = static_cast<int>(frac * width);
+      line = "[" + std::string(static_cast<std::size_t>(done), '#') + std::string(static_cast<std::size_t>(width - done), '-') + "] ";
+    }
+    char buf[160];
+    std::snprintf(buf, sizeof buf, "%s / %s (%.0f%%)", HumanBytes(m.loaded_bytes).c_str(), HumanBytes(m.bytes).c_str(),
+                  frac * 100);
+    line += buf;
+    if (rate > 0) {
+      std::snprintf(buf, sizeof buf, "  %.2f GB/s  ETA %s", rate / 1e9,
+                    HumanDuration(static_cast<std::uint64_t>(static_cast<double>(m.bytes - m.loaded_bytes) / rate * 1000)).c_str());
+      line += buf;
+    }
+    Print(line, now);
+  }
+
+  void Done() {
+    if (tty_ && printed_) std::cerr << "\r\033[K" << std::flush;
+  }
+
+ private:
+  void Print(const std::string& line, std::chrono::steady_clock::time_point now) {
+    if (tty_) {
+      std::cerr << "\r\033[K" << name_ << ": " << line << std::flush;
+      printed_ = true;
+    } else if (!printed_ || now - last_line_ >= std::chrono::seconds(2)) {
+      std::cerr << "loading " << name_ << ": " << line << '\n';
+      last_line_ = now;
+      printed_ = true;
+    }
+  }
+
+  std::string name_;
+  bool tty_;
+  bool started_ = false, printed_ = false;
+  std::chrono::steady_clock::time_point t0_, last_line_;
+  std::uint64_t b0_ = 0;
+};
+
 int CmdLoad(const Globals& g, const std::string& name) {
   TRY_ASSIGN(client, Connect(g), g);
-  TRY_ASSIGN(model, client.Load(name), g);
+  // The Load call blocks until the model is resident; a second connection watches its progress.
+  std::optional<weightd::Result<weightd::ModelInfo>> result;
+  std::mutex mu;
+  std::condition_variable cv;
+  std::thread loader([&] {
+    auto r = client.Load(name);
+    std::lock_guard lock(mu);
+    result = std::move(r);
+    cv.notify_all();
+  });
+  if (!g.json) {
+    auto watcher = Connect(g);
+    LoadProgressPrinter progress(name);
+    std::unique_lock lock(mu);
+    while (!result && watcher.ok()) {
+      lock.unlock();
+      auto st = watcher->Status(name);
+      if (st.ok() && st->state == "loading") progress.Update(*st);
+      lock.lock();
+      cv.wait_for(lock, std::chrono::milliseconds(250), [&] { return result.has_value(); });
+    }
+    progress.Done();
+  }
+  loader.join();
+  if (!result->ok()) return Fail(g, result->status());
+  const weightd::ModelInfo& model = result->value();
   if (g.json) {
     std::cout << ModelJson(model).dump(2) << '\n';
   } else {
@@ -278,25 +379,47 @@ int CmdLoad(const Globals& g, const std::string& name) {
   return 0;
 }
 
-int CmdEvict(const Globals& g, const std::string& name) {
+int CmdEvict(const Globals& g, const std::string& name, const std::string& tier) {
   TRY_ASSIGN(client, Connect(g), g);
-  Status s = client.Evict(name);
+  Status s = client.Evict(name, tier);
   if (!s.ok()) return Fail(g, s);
-  if (g.json) std::cout << json{{"evicted", name}}.dump(2) << '\n';
-  else std::cout << "evicted " << name << '\n';
+  if (g.json) std::cout << json{{"evicted", name}, {"device", tier.empty() ? "all" : tier}}.dump(2) << '\n';
+  else std::cout << "evicted " << name << (tier.empty() ? "" : " from " + tier) << '\n';
   return 0;
 }
 
-int CmdStats(const Globals& g) {
+// The samples of a Prometheus text exposition, without comments and histogram buckets.
+std::vector<std::vector<std::string>> MetricRows(const std::string& text) {
+  std::vector<std::vector<std::string>> rows = {{"METRIC", "VALUE"}};
+  std::istringstream in(text);
+  std::string line;
+  while (std::getline(in, line)) {
+    if (line.empty() || line[0] == '#' || line.find("_bucket{") != std::string::npos) continue;
+    const auto sp = line.rfind(' ');
+    if (sp == std::string::npos) continue;
+    rows.push_back({line.substr(0, sp), line.substr(sp + 1)});
+  }
+  return rows;
+}
+
+int CmdStats(const Globals& g, bool raw_metrics) {
   TRY_ASSIGN(client, Connect(g), g);
   TRY_ASSIGN(st, client.Stats(), g);
+  if (raw_metrics) {
+    std::cout << st.metrics;
+    return 0;
+  }
   if (g.json) {
     json models = json::array();
     for (const auto& m : st.models) models.push_back(ModelJson(m));
     json gpus = json::array();
     for (const auto& d : st.gpus)
       gpus.push_back({{"device", d.device}, {"uuid", d.uuid}, {"name", d.name}, {"total_bytes", d.total_bytes},
-                      {"resident_bytes", d.resident_bytes}, {"copies", d.copies}, {"leases", d.leases}});
+                      {"resident_bytes", d.resident_bytes}, {"budget_bytes", d.budget_bytes}, {"copies", d.copies},
+                      {"leases", d.leases}});
+    json samples = json::object();
+    for (const auto& r : MetricRows(st.metrics))
+      if (r[0] != "METRIC") samples[r[0]] = std::stod(r[1]);
     std::cout << json{{"daemon_version", st.daemon_version},
                       {"uptime_ms", st.uptime_ms},
                       {"sessions", st.sessions},
@@ -309,7 +432,12 @@ int CmdStats(const Globals& g) {
                       {"malformed_requests", st.malformed_requests},
                       {"models", models},
                       {"gpus", gpus},
-                      {"gpu_unavailable", st.gpu_unavailable.empty() ? json(nullptr) : json(st.gpu_unavailable)}}
+                      {"gpu_unavailable", st.gpu_unavailable.empty() ? json(nullptr) : json(st.gpu_unavailable)},
+                      {"host_budget_bytes", st.host_budget_bytes},
+                      {"host_total_bytes", st.host_total_bytes},
+                      {"ready", st.ready},
+                      {"ready_ms", st.ready_ms},
+                      {"metrics", samples}}
                      .dump(2)
               << '\n';
     return 0;
@@ -319,7 +447,9 @@ int CmdStats(const Globals& g) {
       {"uptime:", HumanDuration(st.uptime_ms)},
       {"sessions:", std::to_string(st.sessions)},
       {"leases:", std::to_string(st.leases)},
-      {"host resident:", HumanBytes(st.host_resident_bytes)},
+      {"ready:", st.ready ? "yes, after " + HumanDuration(st.ready_ms) : "no (preloading)"},
+      {"host resident:", HumanBytes(st.host_resident_bytes) + " of a " + HumanBytes(st.host_budget_bytes) + " budget (" +
+                             HumanBytes(st.host_total_bytes) + " RAM)"},
       {"read from disk:", HumanBytes(st.bytes_read_from_disk)},
       {"loads:", std::to_string(st.loads_ok) + " ok, " + std::to_string(st.loads_failed) + " failed"},
       {"requests:", std::to_string(st.requests) + " (" + std::to_string(st.malformed_requests) + " malformed)"},
@@ -327,16 +457,20 @@ int CmdStats(const Globals& g) {
   });
   if (!st.gpus.empty()) {
     std::cout << '\n';
-    std::vector<std::vector<std::string>> rows = {{"GPU", "UUID", "NAME", "MEMORY", "RESIDENT", "COPIES", "LEASES"}};
+    std::vector<std::vector<std::string>> rows = {
+        {"GPU", "UUID", "NAME", "MEMORY", "BUDGET", "RESIDENT", "COPIES", "LEASES"}};
     for (const auto& d : st.gpus)
-      rows.push_back({d.device, d.uuid, d.name, HumanBytes(d.total_bytes), HumanBytes(d.resident_bytes),
-                      std::to_string(d.copies), std::to_string(d.leases)});
+      rows.push_back({d.device, d.uuid, d.name, HumanBytes(d.total_bytes), HumanBytes(d.budget_bytes),
+                      HumanBytes(d.resident_bytes), std::to_string(d.copies), std::to_string(d.leases)});
     PrintTable(rows);
   }
   if (!st.models.empty()) {
     std::cout << '\n';
     PrintModels(st.models);
   }
+  // The same figures as /metrics (histograms as their sum and count).
+  std::cout << '\n';
+  PrintTable(MetricRows(st.metrics));
   return 0;
 }
 
@@ -418,12 +552,23 @@ int main(int argc, char** argv) {
   auto* status = app.add_subcommand("status", "Show one model: state, size, resident bytes, leases, last error");
   status->add_option("NAME", name, "Model name as configured in the daemon's catalog")->required();
   auto* load = app.add_subcommand(
-      "load", "Load a model into the host tier without leasing it, and wait until it is resident (or failed)");
+      "load",
+      "Load a model into the host tier without leasing it, and wait until it is resident (or failed).\n"
+      "Shows bytes, rate and ETA on stderr: a progress bar on a terminal, a line every 2 s otherwise");
   load->add_option("NAME", name, "Model name")->required();
   auto* evict = app.add_subcommand(
-      "evict", "Drop a model from every tier. Fails with FailedPrecondition while a process holds a lease on it");
+      "evict",
+      "Drop a model from every tier, or from one with --device. Fails with FailedPrecondition while a\n"
+      "process holds a lease on what would be dropped");
   evict->add_option("NAME", name, "Model name")->required();
-  auto* stats = app.add_subcommand("stats", "Show daemon counters (sessions, leases, bytes, loads, requests) and models");
+  std::string evict_device;
+  evict->add_option("--device", evict_device,
+                    "cpu (the host copy only) or cuda:N (that GPU's copy only; the host copy stays, so the next\n"
+                    "GPU acquire copies from memory instead of reading the disk)");
+  auto* stats = app.add_subcommand(
+      "stats", "Show the daemon's counters, budgets, GPUs and models, and every figure of its /metrics");
+  bool raw_metrics = false;
+  stats->add_flag("--metrics", raw_metrics, "Print the metrics in the Prometheus text format instead");
   auto* attach = app.add_subcommand(
       "attach",
       "Lease a model and map it into this process (loading it first if needed), print the attach\n"
@@ -452,8 +597,8 @@ int main(int argc, char** argv) {
   if (*list) return CmdList(g);
   if (*status) return CmdStatus(g, name);
   if (*load) return CmdLoad(g, name);
-  if (*evict) return CmdEvict(g, name);
-  if (*stats) return CmdStats(g);
+  if (*evict) return CmdEvict(g, name, evict_device);
+  if (*stats) return CmdStats(g, raw_metrics);
   if (*attach) return CmdAttach(g, name, device, verify);
   return kExitUsage;
 }

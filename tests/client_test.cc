@@ -251,7 +251,7 @@ TEST(Client, UsesWeightdSocketEnvironmentVariable) {
 TEST(Client, ReplyOfAnotherMajorVersionIsVersionMismatch) {
   FakeDaemon d([](const proto::Request& r) -> std::optional<std::string> {
     std::string f = Frame(r.id, proto::HelloReply{});
-    f[4] = 2;  // protocol major 2, little-endian
+    f[4] = static_cast<char>(proto::kVersionMajor + 1);  // another protocol major, little-endian
     f[5] = 0;
     return f;
   });
@@ -259,7 +259,8 @@ TEST(Client, ReplyOfAnotherMajorVersionIsVersionMismatch) {
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), Code::kInvalidArgument) << c.status().ToString();
   EXPECT_EQ(c.status().reason(), "protocol.version_mismatch");
-  EXPECT_NE(c.status().message().find("peer speaks 2.0"), std::string::npos) << c.status().message();
+  EXPECT_NE(c.status().message().find("peer speaks " + std::to_string(proto::kVersionMajor + 1) + ".0"), std::string::npos)
+      << c.status().message();
 }
 
 TEST(Client, ErrorReplyBecomesStatus) {

@@ -131,6 +131,7 @@ struct GpuCopyInfo {
   std::uint64_t copy_ms = 0;  // the last copy to this GPU: allocation and transfer
   std::uint64_t h2d_us = 0;   // its host-to-device transfer alone
   Status last_error;
+  std::uint64_t idle_ms = 0;  // since this copy was last leased or released
 };
 
 struct ModelInfo {
@@ -147,6 +148,10 @@ struct ModelInfo {
   std::uint64_t idle_ms = 0;
   Status last_error;  // OK unless the last load failed
   std::vector<GpuCopyInfo> gpus;
+  bool pinned = false;
+  std::int32_t priority = 0;
+  std::uint64_t loaded_bytes = 0;  // while loading: bytes read so far, of `bytes`
+  std::string waiting_for;         // while a load waits for memory: which budget, and why
 };
 
 struct GpuInfo {
@@ -157,6 +162,7 @@ struct GpuInfo {
   std::uint64_t resident_bytes = 0;
   std::uint32_t copies = 0;
   std::uint32_t leases = 0;
+  std::uint64_t budget_bytes = 0;  // what model copies may hold on this device
 };
 
 struct DaemonStats {
@@ -173,6 +179,11 @@ struct DaemonStats {
   std::vector<ModelInfo> models;
   std::vector<GpuInfo> gpus;     // empty when the daemon is host-only
   std::string gpu_unavailable;   // and why
+  std::uint64_t host_budget_bytes = 0;
+  std::uint64_t host_total_bytes = 0;
+  bool ready = false;            // every configured preload has finished
+  std::uint64_t ready_ms = 0;    // from start to ready
+  std::string metrics;           // the daemon's /metrics, Prometheus text format
 };
 
 class WEIGHTD_API Client {
@@ -195,8 +206,9 @@ class WEIGHTD_API Client {
   Result<ModelInfo> Status(std::string_view model);
   // Loads into the host tier without leasing; returns when resident (or failed).
   Result<ModelInfo> Load(std::string_view model);
-  // Drops the model from every tier. FailedPrecondition while leases exist.
-  weightd::Status Evict(std::string_view model);
+  // Drops the model from every tier (device ""), from the host tier only ("cpu"), or from one
+  // GPU ("cuda:N"). FailedPrecondition while leases on what would be dropped exist.
+  weightd::Status Evict(std::string_view model, std::string_view device = {});
   Result<DaemonStats> Stats();
 
   struct Impl;

@@ -1,0 +1,42 @@
+// http.h — the loopback HTTP listener: /healthz, /readyz and /metrics.
+//
+// A thin wrapper over cpp-httplib, kept in its own translation unit (the header is large). The
+// listener runs its own threads; every request is handed to `handler`, which the server answers
+// from its loop thread. Only GET is served; anything else is 405.
+#pragma once
+
+#include <functional>
+#include <memory>
+#include <string>
+
+#include "weightd/status.h"
+
+namespace weightd {
+
+struct HttpResponse {
+  int status = 200;
+  std::string content_type = "text/plain; charset=utf-8";
+  std::string body;
+};
+
+class HttpServer {
+ public:
+  using Handler = std::function<HttpResponse(const std::string& path)>;
+
+  // Binds `listen` ("HOST:PORT"; port 0 picks a free one) and starts serving. Unavailable
+  // "http.bind_failed" when the address cannot be bound.
+  static Result<std::unique_ptr<HttpServer>> Start(const std::string& listen, Handler handler);
+  ~HttpServer();
+
+  int port() const { return port_; }
+  // Stops listening and joins the threads; idempotent.
+  void Stop();
+
+ private:
+  struct Impl;
+  explicit HttpServer(std::unique_ptr<Impl> impl, int port);
+  std::unique_ptr<Impl> impl_;
+  int port_ = 0;
+};
+
+}  // namespace weightd
