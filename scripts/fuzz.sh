@@ -58,9 +58,9 @@ fi
 
 t0=$SECONDS
 echo "fuzz: configuring $FUZZ_BUILD_DIR with $CLANGXX"
-cmake -S "$repo/tests/fuzz" -B "$FUZZ_BUILD_DIR" -DCMAKE_CXX_COMPILER="$CLANGXX" >"$FUZZ_BUILD_DIR.configure.log" 2>&1 ||
-  { cat "$FUZZ_BUILD_DIR.configure.log" >&2; echo "fuzz: configuring failed" >&2; exit 1; }
-rm -f "$FUZZ_BUILD_DIR.configure.log"
+mkdir -p "$FUZZ_BUILD_DIR"
+cmake -S "$repo/tests/fuzz" -B "$FUZZ_BUILD_DIR" -DCMAKE_CXX_COMPILER="$CLANGXX" >"$FUZZ_BUILD_DIR/configure.log" 2>&1 ||
+  { cat "$FUZZ_BUILD_DIR/configure.log" >&2; echo "fuzz: configuring failed" >&2; exit 1; }
 build=("${targets[@]}")
 [[ $mode == corpus ]] && build=(protocol_corpus_gen)
 echo "fuzz: building ${build[*]} with -j$JOBS"
