@@ -28,6 +28,9 @@ class BoundedInputArchive
 
   void loadBinary(void* out, std::size_t size) {
     if (size > left_) throw cereal::Exception("message truncated");
+    // An empty vector or string has no storage: out may be null, and memcpy(nullptr, p, 0) is
+    // undefined behaviour (found by tests/fuzz/protocol_fuzz: a scalar tensor's empty shape).
+    if (size == 0) return;
     std::memcpy(out, p_, size);
     p_ += size;
     left_ -= size;

@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # test.sh — installs what weightd needs (Debian 12), builds everything with -Werror into build/,
-# and runs the whole test suite. This is the README's test command and what CI runs
-# (.ci/run). Idempotent: re-running rebuilds only what changed.
+# runs the whole test suite, checks the systemd files (scripts/check-systemd.sh) and runs the
+# fuzzers (scripts/fuzz.sh). This is the README's test command and what CI runs (.ci/run).
+# Idempotent: re-running rebuilds only what changed.
 #
 # Environment (optional):
 #   BUILD_DIR  build folder (default: <repo>/build)
 #   JOBS       build and test parallelism (default 2: the CI machine has 2 cores)
 #   CTEST_ARGS extra arguments for ctest, e.g. "-R Daemon"
+#   FUZZ_SECONDS  run time of each libFuzzer target (default 60; scripts/fuzz.sh)
+#   SKIP_FUZZ     1: leave out the fuzzers (quick local runs; CI always fuzzes)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -23,4 +26,12 @@ cmake --build "$BUILD_DIR" -j "$JOBS"
 echo "test: running the test suite"
 # shellcheck disable=SC2086  # CTEST_ARGS is a list of arguments
 ctest --test-dir "$BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 300 ${CTEST_ARGS:-}
+echo "test: checking the systemd unit, sysusers.d and tmpfiles.d as installed"
+BUILD_DIR=$BUILD_DIR bash "$repo/scripts/check-systemd.sh"
+if [[ ${SKIP_FUZZ:-0} == 1 ]]; then
+  echo "test: SKIP_FUZZ=1: not running the fuzzers"
+else
+  echo "test: fuzzing (scripts/fuzz.sh: clang-14 libFuzzer targets, ${FUZZ_SECONDS:-60} s each)"
+  JOBS=$JOBS bash "$repo/scripts/fuzz.sh"
+fi
 echo "test: all passed in $((SECONDS - t0)) s"
