@@ -23,9 +23,11 @@ Status Invalid(const std::string& origin, const std::string& what) {
 
 // Reads a size from either an integer or a string with a unit.
 Result<std::uint64_t> SizeNode(const toml::node& n, const std::string& key, const std::string& origin) {
-  if (auto i = n.value<std::int64_t>(); i && n.is_integer()) {
-    if (*i < 0) return Invalid(origin, key + " must not be negative");
-    return static_cast<std::uint64_t>(*i);
+  // as_integer() before any value<>(): toml++ converts a float to an integer without a range
+  // check (undefined behaviour for 1e22).
+  if (const auto* i = n.as_integer()) {
+    if (i->get() < 0) return Invalid(origin, key + " must not be negative");
+    return static_cast<std::uint64_t>(i->get());
   }
   if (auto s = n.value<std::string>()) {
     auto r = ParseSize(*s);
@@ -51,8 +53,9 @@ Result<std::chrono::milliseconds> DurationNode(const toml::node& n, const std::s
 
 Result<std::uint32_t> CountNode(const toml::node& n, const std::string& key, const std::string& origin,
                                 std::uint32_t min, std::uint32_t max) {
-  auto i = n.value<std::int64_t>();
-  if (!n.is_integer() || !i || *i < min || *i > max)
+  const auto* node = n.as_integer();
+  const std::optional<std::int64_t> i = node ? std::optional(node->get()) : std::nullopt;
+  if (!i || *i < min || *i > max)
     return Invalid(origin, key + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
   return static_cast<std::uint32_t>(*i);
 }
@@ -64,7 +67,7 @@ Result<bool> BoolNode(const toml::node& n, const std::string& key, const std::st
 
 Result<double> FractionNode(const toml::node& n, const std::string& key, const std::string& origin) {
   if (n.is_floating_point() || n.is_integer()) {
-    const double v = n.is_integer() ? static_cast<double>(*n.value<std::int64_t>()) : *n.value<double>();
+    const double v = n.is_integer() ? static_cast<double>(n.as_integer()->get()) : n.as_floating_point()->get();
     if (!(v >= 0 && v <= 1)) return Invalid(origin, key + " must be a fraction in [0, 1] or a percentage like \"80%\"");
     return v;
   }
@@ -110,8 +113,9 @@ Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig*
     } else if (k == "pin") {
       ASSIGN_OR_RETURN(mc->pin, BoolNode(mv, qk, origin));
     } else if (k == "priority") {
-      auto i = mv.value<std::int64_t>();
-      if (!mv.is_integer() || !i || *i < -1000 || *i > 1000) return Invalid(origin, qk + " must be an integer in [-1000, 1000]");
+      const auto* node = mv.as_integer();
+      const std::optional<std::int64_t> i = node ? std::optional(node->get()) : std::nullopt;
+      if (!i || *i < -1000 || *i > 1000) return Invalid(origin, qk + " must be an integer in [-1000, 1000]");
       mc->priority = static_cast<std::int32_t>(*i);
     } else if (k == "host_idle_ttl") {
       ASSIGN_OR_RETURN(mc->host_idle_ttl, DurationNode(mv, qk, origin));
@@ -272,6 +276,19 @@ Result<std::chrono::milliseconds> ParseDuration(const std::string& text) {
 }
 
 Status ApplyToml(const std::string& toml_text, const std::string& origin, DaemonConfig* cfg) {
+  // The file must be ASCII: toml++ 3.3 (Debian 12's) reaches undefined behaviour on some
+  // non-ASCII characters (marzer/tomlplusplus#295, fixed after 3.4.0), and telling where a
+  // string starts takes a TOML lexer. Other characters are written as \uXXXX escapes in
+  // "..." strings.
+  const auto at = std::find_if(toml_text.begin(), toml_text.end(), [](char c) { return static_cast<unsigned char>(c) >= 0x80; });
+  if (at != toml_text.end()) {
+    const std::string_view before(toml_text.data(), static_cast<std::size_t>(at - toml_text.begin()));
+    const auto line = 1 + std::count(before.begin(), before.end(), '\n');
+    const auto nl = before.rfind('\n');
+    const auto column = before.size() - (nl == std::string_view::npos ? 0 : nl + 1) + 1;
+    return Invalid(origin, "non-ASCII byte at line " + std::to_string(line) + ", column " + std::to_string(column) +
+                               ": the file must be ASCII; write other characters as \\uXXXX escapes in \"...\" strings");
+  }
   toml::table root;
   try {
     root = toml::parse(toml_text, origin);

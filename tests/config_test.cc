@@ -69,3 +69,71 @@ TEST(Config, ParsesSizesAndDurations) {
 
 }  // namespace
 }  // namespace weightd
+
+namespace weightd {
+namespace {
+
+TEST(Config, ReadsTheCachePolicyAndModelPolicies) {
+  auto cfg = Load(R"(
+[daemon]
+http_listen = "127.0.0.1:9464"
+io = "buffered"
+[cache]
+host_budget = "64GiB"
+gpu_budget = 0.7
+host_idle_ttl = "1h"
+gpu_idle_ttl = "45s"
+host_pressure = "90%"
+max_gpu_models = 3
+admission_timeout = "2s"
+[models.m]
+path = "/srv/m"
+pin = true
+priority = -3
+preload = ["host", "cuda:0"]
+gpu_idle_ttl = "5m"
+)");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  EXPECT_EQ(cfg->http_listen, "127.0.0.1:9464");
+  EXPECT_EQ(cfg->io, "buffered");
+  EXPECT_EQ(cfg->cache.host_budget, (Budget{64ull << 30, 0}));
+  EXPECT_DOUBLE_EQ(cfg->cache.gpu_budget.fraction, 0.7);
+  EXPECT_EQ(cfg->cache.host_idle_ttl, std::chrono::hours(1));
+  EXPECT_EQ(cfg->cache.gpu_idle_ttl, std::chrono::seconds(45));
+  EXPECT_DOUBLE_EQ(cfg->cache.host_pressure, 0.9);
+  EXPECT_EQ(cfg->cache.max_gpu_models, 3u);
+  ASSERT_EQ(cfg->models.size(), 1u);
+  const ModelConfig& m = cfg->models[0];
+  EXPECT_TRUE(m.pin);
+  EXPECT_EQ(m.priority, -3);
+  EXPECT_EQ(m.preload, (std::vector<std::string>{"host", "cuda:0"}));
+  EXPECT_EQ(m.gpu_idle_ttl, std::chrono::minutes(5));
+  EXPECT_FALSE(m.host_idle_ttl.has_value());
+}
+
+TEST(Config, RefusesBadPolicies) {
+  EXPECT_EQ(Load("[cache]\nhost_budget = \"0%\"\n").status().reason(), "config.invalid");
+  EXPECT_EQ(Load("[cache]\ngpu_pressure = 1.5\n").status().reason(), "config.invalid");
+  EXPECT_EQ(Load("[cache]\nnope = 1\n").status().reason(), "config.invalid");
+  EXPECT_EQ(Load("[models.m]\npath = \"/m\"\npreload = [\"disk\"]\n").status().reason(), "config.invalid");
+  EXPECT_EQ(Load("[models.m]\npath = \"/m\"\npriority = 5000\n").status().reason(), "config.invalid");
+  // The listener has no authentication: loopback only.
+  EXPECT_EQ(Load("[daemon]\nhttp_listen = \"0.0.0.0:9464\"\n").status().reason(), "config.bad_listen");
+  EXPECT_EQ(Load("[daemon]\nhttp_listen = \"127.0.0.1:0\"\n").status().reason(), "config.bad_listen");
+  EXPECT_EQ(Load("[daemon]\nio = \"mmap\"\n").status().reason(), "config.invalid");
+}
+
+TEST(Config, TheFileIsAsciiWithEscapesForOtherCharacters) {
+  // toml++ 3.3 has undefined behaviour on some non-ASCII characters (tomlplusplus#295).
+  auto bad = Load("a = 1\xc3\xa9\n");
+  EXPECT_EQ(bad.status().reason(), "config.invalid");
+  EXPECT_NE(bad.status().message().find("line 1, column 6"), std::string::npos) << bad.status().message();
+  EXPECT_EQ(Load("# mod\xc3\xa8le\n").status().reason(), "config.invalid");
+  EXPECT_EQ(Load("[models.m]\npath = '/srv/mod\xc3\xa8les/m'\n").status().reason(), "config.invalid");
+  auto ok = Load("[models.m]\npath = \"/srv/mod\\u00e8les/m\"\n");
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  EXPECT_EQ(ok->models[0].dir, "/srv/mod\xc3\xa8les/m");
+}
+
+}  // namespace
+}  // namespace weightd
