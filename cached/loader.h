@@ -172,10 +172,14 @@ struct LoaderOptions {
   mode_t shm_mode = 0640;
   std::uint32_t threads = 4;
   std::uint64_t chunk_size = 16ull << 20;  // rounded up to a multiple of 4096 for O_DIRECT
-  IoMode io = IoMode::kAuto;
-  // Threads that pre-fault the fresh segment pages ahead of the readers (MADV_POPULATE_WRITE,
-  // or a touch per page where the kernel lacks it). 0: the readers fault them in themselves.
-  std::uint32_t prefault_threads = 2;
+  // Buffered by default: cold O_DIRECT reads were slower than buffered ones on both machines
+  // measured (docs/loading.md), and the fill ran at the same speed either way.
+  IoMode io = IoMode::kBuffered;
+  // Extra threads that pre-fault the fresh segment pages ahead of the readers
+  // (MADV_POPULATE_WRITE, or a touch per page where the kernel lacks it). Each reader already
+  // populates its own chunk before reading into it; on the 2-core development VM extra threads
+  // only competed with the readers (docs/loading.md), so they are off by default.
+  std::uint32_t prefault_threads = 0;
   // Verify shards against the directory's checksums.xxh128 when there is one.
   bool verify_manifest = true;
   // Not owned; must outlive the Loader. nullptr: plain POSIX calls.
