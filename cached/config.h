@@ -73,8 +73,8 @@ struct DaemonConfig {
   mode_t shm_mode = 0640;
   std::uint32_t loader_threads = 4;
   std::uint64_t chunk_size = 16ull << 20;
-  std::string io = "auto";               // "auto", "direct" (O_DIRECT) or "buffered"
-  std::uint32_t prefault_threads = 2;    // pre-fault fresh segments; 0: readers fault them in
+  std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)
+  std::uint32_t prefault_threads = 0;    // extra threads pre-faulting fresh segments (docs/loading.md)
   bool verify_checksums = true;          // against a model directory's checksums.xxh128
   std::chrono::milliseconds heartbeat_interval{1000};
   std::chrono::milliseconds heartbeat_timeout{10000};

@@ -62,7 +62,7 @@ int main(int argc, char** argv) {
                  "how GPU copies are shared: vmm (fds over a Unix socket, read-only imports; default) or legacy "
                  "(cudaIpcMemHandle_t, a bearer token any local user may open)")
       ->check(CLI::IsMember({"vmm", "legacy"}));
-  app.add_option("--io", io, "how shards are read: auto (O_DIRECT for files not in the page cache; default), direct or buffered")
+  app.add_option("--io", io, "how shards are read: buffered (default), direct (O_DIRECT) or auto (O_DIRECT for files not in the page cache)")
       ->check(CLI::IsMember({"auto", "direct", "buffered"}));
   app.add_option("--host-budget", host_budget, "host memory models may hold: bytes (\"64GiB\") or a share of RAM (\"50%\", the default)");
   app.add_option("--gpu-budget", gpu_budget, "memory models may hold on each GPU: bytes or a share (\"80%\", the default)");

@@ -184,6 +184,7 @@ struct ModelEntry {
   Clock::TimePoint admission_deadline{};
   std::string waiting_for;
   bool preload_host = false;  // readiness waits for the host copy
+  bool pinning = false;       // the host copy is being page-locked; GPU copies wait for it
 
   // Built once per resident copy.
   std::vector<proto::SegmentInfo> segments;
@@ -861,6 +862,7 @@ void Server::Impl::DropResident(ModelEntry& m) {
   ReleasePins(std::move(m.host_pins), m.resident);
   if (m.resident) m.resident->RemoveSegments();
   m.resident.reset();
+  m.pinning = false;
   m.plan.reset();
   m.progress.reset();
   m.host_reserved = 0;
@@ -879,6 +881,7 @@ void Server::Impl::EvictHost(ModelEntry& m, policy::EvictReason why) {
   ReleasePins(std::move(m.host_pins), m.resident);
   m.resident->RemoveSegments();
   m.resident.reset();
+  m.pinning = false;
   m.state = ModelState::kAbsent;
   // GPU leases still need the tensor records; they go with the last copy.
   if (m.gpus.empty()) {
@@ -1319,7 +1322,7 @@ void Server::Impl::StartPin(ModelEntry& m) {
   std::shared_ptr<const ResidentModel> host = m.resident;
   const std::string name = m.config.name;
   const std::uint64_t gen = m.generation;
-  (void)gpu_jobs.Submit([this, host, name, gen] {
+  m.pinning = gpu_jobs.Submit([this, host, name, gen] {
     const auto t0 = std::chrono::steady_clock::now();
     Completion c;
     c.kind = Completion::kPin;
@@ -1349,8 +1352,12 @@ void Server::Impl::CompletePin(Completion& c) {
     ReleasePins(std::move(c.pins), c.result.ok() ? c.result.value() : nullptr);
     return;
   }
-  it->second.host_pins = std::move(c.pins);
-  if (!it->second.host_pins.empty()) spdlog::info("model '{}' page-locked for GPU copies in {} ms", c.model, c.ms);
+  ModelEntry& m = it->second;
+  m.pinning = false;
+  m.host_pins = std::move(c.pins);
+  if (!m.host_pins.empty()) spdlog::info("model '{}' page-locked for GPU copies in {} ms", c.model, c.ms);
+  for (auto& [ordinal, g] : m.gpus)
+    if (g.state == ModelState::kLoading && g.phase == Phase::kWaitHost) MaybeStartGpu(m, ordinal);
 }
 
 // A GPU copy was asked for: start it when its source is there, else load the host copy first.
@@ -1369,6 +1376,9 @@ void Server::Impl::MaybeStartGpu(ModelEntry& m, int ordinal) {
   GpuEntry& g = m.gpus.at(ordinal);
   const bool filling = m.phase == Phase::kWorking && m.progress != nullptr;
   if (!(m.state == ModelState::kResident && m.resident) && !filling) return;  // wait for the host copy
+  // A copy from a host copy that is being page-locked waits for it: copying meanwhile would
+  // register the same pages a second time, at the same cost.
+  if (!filling && m.pinning) return;
   g.phase = Phase::kAdmitting;
   g.pipelined = !(m.state == ModelState::kResident && m.resident);  // see StartGpuLoad
   g.admission_deadline = clock->Now() + config.cache.admission_timeout;

@@ -336,7 +336,12 @@ TEST_F(ServerGpu, DeviceOutOfMemoryFailsTheAcquireAndKeepsTheHostCopy) {
   EXPECT_EQ(s.code(), Code::kResourceExhausted) << s.ToString();
   EXPECT_EQ(s.reason(), "gpu.out_of_memory");
   EXPECT_EQ(fake_.counters().live_allocations, 0);  // nothing of the failed copy stays
+  // The copy followed the disk reads, so its failure may be answered before the host load ends.
   proto::ModelStatus st = StatusOfModel(c);
+  for (int i = 0; i < 200 && st.state == static_cast<std::uint8_t>(proto::ModelState::kLoading); ++i) {
+    std::this_thread::sleep_for(10ms);
+    st = StatusOfModel(c);
+  }
   EXPECT_EQ(st.state, static_cast<std::uint8_t>(proto::ModelState::kResident));
   ASSERT_EQ(st.gpus.size(), 1u);
   EXPECT_EQ(st.gpus[0].state, static_cast<std::uint8_t>(proto::ModelState::kFailed));
