@@ -921,6 +921,11 @@ void Server::Impl::PostCompletion(Completion c) {
 // Phase 1 of a host load: read the headers on a worker, so that the bytes it needs are known
 // before any memory is taken.
 void Server::Impl::StartLoad(ModelEntry& m) {
+  if (m.resident) {
+    // A second copy would replace this one without unlinking its segments.
+    spdlog::error("model '{}': a load was asked for while a host copy is resident; ignored", m.config.name);
+    return;
+  }
   m.state = ModelState::kLoading;
   m.phase = Phase::kPlanning;
   m.generation = next_generation++;
@@ -1369,7 +1374,9 @@ void Server::Impl::RequestGpu(ModelEntry& m, int ordinal) {
   g.generation = next_generation++;
   g.last_error = Status::Ok();
   MaybeStartGpu(m, ordinal);
-  if (g.phase == Phase::kWaitHost && m.state != ModelState::kLoading) StartLoad(m);
+  // Still waiting: for a host copy that is absent (load it), loading, or being page-locked.
+  const bool host_there = m.state == ModelState::kResident && m.resident;
+  if (g.phase == Phase::kWaitHost && m.state != ModelState::kLoading && !host_there) StartLoad(m);
 }
 
 void Server::Impl::MaybeStartGpu(ModelEntry& m, int ordinal) {
