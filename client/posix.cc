@@ -47,9 +47,8 @@ Result<Fd> Open(const std::string& path, int flags, mode_t mode) {
   return Fd(fd);
 }
 
-Result<FileInfo> Stat(int fd, std::string_view what) {
-  struct stat st {};
-  if (::fstat(fd, &st) != 0) return ErrnoStatus("fstat(" + std::string(what) + ")");
+namespace {
+FileInfo ToFileInfo(const struct stat& st) {
   FileInfo fi;
   fi.size = static_cast<std::uint64_t>(st.st_size);
   fi.mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
@@ -59,18 +58,18 @@ Result<FileInfo> Stat(int fd, std::string_view what) {
   fi.uid = st.st_uid;
   return fi;
 }
+}  // namespace
+
+Result<FileInfo> Stat(int fd, std::string_view what) {
+  struct stat st {};
+  if (::fstat(fd, &st) != 0) return ErrnoStatus("fstat(" + std::string(what) + ")");
+  return ToFileInfo(st);
+}
 
 Result<FileInfo> StatPath(const std::string& path) {
   struct stat st {};
   if (::stat(path.c_str(), &st) != 0) return ErrnoStatus("stat(" + path + ")");
-  FileInfo fi;
-  fi.size = static_cast<std::uint64_t>(st.st_size);
-  fi.mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
-  fi.inode = st.st_ino;
-  fi.dev = st.st_dev;
-  fi.mode = st.st_mode;
-  fi.uid = st.st_uid;
-  return fi;
+  return ToFileInfo(st);
 }
 
 Result<std::size_t> PreadUpTo(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {

@@ -19,6 +19,7 @@
 #include "server.h"
 #include "support/daemon_process.h"
 #include "support/fake_cuda.h"
+#include "support/raw_client.h"
 
 namespace weightd {
 namespace {
@@ -26,47 +27,11 @@ namespace {
 using namespace std::chrono_literals;
 using testing::FakeCudaApi;
 using testing::TempDir;
+using testing::RawClient;
 using proto::ModelState;
 
 std::atomic<int> g_instance{0};
 
-class RawClient {
- public:
-  explicit RawClient(const std::string& endpoint) : socket_(ctx_, zmq::socket_type::dealer) {
-    socket_.set(zmq::sockopt::linger, 0);
-    socket_.connect(endpoint);
-    auto r = Call(proto::Hello{"cache_policy_test"});
-    EXPECT_TRUE(std::holds_alternative<proto::HelloReply>(r.body));
-  }
-  std::uint64_t Send(const proto::RequestBody& body) {
-    const std::uint64_t id = next_id_++;
-    socket_.send(zmq::buffer(proto::EncodeRequest(proto::Request{id, body})));
-    return id;
-  }
-  // The next reply, or nullopt after `timeout`.
-  std::optional<proto::Reply> Receive(std::chrono::milliseconds timeout = 20s) {
-    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-    if (zmq::poll(&item, 1, timeout) == 0) return std::nullopt;
-    zmq::message_t msg;
-    (void)socket_.recv(msg);
-    auto r = proto::DecodeReply(msg.to_string_view());
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? std::optional(*r) : std::nullopt;
-  }
-  proto::Reply Call(const proto::RequestBody& body) {
-    const std::uint64_t id = Send(body);
-    auto r = Receive();
-    EXPECT_TRUE(r.has_value()) << "no reply within 20 s";
-    if (!r) return {};
-    EXPECT_EQ(r->id, id);
-    return *r;
-  }
-
- private:
-  zmq::context_t ctx_{1};
-  zmq::socket_t socket_;
-  std::uint64_t next_id_ = 1;
-};
 
 Status ErrorOf(const proto::Reply& r) {
   if (auto* e = std::get_if<proto::ErrorReply>(&r.body)) return proto::FromErrorReply(*e);

@@ -19,6 +19,7 @@
 #include "server.h"
 #include "support/daemon_process.h"
 #include "support/fake_cuda.h"
+#include "support/raw_client.h"
 
 namespace weightd {
 namespace {
@@ -27,49 +28,11 @@ using namespace std::chrono_literals;
 using testing::FakeCudaApi;
 using testing::FakeUuid;
 using testing::TempDir;
+using testing::RawClient;
 
 constexpr std::uint64_t kGranularity = 64 * 1024;
 std::atomic<int> g_instance{0};
 
-// One session over a raw DEALER socket.
-class RawClient {
- public:
-  explicit RawClient(const std::string& endpoint) : socket_(ctx_, zmq::socket_type::dealer) {
-    socket_.set(zmq::sockopt::linger, 0);
-    socket_.connect(endpoint);
-    auto r = Call(proto::Hello{"server_gpu_test"});
-    EXPECT_TRUE(std::holds_alternative<proto::HelloReply>(r.body));
-  }
-
-  void Send(const proto::RequestBody& body, std::uint64_t id) {
-    socket_.send(zmq::buffer(proto::EncodeRequest(proto::Request{id, body})));
-  }
-  proto::Reply Receive() {
-    zmq::pollitem_t item{socket_.handle(), 0, ZMQ_POLLIN, 0};
-    if (zmq::poll(&item, 1, 20s) == 0) {
-      ADD_FAILURE() << "no reply within 20 s";
-      return {};
-    }
-    zmq::message_t msg;
-    (void)socket_.recv(msg);
-    auto r = proto::DecodeReply(msg.to_string_view());
-    EXPECT_TRUE(r.ok()) << r.status().ToString();
-    return r.ok() ? *r : proto::Reply{};
-  }
-  proto::Reply Call(const proto::RequestBody& body) {
-    const std::uint64_t id = next_id_++;
-    Send(body, id);
-    proto::Reply r = Receive();
-    EXPECT_EQ(r.id, id);
-    return r;
-  }
-  std::uint64_t NextId() { return next_id_++; }
-
- private:
-  zmq::context_t ctx_{1};
-  zmq::socket_t socket_;
-  std::uint64_t next_id_ = 1;
-};
 
 Status ErrorOf(const proto::Reply& r) {
   if (auto* e = std::get_if<proto::ErrorReply>(&r.body)) return proto::FromErrorReply(*e);
@@ -263,6 +226,8 @@ TEST_F(ServerGpu, ResidentHostCopiesStayPageLockedForFastCopies) {
   StartServer();
   RawClient c(endpoint_);
   ASSERT_TRUE(std::holds_alternative<proto::ModelStatus>(c.Call(proto::Load{"m"}).body));
+  // Page-locking follows the load's answer, on a worker.
+  for (int i = 0; i < 200 && fake_.counters().live_host_registrations < 3; ++i) std::this_thread::sleep_for(10ms);
   EXPECT_EQ(fake_.counters().live_host_registrations, 3);  // one per shard
   (void)AcquireManifest(c, GpuAcquire());
   EXPECT_EQ(fake_.counters().host_registrations_total, 3) << "the copy registered the shards again";
@@ -278,8 +243,9 @@ TEST_F(ServerGpu, ConcurrentAcquiresShareOneHostLoadAndOneCopy) {
   a.Send(proto::Acquire{"m", "cpu", {}}, ic);
   int manifests = 0;
   for (RawClient* c : {&a, &b, &a}) {
-    proto::Reply r = c->Receive();
-    manifests += std::holds_alternative<proto::Manifest>(r.body);
+    auto r = c->Receive();
+    ASSERT_TRUE(r.has_value()) << "no reply within 20 s";
+    manifests += std::holds_alternative<proto::Manifest>(r->body);
   }
   EXPECT_EQ(manifests, 3);
   proto::ModelStatus st = StatusOfModel(a);
