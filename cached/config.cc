@@ -82,6 +82,7 @@ Result<double> FractionNode(const toml::node& n, const std::string& key, const s
 Result<Budget> BudgetNode(const toml::node& n, const std::string& key, const std::string& origin) {
   if (n.is_floating_point()) {
     ASSIGN_OR_RETURN(double f, FractionNode(n, key, origin));
+    if (f <= 0) return Invalid(origin, key + ": a budget of 0 holds nothing");
     return Budget{0, f};
   }
   if (n.is_integer()) {

@@ -185,6 +185,9 @@ struct ModelEntry {
   std::string waiting_for;
   bool preload_host = false;  // readiness waits for the host copy
   bool pinning = false;       // the host copy is being page-locked; GPU copies wait for it
+  // The files the copies were made from (names, sizes, mtimes; no segments), kept while any
+  // tier holds a copy, so that a changed file is noticed even when only a GPU copy is left.
+  std::shared_ptr<const ResidentModel> files;
 
   // Built once per resident copy.
   std::vector<proto::SegmentInfo> segments;
@@ -202,10 +205,10 @@ struct ModelEntry {
       if (g.state == ModelState::kLoading) return true;
     return false;
   }
-  // A GPU copy reads the host copy now: the host copy must stay.
-  bool GpuCopying() const {
+  // A GPU copy is being made, or waits to be made, from the host copy: the host copy must stay.
+  bool GpuLoading() const {
     for (const auto& [ordinal, g] : gpus)
-      if (g.phase == Phase::kWorking) return true;
+      if (g.state == ModelState::kLoading) return true;
     return false;
   }
 };
@@ -272,6 +275,7 @@ struct Server::Impl {
   };
   std::deque<Ticket> admissions;  // copies waiting for room, oldest first
   bool retry_admissions = false;
+  bool catalog_loaded = false;  // Init applied the configuration's catalog
   bool file_check_running = false;
   // Readiness: preloads not finished yet, as "model/tier".
   std::set<std::string> preloads;
@@ -532,6 +536,7 @@ Status Server::Impl::Init() {
     }
 
   ApplyCatalog(config.models);
+  catalog_loaded = true;
   for (auto& [name, m] : models) StartPreloads(m, true);
   if (!preloads.empty()) Notify("STATUS=preloading " + std::to_string(preloads.size()) + " copies");
 
@@ -844,7 +849,7 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
     auto g = e.gpus.find(o);
     if (g != e.gpus.end() && g->second.state == ModelState::kLoading) busy = true;
   }
-  if (host && e.GpuCopying()) busy = true;
+  if (host && e.GpuLoading()) busy = true;
   if (busy)
     return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' is loading; evict it once the load finishes",
                                                   "evict.loading"));
@@ -863,6 +868,8 @@ void Server::Impl::DropResident(ModelEntry& m) {
   if (m.resident) m.resident->RemoveSegments();
   m.resident.reset();
   m.pinning = false;
+  m.files.reset();
+  m.shard_sizes.clear();
   m.plan.reset();
   m.progress.reset();
   m.host_reserved = 0;
@@ -888,6 +895,8 @@ void Server::Impl::EvictHost(ModelEntry& m, policy::EvictReason why) {
     m.segments.clear();
     m.tensors.clear();
     m.tensor_index.clear();
+    m.files.reset();
+    m.shard_sizes.clear();
   }
 }
 
@@ -902,10 +911,12 @@ void Server::Impl::EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why)
   // The copy is freed once no lease pins it (none does: only unleased copies are evicted, or
   // leases of a dropped catalog entry, which keep theirs).
   m.gpus.erase(it);
-  if (!m.resident && m.gpus.empty()) {
+  if (!m.resident && m.gpus.empty() && m.state != ModelState::kLoading) {
     m.segments.clear();
     m.tensors.clear();
     m.tensor_index.clear();
+    m.files.reset();
+    m.shard_sizes.clear();
   }
 }
 
@@ -1015,7 +1026,7 @@ std::vector<policy::Copy> Server::Impl::HostCopies(const ModelEntry* except, std
     policy::Copy c;
     c.model = name;
     c.bytes = m.host_bytes;
-    c.evictable = !m.config.pin && m.state == ModelState::kResident && !m.GpuCopying() && leases.LeasesOf(name, "cpu") == 0;
+    c.evictable = !m.config.pin && m.state == ModelState::kResident && !m.GpuLoading() && leases.LeasesOf(name, "cpu") == 0;
     c.priority = m.config.priority;
     c.last_used = m.last_used;
     c.idle_ttl = m.config.host_idle_ttl.value_or(config.cache.host_idle_ttl);
@@ -1297,6 +1308,16 @@ void Server::Impl::Complete(Completion& c) {
     shm_paths.push_back(sh.segment.shm_path());
   }
   BuildIndex(m, files, headers, shm_paths);
+  auto fingerprint = std::make_shared<ResidentModel>();
+  fingerprint->name = r->name;
+  fingerprint->dir = r->dir;
+  for (const ResidentShard& sh : r->shards) {
+    ResidentShard f;
+    f.file = sh.file;
+    f.file_info = sh.file_info;
+    fingerprint->shards.push_back(std::move(f));
+  }
+  m.files = std::move(fingerprint);
   m.resident = std::move(r);
   const double secs = std::max<double>(static_cast<double>(c.ms), 1) / 1000.0;
   spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
@@ -1617,6 +1638,8 @@ proto::ModelStatus Server::Impl::StatusOf(const ModelEntry& m) const {
   if (m.progress)
     for (std::size_t i = 0; i < m.shard_sizes.size(); ++i) st.loaded_bytes += m.progress->filled(i);
   st.waiting_for = m.waiting_for;
+  for (const auto& [ordinal, g] : m.gpus)
+    if (st.waiting_for.empty() && !g.waiting_for.empty()) st.waiting_for = CudaName(ordinal) + ": " + g.waiting_for;
   st.pinned = m.config.pin ? 1 : 0;
   st.priority = m.config.priority;
   st.leases = leases.LeasesOf(m.config.name);
@@ -1998,9 +2021,11 @@ void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
     m.config = *catalog.Find(name);
     spdlog::info("model '{}' added to the catalog ({})", name, m.config.dir);
   }
-  // Preloads of models added by a reload: not part of readiness, which was reached already.
-  if (ready)
-    for (const auto& name : diff.added) StartPreloads(models[name], false);
+  // Preloads of models a reload added or changed. Readiness counts only the configuration the
+  // daemon started with.
+  if (catalog_loaded)
+    for (const auto& list : {diff.added, diff.updated, diff.changed})
+      for (const auto& name : list) StartPreloads(models[name], false);
   retry_admissions = true;
 }
 
@@ -2059,19 +2084,19 @@ void Server::Impl::EnforcePolicy(Clock::TimePoint now) {
 // Resident copies of files that changed on disk must not be served: checked on a worker (stat
 // can block on a slow filesystem), acted on here.
 void Server::Impl::StartFileCheck() {
-  std::vector<std::shared_ptr<const ResidentModel>> resident;
+  std::vector<std::shared_ptr<const ResidentModel>> copies;
   for (const auto& [name, m] : models)
-    if (m.resident) resident.push_back(m.resident);
-  if (resident.empty()) return;
+    if (m.files && (m.resident || !m.gpus.empty())) copies.push_back(m.files);
+  if (copies.empty()) return;
   file_check_running = true;
-  bool ok = check_jobs.Submit([this, resident] {
+  bool ok = check_jobs.Submit([this, copies] {
     Completion c;
     c.kind = Completion::kCheck;
-    for (const auto& r : resident) {
-      auto changed = loader.Changed(*r);
-      if (!changed.ok()) spdlog::debug("checking model '{}': {}", r->name, changed.status().ToString());
+    for (const auto& files : copies) {
+      auto changed = loader.Changed(*files);
+      if (!changed.ok()) spdlog::debug("checking model '{}': {}", files->name, changed.status().ToString());
       // A file that cannot be read any more has changed, as far as serving it goes.
-      if (!changed.ok() || *changed) c.changed.push_back(r->name);
+      if (!changed.ok() || *changed) c.changed.push_back(files->name);
     }
     PostCompletion(std::move(c));
   });
@@ -2082,16 +2107,24 @@ void Server::Impl::CompleteFileCheck(Completion& c) {
   file_check_running = false;
   for (const std::string& name : c.changed) {
     auto it = models.find(name);
-    if (it == models.end() || !it->second.resident) continue;
+    if (it == models.end() || !it->second.files) continue;
     ModelEntry& m = it->second;
-    spdlog::warn("model '{}': its files changed on disk; the next request loads them again", name);
-    // Every tier's copy is stale. Leases keep what they map; new requests load the new files.
-    ++host_metrics.evictions["changed"];
+    if (m.state == ModelState::kLoading) continue;  // a host load in flight reads the new files already
+    spdlog::warn("model '{}': its files changed on disk; its copies are dropped and the next request loads them again", name);
+    if (m.resident) ++host_metrics.evictions["changed"];
     for (const auto& [ordinal, g] : m.gpus)
       if (g.copy) ++gpu_metrics.evictions["changed"];
-    if (m.Busy()) continue;  // a load in flight reads the new files already
+    // Every tier's copy is stale. Leases keep what they map. Requests waiting for a GPU copy
+    // of the old files move to a load of the new ones.
+    std::map<int, std::vector<Waiter>> gpu_waiters;
+    for (auto& [ordinal, g] : m.gpus)
+      if (!g.waiters.empty()) gpu_waiters[ordinal] = std::move(g.waiters);
     DropResident(m);
     m.state = ModelState::kAbsent;
+    for (auto& [ordinal, waiters] : gpu_waiters) {
+      m.gpus[ordinal].waiters = std::move(waiters);
+      RequestGpu(m, ordinal);
+    }
   }
 }
 

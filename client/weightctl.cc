@@ -103,7 +103,8 @@ json ModelJson(const weightd::ModelInfo& m) {
   json gpus = json::array();
   for (const auto& g : m.gpus)
     gpus.push_back({{"device", g.device}, {"uuid", g.uuid}, {"state", g.state}, {"bytes", g.bytes},
-                    {"leases", g.leases}, {"copy_ms", g.copy_ms}, {"last_error", StatusJson(g.last_error)}});
+                    {"leases", g.leases}, {"copy_ms", g.copy_ms}, {"h2d_us", g.h2d_us}, {"idle_ms", g.idle_ms},
+                    {"last_error", StatusJson(g.last_error)}});
   return {{"name", m.name},         {"dir", m.dir},
           {"state", m.state},       {"shards", m.shards},
           {"tensors", m.tensors},   {"bytes", m.bytes},
@@ -158,6 +159,8 @@ void PrintModel(const weightd::ModelInfo& m) {
   for (const auto& g : m.gpus) {
     std::string line = g.state + ", " + HumanBytes(g.bytes) + ", " + std::to_string(g.leases) + " leases";
     if (g.copy_ms > 0) line += ", copied in " + HumanDuration(g.copy_ms);
+    if (g.h2d_us > 0) line += " (host-to-device " + HumanDuration(g.h2d_us / 1000) + ")";
+    if (g.state == "resident") line += ", idle " + HumanDuration(g.idle_ms);
     if (!g.last_error.ok()) line += ", last error: " + g.last_error.ToString();
     rows.push_back({g.device + ":", line + " (" + g.uuid + ")"});
   }
@@ -406,7 +409,8 @@ int CmdStats(const Globals& g, bool raw_metrics) {
   TRY_ASSIGN(client, Connect(g), g);
   TRY_ASSIGN(st, client.Stats(), g);
   if (raw_metrics) {
-    std::cout << st.metrics;
+    if (g.json) std::cout << json{{"metrics", st.metrics}}.dump(2) << '\n';
+    else std::cout << st.metrics;
     return 0;
   }
   if (g.json) {

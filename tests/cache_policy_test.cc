@@ -386,6 +386,27 @@ TEST_F(CachePolicy, AChangedFileIsReloadedNotServedStale) {
   EXPECT_EQ(Metric(Stats(c), R"(weightd_evictions_total{tier="host",reason="changed"})"), 1);
 }
 
+TEST_F(CachePolicy, AChangedFileDropsAGpuCopyWhoseHostCopyIsGone) {
+  cfg_.cache.file_check_interval = 1s;
+  StartServer(/*with_gpu=*/true);
+  RawClient c(Endpoint());
+  const std::uint64_t lease = LeaseOf(c.Call(proto::Acquire{"a", "cuda:0", {}}));
+  ASSERT_TRUE(ErrorOf(c.Call(proto::Release{lease})).ok());
+  ASSERT_TRUE(ErrorOf(c.Call(proto::Evict{"a", "cpu"})).ok());  // only the GPU copy is left
+  ASSERT_EQ(StatusOf(c, "a").gpus.size(), 1u);
+  WriteModelFiles("a", 2);
+  clock_.Advance(2s);
+  bool gone = false;
+  for (int i = 0; i < 200 && !gone; ++i) {
+    gone = StatusOf(c, "a").gpus.empty();
+    if (!gone) std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_TRUE(gone);
+  EXPECT_EQ(Metric(Stats(c), R"(weightd_evictions_total{tier="gpu",reason="changed"})"), 1);
+  EXPECT_NE(LeaseOf(c.Call(proto::Acquire{"a", "cuda:0", {}})), 0u);
+  EXPECT_EQ(StatusOf(c, "a").loads, 2u);  // the new files were read
+}
+
 // A raw HTTP/1.0 GET against the loopback listener.
 std::pair<int, std::string> HttpGet(int port, const std::string& path) {
   int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
