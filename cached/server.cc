@@ -316,6 +316,7 @@ struct Server::Impl {
   // disk is read, hence more threads than GPUs need.
   ThreadPool gpu_jobs;
   ThreadPool check_jobs;  // checks of resident files for changes
+  ThreadPool reap_jobs;   // Dispose()
 
   Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem)
       : config(std::move(cfg)),
@@ -327,7 +328,8 @@ struct Server::Impl {
         loader(LoaderOptionsOf(config)),
         jobs(2, "wd-load"),
         gpu_jobs(4, "wd-gpu"),
-        check_jobs(1, "wd-check") {
+        check_jobs(1, "wd-check"),
+        reap_jobs(1, "wd-reap") {
     if (memory == nullptr) {
       owned_memory = std::make_unique<SystemMemoryProbe>(g);
       memory = owned_memory.get();
@@ -341,6 +343,7 @@ struct Server::Impl {
     jobs.Close();
     gpu_jobs.Close();
     check_jobs.Close();
+    reap_jobs.Close();
     for (auto& [name, m] : models)
       if (m.resident) m.resident->RemoveSegments();
     std::lock_guard lock(completions_mu);
@@ -419,13 +422,22 @@ struct Server::Impl {
   void PostCompletion(Completion c);
   // Unregistering takes time too: done on a GPU worker, never on the loop. `host` keeps the
   // pinned mappings until they are unregistered.
-  void ReleasePins(std::vector<std::shared_ptr<const void>> pins, std::shared_ptr<const ResidentModel> host) {
-    if (pins.empty()) return;
-    auto release = [p = std::move(pins), h = std::move(host)]() mutable {
+  // Frees what the loop let go of: unpins host pages, unlinks (`unlink`) and unmaps segments,
+  // releases GPU copies. For a model of many GB these take from tens of milliseconds to seconds,
+  // which the loop must not spend; the reaper thread does them in order. Page-lock handles go
+  // first, while the pages are still mapped.
+  void Dispose(std::shared_ptr<const ResidentModel> host, std::vector<std::shared_ptr<const void>> pins, bool unlink,
+               std::vector<std::shared_ptr<gpu::GpuCopy>> gpu_copies = {}) {
+    auto job = [h = std::move(host), p = std::move(pins), unlink, g = std::move(gpu_copies)]() mutable {
       p.clear();
+      if (h && unlink) h->RemoveSegments();
       h.reset();
+      g.clear();
     };
-    if (!gpu_jobs.Submit(release)) release();
+    if (!reap_jobs.Submit(job)) job();
+  }
+  void ReleasePins(std::vector<std::shared_ptr<const void>> pins, std::shared_ptr<const ResidentModel> host) {
+    Dispose(std::move(host), std::move(pins), /*unlink=*/false);
   }
   proto::ReplyBody GrantLease(Session& s, ModelEntry& m, const proto::Acquire& req, int ordinal);
   void AcceptFdClients();
@@ -864,8 +876,11 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
 // Drops every tier's copy. GPU copies that a lease still pins (after a catalog change) live on
 // in the lease table until their leases end.
 void Server::Impl::DropResident(ModelEntry& m) {
-  ReleasePins(std::move(m.host_pins), m.resident);
-  if (m.resident) m.resident->RemoveSegments();
+  std::vector<std::shared_ptr<gpu::GpuCopy>> copies;
+  for (auto& [ordinal, g] : m.gpus)
+    if (g.copy) copies.push_back(std::move(g.copy));
+  Dispose(std::move(m.resident), std::move(m.host_pins), /*unlink=*/true, std::move(copies));
+  m.host_pins.clear();
   m.resident.reset();
   m.pinning = false;
   m.files.reset();
@@ -885,8 +900,8 @@ void Server::Impl::EvictHost(ModelEntry& m, policy::EvictReason why) {
   if (!m.resident) return;
   spdlog::info("evicting model '{}' from the host tier ({} bytes, {})", m.config.name, m.host_bytes, policy::ReasonName(why));
   ++host_metrics.evictions[std::string(policy::ReasonName(why))];
-  ReleasePins(std::move(m.host_pins), m.resident);
-  m.resident->RemoveSegments();
+  Dispose(std::move(m.resident), std::move(m.host_pins), /*unlink=*/true);
+  m.host_pins.clear();
   m.resident.reset();
   m.pinning = false;
   m.state = ModelState::kAbsent;
@@ -909,7 +924,8 @@ void Server::Impl::EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why)
     ++gpu_metrics.evictions[std::string(policy::ReasonName(why))];
   }
   // The copy is freed once no lease pins it (none does: only unleased copies are evicted, or
-  // leases of a dropped catalog entry, which keep theirs).
+  // leases of a dropped catalog entry, which keep theirs), on the reaper.
+  if (it->second.copy) Dispose(nullptr, {}, false, {std::move(it->second.copy)});
   m.gpus.erase(it);
   if (!m.resident && m.gpus.empty() && m.state != ModelState::kLoading) {
     m.segments.clear();
@@ -1278,7 +1294,7 @@ void Server::Impl::Complete(Completion& c) {
   auto it = models.find(c.model);
   if (it == models.end() || it->second.generation != c.generation || it->second.phase != Phase::kWorking) {
     // The model was removed, changed or evicted while loading: the result is nobody's.
-    if (c.result.ok()) c.result.value()->RemoveSegments();
+    if (c.result.ok()) Dispose(std::move(c.result).value(), {}, /*unlink=*/true);
     return;
   }
   ModelEntry& m = it->second;

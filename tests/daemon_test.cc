@@ -182,6 +182,8 @@ TEST_F(DaemonTest, EvictIsRefusedWhileLeasedAndRemovesSegmentsAfter) {
   // Release is sent by the last handle's destructor; the daemon sees it before our next request.
   EXPECT_EQ(LiveLeases(c, "small"), 0u);
   EXPECT_TRUE(c.Evict("small").ok());
+  // The daemon's reaper thread unlinks them right after the reply.
+  for (int i = 0; i < 200 && !d->Segments().empty(); ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
   EXPECT_TRUE(d->Segments().empty());
   auto st = c.Status("small");
   ASSERT_TRUE(st.ok());

@@ -213,6 +213,8 @@ TEST_F(ServerGpu, EvictIsRefusedWhileGpuLeasedAndFreesTheDeviceAfter) {
   EXPECT_NE(refused.message().find("1 live lease"), std::string::npos);
   EXPECT_TRUE(std::holds_alternative<proto::OkReply>(c.Call(proto::Release{m.lease_id}).body));
   EXPECT_TRUE(std::holds_alternative<proto::OkReply>(c.Call(proto::Evict{"m"}).body));
+  // The daemon's reaper thread frees the copy right after the reply.
+  for (int i = 0; i < 200 && fake_.allocated_bytes(0) != 0; ++i) std::this_thread::sleep_for(10ms);
   EXPECT_EQ(fake_.allocated_bytes(0), 0u);
   EXPECT_EQ(fake_.counters().live_allocations, 0);
   EXPECT_TRUE(StatusOfModel(c).gpus.empty());
@@ -354,6 +356,7 @@ TEST_F(ServerGpu, ASilentSessionLosesItsGpuLeasesAndTheCopyCanBeEvicted) {
   ASSERT_EQ(st.gpus.size(), 1u);
   EXPECT_EQ(st.gpus[0].leases, 0u);
   EXPECT_TRUE(std::holds_alternative<proto::OkReply>(d.Call(proto::Evict{"m"}).body));
+  for (int i = 0; i < 200 && fake_.allocated_bytes(0) != 0; ++i) std::this_thread::sleep_for(10ms);
   EXPECT_EQ(fake_.allocated_bytes(0), 0u);
 }
 
