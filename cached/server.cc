@@ -124,7 +124,7 @@ std::string Gib(std::uint64_t b) {
 // A finished job: a host plan or fill, a GPU materialization, a page-locking, or a check of
 // resident files.
 struct Completion {
-  enum Kind { kPlan, kFill, kGpu, kPin, kCheck } kind = kFill;
+  enum Kind { kPlan, kFill, kGpu, kPin, kCheck, kReaped } kind = kFill;
   std::string model;
   std::uint64_t generation = 0;
   int ordinal = -1;
@@ -274,6 +274,9 @@ struct Server::Impl {
     int ordinal;  // -1: the host copy
   };
   std::deque<Ticket> admissions;  // copies waiting for room, oldest first
+  // Bytes of evicted copies that the reaper has not freed yet (shared with it).
+  std::atomic<std::uint64_t> reaping_host{0};
+  std::unique_ptr<std::atomic<std::uint64_t>[]> reaping_gpu;  // by ordinal
   bool retry_admissions = false;
   bool catalog_loaded = false;  // Init applied the configuration's catalog
   bool file_check_running = false;
@@ -334,6 +337,7 @@ struct Server::Impl {
       owned_memory = std::make_unique<SystemMemoryProbe>(g);
       memory = owned_memory.get();
     }
+    reaping_gpu = std::make_unique<std::atomic<std::uint64_t>[]>(std::max<std::size_t>(1, gpu_available() ? gpu->Devices().size() : 0));
   }
 
   ~Impl() {
@@ -428,11 +432,27 @@ struct Server::Impl {
   // first, while the pages are still mapped.
   void Dispose(std::shared_ptr<const ResidentModel> host, std::vector<std::shared_ptr<const void>> pins, bool unlink,
                std::vector<std::shared_ptr<gpu::GpuCopy>> gpu_copies = {}) {
-    auto job = [h = std::move(host), p = std::move(pins), unlink, g = std::move(gpu_copies)]() mutable {
+    // Until the reaper has freed them, the budgets count these bytes (AdmitHost, AdmitGpu).
+    std::uint64_t host_bytes = 0;
+    if (host && unlink)
+      for (const ResidentShard& sh : host->shards) host_bytes += sh.segment.mapped_size();
+    std::vector<std::pair<int, std::uint64_t>> gpu_bytes;
+    for (const auto& c : gpu_copies) gpu_bytes.emplace_back(c->ordinal(), c->allocated_bytes());
+    reaping_host += host_bytes;
+    for (auto [ordinal, bytes] : gpu_bytes) reaping_gpu[static_cast<std::size_t>(ordinal)] += bytes;
+    auto job = [this, h = std::move(host), p = std::move(pins), unlink, g = std::move(gpu_copies), host_bytes,
+                gpu_bytes]() mutable {
       p.clear();
       if (h && unlink) h->RemoveSegments();
       h.reset();
       g.clear();
+      reaping_host -= host_bytes;
+      for (auto [ordinal, bytes] : gpu_bytes) reaping_gpu[static_cast<std::size_t>(ordinal)] -= bytes;
+      if (host_bytes > 0 || !gpu_bytes.empty()) {
+        Completion c;
+        c.kind = Completion::kReaped;
+        PostCompletion(std::move(c));
+      }
     };
     if (!reap_jobs.Submit(job)) job();
   }
@@ -1104,6 +1124,12 @@ Server::Impl::Admitted Server::Impl::AdmitHost(ModelEntry& m) {
     return Admitted::kWaiting;
   }
   for (std::size_t i : a.victims) EvictHost(*owners[i], policy::EvictReason::kLru);
+  // Evicted copies still hold their memory until the reaper has freed them (milliseconds to
+  // seconds); the budget holds for what is really in /dev/shm, so wait for it.
+  if (const std::uint64_t freeing = reaping_host.load(); HostUsed() + freeing + m.host_bytes > host_budget) {
+    m.waiting_for = "waits for " + Gib(freeing) + " of evicted copies to be freed";
+    return Admitted::kWaiting;
+  }
   m.host_reserved = m.host_bytes;
   m.waiting_for.clear();
   StartFill(m);
@@ -1131,6 +1157,11 @@ Server::Impl::Admitted Server::Impl::AdmitGpu(ModelEntry& m, int ordinal) {
     return Admitted::kWaiting;
   }
   for (std::size_t i : a.victims) EvictGpu(*owners[i], ordinal, policy::EvictReason::kLru);
+  if (const std::uint64_t freeing = reaping_gpu[static_cast<std::size_t>(ordinal)].load();
+      GpuUsed(ordinal) + freeing + need > budget) {
+    g.waiting_for = "waits for " + Gib(freeing) + " of evicted copies to be freed";
+    return Admitted::kWaiting;
+  }
   g.reserved = need;
   g.waiting_for.clear();
   StartGpuLoad(m, ordinal);
@@ -1283,6 +1314,7 @@ void Server::Impl::HandleCompletions() {
       case Completion::kGpu: CompleteGpu(c); break;
       case Completion::kPin: CompletePin(c); break;
       case Completion::kCheck: CompleteFileCheck(c); break;
+      case Completion::kReaped: break;  // memory came back: the admissions are retried below
     }
   }
   retry_admissions = true;
@@ -1755,6 +1787,11 @@ std::string Server::Impl::RenderMetrics() const {
     for (const auto& d : gpu->Devices())
       w.Sample("weightd_resident_bytes", Labels{{"tier", "gpu"}, {"device", CudaName(d.ordinal)}},
                static_cast<double>(GpuUsed(d.ordinal)));
+  w.Family("weightd_freeing_bytes", "gauge", "Bytes of evicted copies not yet freed (they still count against the budget).");
+  w.Sample("weightd_freeing_bytes", Labels{{"tier", "host"}, {"device", "cpu"}}, static_cast<double>(reaping_host.load()));
+  for (const auto& [ordinal, b] : gpu_budget)
+    w.Sample("weightd_freeing_bytes", Labels{{"tier", "gpu"}, {"device", CudaName(ordinal)}},
+             static_cast<double>(reaping_gpu[static_cast<std::size_t>(ordinal)].load()));
   w.Family("weightd_budget_bytes", "gauge", "The memory budget, by tier and device.");
   w.Sample("weightd_budget_bytes", Labels{{"tier", "host"}, {"device", "cpu"}}, static_cast<double>(host_budget));
   for (const auto& [ordinal, b] : gpu_budget)
