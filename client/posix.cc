@@ -88,19 +88,10 @@ Result<std::size_t> PreadUpTo(int fd, std::span<std::byte> out, std::uint64_t of
 }
 
 Status PreadFull(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {
-  std::size_t done = 0;
-  while (done < out.size()) {
-    ssize_t n = ::pread(fd, out.data() + done, out.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
-      return ErrnoStatus("pread(" + std::string(what) + ", " + std::to_string(out.size() - done) + " @ " +
-                         std::to_string(offset + done) + ")");
-    }
-    if (n == 0)
-      return DataLoss("pread(" + std::string(what) + "): unexpected end of file at " + std::to_string(offset + done),
-                      "io.short_read");
-    done += static_cast<std::size_t>(n);
-  }
+  ASSIGN_OR_RETURN(std::size_t done, PreadUpTo(fd, out, offset, what));
+  if (done < out.size())
+    return DataLoss("pread(" + std::string(what) + "): unexpected end of file at " + std::to_string(offset + done),
+                    "io.short_read");
   return Status::Ok();
 }
 
