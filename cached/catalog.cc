@@ -21,15 +21,21 @@ bool IsPlainFileName(const std::string& n) {
   return !n.empty() && n != "." && n != ".." && n.find('/') == std::string::npos && n.find('\0') == std::string::npos;
 }
 
-// Regular file (symlinks resolved) or NotFound/InvalidArgument.
+// A regular file, not a symbolic link (weightd does not follow links inside model
+// directories: loader.cc, OpenNoFollow), or NotFound/InvalidArgument/FailedPrecondition.
 Status CheckRegular(const std::string& path) {
   struct stat st {};
-  if (::stat(path.c_str(), &st) != 0) return NotFound("missing shard file " + path, "catalog.missing_file");
+  if (::lstat(path.c_str(), &st) != 0) return NotFound("missing file " + path, "catalog.missing_file");
+  if (S_ISLNK(st.st_mode))
+    return FailedPrecondition(path + " is a symbolic link; weightd does not follow links inside model directories "
+                                     "(copy the files, or point the model's path at the directory that holds them)",
+                              "loader.symlink");
   if (!S_ISREG(st.st_mode)) return InvalidArgument(path + " is not a regular file", "catalog.not_a_file");
   return Status::Ok();
 }
 
 Result<nlohmann::json> ReadIndex(const std::string& path) {
+  RETURN_IF_ERROR(CheckRegular(path));
   std::ifstream in(path, std::ios::binary);
   if (!in) return NotFound("cannot read " + path, "catalog.missing_file");
   in.seekg(0, std::ios::end);
@@ -56,7 +62,7 @@ Result<std::vector<std::string>> DiscoverShards(const std::string& dir) {
   if (::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode))
     return NotFound("model directory " + dir + " does not exist", "catalog.missing_dir");
   const std::string index = dir + "/" + kIndexFile;
-  if (::stat(index.c_str(), &st) == 0) {
+  if (::lstat(index.c_str(), &st) == 0) {  // lstat: a link is refused below, not ignored
     ASSIGN_OR_RETURN(nlohmann::json j, ReadIndex(index));
     std::set<std::string> files;
     for (auto& [name, file] : j["weight_map"].items()) files.insert(file.get<std::string>());
@@ -66,7 +72,7 @@ Result<std::vector<std::string>> DiscoverShards(const std::string& dir) {
     return out;
   }
   const std::string single = dir + "/" + kSingleFile;
-  if (::stat(single.c_str(), &st) == 0) {
+  if (::lstat(single.c_str(), &st) == 0) {
     RETURN_IF_ERROR(CheckRegular(single));
     return std::vector<std::string>{kSingleFile};
   }

@@ -59,10 +59,22 @@ bool MostlyCached(int fd, std::uint64_t size) {
   return cached;
 }
 
+// Opens a file of a model directory without following a symbolic link: a link could make the
+// daemon (which may read more than the model's tenants) serve a file it was never meant to.
+Result<posix::Fd> OpenNoFollow(FileIo& io, const std::string& path, int flags) {
+  auto fd = io.Open(path, flags | O_NOFOLLOW);
+  if (!fd.ok() && fd.status().reason() == "errno.ELOOP")
+    return FailedPrecondition(path + " is a symbolic link; weightd does not follow links inside model directories "
+                                     "(copy the files, or point the model's path at the directory that holds them)",
+                              "loader.symlink");
+  return fd;
+}
+
 // The manifest of `dir`, file name -> checksum; nullopt if there is none.
 Result<std::optional<std::map<std::string, XXH128_hash_t>>> ReadManifest(const std::string& dir) {
   const std::string path = dir + "/" + std::string(kChecksumManifest);
-  auto opened = posix::Open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+  FileIo plain;
+  auto opened = OpenNoFollow(plain, path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
   if (!opened.ok()) {
     if (opened.status().code() == Code::kNotFound) return std::optional<std::map<std::string, XXH128_hash_t>>();
     return opened.status();
@@ -261,7 +273,7 @@ Result<LoadPlan> Loader::Plan(const ModelConfig& mc) const {
     PlannedShard shard;
     shard.file = file;
     // O_NONBLOCK: a FIFO swapped in for a shard must not hang the loader on open.
-    ASSIGN_OR_RETURN(shard.fd, io_->Open(path, O_RDONLY | O_NONBLOCK));
+    ASSIGN_OR_RETURN(shard.fd, OpenNoFollow(*io_, path, O_RDONLY | O_NONBLOCK));
     ASSIGN_OR_RETURN(shard.file_info, posix::Stat(shard.fd.get(), path));
     if (!S_ISREG(shard.file_info.mode))
       return InvalidArgument(path + " is not a regular file", "loader.not_a_regular_file");
@@ -409,7 +421,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     bool direct = options_.io == IoMode::kDirect ||
                   (options_.io == IoMode::kAuto && !MostlyCached(sf->fd, p.file_info.size));
     if (direct && sf->data_size > 0) {
-      auto opened = io_->Open(sf->path, O_RDONLY | O_NONBLOCK | O_DIRECT);
+      auto opened = io_->Open(sf->path, O_RDONLY | O_NONBLOCK | O_DIRECT | O_NOFOLLOW);
       if (opened.ok()) {
         // The name may point at another file by now; only the file the plan parsed will do.
         auto fi = posix::Stat(opened->get(), sf->path);

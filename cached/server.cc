@@ -66,13 +66,46 @@ std::uint64_t ToMs(Clock::TimePoint::duration d) {
 
 // An exclusive, non-blocking flock on a file; released when the process exits.
 Result<posix::Fd> LockFile(const std::string& path, const std::string& what) {
-  ASSIGN_OR_RETURN(posix::Fd fd, posix::Open(path, O_RDWR | O_CREAT, 0600));
+  ASSIGN_OR_RETURN(posix::Fd fd, posix::Open(path, O_RDWR | O_CREAT | O_NOFOLLOW, 0600));
   if (::flock(fd.get(), LOCK_EX | LOCK_NB) != 0) {
     if (errno == EWOULDBLOCK)
       return FailedPrecondition("another weightd instance holds " + what + " (" + path + ")", "daemon.instance_locked");
     return posix::ErrnoStatus("flock(" + path + ")");
   }
   return fd;
+}
+
+// The socket's directory and the names the daemon creates in it must be ours (or root's): a user
+// who owns the directory, or may write to it without the sticky bit, could swap our socket for
+// theirs and receive every client's requests. An existing name of another user is a squat.
+Status CheckSocketPaths(const std::string& dir, const std::vector<std::string>& names) {
+  const uid_t me = ::geteuid();
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0) return posix::ErrnoStatus("lstat(" + dir + ")");
+  if (!S_ISDIR(st.st_mode))
+    return FailedPrecondition("the socket directory " + dir + " is not a directory (a symbolic link is refused)",
+                              "daemon.socket_dir_unsafe");
+  if (st.st_uid != me && st.st_uid != 0)
+    return FailedPrecondition("the socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
+                                  ", not to this daemon (uid " + std::to_string(me) + ") or root",
+                              "daemon.socket_dir_unsafe");
+  if ((st.st_mode & 0022) != 0 && (st.st_mode & S_ISVTX) == 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return FailedPrecondition("the socket directory " + dir + " (mode " + mode +
+                                  ") is writable by other users and not sticky: another user could replace the socket",
+                              "daemon.socket_dir_unsafe");
+  }
+  for (const std::string& name : names) {
+    if (::lstat(name.c_str(), &st) != 0) continue;  // absent: fine
+    if (S_ISLNK(st.st_mode))
+      return FailedPrecondition(name + " is a symbolic link; refusing to use it", "daemon.socket_squatted");
+    if (st.st_uid != me && st.st_uid != 0)
+      return FailedPrecondition(name + " exists and belongs to uid " + std::to_string(st.st_uid) +
+                                    "; refusing a path another user prepared (remove it if it is stale)",
+                                "daemon.socket_squatted");
+  }
+  return Status::Ok();
 }
 
 Result<posix::Fd> LockShmPrefix(const std::string& prefix) {
@@ -484,6 +517,8 @@ Status Server::Impl::Init() {
       ::chmod(dir.c_str(), 0750);
     }
   }
+  RETURN_IF_ERROR(CheckSocketPaths(dir.empty() ? std::string(".") : dir.string(),
+                                   {socket_path, socket_path + ".lock", config.fd_socket}));
   ASSIGN_OR_RETURN(socket_lock, LockFile(socket_path + ".lock", "the socket " + socket_path));
   ASSIGN_OR_RETURN(prefix_lock, LockShmPrefix(config.shm_prefix));
 

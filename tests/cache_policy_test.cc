@@ -3,6 +3,8 @@
 // eviction), driven over its real ZeroMQ socket. Models are a few pages each; the budgets are
 // set in pages, so the arithmetic is exact.
 #include <arpa/inet.h>
+#include <fcntl.h>
+#include <sys/stat.h>
 #include <gtest/gtest.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
@@ -484,6 +486,63 @@ TEST_F(CachePolicy, MetricsEndpointReportsAKnownSequence) {
   EXPECT_NE(text.find("# TYPE weightd_load_duration_seconds histogram"), std::string::npos);
   // /metrics and Stats tell the same figures.
   EXPECT_EQ(Metric(Stats(c), R"(weightd_cache_hits_total{tier="host"})"), 1);
+}
+
+}  // namespace
+}  // namespace weightd
+
+namespace weightd {
+namespace {
+
+// Start-up refuses a socket directory or socket names another user could control.
+class SocketSafety : public ::testing::Test {
+ protected:
+  Status Create(const std::string& dir) {
+    DaemonConfig cfg;
+    cfg.socket = "ipc://" + dir + "/wd.sock";
+    cfg.shm_prefix = "wdsafe-" + std::to_string(::getpid());
+    RETURN_IF_ERROR(Finalize(&cfg));
+    FakeClock clock;
+    auto s = Server::Create(cfg, &clock, nullptr);
+    return s.ok() ? Status::Ok() : s.status();
+  }
+  TempDir dir_;
+};
+
+TEST_F(SocketSafety, AWorldWritableDirectoryIsRefusedUnlessSticky) {
+  const std::string d = dir_.file("open");
+  ASSERT_TRUE(posix::MakeDirs(d).ok());
+  ASSERT_EQ(::chmod(d.c_str(), 0777), 0);
+  Status s = Create(d);
+  EXPECT_EQ(s.reason(), "daemon.socket_dir_unsafe") << s.ToString();
+  EXPECT_NE(s.message().find("0777"), std::string::npos) << s.message();
+  ASSERT_EQ(::chmod(d.c_str(), 01777), 0);  // like /tmp
+  EXPECT_TRUE(Create(d).ok());
+}
+
+TEST_F(SocketSafety, ASocketPathOfAnotherUserIsASquat) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to give a file to another uid";
+  const std::string d = dir_.file("squat");
+  ASSERT_TRUE(posix::MakeDirs(d).ok());
+  const std::string sock = d + "/wd.sock";
+  posix::Fd f(::open(sock.c_str(), O_CREAT | O_WRONLY | O_CLOEXEC, 0600));
+  ASSERT_TRUE(f.valid());
+  ASSERT_EQ(::fchown(f.get(), 65534, 65534), 0);
+  Status s = Create(d);
+  EXPECT_EQ(s.reason(), "daemon.socket_squatted") << s.ToString();
+  EXPECT_NE(s.message().find("uid 65534"), std::string::npos) << s.message();
+  // A link planted where the lock file goes is refused too.
+  ::unlink(sock.c_str());
+  ASSERT_EQ(::symlink("/etc/passwd", (sock + ".lock").c_str()), 0);
+  EXPECT_EQ(Create(d).reason(), "daemon.socket_squatted");
+}
+
+TEST_F(SocketSafety, ADirectoryOfAnotherUserIsRefused) {
+  if (::geteuid() != 0) GTEST_SKIP() << "needs root to give a directory to another uid";
+  const std::string d = dir_.file("theirs");
+  ASSERT_TRUE(posix::MakeDirs(d).ok());
+  ASSERT_EQ(::chown(d.c_str(), 65534, 65534), 0);
+  EXPECT_EQ(Create(d).reason(), "daemon.socket_dir_unsafe");
 }
 
 }  // namespace

@@ -227,6 +227,35 @@ class DirectOpenRefused : public FileIo {
   std::atomic<int> refused{0};
 };
 
+TEST_F(Fixture, SymbolicLinksInsideTheModelDirectoryAreRefused) {
+  // The real files live elsewhere; the model directory holds links to them.
+  const std::string real = tmp.file("real");
+  ASSERT_TRUE(WriteModelOfSize(real, 3 * kChunk).ok());
+  const std::string dir = tmp.file("linked");
+  ASSERT_TRUE(posix::MakeDirs(dir).ok());
+  ASSERT_EQ(::symlink((real + "/model.safetensors").c_str(), (dir + "/model.safetensors").c_str()), 0);
+  Loader loader(Options(2, IoMode::kBuffered));
+  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kFailedPrecondition) << m.status().ToString();
+  EXPECT_EQ(m.status().reason(), "loader.symlink");
+  EXPECT_NE(m.status().message().find("symbolic link"), std::string::npos);
+  EXPECT_TRUE(ListSegments(prefix).empty());
+
+  // A linked index is refused too, not silently ignored.
+  const std::string dir2 = tmp.file("linked-index");
+  ASSERT_TRUE(posix::MakeDirs(dir2).ok());
+  ASSERT_EQ(::symlink((real + "/model.safetensors").c_str(), (dir2 + "/model.safetensors.index.json").c_str()), 0);
+  EXPECT_EQ(loader.Plan({"m2", dir2}).status().reason(), "loader.symlink");
+
+  // The model's own path may be a link: the operator chose it.
+  const std::string dir3 = tmp.file("dir-link");
+  ASSERT_EQ(::symlink(real.c_str(), dir3.c_str()), 0);
+  auto ok = loader.LoadHost({"m3", dir3}, 2, no_cancel);
+  ASSERT_TRUE(ok.ok()) << ok.status().ToString();
+  (*ok)->RemoveSegments();
+}
+
 TEST_F(Fixture, DirectOpenRefusedWithEinvalFallsBackToBuffered) {
   const std::string dir = tmp.file("m");
   ASSERT_TRUE(WriteModelOfSize(dir, 3 * kChunk + 5).ok());
