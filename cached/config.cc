@@ -319,6 +319,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         auto [p, ec] = std::from_chars(m.data(), m.data() + m.size(), v, 8);
         if (ec != std::errc() || p != m.data() + m.size() || v > 0777) return Invalid(origin, qk + " must be an octal mode like \"0640\"");
         cfg->shm_mode = static_cast<mode_t>(v);
+      } else if (k == "shm_group") {
+        ASSIGN_OR_RETURN(cfg->shm_group, StringNode(node, qk, origin));
       } else if (k == "loader_threads") {
         ASSIGN_OR_RETURN(cfg->loader_threads, CountNode(node, qk, origin, 1, 256));
       } else if (k == "chunk_size") {

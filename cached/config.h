@@ -71,6 +71,9 @@ struct DaemonConfig {
   // two daemons on different sockets never collide; a lock makes the prefix exclusive.
   std::string shm_prefix;
   mode_t shm_mode = 0640;
+  // The group that owns the segments, so that its members (the tenants) may map them
+  // read-only: a group name or a numeric gid. Empty: the daemon's own group.
+  std::string shm_group;
   std::uint32_t loader_threads = 4;
   std::uint64_t chunk_size = 16ull << 20;
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)

@@ -2,6 +2,10 @@
 
 #include <dirent.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <cstring>
 
 #include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/permissions.hpp>
@@ -23,7 +27,7 @@ HostSegment::HostSegment(HostSegment&&) noexcept = default;
 HostSegment& HostSegment::operator=(HostSegment&&) noexcept = default;
 HostSegment::~HostSegment() = default;
 
-Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode) {
+Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
   HostSegment seg;
   seg.name_ = name;
   seg.data_size_ = data_size;
@@ -48,6 +52,22 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
     if (exists) return FailedPrecondition(msg, "shm.exists");
     if (full) return ResourceExhausted(msg + " (is /dev/shm large enough?)", "shm.no_space");
     return Internal(msg, "shm.create_failed");
+  }
+  // The mode exactly as configured (shm_open applies the umask), and the readers' group: the
+  // segment is never world-readable, never writable by clients.
+  {
+    const int fd = seg.impl_->shm.get_mapping_handle().handle;
+    Status bad;
+    if (::fchmod(fd, mode) != 0) bad = posix::ErrnoStatus("fchmod(/" + name + ")");
+    else if (group != static_cast<gid_t>(-1) && ::fchown(fd, static_cast<uid_t>(-1), group) != 0)
+      bad = PermissionDenied("giving segment /" + name + " to group " + std::to_string(group) + ": " + std::strerror(errno) +
+                                 " (the daemon must be a member of the group)",
+                             "shm.chgrp_failed");
+    if (!bad.ok()) {
+      seg.impl_.reset();
+      bip::shared_memory_object::remove(name.c_str());
+      return bad;
+    }
   }
   // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
   // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.

@@ -29,9 +29,12 @@ class HostSegment {
   HostSegment& operator=(HostSegment&&) noexcept;
   ~HostSegment();
 
-  // Creates "/<name>" exclusively with `mode`, sized RoundUp(data_size, page), mapped
-  // read-write into the daemon. FailedPrecondition if the name exists.
-  static Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, mode_t mode);
+  // Creates "/<name>" exclusively with exactly `mode` (whatever the umask) and, unless `group`
+  // is (gid_t)-1, owned by that group, sized RoundUp(data_size, page), mapped read-write into
+  // the daemon. FailedPrecondition if the name exists; PermissionDenied "shm.chgrp_failed" if
+  // the daemon may not give the segment to `group` (it must be a member, or have CAP_CHOWN).
+  static Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, mode_t mode,
+                                    gid_t group = static_cast<gid_t>(-1));
 
   // Unlinks a segment name; NotFound is not an error. Existing mappings stay valid.
   static Status Remove(const std::string& name);

@@ -392,7 +392,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     // A segment of this name can only be a leftover of an earlier instance of this daemon
     // (the prefix is locked), so replacing it is safe: its old mappings stay valid.
     (void)HostSegment::Remove(name);
-    auto seg = HostSegment::Create(name, p.header.data_size, options_.shm_mode);
+    auto seg = HostSegment::Create(name, p.header.data_size, options_.shm_mode, options_.shm_group);
     if (!seg.ok()) return fail(seg.status());
     shard.segment = std::move(seg).value();
     model->bytes += p.header.data_size;

@@ -184,6 +184,8 @@ struct LoaderOptions {
   bool verify_manifest = true;
   // Not owned; must outlive the Loader. nullptr: plain POSIX calls.
   FileIo* io_layer = nullptr;
+  // The group that owns new segments ((gid_t)-1: the daemon's own).
+  gid_t shm_group = static_cast<gid_t>(-1);
 };
 
 class Loader {

@@ -1,6 +1,7 @@
 #include "server.h"
 
 #include <fcntl.h>
+#include <grp.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -12,6 +13,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <charconv>
 #include <cstdio>
 #include <cstring>
 #include <deque>
@@ -122,8 +124,23 @@ Result<posix::Fd> LockShmPrefix(const std::string& prefix) {
   return owned;
 }
 
-LoaderOptions LoaderOptionsOf(const DaemonConfig& c) {
+// "weightd" or "1234" -> gid. NotFound "config.unknown_group" for a group the system lacks.
+Result<gid_t> ResolveGroup(const std::string& group) {
+  gid_t gid = 0;
+  auto [p, ec] = std::from_chars(group.data(), group.data() + group.size(), gid);
+  if (ec == std::errc() && p == group.data() + group.size()) return gid;
+  std::vector<char> buf(16384);
+  struct group gr {};
+  struct group* found = nullptr;
+  const int err = ::getgrnam_r(group.c_str(), &gr, buf.data(), buf.size(), &found);
+  if (err != 0) return posix::ErrnoStatus("looking up group '" + group + "'", err);
+  if (found == nullptr) return NotFound("daemon.shm_group: no group named '" + group + "'", "config.unknown_group");
+  return found->gr_gid;
+}
+
+LoaderOptions LoaderOptionsOf(const DaemonConfig& c, gid_t shm_group) {
   LoaderOptions o;
+  o.shm_group = shm_group;
   o.shm_prefix = c.shm_prefix;
   o.shm_mode = c.shm_mode;
   o.threads = c.loader_threads;
@@ -354,14 +371,14 @@ struct Server::Impl {
   ThreadPool check_jobs;  // checks of resident files for changes
   ThreadPool reap_jobs;   // Dispose()
 
-  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem)
+  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem, gid_t shm_group)
       : config(std::move(cfg)),
         clock(c),
         started(c->Now()),
         gpu(g),
         leases(config.max_sessions, config.max_leases_per_client),
         memory(mem),
-        loader(LoaderOptionsOf(config)),
+        loader(LoaderOptionsOf(config, shm_group)),
         jobs(2, "wd-load"),
         gpu_jobs(4, "wd-gpu"),
         check_jobs(1, "wd-check"),
@@ -2335,7 +2352,11 @@ Server::~Server() = default;
 
 Result<std::unique_ptr<Server>> Server::Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu,
                                                MemoryProbe* memory) {
-  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu, memory);
+  gid_t shm_group = static_cast<gid_t>(-1);
+  if (!config.shm_group.empty()) {
+    ASSIGN_OR_RETURN(shm_group, ResolveGroup(config.shm_group));
+  }
+  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu, memory, shm_group);
   RETURN_IF_ERROR(impl->Init());
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }
