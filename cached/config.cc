@@ -364,6 +364,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->gpu_export, StringNode(node, qk, origin));
       } else if (k == "fd_socket") {
         ASSIGN_OR_RETURN(cfg->fd_socket, StringNode(node, qk, origin));
+      } else if (k == "allow_legacy_multi_tenant") {
+        ASSIGN_OR_RETURN(cfg->gpu_legacy_multi_tenant, BoolNode(node, qk, origin));
       } else {
         return Invalid(origin, "unknown key '" + qk + "'");
       }
@@ -441,6 +443,12 @@ Status Finalize(DaemonConfig* cfg) {
     return InvalidArgument("gpu.export must be \"vmm\" or \"legacy\", not \"" + cfg->gpu_export + "\"",
                            "config.bad_gpu_export");
   if (!cfg->http_listen.empty()) RETURN_IF_ERROR(ValidateHttpListen(cfg->http_listen));
+  if (cfg->gpu_export == "legacy" && !cfg->shm_group.empty() && !cfg->gpu_legacy_multi_tenant)
+    return InvalidArgument("gpu.export = \"legacy\" with tenants (daemon.shm_group is set): a legacy CUDA IPC handle is a "
+                           "bearer token that any local process of any uid may open read-write, so one tenant could read "
+                           "or change another's GPU copies; use \"vmm\", or set gpu.allow_legacy_multi_tenant = true to "
+                           "accept that",
+                           "config.legacy_multi_tenant");
   if (cfg->io != "auto" && cfg->io != "direct" && cfg->io != "buffered")
     return InvalidArgument("daemon.io must be \"auto\", \"direct\" or \"buffered\", not \"" + cfg->io + "\"", "config.invalid");
   for (const Budget* b : {&cfg->cache.host_budget, &cfg->cache.gpu_budget})

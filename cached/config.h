@@ -93,6 +93,9 @@ struct DaemonConfig {
   // GPU tier. Off (host-only) when no CUDA device is found, or when gpu_enabled is false.
   bool gpu_enabled = true;
   std::string gpu_export = "vmm";  // "vmm" (fds over fd_socket) or "legacy" (cudaIpcMemHandle_t)
+  // A legacy handle is a bearer token any local process may open read-write: with tenants
+  // (shm_group set) it needs this explicit opt-in.
+  bool gpu_legacy_multi_tenant = false;
   // Keep resident host copies page-locked, so that host-to-GPU copies run at PCIe speed.
   bool gpu_pin_host = true;
   // The Unix socket that passes VMM fds to clients. Empty: "<socket path>.fds", beside the

@@ -123,6 +123,14 @@ TEST(Config, RefusesBadPolicies) {
   EXPECT_EQ(Load("[daemon]\nio = \"mmap\"\n").status().reason(), "config.invalid");
 }
 
+TEST(Config, LegacyExportWithTenantsNeedsAnExplicitOptIn) {
+  EXPECT_EQ(Load("[daemon]\nshm_group = \"tenants\"\n[gpu]\nexport = \"legacy\"\n").status().reason(),
+            "config.legacy_multi_tenant");
+  EXPECT_TRUE(Load("[daemon]\nshm_group = \"tenants\"\n[gpu]\nexport = \"legacy\"\nallow_legacy_multi_tenant = true\n").ok());
+  EXPECT_TRUE(Load("[gpu]\nexport = \"legacy\"\n").ok());  // one tenant: the daemon's own group
+  EXPECT_TRUE(Load("[daemon]\nshm_group = \"tenants\"\n").ok());
+}
+
 TEST(Config, TheFileIsAsciiWithEscapesForOtherCharacters) {
   // toml++ 3.3 has undefined behaviour on some non-ASCII characters (tomlplusplus#295).
   auto bad = Load("a = 1\xc3\xa9\n");
