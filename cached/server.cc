@@ -1370,8 +1370,9 @@ void Server::Impl::HandleCompletions() {
     }
   }
   retry_admissions = true;
-  Notify("STATUS=serving " + std::to_string(catalog.models().size()) + " models, " +
-         std::to_string(leases.lease_count()) + " leases");
+  if (ready)
+    Notify("STATUS=serving " + std::to_string(catalog.models().size()) + " models, " +
+           std::to_string(leases.lease_count()) + " leases");
 }
 
 void Server::Impl::Complete(Completion& c) {
