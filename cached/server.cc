@@ -162,6 +162,9 @@ struct Waiter {
 
 std::string CudaName(int ordinal) { return "cuda:" + std::to_string(ordinal); }
 
+// The label of weightd_load_errors_total: the error's reason, or its code when it has none.
+std::string ErrorLabel(const Status& s) { return s.reason().empty() ? std::string(CodeName(s.code())) : s.reason(); }
+
 // "16.0 KiB", "1.50 GiB": sizes in messages and logs.
 std::string Gib(std::uint64_t b) {
   char buf[32];
@@ -461,6 +464,7 @@ struct Server::Impl {
   std::string Holders(const std::vector<policy::Copy>& copies, int ordinal) const;
   void EvictHost(ModelEntry& m, policy::EvictReason why);
   void EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why);
+  void ForgetIndexUnlessHeld(ModelEntry& m);
   void EnforcePolicy(Clock::TimePoint now);
   void StartFileCheck();
   void CompleteFileCheck(Completion& c);
@@ -909,31 +913,31 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
     return proto::ToErrorReply(NotFound("model '" + m.model + "' is not in the catalog", "catalog.unknown_model"));
   ModelEntry& e = it->second;
   // Which tiers: every one, the host only, or one GPU.
-  bool host = m.device.empty() || m.device == "cpu";
+  const bool all = m.device.empty();
+  const bool host = all || m.device == "cpu";
   std::vector<int> ordinals;
-  if (m.device.empty()) {
+  if (all) {
     for (const auto& [ordinal, g] : e.gpus) ordinals.push_back(ordinal);
-  } else if (m.device != "cpu") {
+  } else if (!host) {
     if (gpu == nullptr) return proto::ToErrorReply(Unavailable("this daemon has no GPU tier", "gpu.no_device"));
     auto o = gpu->ResolveDevice(m.device);
     if (!o.ok()) return proto::ToErrorReply(o.status());
     ordinals.push_back(*o);
   }
-  const std::uint32_t n = host && m.device.empty() ? leases.LeasesOf(m.model) : 0;
-  std::uint32_t on_tiers = n;
-  if (!m.device.empty()) on_tiers = leases.LeasesOf(m.model, host ? "cpu" : CudaName(ordinals.front()));
-  if (on_tiers > 0)
-    return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' has " + std::to_string(on_tiers) +
-                                                      (on_tiers == 1 ? " live lease" : " live leases") +
-                                                      (m.device.empty() ? "" : " on " + m.device) +
+  const std::uint32_t held =
+      all ? leases.LeasesOf(m.model) : leases.LeasesOf(m.model, host ? "cpu" : CudaName(ordinals.front()));
+  if (held > 0)
+    return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' has " + std::to_string(held) +
+                                                      (held == 1 ? " live lease" : " live leases") +
+                                                      (all ? "" : " on " + m.device) +
                                                       "; it cannot be evicted until they are released",
                                                   "evict.leased"));
-  bool busy = host && e.state == ModelState::kLoading;
-  for (int o : ordinals) {
-    auto g = e.gpus.find(o);
-    if (g != e.gpus.end() && g->second.state == ModelState::kLoading) busy = true;
+  // The host copy also stays while any GPU copy is being made from it.
+  bool busy = host && (e.state == ModelState::kLoading || e.GpuLoading());
+  if (!host) {
+    auto g = e.gpus.find(ordinals.front());
+    busy = g != e.gpus.end() && g->second.state == ModelState::kLoading;
   }
-  if (host && e.GpuLoading()) busy = true;
   if (busy)
     return proto::ToErrorReply(FailedPrecondition("model '" + m.model + "' is loading; evict it once the load finishes",
                                                   "evict.loading"));
@@ -968,6 +972,17 @@ void Server::Impl::DropResident(ModelEntry& m) {
   std::erase_if(admissions, [&](const Ticket& t) { return t.model == m.config.name; });
 }
 
+// GPU leases still need the tensor records after the host copy went: they, the files'
+// fingerprint and the shard sizes go with the last copy.
+void Server::Impl::ForgetIndexUnlessHeld(ModelEntry& m) {
+  if (m.resident || !m.gpus.empty() || m.state == ModelState::kLoading) return;
+  m.segments.clear();
+  m.tensors.clear();
+  m.tensor_index.clear();
+  m.files.reset();
+  m.shard_sizes.clear();
+}
+
 void Server::Impl::EvictHost(ModelEntry& m, policy::EvictReason why) {
   if (!m.resident) return;
   spdlog::info("evicting model '{}' from the host tier ({} bytes, {})", m.config.name, m.host_bytes, policy::ReasonName(why));
@@ -977,14 +992,7 @@ void Server::Impl::EvictHost(ModelEntry& m, policy::EvictReason why) {
   m.resident.reset();
   m.pinning = false;
   m.state = ModelState::kAbsent;
-  // GPU leases still need the tensor records; they go with the last copy.
-  if (m.gpus.empty()) {
-    m.segments.clear();
-    m.tensors.clear();
-    m.tensor_index.clear();
-    m.files.reset();
-    m.shard_sizes.clear();
-  }
+  ForgetIndexUnlessHeld(m);
 }
 
 void Server::Impl::EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why) {
@@ -999,13 +1007,7 @@ void Server::Impl::EvictGpu(ModelEntry& m, int ordinal, policy::EvictReason why)
   // leases of a dropped catalog entry, which keep theirs), on the reaper.
   if (it->second.copy) Dispose(nullptr, {}, false, {std::move(it->second.copy)});
   m.gpus.erase(it);
-  if (!m.resident && m.gpus.empty() && m.state != ModelState::kLoading) {
-    m.segments.clear();
-    m.tensors.clear();
-    m.tensor_index.clear();
-    m.files.reset();
-    m.shard_sizes.clear();
-  }
+  ForgetIndexUnlessHeld(m);
 }
 
 void Server::Impl::PostCompletion(Completion c) {
@@ -1323,7 +1325,7 @@ void Server::Impl::BuildIndex(ModelEntry& m, const std::vector<std::string>& fil
 void Server::Impl::FailHostLoad(ModelEntry& m, const Status& error) {
   ++loads_failed;
   ++host_metrics.loads_failed;
-  ++host_metrics.errors[error.reason().empty() ? std::string(CodeName(error.code())) : error.reason()];
+  ++host_metrics.errors[ErrorLabel(error)];
   m.state = ModelState::kFailed;
   m.phase = Phase::kIdle;
   m.last_error = error;
@@ -1571,7 +1573,7 @@ void Server::Impl::StartGpuLoad(ModelEntry& m, int ordinal) {
 void Server::Impl::FailGpu(ModelEntry& m, int ordinal, const Status& error) {
   GpuEntry& g = m.gpus.at(ordinal);
   ++gpu_metrics.loads_failed;
-  ++gpu_metrics.errors[error.reason().empty() ? std::string(CodeName(error.code())) : error.reason()];
+  ++gpu_metrics.errors[ErrorLabel(error)];
   g.state = ModelState::kFailed;
   g.phase = Phase::kIdle;
   g.reserved = 0;
