@@ -266,15 +266,15 @@ void BM_HostTierFill(benchmark::State& state) {
   state.counters["cached_pct"] = cached_pct;
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * g_env->data_bytes));
 }
-// The default configuration (4 readers, 16 MiB, buffered, no pre-fault threads) first, then one
+// The default configuration (4 readers, 64 MiB, buffered, no pre-fault threads) first, then one
 // knob at a time around it.
 void FillArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold"});
   for (int cold : {0, 1}) {
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 16, 0, 0, cold});
-    for (int io : {1, 2}) b->Args({4, 16, io, 0, cold});
-    for (int prefault : {1, 2, 4}) b->Args({4, 16, 0, prefault, cold});
-    for (int chunk : {1, 4, 64}) b->Args({4, chunk, 0, 0, cold});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold});
+    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold});
+    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold});
   }
 }
 BENCHMARK(BM_HostTierFill)->Apply(FillArgs)->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -75,7 +75,7 @@ struct DaemonConfig {
   // read-only: a group name or a numeric gid. Empty: the daemon's own group.
   std::string shm_group;
   std::uint32_t loader_threads = 4;
-  std::uint64_t chunk_size = 16ull << 20;
+  std::uint64_t chunk_size = 64ull << 20;
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)
   std::uint32_t prefault_threads = 0;    // extra threads pre-faulting fresh segments (docs/loading.md)
   bool verify_checksums = true;          // against a model directory's checksums.xxh128

@@ -171,7 +171,7 @@ struct LoaderOptions {
   std::string shm_prefix;
   mode_t shm_mode = 0640;
   std::uint32_t threads = 4;
-  std::uint64_t chunk_size = 16ull << 20;  // rounded up to a multiple of 4096 for O_DIRECT
+  std::uint64_t chunk_size = 64ull << 20;  // rounded up to a multiple of 4096 for O_DIRECT
   // Buffered by default: cold O_DIRECT reads were slower than buffered ones on both machines
   // measured (docs/loading.md), and the fill ran at the same speed either way.
   IoMode io = IoMode::kBuffered;

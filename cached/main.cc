@@ -54,7 +54,7 @@ int main(int argc, char** argv) {
   app.add_option("-m,--model", model_flags, "add a model: NAME=DIR (a directory of safetensors shards); repeatable")
       ->type_name("NAME=DIR");
   app.add_option("--loader-threads", loader_threads, "threads reading shards from disk (default 4)")->check(CLI::Range(1, 256));
-  app.add_option("--chunk-size", chunk, "bytes per read request, e.g. 16MiB (default 16MiB)");
+  app.add_option("--chunk-size", chunk, "bytes per read request, e.g. 16MiB (default 64MiB)");
   app.add_option("--heartbeat-timeout", heartbeat_timeout,
                  "end a silent client's session (and its leases) after this long, e.g. 10s (default 10s)");
   app.add_flag("--no-gpu", no_gpu, "serve the host tier only, even where CUDA devices are present");

@@ -19,6 +19,7 @@ import datetime
 import json
 import os
 import platform
+import shlex
 import shutil
 import signal
 import statistics
@@ -189,6 +190,8 @@ class Harness:
         else:
             self.torch_why = None
         self.device = "cuda:0" if self.gpu else "cpu"
+        if self.a.device != "auto":
+            self.device = self.a.device
         missing = [k for k, v in self.bin.items() if not os.access(v, os.X_OK)]
         m["missing_binaries"] = missing
         self.say("machine: gpu=%s cpu=%s cores=%s root=%s torch=%s cuda=%s safetensors=%s; weightd device %s"
@@ -264,6 +267,7 @@ class Harness:
             cmd += ["--model", "%s=%s" % (name, d)]
         if not self.gpu:
             cmd.append("--no-gpu")
+        cmd += shlex.split(self.a.daemon_args)
         log = open(self.logfile("weightd"), "w")
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
         self.daemon = (p, sock, log)
@@ -434,6 +438,7 @@ class Harness:
                     row["reps"].append({"error": err})
                 row["notes"].append("the producer (parent) loaded the model and stays alive")
                 self.save()
+
     def weightd_rows(self, preset, d, files):
         gpu = self.device != "cpu"
         ctx = ["--context-first"] if gpu else []
@@ -962,6 +967,9 @@ def main():
     ap.add_argument("--phases", default="limits,rows,memory", help="any of limits,rows,memory")
     ap.add_argument("--rows", default="", help="only these row ids (comma-separated); default all")
     ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--device", default="auto", help="device the weightd rows acquire: auto (cuda:0 when a GPU is "
+                    "seen, else cpu), cpu (host residency only), cuda:N")
+    ap.add_argument("--daemon-args", default="", help="extra weightd options, e.g. '--loader-threads 16'")
     ap.add_argument("--pt-models", default="dit5b", help="checkpoints that get the torch.load rows")
     ap.add_argument("--memory-model", default="dit5b")
     ap.add_argument("--mem-n", default="1,2,4,8")
