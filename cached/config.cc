@@ -122,6 +122,21 @@ Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig*
       ASSIGN_OR_RETURN(mc->host_idle_ttl, DurationNode(mv, qk, origin));
     } else if (k == "gpu_idle_ttl") {
       ASSIGN_OR_RETURN(mc->gpu_idle_ttl, DurationNode(mv, qk, origin));
+    } else if (k == "allow_users" || k == "allow_groups") {
+      const toml::array* a = mv.as_array();
+      if (a == nullptr) return Invalid(origin, qk + " must be an array of names or numeric ids");
+      std::vector<std::string>& out = k == "allow_users" ? mc->allow_users : mc->allow_groups;
+      out.clear();
+      for (const toml::node& e : *a) {
+        std::string name;
+        if (auto i = e.value<std::int64_t>(); e.is_integer() && i && *i >= 0 && *i < (1ll << 32)) {
+          name = std::to_string(*i);
+        } else {
+          ASSIGN_OR_RETURN(name, StringNode(e, qk, origin));
+        }
+        if (name.empty() || name.size() > 256) return Invalid(origin, qk + ": a name must be 1-256 characters");
+        out.push_back(std::move(name));
+      }
     } else if (k == "preload") {
       const toml::array* a = mv.as_array();
       if (a == nullptr) return Invalid(origin, qk + " must be an array like [\"host\", \"cuda:0\"]");
@@ -321,6 +336,10 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         cfg->shm_mode = static_cast<mode_t>(v);
       } else if (k == "shm_group") {
         ASSIGN_OR_RETURN(cfg->shm_group, StringNode(node, qk, origin));
+      } else if (k == "client_group") {
+        ASSIGN_OR_RETURN(cfg->client_group, StringNode(node, qk, origin));
+      } else if (k == "admin_group") {
+        ASSIGN_OR_RETURN(cfg->admin_group, StringNode(node, qk, origin));
       } else if (k == "loader_threads") {
         ASSIGN_OR_RETURN(cfg->loader_threads, CountNode(node, qk, origin, 1, 256));
       } else if (k == "chunk_size") {
@@ -443,8 +462,13 @@ Status Finalize(DaemonConfig* cfg) {
     return InvalidArgument("gpu.export must be \"vmm\" or \"legacy\", not \"" + cfg->gpu_export + "\"",
                            "config.bad_gpu_export");
   if (!cfg->http_listen.empty()) RETURN_IF_ERROR(ValidateHttpListen(cfg->http_listen));
-  if (cfg->gpu_export == "legacy" && !cfg->shm_group.empty() && !cfg->gpu_legacy_multi_tenant)
-    return InvalidArgument("gpu.export = \"legacy\" with tenants (daemon.shm_group is set): a legacy CUDA IPC handle is a "
+  const bool tenants = !cfg->shm_group.empty() || !cfg->client_group.empty() ||
+                       std::any_of(cfg->models.begin(), cfg->models.end(), [](const ModelConfig& m) {
+                         return !m.allow_users.empty() || !m.allow_groups.empty();
+                       });
+  if (cfg->gpu_export == "legacy" && tenants && !cfg->gpu_legacy_multi_tenant)
+    return InvalidArgument("gpu.export = \"legacy\" with tenants (daemon.shm_group or daemon.client_group is set, or a "
+                           "model has an ACL): a legacy CUDA IPC handle is a "
                            "bearer token that any local process of any uid may open read-write, so one tenant could read "
                            "or change another's GPU copies; use \"vmm\", or set gpu.allow_legacy_multi_tenant = true to "
                            "accept that",

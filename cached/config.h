@@ -41,6 +41,9 @@ struct ModelConfig {
   std::int32_t priority = 0;         // lower priorities are evicted first
   std::optional<std::chrono::milliseconds> host_idle_ttl;  // overrides [cache].host_idle_ttl
   std::optional<std::chrono::milliseconds> gpu_idle_ttl;   // overrides [cache].gpu_idle_ttl
+  // Who may acquire it (names or numeric ids); both empty: the members of daemon.client_group.
+  std::vector<std::string> allow_users;
+  std::vector<std::string> allow_groups;
 
   bool operator==(const ModelConfig&) const = default;
 };
@@ -71,9 +74,16 @@ struct DaemonConfig {
   // two daemons on different sockets never collide; a lock makes the prefix exclusive.
   std::string shm_prefix;
   mode_t shm_mode = 0640;
-  // The group that owns the segments, so that its members (the tenants) may map them
-  // read-only: a group name or a numeric gid. Empty: the daemon's own group.
+  // The group that owns the segments: a group name or a numeric gid. Empty: the daemon's own
+  // group. Clients receive their segments as read-only fds after the ACL check and need not be
+  // in it; with per-model ACLs it must be none of the ACLs' groups (docs/security.md).
   std::string shm_group;
+  // Who may connect (group name or gid), the owner group of the socket and of its directory,
+  // and the ACL of every model that sets none. Empty: the daemon's own group.
+  std::string client_group;
+  // Members may load, evict and read stats, and acquire any model (root and the daemon's own
+  // uid always may). Empty: none.
+  std::string admin_group;
   std::uint32_t loader_threads = 4;
   std::uint64_t chunk_size = 64ull << 20;
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)

@@ -5,28 +5,6 @@
 
 namespace weightd {
 
-std::optional<PeerCred> ParsePeerAddress(const std::string& text) {
-  // The last three ':'-separated fields are uid, gid and pid.
-  std::vector<std::string_view> fields;
-  std::string_view rest(text);
-  for (std::size_t colon; (colon = rest.find(':')) != std::string_view::npos; rest.remove_prefix(colon + 1))
-    fields.push_back(rest.substr(0, colon));
-  fields.push_back(rest);
-  if (fields.size() < 3) return std::nullopt;
-  std::uint32_t v[3];
-  for (int i = 0; i < 3; ++i) {
-    std::string_view f = fields[fields.size() - 3 + static_cast<std::size_t>(i)];
-    auto [p, ec] = std::from_chars(f.data(), f.data() + f.size(), v[i]);
-    if (f.empty() || ec != std::errc() || p != f.data() + f.size()) return std::nullopt;
-  }
-  PeerCred c;
-  c.known = true;
-  c.uid = static_cast<uid_t>(v[0]);
-  c.gid = static_cast<gid_t>(v[1]);
-  c.pid = static_cast<pid_t>(v[2]);
-  return c;
-}
-
 LeaseTable::LeaseTable(std::uint32_t max_sessions, std::uint32_t max_leases_per_session)
     : max_sessions_(max_sessions), max_leases_(max_leases_per_session), rng_(std::random_device{}()) {}
 

@@ -33,8 +33,6 @@ struct PeerCred {
   pid_t pid = 0;
 };
 
-// Parses libzmq's ipc "Peer-Address" metadata ("[host]:uid:gid:pid").
-std::optional<PeerCred> ParsePeerAddress(const std::string& text);
 
 struct Session {
   std::uint64_t id = 0;

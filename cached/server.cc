@@ -28,6 +28,7 @@
 #include <systemd/sd-daemon.h>
 #include <zmq.hpp>
 
+#include "auth.h"
 #include "catalog.h"
 #include "fd_channel.h"
 #include "gpu_tier.h"
@@ -61,6 +62,11 @@ constexpr Ms kFdConnTimeout{2'000};
 constexpr std::size_t kMaxFdConnections = 256;
 constexpr Ms kFdSendTimeout{200};
 constexpr std::size_t kFdTokenBytes = 32;
+#ifdef ZMQ_ZAP_ENFORCE_DOMAIN
+constexpr int kZmqZapEnforceDomain = ZMQ_ZAP_ENFORCE_DOMAIN;
+#else
+constexpr int kZmqZapEnforceDomain = 93;  // zmq.h's value, hidden behind ZMQ_BUILD_DRAFT_API
+#endif
 
 std::uint64_t ToMs(Clock::TimePoint::duration d) {
   return static_cast<std::uint64_t>(std::chrono::duration_cast<Ms>(d).count());
@@ -124,18 +130,16 @@ Result<posix::Fd> LockShmPrefix(const std::string& prefix) {
   return owned;
 }
 
-// "weightd" or "1234" -> gid. NotFound "config.unknown_group" for a group the system lacks.
-Result<gid_t> ResolveGroup(const std::string& group) {
-  gid_t gid = 0;
-  auto [p, ec] = std::from_chars(group.data(), group.data() + group.size(), gid);
-  if (ec == std::errc() && p == group.data() + group.size()) return gid;
-  std::vector<char> buf(16384);
-  struct group gr {};
-  struct group* found = nullptr;
-  const int err = ::getgrnam_r(group.c_str(), &gr, buf.data(), buf.size(), &found);
-  if (err != 0) return posix::ErrnoStatus("looking up group '" + group + "'", err);
-  if (found == nullptr) return NotFound("daemon.shm_group: no group named '" + group + "'", "config.unknown_group");
-  return found->gr_gid;
+// Per-model ACLs are only airtight when no tenant can open segments by name: then the segments'
+// group must be none that an ACL or the client group grants, or have no group read bit.
+Status CheckSegmentGroup(const auth::Policy& policy, gid_t shm_gid, mode_t shm_mode) {
+  if (!policy.Restrictive() || (shm_mode & 0040) == 0 || !policy.GrantsGroup(shm_gid)) return Status::Ok();
+  return InvalidArgument("models have different ACLs (allow_users, allow_groups), but the segments' group (gid " +
+                             std::to_string(shm_gid) + ", daemon.shm_group or the daemon's own group) is one the "
+                             "client group or an ACL grants, so its members could open every model's segments by "
+                             "name; set daemon.shm_mode = \"0600\" (clients get their segments as fds anyway) or a "
+                             "shm_group no ACL names",
+                         "config.shm_group_leaks");
 }
 
 LoaderOptions LoaderOptionsOf(const DaemonConfig& c, gid_t shm_group) {
@@ -273,6 +277,10 @@ struct PendingFds {
   // The lease pins the copy; a token must not keep it alive past the lease.
   std::weak_ptr<const gpu::GpuCopy> copy;
   std::vector<std::uint32_t> shards;  // in manifest order
+  // A host lease: its non-empty segments in manifest order, opened read-only when the client
+  // comes for them.
+  bool host = false;
+  std::vector<std::string> shm_names;
   Clock::TimePoint expires;
 };
 
@@ -304,7 +312,10 @@ struct Server::Impl {
 
   // Loop-thread state.
   zmq::context_t ctx{1};
+  std::unique_ptr<auth::ZapHandler> zap;  // before router: it must outlive the socket it guards
   zmq::socket_t router;
+  auth::Policy policy;
+  gid_t shm_gid = 0;
   posix::Fd epoll_fd, event_fd, signal_fd;
   posix::Fd socket_lock, prefix_lock;
   std::string socket_path;
@@ -374,11 +385,13 @@ struct Server::Impl {
   ThreadPool check_jobs;  // checks of resident files for changes
   ThreadPool reap_jobs;   // Dispose()
 
-  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem, gid_t shm_group)
+  Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem, gid_t shm_group, auth::Policy p)
       : config(std::move(cfg)),
         clock(c),
         started(c->Now()),
         gpu(g),
+        policy(std::move(p)),
+        shm_gid(shm_group),
         leases(config.max_sessions, config.max_leases_per_client),
         memory(mem),
         loader(LoaderOptionsOf(config, shm_group)),
@@ -430,7 +443,7 @@ struct Server::Impl {
   }
 
   // Request handlers: return a reply, or nullopt when the request was parked.
-  std::optional<proto::ReplyBody> OnHello(const std::string& rid, const proto::Hello& m, zmq::message_t& payload);
+  std::optional<proto::ReplyBody> OnHello(const std::string& rid, const proto::Hello& m, const auth::Identity& who);
   std::optional<proto::ReplyBody> OnAcquire(Session& s, std::uint64_t req, const proto::Acquire& m);
   std::optional<proto::ReplyBody> OnLoad(Session& s, std::uint64_t req, const proto::Load& m);
   proto::ReplyBody OnRelease(Session& s, const proto::Release& m);
@@ -517,6 +530,7 @@ struct Server::Impl {
   void AcceptFdClients();
   void ServeFdClient(int fd);
   void ExpireFdState(Clock::TimePoint now);
+  Result<std::vector<posix::Fd>> LeaseFds(const PendingFds& p);
   void CloseFdClient(int fd);
   proto::ModelStatus StatusOf(const ModelEntry& m) const;
   proto::DaemonStats StatsNow() const;
@@ -524,6 +538,28 @@ struct Server::Impl {
   void BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
                   const std::vector<std::string>& shm_paths);
   void Notify(const std::string& state) { sd_notify(0, state.c_str()); }
+
+  // The socket, its directory (when the daemon made it) and the fd socket belong to the client
+  // group, whose members alone may connect (with the 0750/0660 modes).
+  Status GiveToClientGroup(const std::string& path) {
+    if (::chown(path.c_str(), static_cast<uid_t>(-1), policy.client_gid()) == 0) return Status::Ok();
+    return FailedPrecondition("giving " + path + " to the client group (gid " + std::to_string(policy.client_gid()) +
+                                  "): " + std::strerror(errno) + "; the daemon's user must be a member of daemon.client_group",
+                              "daemon.client_group");
+  }
+  // PermissionDenied unless `who` is an admin.
+  std::optional<proto::ReplyBody> DenyUnlessAdmin(const auth::Identity& who, const char* what) const {
+    if (policy.IsAdmin(who)) return std::nullopt;
+    return proto::ToErrorReply(PermissionDenied(std::string(what) + " is an admin operation: " + who.ToString() +
+                                                    " is neither root, the daemon's user nor in daemon.admin_group",
+                                                "auth.admin_only"));
+  }
+  std::optional<proto::ReplyBody> DenyModel(const auth::Identity& who, const std::string& model) const {
+    if (policy.MayAcquire(who, model)) return std::nullopt;
+    return proto::ToErrorReply(PermissionDenied(who.ToString() + " may not use model '" + model +
+                                                    "' (its allow_users and allow_groups do not include it)",
+                                                "auth.model_denied"));
+  }
 };
 
 Status Server::Impl::Init() {
@@ -536,6 +572,7 @@ Status Server::Impl::Init() {
       std::filesystem::create_directories(dir, ec);
       if (ec) return posix::ErrnoStatus("creating socket directory " + dir.string(), ec.value());
       ::chmod(dir.c_str(), 0750);
+      RETURN_IF_ERROR(GiveToClientGroup(dir.string()));
     }
   }
   RETURN_IF_ERROR(CheckSocketPaths(dir.empty() ? std::string(".") : dir.string(),
@@ -552,8 +589,19 @@ Status Server::Impl::Init() {
   }
   if (stale > 0) spdlog::warn("removed {} stale segments of an earlier instance under prefix '{}'", stale, config.shm_prefix);
 
+  ASSIGN_OR_RETURN(zap, auth::ZapHandler::Start(ctx));
   try {
     router = zmq::socket_t(ctx, zmq::socket_type::router);
+    // Every connection passes the ZAP handler, which stamps it with the peer's credentials; with
+    // enforcement, no handler means no connection (fail closed).
+    router.set(zmq::sockopt::zap_domain, "weightd");
+    // ZMQ_ZAP_ENFORCE_DOMAIN is a draft option in libzmq 4.3 (93 there). Where the library lacks
+    // it, a missing handler would let connections through unstamped, and Dispatch refuses every
+    // message without the handler's User-Id: closed either way.
+    const int enforce = 1;
+    if (zmq_setsockopt(router.handle(), kZmqZapEnforceDomain, &enforce, sizeof enforce) != 0)
+      spdlog::info("libzmq lacks ZMQ_ZAP_ENFORCE_DOMAIN ({}); unstamped messages are refused instead",
+                   zmq_strerror(zmq_errno()));
     router.set(zmq::sockopt::linger, 0);
     router.set(zmq::sockopt::maxmsgsize, static_cast<int64_t>(config.max_message_size));
     router.set(zmq::sockopt::router_mandatory, 1);
@@ -565,6 +613,7 @@ Status Server::Impl::Init() {
     return Unavailable("binding " + config.socket + ": " + e.what(), "daemon.bind_failed");
   }
   ::chmod(socket_path.c_str(), 0660);
+  RETURN_IF_ERROR(GiveToClientGroup(socket_path));
 
   int efd = ::epoll_create1(EPOLL_CLOEXEC);
   if (efd < 0) return posix::ErrnoStatus("epoll_create1");
@@ -588,10 +637,12 @@ Status Server::Impl::Init() {
   }
 
   ASSIGN_OR_RETURN(gpu_mode, gpu::ParseExportMode(config.gpu_export));
-  if (gpu_available() && gpu_mode == gpu::ExportMode::kVmm) {
+  {
+    // Host segments (and VMM exports) reach clients as fds over this socket.
     auto listener = fdchan::FdListener::Bind(config.fd_socket, 0660);
-    if (!listener.ok()) return listener.status().WithContext("binding the GPU fd socket");
+    if (!listener.ok()) return listener.status().WithContext("binding the fd socket");
     fd_listener.emplace(std::move(listener).value());
+    RETURN_IF_ERROR(GiveToClientGroup(config.fd_socket));
     epoll_event ev{};
     ev.events = EPOLLIN;
     ev.data.u64 = kTagFdListen;
@@ -737,11 +788,26 @@ void Server::Impl::HandleRequest(const std::string& rid, zmq::message_t& payload
 }
 
 void Server::Impl::Dispatch(const std::string& rid, std::uint64_t id, proto::Request& req, zmq::message_t& payload) {
-  if (auto* hello = std::get_if<proto::Hello>(&req.body)) {
-    if (auto r = OnHello(rid, *hello, payload)) Send(rid, id, std::move(*r));
+  // Who sent this: the credentials the ZAP handler stamped on the connection, never the request.
+  const auth::Identity who = auth::IdentityOf(payload);
+  if (!who.known) {
+    SendError(rid, id, PermissionDenied("no peer credentials on this connection", "auth.no_credentials"));
     return;
   }
   Session* s = leases.Find(rid);
+  // A routing id is chosen by the peer: a connection that reuses a session's routing id after its
+  // owner went away must not inherit it.
+  if (s != nullptr && (s->peer.uid != who.uid || s->peer.pid != who.pid)) {
+    spdlog::warn("{} used the routing id of session {} (uid {}, pid {}); refused", who.ToString(), s->id, s->peer.uid,
+                 s->peer.pid);
+    SendError(rid, id, PermissionDenied("this connection's routing id belongs to another process's session",
+                                        "auth.session_mismatch"));
+    return;
+  }
+  if (auto* hello = std::get_if<proto::Hello>(&req.body)) {
+    if (auto r = OnHello(rid, *hello, who)) Send(rid, id, std::move(*r));
+    return;
+  }
   if (s == nullptr) {
     SendError(rid, id, FailedPrecondition("no session: send Hello first", "protocol.no_session"));
     return;
@@ -753,25 +819,32 @@ void Server::Impl::Dispatch(const std::string& rid, std::uint64_t id, proto::Req
         if constexpr (std::is_same_v<T, proto::Hello>) {
           return std::nullopt;  // handled above
         } else if constexpr (std::is_same_v<T, proto::Acquire>) {
+          if (models.count(body.model) != 0)
+            if (auto denied = DenyModel(who, body.model)) return denied;
           return OnAcquire(*s, id, body);
         } else if constexpr (std::is_same_v<T, proto::Release>) {
           return OnRelease(*s, body);
         } else if constexpr (std::is_same_v<T, proto::Heartbeat>) {
           return proto::OkReply{};
         } else if constexpr (std::is_same_v<T, proto::List>) {
-          proto::ModelList list;
-          for (const auto& [name, m] : models) list.models.push_back(StatusOf(m));
+          proto::ModelList list;  // only the models this peer may use
+          for (const auto& [name, m] : models)
+            if (policy.MayAcquire(who, name)) list.models.push_back(StatusOf(m));
           return list;
         } else if constexpr (std::is_same_v<T, proto::StatusRequest>) {
           auto it = models.find(body.model);
           if (it == models.end())
             return proto::ToErrorReply(NotFound("model '" + body.model + "' is not in the catalog", "catalog.unknown_model"));
+          if (auto denied = DenyModel(who, body.model)) return denied;
           return StatusOf(it->second);
         } else if constexpr (std::is_same_v<T, proto::Load>) {
+          if (auto denied = DenyUnlessAdmin(who, "load")) return denied;
           return OnLoad(*s, id, body);
         } else if constexpr (std::is_same_v<T, proto::Evict>) {
+          if (auto denied = DenyUnlessAdmin(who, "evict")) return denied;
           return OnEvict(body);
         } else if constexpr (std::is_same_v<T, proto::Stats>) {
+          if (auto denied = DenyUnlessAdmin(who, "stats")) return denied;
           return StatsNow();
         } else if constexpr (std::is_same_v<T, proto::Goodbye>) {
           EndSession(s->id, "client closed");
@@ -783,12 +856,19 @@ void Server::Impl::Dispatch(const std::string& rid, std::uint64_t id, proto::Req
 }
 
 std::optional<proto::ReplyBody> Server::Impl::OnHello(const std::string& rid, const proto::Hello& m,
-                                                       zmq::message_t& payload) {
-  PeerCred peer;
-  // zmq_msg_gets, not cppzmq's gets(), which throws when the property is missing.
-  if (const char* addr = zmq_msg_gets(payload.handle(), "Peer-Address")) {
-    if (auto p = ParsePeerAddress(addr)) peer = *p;
+                                                       const auth::Identity& who) {
+  if (!policy.MayConnect(who)) {
+    spdlog::warn("refused a session for {}: not in the client group, an admin or in any model's ACL", who.ToString());
+    return proto::ToErrorReply(PermissionDenied(who.ToString() + " may not use this daemon: it is not in daemon.client_group "
+                                                                 "(gid " + std::to_string(policy.client_gid()) +
+                                                    "), an admin, or allowed any model",
+                                                "auth.not_a_client"));
   }
+  PeerCred peer;
+  peer.known = true;
+  peer.uid = who.uid;
+  peer.gid = who.gid;
+  peer.pid = who.pid;
   const bool fresh = leases.Find(rid) == nullptr;
   auto s = leases.Open(rid, m.client_name, peer, clock->Now());
   if (!s.ok()) return proto::ToErrorReply(s.status());
@@ -1707,17 +1787,23 @@ proto::ReplyBody Server::Impl::GrantLease(Session& s, ModelEntry& m, const proto
     man.device = copy->device_uuid();
     man.gpu_export = static_cast<std::uint8_t>(copy->mode() == gpu::ExportMode::kVmm ? proto::GpuExport::kVmm
                                                                                      : proto::GpuExport::kLegacy);
-    if (copy->mode() == gpu::ExportMode::kVmm) {
-      std::string token(kFdTokenBytes, '\0');
-      Status r = posix::RandomBytes(std::as_writable_bytes(std::span(token.data(), token.size())));
-      if (!r.ok()) {
-        (void)leases.Release(s, *id);
-        return proto::ToErrorReply(r);
-      }
-      man.fd_socket = config.fd_socket;
-      man.fd_token = token;
-      pending_fds[token] = PendingFds{s.id, *id, copy, std::move(shards), clock->Now() + kFdTokenTtl};
+  }
+  // VMM exports and host segments travel as fds over the fd socket, to the process that holds
+  // this token (and the session's credentials); a legacy handle is in the manifest itself.
+  if (!copy || copy->mode() == gpu::ExportMode::kVmm) {
+    std::string token(kFdTokenBytes, '\0');
+    Status r = posix::RandomBytes(std::as_writable_bytes(std::span(token.data(), token.size())));
+    if (!r.ok()) {
+      (void)leases.Release(s, *id);
+      return proto::ToErrorReply(r);
     }
+    man.fd_socket = config.fd_socket;
+    man.fd_token = token;
+    PendingFds p{s.id, *id, copy, std::move(shards), !copy, {}, clock->Now() + kFdTokenTtl};
+    if (!copy)
+      for (const auto& seg : man.segments)
+        if (seg.size > 0) p.shm_names.push_back(seg.shm_name);
+    pending_fds[token] = std::move(p);
   }
   m.last_used = clock->Now();
   return man;
@@ -1999,21 +2085,43 @@ void Server::Impl::ServeFdClient(int fd) {
   // the one that opened that session.
   if (!s->peer.known || conn.peer().uid != s->peer.uid || conn.peer().pid != s->peer.pid)
     return deny("credentials do not match the session (pid " + std::to_string(s->peer.pid) + ")");
-  std::shared_ptr<const gpu::GpuCopy> copy = pending.copy.lock();
-  if (copy == nullptr) return deny("the lease has ended");
-  auto fds = copy->ExportFds();
+  auto fds = LeaseFds(pending);
   if (!fds.ok()) {
+    if (fds.status().reason() == "fdchan.lease_ended") return deny("the lease has ended");
     spdlog::error("exporting fds of lease {}: {}", pending.lease_id, fds.status().ToString());
     (void)conn.SendReply(fds.status(), {}, {}, kFdSendTimeout);
     CloseFdClient(fd);
     return;
   }
   std::vector<int> raw;
-  raw.reserve(pending.shards.size());
-  for (std::uint32_t i : pending.shards) raw.push_back((*fds)[i].get());
+  raw.reserve(fds->size());
+  for (const posix::Fd& f : *fds) raw.push_back(f.get());
   Status sent = conn.SendReply(Status::Ok(), std::to_string(pending.lease_id), raw, kFdSendTimeout);
   if (!sent.ok()) spdlog::warn("fd socket: sending fds of lease {}: {}", pending.lease_id, sent.ToString());
   CloseFdClient(fd);  // our copies of the fds close with `fds`
+}
+
+Result<std::vector<posix::Fd>> Server::Impl::LeaseFds(const PendingFds& p) {
+  std::vector<posix::Fd> out;
+  if (!p.host) {  // a VMM export
+    std::shared_ptr<const gpu::GpuCopy> copy = p.copy.lock();
+    if (copy == nullptr) return FailedPrecondition("the lease has ended", "fdchan.lease_ended");
+    ASSIGN_OR_RETURN(std::vector<posix::Fd> all, copy->ExportFds());
+    for (std::uint32_t i : p.shards) out.push_back(std::move(all.at(i)));
+    return out;
+  }
+  // Host segments: a read-only open file description each, so no route through the fd (mmap,
+  // mprotect, a reopen of /proc/self/fd) can make it writable. A name that is gone means the
+  // segment was replaced (a reload), which ends what the lease referred to.
+  for (const std::string& name : p.shm_names) {
+    int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+    if (fd < 0) {
+      if (errno == ENOENT) return FailedPrecondition("the lease has ended", "fdchan.lease_ended");
+      return posix::ErrnoStatus("shm_open(" + name + ", O_RDONLY)");
+    }
+    out.emplace_back(fd);
+  }
+  return out;
 }
 
 void Server::Impl::ExpireFdState(Clock::TimePoint now) {
@@ -2079,6 +2187,16 @@ void Server::Impl::ReloadCatalog() {
     if (it != merged.end()) *it = m;
     else merged.push_back(m);
   }
+  // The ACLs come with the models; the groups they name are looked up again.
+  DaemonConfig acl_config = config;
+  acl_config.models = merged;
+  auto next_policy = auth::Policy::Create(acl_config, ::geteuid(), ::getegid());
+  if (next_policy.ok()) s = CheckSegmentGroup(*next_policy, shm_gid, config.shm_mode);
+  if (!next_policy.ok() || !s.ok()) {
+    spdlog::error("SIGHUP: keeping the current catalog: {}", (next_policy.ok() ? s : next_policy.status()).ToString());
+    return;
+  }
+  policy = std::move(next_policy).value();
   ApplyCatalog(merged);
   Notify("STATUS=catalog reloaded: " + std::to_string(catalog.models().size()) + " models");
 }
@@ -2355,11 +2473,16 @@ Server::~Server() = default;
 
 Result<std::unique_ptr<Server>> Server::Create(DaemonConfig config, const Clock* clock, gpu::GpuTier* gpu,
                                                MemoryProbe* memory) {
-  gid_t shm_group = static_cast<gid_t>(-1);
+  gid_t shm_group = static_cast<gid_t>(-1);  // the loader leaves the segments' group as created
+  gid_t shm_gid = ::getegid();
   if (!config.shm_group.empty()) {
-    ASSIGN_OR_RETURN(shm_group, ResolveGroup(config.shm_group));
+    auto g = auth::ResolveGroup(config.shm_group);
+    if (!g.ok()) return g.status().WithContext("daemon.shm_group");
+    shm_group = shm_gid = *g;
   }
-  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu, memory, shm_group);
+  ASSIGN_OR_RETURN(auth::Policy policy, auth::Policy::Create(config, ::geteuid(), ::getegid()));
+  RETURN_IF_ERROR(CheckSegmentGroup(policy, shm_gid, config.shm_mode));
+  auto impl = std::make_unique<Impl>(std::move(config), clock, gpu, memory, shm_group, std::move(policy));
   RETURN_IF_ERROR(impl->Init());
   return std::unique_ptr<Server>(new Server(std::move(impl)));
 }

@@ -78,15 +78,6 @@ Status UnexpectedReply(const proto::RequestBody& req, const proto::ReplyBody& re
                   "protocol.unexpected_reply");
 }
 
-// shm_open wrapped once: EINTR retried, errors name the segment.
-Result<posix::Fd> ShmOpenReadOnly(const std::string& name) {
-  int fd;
-  do fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
-  while (fd < 0 && errno == EINTR);
-  if (fd < 0) return posix::ErrnoStatus("shm_open(" + name + ", O_RDONLY)");
-  return posix::Fd(fd);
-}
-
 Status BadManifest(const std::string& model, const std::string& what) {
   return DataLoss("daemon sent an invalid manifest for model '" + model + "': " + what,
                   "protocol.bad_manifest");
@@ -615,6 +606,12 @@ Result<Client> Client::Connect(ClientOptions options) {
     const char* env = std::getenv("WEIGHTD_SOCKET");
     endpoint = env != nullptr && *env != '\0' ? env : kDefaultEndpoint;
   }
+  // libzmq retries a refused ipc connect silently until the timeout; say at once when it is the
+  // socket's (or its directory's) permissions.
+  if (endpoint.starts_with("ipc://") && ::access(endpoint.c_str() + 6, R_OK | W_OK) != 0 && errno == EACCES)
+    return PermissionDenied("may not connect to " + endpoint + ": permission denied (the socket belongs to the "
+                            "daemon's client group; ask its admin to add this user to it)",
+                            "client.socket_denied");
   auto impl = std::make_shared<Impl>(endpoint, options);
   RETURN_IF_ERROR(impl->Open());
   if (options.prepare_cuda_device >= 0) {
@@ -637,16 +634,37 @@ Result<Client> Client::Connect(ClientOptions options) {
 
 namespace {
 
-// Maps the host segments of a validated manifest.
+// The lease's fds from the daemon's fd socket: `expected` of them, in manifest order.
+Result<std::vector<posix::Fd>> FetchLeaseFds(const proto::Manifest& m, std::size_t expected) {
+  if (m.fd_token.empty() || m.fd_token.size() > fdchan::kMaxTokenBytes || m.fd_socket.empty() ||
+      m.fd_socket[0] != '/' || m.fd_socket.size() > 107)
+    return BadManifest(m.model, "no usable fd socket and token");
+  ASSIGN_OR_RETURN(fdchan::FdReply reply, fdchan::FetchFds(m.fd_socket, m.fd_token, kFdFetchTimeout, expected));
+  if (reply.payload != std::to_string(m.lease_id) || reply.fds.size() != expected)
+    return BadManifest(m.model, "the fd socket answered for lease '" + reply.payload.substr(0, 32) + "' with " +
+                                    std::to_string(reply.fds.size()) + " fds, expected lease " +
+                                    std::to_string(m.lease_id) + " with " + std::to_string(expected));
+  return std::move(reply.fds);
+}
+
+// Maps the host segments of a validated manifest. The daemon hands them over as read-only fds
+// (the segments themselves need not be readable by this process's uid or groups).
 Status MapHostSegments(const proto::Manifest& m, Lease::Impl& lease) {
+  const auto nonempty = static_cast<std::size_t>(
+      std::count_if(m.segments.begin(), m.segments.end(), [](const proto::SegmentInfo& s) { return s.size > 0; }));
+  std::vector<posix::Fd> fds;
+  if (nonempty > 0) {
+    ASSIGN_OR_RETURN(fds, FetchLeaseFds(m, nonempty));
+  }
   lease.mappings.reserve(m.segments.size());
+  std::size_t next = 0;
   for (const auto& seg : m.segments) {
     if (seg.size == 0) {
       lease.mappings.emplace_back();
       continue;
     }
     const std::string ctx = "mapping model '" + m.model + "' shard " + seg.file;
-    ASSIGN_OR_RETURN(posix::Fd fd, ShmOpenReadOnly(seg.shm_name));
+    posix::Fd fd = std::move(fds[next++]);
     ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd.get(), seg.shm_name));
     if (st.size < seg.size)
       return DataLoss(ctx + ": segment " + seg.shm_name + " holds " + std::to_string(st.size) +
@@ -666,12 +684,7 @@ Status ImportGpuSegments(const proto::Manifest& m, gpu::CudaApi* api, int ordina
   const bool vmm = m.gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
   std::vector<posix::Fd> fds;
   if (vmm) {
-    ASSIGN_OR_RETURN(fdchan::FdReply reply, fdchan::FetchFds(m.fd_socket, m.fd_token, kFdFetchTimeout, m.segments.size()));
-    if (reply.payload != std::to_string(m.lease_id) || reply.fds.size() != m.segments.size())
-      return BadManifest(m.model, "the fd socket answered for lease '" + reply.payload.substr(0, 32) + "' with " +
-                                      std::to_string(reply.fds.size()) + " fds, expected lease " +
-                                      std::to_string(m.lease_id) + " with " + std::to_string(m.segments.size()));
-    fds = std::move(reply.fds);
+    ASSIGN_OR_RETURN(fds, FetchLeaseFds(m, m.segments.size()));
   }
   {
     std::lock_guard g(warm.mu);

@@ -11,6 +11,7 @@
 #include <fstream>
 #include <functional>
 #include <limits>
+#include <map>
 #include <mutex>
 #include <optional>
 #include <sstream>
@@ -19,6 +20,7 @@
 #include <gtest/gtest.h>
 #include <zmq.hpp>
 
+#include "fd_channel.h"
 #include "protocol.h"
 #include "support/daemon_process.h"
 #include "weightd/client.h"
@@ -43,11 +45,16 @@ class FakeDaemon {
     endpoint_ = "ipc://" + dir_.file("fake.sock");
     socket_.set(zmq::sockopt::linger, 0);
     socket_.bind(endpoint_);
+    auto l = fdchan::FdListener::Bind(fd_socket_);
+    if (!l.ok()) throw Error(l.status());
+    fd_listener_.emplace(std::move(l).value());
     thread_ = std::thread([this] { Loop(); });
+    fd_thread_ = std::thread([this] { FdLoop(); });
   }
   ~FakeDaemon() {
     stop_ = true;
     thread_.join();
+    fd_thread_.join();
   }
 
   const std::string& endpoint() const { return endpoint_; }
@@ -107,12 +114,74 @@ class FakeDaemon {
       cv_.notify_all();
       std::optional<std::string> reply = handler_ ? handler_(*req) : std::nullopt;
       if (!reply.has_value()) reply = Default(*req);
+      OfferHostFds(&*reply);
       if (!reply->empty()) later_.insert(later_.begin(), std::move(*reply));  // empty: no answer now
       for (auto& f : later_) {
         socket_.send(zmq::buffer(identity.to_string_view()), zmq::send_flags::sndmore);
         socket_.send(zmq::buffer(f));
       }
       later_.clear();
+    }
+  }
+
+  // As the daemon does, a host manifest's segments travel as read-only fds: a scripted host
+  // manifest without a token gets one, answered on the fd socket with its segments (opened
+  // when the client comes, so a missing one is the client's error to see).
+  void OfferHostFds(std::string* frame) {
+    auto reply = proto::DecodeReply(*frame);
+    if (!reply.ok()) return;
+    auto* m = std::get_if<proto::Manifest>(&reply->body);
+    if (m == nullptr || m->device != "cpu" || !m->fd_token.empty()) return;
+    m->fd_socket = fd_socket_;
+    m->fd_token = "token-" + std::to_string(m->lease_id);
+    std::vector<std::string> names;
+    for (const auto& s : m->segments)
+      if (s.size > 0) names.push_back(s.shm_name);
+    {
+      std::lock_guard g(mu_);
+      fd_offers_[m->fd_token] = {m->lease_id, std::move(names)};
+    }
+    *frame = proto::EncodeReply(*reply);
+  }
+
+  void FdLoop() {
+    while (!stop_) {
+      auto conn = fd_listener_->Accept();
+      if (!conn.ok() || !conn->has_value()) {
+        std::this_thread::sleep_for(5ms);
+        continue;
+      }
+      fdchan::FdConnection c = std::move(**conn);
+      Result<std::optional<std::string>> token = std::optional<std::string>();
+      for (int i = 0; i < 400 && token.ok() && !token->has_value(); ++i) {
+        token = c.TryReadToken();
+        if (token.ok() && !token->has_value()) std::this_thread::sleep_for(5ms);
+      }
+      if (!token.ok() || !token->has_value()) continue;
+      std::pair<std::uint64_t, std::vector<std::string>> offer;
+      {
+        std::lock_guard g(mu_);
+        auto it = fd_offers_.find(**token);
+        if (it == fd_offers_.end()) {
+          (void)c.SendReply(PermissionDenied("unknown token", "fdchan.denied"), {}, {}, 1s);
+          continue;
+        }
+        offer = it->second;
+      }
+      std::vector<posix::Fd> fds;
+      Status st = Status::Ok();
+      for (const std::string& name : offer.second) {
+        int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
+        if (fd < 0) {
+          st = posix::ErrnoStatus("shm_open(" + name + ")");
+          break;
+        }
+        fds.emplace_back(fd);
+      }
+      std::vector<int> raw;
+      for (const auto& f : fds) raw.push_back(f.get());
+      if (!st.ok()) raw.clear();
+      (void)c.SendReply(st, std::to_string(offer.first), raw, 1s);
     }
   }
 
@@ -142,7 +211,10 @@ class FakeDaemon {
   std::condition_variable cv_;
   std::vector<proto::Request> received_;
   std::vector<std::string> later_;  // server thread only
-  std::thread thread_;
+  std::string fd_socket_ = dir_.file("fake.sock.fds");
+  std::optional<fdchan::FdListener> fd_listener_;
+  std::map<std::string, std::pair<std::uint64_t, std::vector<std::string>>> fd_offers_;  // by token; guarded by mu_
+  std::thread thread_, fd_thread_;
 };
 
 Client ConnectOrDie(const FakeDaemon& d) {

@@ -67,12 +67,6 @@ TEST(Config, ParsesSizesAndDurations) {
   EXPECT_FALSE(ParseDuration("soon").ok());
 }
 
-}  // namespace
-}  // namespace weightd
-
-namespace weightd {
-namespace {
-
 TEST(Config, ReadsTheCachePolicyAndModelPolicies) {
   auto cfg = Load(R"(
 [daemon]
@@ -141,6 +135,29 @@ TEST(Config, TheFileIsAsciiWithEscapesForOtherCharacters) {
   auto ok = Load("[models.m]\npath = \"/srv/mod\\u00e8les/m\"\n");
   ASSERT_TRUE(ok.ok()) << ok.status().ToString();
   EXPECT_EQ(ok->models[0].dir, "/srv/mod\xc3\xa8les/m");
+}
+
+}  // namespace
+}  // namespace weightd
+
+namespace weightd {
+namespace {
+
+TEST(Config, ReadsTheAccessKeys) {
+  auto cfg = Load(
+      "[daemon]\nclient_group = \"weightd-clients\"\nadmin_group = \"wheel\"\n"
+      "[models.a]\npath = \"/m/a\"\nallow_users = [\"alice\", 1001]\nallow_groups = [\"ml\"]\n");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  EXPECT_EQ(cfg->client_group, "weightd-clients");
+  EXPECT_EQ(cfg->admin_group, "wheel");
+  ASSERT_EQ(cfg->models.size(), 1u);
+  EXPECT_EQ(cfg->models[0].allow_users, (std::vector<std::string>{"alice", "1001"}));
+  EXPECT_EQ(cfg->models[0].allow_groups, (std::vector<std::string>{"ml"}));
+  for (const char* bad : {"allow_users = \"alice\"", "allow_users = [true]", "allow_groups = [\"\"]", "allow_users = [-1]"})
+    EXPECT_EQ(Load(std::string("[models.a]\npath = \"/m/a\"\n") + bad + "\n").status().code(), Code::kInvalidArgument) << bad;
+  // An ACL makes the config multi-tenant: the legacy GPU export then needs its opt-in.
+  EXPECT_EQ(Load("[gpu]\nexport = \"legacy\"\n[models.a]\npath = \"/m/a\"\nallow_groups = [\"ml\"]\n").status().reason(),
+            "config.legacy_multi_tenant");
 }
 
 }  // namespace

@@ -1,0 +1,309 @@
+#include "auth.h"
+
+#include <grp.h>
+#include <pwd.h>
+
+#include <algorithm>
+#include <charconv>
+#include <fstream>
+#include <sstream>
+
+#include <spdlog/spdlog.h>
+
+namespace weightd::auth {
+namespace {
+
+constexpr const char* kZapEndpoint = "inproc://zeromq.zap.01";
+constexpr const char* kGroupsProperty = "X-Groups";
+constexpr std::size_t kMaxGroups = 65536;  // NGROUPS_MAX
+
+template <typename T>
+bool ParseNumber(std::string_view s, T* out) {
+  auto [p, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return !s.empty() && ec == std::errc() && p == s.data() + s.size();
+}
+
+std::vector<std::string_view> Split(std::string_view s, char sep) {
+  std::vector<std::string_view> out;
+  for (std::size_t at; (at = s.find(sep)) != std::string_view::npos; s.remove_prefix(at + 1)) out.push_back(s.substr(0, at));
+  out.push_back(s);
+  return out;
+}
+
+void SortUnique(std::vector<gid_t>* v) {
+  std::sort(v->begin(), v->end());
+  v->erase(std::unique(v->begin(), v->end()), v->end());
+}
+
+// /proc/<pid>/status: "Uid:\treal\teffective\t..." and "Groups:\t10 1001 ". nullopt unless
+// the file is readable and its real uid is `uid`.
+std::optional<std::vector<gid_t>> ProcGroups(uid_t uid, gid_t gid, pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/status");
+  if (!in) return std::nullopt;
+  std::optional<uid_t> real_uid;
+  std::optional<std::vector<gid_t>> groups;
+  for (std::string line; std::getline(in, line);) {
+    if (line.rfind("Uid:", 0) == 0) {
+      std::istringstream f(line.substr(4));
+      uid_t u;
+      if (f >> u) real_uid = u;
+    } else if (line.rfind("Groups:", 0) == 0) {
+      std::istringstream f(line.substr(7));
+      std::vector<gid_t> g{gid};
+      for (gid_t x; f >> x && g.size() < kMaxGroups;) g.push_back(x);
+      groups = std::move(g);
+    }
+  }
+  if (!real_uid || *real_uid != uid || !groups) return std::nullopt;
+  return groups;
+}
+
+std::vector<gid_t> DatabaseGroups(uid_t uid, gid_t gid) {
+  std::vector<gid_t> out{gid};
+  std::vector<char> buf(16384);
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  if (::getpwuid_r(uid, &pw, buf.data(), buf.size(), &found) != 0 || found == nullptr) return out;
+  int n = 64;
+  std::vector<gid_t> g(static_cast<std::size_t>(n));
+  if (::getgrouplist(found->pw_name, gid, g.data(), &n) < 0) {
+    if (n <= 0 || static_cast<std::size_t>(n) > kMaxGroups) return out;
+    g.resize(static_cast<std::size_t>(n));
+    if (::getgrouplist(found->pw_name, gid, g.data(), &n) < 0) return out;
+  }
+  g.resize(static_cast<std::size_t>(n));
+  out.insert(out.end(), g.begin(), g.end());
+  return out;
+}
+
+// ZMTP metadata: a name (1-byte length) and a value (4-byte big-endian length).
+std::string Property(std::string_view name, std::string_view value) {
+  std::string out;
+  out.push_back(static_cast<char>(name.size()));
+  out.append(name);
+  const auto n = static_cast<std::uint32_t>(value.size());
+  for (int shift = 24; shift >= 0; shift -= 8) out.push_back(static_cast<char>((n >> shift) & 0xff));
+  out.append(value);
+  return out;
+}
+
+}  // namespace
+
+bool Identity::InGroup(gid_t g) const { return known && std::binary_search(groups.begin(), groups.end(), g); }
+
+std::string Identity::ToString() const {
+  if (!known) return "an unidentified peer";
+  return "uid " + std::to_string(uid) + " (pid " + std::to_string(pid) + ")";
+}
+
+std::optional<Identity> ParseIdentity(std::string_view user_id, std::string_view groups) {
+  auto f = Split(user_id, ':');
+  Identity id;
+  if (f.size() != 3 || !ParseNumber(f[0], &id.uid) || !ParseNumber(f[1], &id.gid) || !ParseNumber(f[2], &id.pid) ||
+      id.pid < 0)
+    return std::nullopt;
+  id.groups.push_back(id.gid);
+  if (!groups.empty()) {
+    for (std::string_view g : Split(groups, ',')) {
+      gid_t x;
+      if (!ParseNumber(g, &x) || id.groups.size() >= kMaxGroups) return std::nullopt;
+      id.groups.push_back(x);
+    }
+  }
+  SortUnique(&id.groups);
+  id.known = true;
+  return id;
+}
+
+std::string FormatGroups(const std::vector<gid_t>& groups) {
+  std::string out;
+  for (gid_t g : groups) {
+    if (!out.empty()) out.push_back(',');
+    out += std::to_string(g);
+  }
+  return out;
+}
+
+std::vector<gid_t> PeerGroups(uid_t uid, gid_t gid, pid_t pid) {
+  std::optional<std::vector<gid_t>> g;
+  if (pid > 0) g = ProcGroups(uid, gid, pid);
+  std::vector<gid_t> out = g ? std::move(*g) : DatabaseGroups(uid, gid);
+  SortUnique(&out);
+  return out;
+}
+
+Result<uid_t> ResolveUser(const std::string& user) {
+  uid_t uid = 0;
+  if (ParseNumber(std::string_view(user), &uid)) return uid;
+  std::vector<char> buf(16384);
+  struct passwd pw {};
+  struct passwd* found = nullptr;
+  const int err = ::getpwnam_r(user.c_str(), &pw, buf.data(), buf.size(), &found);
+  if (err != 0) return Internal("looking up user '" + user + "': " + std::strerror(err), "config.unknown_user");
+  if (found == nullptr) return NotFound("no user named '" + user + "'", "config.unknown_user");
+  return found->pw_uid;
+}
+
+Result<gid_t> ResolveGroup(const std::string& group) {
+  gid_t gid = 0;
+  if (ParseNumber(std::string_view(group), &gid)) return gid;
+  std::vector<char> buf(16384);
+  struct group gr {};
+  struct group* found = nullptr;
+  const int err = ::getgrnam_r(group.c_str(), &gr, buf.data(), buf.size(), &found);
+  if (err != 0) return Internal("looking up group '" + group + "': " + std::strerror(err), "config.unknown_group");
+  if (found == nullptr) return NotFound("no group named '" + group + "'", "config.unknown_group");
+  return found->gr_gid;
+}
+
+bool Acl::Allows(const Identity& who) const {
+  if (!who.known) return false;
+  if (std::find(users.begin(), users.end(), who.uid) != users.end()) return true;
+  return std::any_of(groups.begin(), groups.end(), [&](gid_t g) { return who.InGroup(g); });
+}
+
+Result<Policy> Policy::Create(const DaemonConfig& c, uid_t self_uid, gid_t self_gid) {
+  Policy p;
+  p.self_uid_ = self_uid;
+  p.client_gid_ = self_gid;
+  if (!c.client_group.empty()) {
+    auto g = ResolveGroup(c.client_group);
+    if (!g.ok()) return g.status().WithContext("daemon.client_group");
+    p.client_gid_ = *g;
+  }
+  if (!c.admin_group.empty()) {
+    auto g = ResolveGroup(c.admin_group);
+    if (!g.ok()) return g.status().WithContext("daemon.admin_group");
+    p.admin_gid_ = *g;
+  }
+  for (const ModelConfig& m : c.models) {
+    Acl acl;
+    for (const std::string& u : m.allow_users) {
+      auto uid = ResolveUser(u);
+      if (!uid.ok()) return uid.status().WithContext("models." + m.name + ".allow_users");
+      acl.users.push_back(*uid);
+    }
+    for (const std::string& g : m.allow_groups) {
+      auto gid = ResolveGroup(g);
+      if (!gid.ok()) return gid.status().WithContext("models." + m.name + ".allow_groups");
+      acl.groups.push_back(*gid);
+    }
+    if (m.allow_users.empty() && m.allow_groups.empty()) acl.groups.push_back(p.client_gid_);
+    p.models_[m.name] = std::move(acl);
+  }
+  return p;
+}
+
+bool Policy::IsAdmin(const Identity& who) const {
+  if (!who.known) return false;
+  return who.uid == 0 || who.uid == self_uid_ || (admin_gid_ && who.InGroup(*admin_gid_));
+}
+
+bool Policy::MayConnect(const Identity& who) const {
+  if (IsAdmin(who) || who.InGroup(client_gid_)) return true;
+  return std::any_of(models_.begin(), models_.end(), [&](const auto& kv) { return kv.second.Allows(who); });
+}
+
+bool Policy::MayAcquire(const Identity& who, const std::string& model) const {
+  if (IsAdmin(who)) return true;
+  auto it = models_.find(model);
+  return it != models_.end() && it->second.Allows(who);
+}
+
+bool Policy::Restrictive() const {
+  if (models_.empty()) return false;
+  const Acl& first = models_.begin()->second;
+  return std::any_of(models_.begin(), models_.end(), [&](const auto& kv) { return !(kv.second == first); });
+}
+
+bool Policy::GrantsGroup(gid_t g) const {
+  if (g == client_gid_) return true;
+  return std::any_of(models_.begin(), models_.end(), [&](const auto& kv) {
+    return std::find(kv.second.groups.begin(), kv.second.groups.end(), g) != kv.second.groups.end();
+  });
+}
+
+Identity IdentityOf(zmq::message_t& msg) {
+  const char* user = zmq_msg_gets(msg.handle(), "User-Id");
+  const char* groups = zmq_msg_gets(msg.handle(), kGroupsProperty);
+  if (user == nullptr) return {};
+  auto id = ParseIdentity(user, groups ? std::string_view(groups) : std::string_view());
+  return id ? *id : Identity{};
+}
+
+Result<std::unique_ptr<ZapHandler>> ZapHandler::Start(zmq::context_t& ctx) {
+  try {
+    zmq::socket_t sock(ctx, zmq::socket_type::rep);
+    sock.set(zmq::sockopt::linger, 0);
+    sock.bind(kZapEndpoint);
+    return std::unique_ptr<ZapHandler>(new ZapHandler(std::move(sock)));
+  } catch (const zmq::error_t& e) {
+    return Internal(std::string("starting the ZAP handler on ") + kZapEndpoint + ": " + e.what(), "daemon.zap");
+  }
+}
+
+ZapHandler::ZapHandler(zmq::socket_t sock) : sock_(std::move(sock)) {
+  thread_ = std::thread([this] { Run(); });
+}
+
+ZapHandler::~ZapHandler() {
+  stop_.store(true);
+  if (thread_.joinable()) thread_.join();
+}
+
+void ZapHandler::Run() {
+  while (!stop_.load()) {
+    zmq::pollitem_t item{sock_.handle(), 0, ZMQ_POLLIN, 0};
+    try {
+      if (zmq::poll(&item, 1, std::chrono::milliseconds(100)) <= 0) continue;
+      std::vector<zmq::message_t> frames;
+      do {
+        zmq::message_t f;
+        if (!sock_.recv(f, zmq::recv_flags::dontwait)) break;
+        frames.push_back(std::move(f));
+      } while (frames.back().more() && frames.size() < 16);
+      if (frames.empty()) continue;
+      while (!frames.empty() && frames.back().more()) {  // drain an oversized request
+        zmq::message_t f;
+        (void)sock_.recv(f, zmq::recv_flags::none);
+        if (!f.more()) break;
+      }
+      // version, request id, domain, address, routing id, mechanism, credentials...
+      std::string code = "400", text = "no peer credentials (weightd serves ipc:// peers only)", user;
+      std::string meta;
+      if (frames.size() >= 6 && frames[0].to_string_view() == "1.0") {
+        // The address of an ipc peer ends with ":uid:gid:pid" (SO_PEERCRED, read by libzmq).
+        auto f = Split(frames[3].to_string_view(), ':');
+        uid_t uid;
+        gid_t gid;
+        pid_t pid;
+        if (f.size() >= 3 && ParseNumber(f[f.size() - 3], &uid) && ParseNumber(f[f.size() - 2], &gid) &&
+            ParseNumber(f[f.size() - 1], &pid) && pid >= 0) {
+          code = "200";
+          text = "OK";
+          user = std::to_string(uid) + ":" + std::to_string(gid) + ":" + std::to_string(pid);
+          meta = Property(kGroupsProperty, FormatGroups(PeerGroups(uid, gid, pid)));
+        }
+      } else {
+        code = "500";
+        text = "malformed ZAP request";
+      }
+      (code == "200" ? accepted_ : refused_).fetch_add(1);
+      if (code != "200")
+        spdlog::warn("refused a connection ({}): {}", frames.size() >= 4 ? frames[3].to_string() : std::string("?"), text);
+      const std::string version = "1.0";
+      const std::string request_id = frames.size() >= 2 ? frames[1].to_string() : std::string();
+      sock_.send(zmq::buffer(version), zmq::send_flags::sndmore);
+      sock_.send(zmq::buffer(request_id), zmq::send_flags::sndmore);
+      sock_.send(zmq::buffer(code), zmq::send_flags::sndmore);
+      sock_.send(zmq::buffer(text), zmq::send_flags::sndmore);
+      sock_.send(zmq::buffer(user), zmq::send_flags::sndmore);
+      sock_.send(zmq::buffer(meta), zmq::send_flags::none);
+    } catch (const zmq::error_t& e) {
+      if (e.num() == ETERM) return;
+      spdlog::warn("ZAP handler: {}", e.what());
+    }
+  }
+}
+
+}  // namespace weightd::auth
