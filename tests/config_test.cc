@@ -137,11 +137,6 @@ TEST(Config, TheFileIsAsciiWithEscapesForOtherCharacters) {
   EXPECT_EQ(ok->models[0].dir, "/srv/mod\xc3\xa8les/m");
 }
 
-}  // namespace
-}  // namespace weightd
-
-namespace weightd {
-namespace {
 
 TEST(Config, ReadsTheAccessKeys) {
   auto cfg = Load(
