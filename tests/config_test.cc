@@ -137,7 +137,6 @@ TEST(Config, TheFileIsAsciiWithEscapesForOtherCharacters) {
   EXPECT_EQ(ok->models[0].dir, "/srv/mod\xc3\xa8les/m");
 }
 
-
 TEST(Config, ReadsTheAccessKeys) {
   auto cfg = Load(
       "[daemon]\nclient_group = \"weightd-clients\"\nadmin_group = \"wheel\"\n"
