@@ -973,6 +973,8 @@ std::optional<proto::ReplyBody> Server::Impl::OnLoad(Session& s, std::uint64_t r
 proto::ReplyBody Server::Impl::OnRelease(Session& s, const proto::Release& m) {
   auto r = leases.Release(s, m.lease_id);
   if (!r.ok()) return proto::ToErrorReply(r.status());
+  // Its unused token goes too: the pending tokens stay bounded by the live leases.
+  std::erase_if(pending_fds, [&](const auto& kv) { return kv.second.session_id == s.id && kv.second.lease_id == m.lease_id; });
   auto it = models.find(r->model);
   if (it != models.end()) {
     const auto now = clock->Now();
@@ -2151,6 +2153,7 @@ void Server::Impl::EndSession(std::uint64_t session_id, const char* why) {
   const std::string name = s->client_name;
   const pid_t pid = s->peer.pid;
   std::vector<LeaseRecord> ended = leases.Close(session_id);
+  std::erase_if(pending_fds, [&](const auto& kv) { return kv.second.session_id == session_id; });
   const auto now = clock->Now();
   for (const auto& l : ended) {
     auto it = models.find(l.model);
