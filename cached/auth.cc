@@ -30,6 +30,15 @@ std::vector<std::string_view> Split(std::string_view s, char sep) {
   return out;
 }
 
+// What follows the n-th last `sep` of `s` (":a:b:c", 3 -> "a:b:c"); empty if `s` has fewer.
+std::string_view AfterLastSeparators(std::string_view s, int n, char sep) {
+  std::size_t at = s.size();
+  for (int i = 0; i < n; ++i) {
+    if (at == 0 || (at = s.rfind(sep, at - 1)) == std::string_view::npos) return {};
+  }
+  return s.substr(at + 1);
+}
+
 void SortUnique(std::vector<gid_t>* v) {
   std::sort(v->begin(), v->end());
   v->erase(std::unique(v->begin(), v->end()), v->end());
@@ -273,16 +282,12 @@ void ZapHandler::Run() {
       std::string meta;
       if (frames.size() >= 6 && frames[0].to_string_view() == "1.0") {
         // The address of an ipc peer ends with ":uid:gid:pid" (SO_PEERCRED, read by libzmq).
-        auto f = Split(frames[3].to_string_view(), ':');
-        uid_t uid;
-        gid_t gid;
-        pid_t pid;
-        if (f.size() >= 3 && ParseNumber(f[f.size() - 3], &uid) && ParseNumber(f[f.size() - 2], &gid) &&
-            ParseNumber(f[f.size() - 1], &pid) && pid >= 0) {
+        const std::string_view creds = AfterLastSeparators(frames[3].to_string_view(), 3, ':');
+        if (auto id = ParseIdentity(creds, "")) {
           code = "200";
           text = "OK";
-          user = std::to_string(uid) + ":" + std::to_string(gid) + ":" + std::to_string(pid);
-          meta = Property(kGroupsProperty, FormatGroups(PeerGroups(uid, gid, pid)));
+          user = creds;
+          meta = Property(kGroupsProperty, FormatGroups(PeerGroups(id->uid, id->gid, id->pid)));
         }
       } else {
         code = "500";

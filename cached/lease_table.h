@@ -26,8 +26,8 @@
 
 namespace weightd {
 
+// From the connection's ZAP stamp (auth.h); every session has one.
 struct PeerCred {
-  bool known = false;  // false when libzmq gave no credentials
   uid_t uid = 0;
   gid_t gid = 0;
   pid_t pid = 0;

@@ -864,16 +864,12 @@ std::optional<proto::ReplyBody> Server::Impl::OnHello(const std::string& rid, co
                                                     "), an admin, or allowed any model",
                                                 "auth.not_a_client"));
   }
-  PeerCred peer;
-  peer.known = true;
-  peer.uid = who.uid;
-  peer.gid = who.gid;
-  peer.pid = who.pid;
+  const PeerCred peer{who.uid, who.gid, who.pid};
   const bool fresh = leases.Find(rid) == nullptr;
   auto s = leases.Open(rid, m.client_name, peer, clock->Now());
   if (!s.ok()) return proto::ToErrorReply(s.status());
   Session& session = **s;
-  if (fresh && peer.known && peer.pid > 0) {
+  if (fresh && peer.pid > 0) {
     // A pidfd turns readable when the process exits: death is noticed at once, not after the
     // heartbeat timeout.
     int pfd = static_cast<int>(::syscall(SYS_pidfd_open, peer.pid, 0));
@@ -935,12 +931,6 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
     if (e.state != ModelState::kLoading) StartLoad(e);
     return std::nullopt;
   }
-  // A VMM copy reaches only the process that proved who it is: without the peer's credentials
-  // its fds could never be fetched.
-  if (gpu_mode == gpu::ExportMode::kVmm && !s.peer.known)
-    return proto::ToErrorReply(PermissionDenied("GPU leases need the client's credentials, which this connection did not "
-                                                "provide (connect over ipc://)",
-                                                "gpu.no_credentials"));
   GpuEntry& g = e.gpus[ordinal];
   if (g.state == ModelState::kResident) {
     ++gpu_metrics.hits;
@@ -2085,7 +2075,7 @@ void Server::Impl::ServeFdClient(int fd) {
   if (s == nullptr || s->leases.count(pending.lease_id) == 0) return deny("the lease has ended");
   // The token travelled over the session's ZeroMQ connection; the process presenting it must be
   // the one that opened that session.
-  if (!s->peer.known || conn.peer().uid != s->peer.uid || conn.peer().pid != s->peer.pid)
+  if (conn.peer().uid != s->peer.uid || conn.peer().pid != s->peer.pid)
     return deny("credentials do not match the session (pid " + std::to_string(s->peer.pid) + ")");
   auto fds = LeaseFds(pending);
   if (!fds.ok()) {

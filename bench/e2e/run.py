@@ -54,6 +54,15 @@ CPU_LABELS = {
 }
 
 
+def wait_or_kill(p, seconds):
+    """Waits for `p` to exit, and kills it after `seconds`."""
+    try:
+        p.wait(seconds)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+
+
 def now_utc():
     return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
@@ -287,11 +296,7 @@ class Harness:
         self.daemon = None
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(60)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            wait_or_kill(p, 60)
         log.close()
 
     def weightctl(self, *args):
@@ -636,11 +641,7 @@ class Harness:
                 except OSError:
                     pass
             for p, log in procs:
-                try:
-                    p.wait(120)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
+                wait_or_kill(p, 120)
                 log.close()
             time.sleep(1.0)  # let the driver reclaim
             return used, err
