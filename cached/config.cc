@@ -51,13 +51,19 @@ Result<std::chrono::milliseconds> DurationNode(const toml::node& n, const std::s
   return Invalid(origin, key + " must be milliseconds or a string like \"10s\"");
 }
 
+// An integer in [min, max]. as_integer(), never value<>(): see SizeNode.
+Result<std::int64_t> IntNode(const toml::node& n, const std::string& key, const std::string& origin, std::int64_t min,
+                             std::int64_t max) {
+  const auto* node = n.as_integer();
+  if (node == nullptr || node->get() < min || node->get() > max)
+    return Invalid(origin, key + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
+  return node->get();
+}
+
 Result<std::uint32_t> CountNode(const toml::node& n, const std::string& key, const std::string& origin,
                                 std::uint32_t min, std::uint32_t max) {
-  const auto* node = n.as_integer();
-  const std::optional<std::int64_t> i = node ? std::optional(node->get()) : std::nullopt;
-  if (!i || *i < min || *i > max)
-    return Invalid(origin, key + " must be an integer in [" + std::to_string(min) + ", " + std::to_string(max) + "]");
-  return static_cast<std::uint32_t>(*i);
+  ASSIGN_OR_RETURN(std::int64_t i, IntNode(n, key, origin, min, max));
+  return static_cast<std::uint32_t>(i);
 }
 
 Result<bool> BoolNode(const toml::node& n, const std::string& key, const std::string& origin) {
@@ -114,10 +120,8 @@ Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig*
     } else if (k == "pin") {
       ASSIGN_OR_RETURN(mc->pin, BoolNode(mv, qk, origin));
     } else if (k == "priority") {
-      const auto* node = mv.as_integer();
-      const std::optional<std::int64_t> i = node ? std::optional(node->get()) : std::nullopt;
-      if (!i || *i < -1000 || *i > 1000) return Invalid(origin, qk + " must be an integer in [-1000, 1000]");
-      mc->priority = static_cast<std::int32_t>(*i);
+      ASSIGN_OR_RETURN(std::int64_t priority, IntNode(mv, qk, origin, -1000, 1000));
+      mc->priority = static_cast<std::int32_t>(priority);
     } else if (k == "host_idle_ttl") {
       ASSIGN_OR_RETURN(mc->host_idle_ttl, DurationNode(mv, qk, origin));
     } else if (k == "gpu_idle_ttl") {
@@ -129,8 +133,9 @@ Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig*
       out.clear();
       for (const toml::node& e : *a) {
         std::string name;
-        if (auto i = e.value<std::int64_t>(); e.is_integer() && i && *i >= 0 && *i < (1ll << 32)) {
-          name = std::to_string(*i);
+        if (e.is_integer()) {
+          ASSIGN_OR_RETURN(std::int64_t id, IntNode(e, qk, origin, 0, 0xffffffffll));
+          name = std::to_string(id);
         } else {
           ASSIGN_OR_RETURN(name, StringNode(e, qk, origin));
         }
@@ -143,7 +148,7 @@ Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig*
       mc->preload.clear();
       for (const toml::node& e : *a) {
         ASSIGN_OR_RETURN(std::string tier, StringNode(e, qk, origin));
-        if (tier != "host" && tier.rfind("cuda", 0) != 0)
+        if (tier != "host" && tier != "cuda" && tier.rfind("cuda:", 0) != 0)
           return Invalid(origin, qk + ": unknown tier '" + tier + "' (use \"host\" or \"cuda:N\")");
         if (std::find(mc->preload.begin(), mc->preload.end(), tier) == mc->preload.end()) mc->preload.push_back(tier);
       }
@@ -479,10 +484,6 @@ Status Finalize(DaemonConfig* cfg) {
     if (b->fraction < 0 || b->fraction > 1) return InvalidArgument("a budget's fraction must be in (0, 1]", "config.bad_budget");
   if (cfg->cache.pressure_interval.count() <= 0)
     return InvalidArgument("cache.pressure_interval must be positive", "config.invalid");
-  for (const ModelConfig& m : cfg->models)
-    for (const std::string& tier : m.preload)
-      if (tier != "host" && tier.rfind("cuda:", 0) != 0 && tier != "cuda")
-        return InvalidArgument("model '" + m.name + "': unknown preload tier '" + tier + "'", "config.invalid");
   if (cfg->fd_socket.empty()) {
     // Clients receive this path in manifests, so it must not depend on the daemon's cwd.
     std::error_code ec;

@@ -53,6 +53,12 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
     if (full) return ResourceExhausted(msg + " (is /dev/shm large enough?)", "shm.no_space");
     return Internal(msg, "shm.create_failed");
   }
+  // A segment that cannot be set up as asked is unlinked, never left half-made.
+  auto discard = [&](Status s) {
+    seg.impl_.reset();
+    bip::shared_memory_object::remove(name.c_str());
+    return s;
+  };
   // The mode exactly as configured (shm_open applies the umask), and the readers' group: the
   // segment is never world-readable, never writable by clients.
   {
@@ -63,11 +69,7 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
       bad = PermissionDenied("giving segment /" + name + " to group " + std::to_string(group) + ": " + std::strerror(errno) +
                                  " (the daemon must be a member of the group)",
                              "shm.chgrp_failed");
-    if (!bad.ok()) {
-      seg.impl_.reset();
-      bip::shared_memory_object::remove(name.c_str());
-      return bad;
-    }
+    if (!bad.ok()) return discard(bad);
   }
   // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
   // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.
@@ -75,11 +77,9 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
     int fd = seg.impl_->shm.get_mapping_handle().handle;
     int err = ::posix_fallocate(fd, 0, static_cast<off_t>(seg.mapped_size_));
     if (err != 0) {
-      seg.impl_.reset();
-      bip::shared_memory_object::remove(name.c_str());
       Status s = posix::ErrnoStatus("reserving " + std::to_string(seg.mapped_size_) + " bytes for segment /" + name, err);
-      if (err == ENOSPC) return ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
-      return s;
+      if (err == ENOSPC) s = ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
+      return discard(s);
     }
   }
   return seg;

@@ -45,18 +45,14 @@ Status Cancelled(const std::string& model) {
 // mapping). Reading such a file with O_DIRECT would go to the disk for data that is in memory.
 bool MostlyCached(int fd, std::uint64_t size) {
   if (size == 0) return true;
-  void* p = ::mmap(nullptr, size, PROT_READ, MAP_SHARED, fd, 0);
-  if (p == MAP_FAILED) return false;
+  auto map = posix::Map(fd, size, PROT_READ, MAP_SHARED, "a shard");
+  if (!map.ok()) return false;
   const std::size_t page = posix::PageSize();
   std::vector<unsigned char> vec((size + page - 1) / page);
-  bool cached = false;
-  if (::mincore(p, size, vec.data()) == 0) {
-    std::size_t resident = 0;
-    for (unsigned char v : vec) resident += v & 1;
-    cached = resident * 2 >= vec.size();
-  }
-  ::munmap(p, size);
-  return cached;
+  if (::mincore(map->data(), size, vec.data()) != 0) return false;
+  std::size_t resident = 0;
+  for (unsigned char v : vec) resident += v & 1;
+  return resident * 2 >= vec.size();
 }
 
 // Opens a file of a model directory without following a symbolic link: a link could make the
@@ -363,6 +359,8 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
   auto model = std::make_shared<ResidentModel>();
   model->name = plan.name;
   model->dir = plan.dir;
+  model->bytes = plan.bytes;
+  model->tensor_count = plan.tensor_count;
   // Whatever this function leaves half-built is unlinked on the way out, and a consumer of
   // `progress` learns why.
   struct Cleanup {
@@ -395,8 +393,6 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     auto seg = HostSegment::Create(name, p.header.data_size, options_.shm_mode, options_.shm_group);
     if (!seg.ok()) return fail(seg.status());
     shard.segment = std::move(seg).value();
-    model->bytes += p.header.data_size;
-    model->tensor_count += static_cast<std::uint32_t>(p.header.tensors.size());
     model->shards.push_back(std::move(shard));
   }
   if (progress) progress->PublishSegments(model);

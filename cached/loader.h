@@ -214,7 +214,6 @@ class Loader {
   std::string SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const;
 
   std::uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
-  const LoaderOptions& options() const { return options_; }
 
  private:
   struct FillState;

@@ -256,12 +256,7 @@ struct ModelEntry {
   // PCIe speed without registering them first.
   std::vector<std::shared_ptr<const void>> host_pins;
 
-  bool Busy() const {
-    if (state == ModelState::kLoading) return true;
-    for (const auto& [ordinal, g] : gpus)
-      if (g.state == ModelState::kLoading) return true;
-    return false;
-  }
+  bool Busy() const { return state == ModelState::kLoading || GpuLoading(); }
   // A GPU copy is being made, or waits to be made, from the host copy: the host copy must stay.
   bool GpuLoading() const {
     for (const auto& [ordinal, g] : gpus)
@@ -342,7 +337,6 @@ struct Server::Impl {
   std::atomic<std::uint64_t> reaping_host{0};
   std::unique_ptr<std::atomic<std::uint64_t>[]> reaping_gpu;  // by ordinal
   bool retry_admissions = false;
-  bool catalog_loaded = false;  // Init applied the configuration's catalog
   bool file_check_running = false;
   // Readiness: preloads not finished yet, as "model/tier".
   std::set<std::string> preloads;
@@ -434,7 +428,8 @@ struct Server::Impl {
   void HandleCompletions();
   void ExpireSessions();
   void ReloadCatalog();
-  void ApplyCatalog(const std::vector<ModelConfig>& models);
+  // Returns what changed, so that a reload can start the preloads of new and changed models.
+  CatalogDiff ApplyCatalog(const std::vector<ModelConfig>& models);
   void EndSession(std::uint64_t session_id, const char* why);
 
   void Send(const std::string& routing_id, std::uint64_t request_id, proto::ReplyBody body);
@@ -448,6 +443,14 @@ struct Server::Impl {
   std::optional<proto::ReplyBody> OnLoad(Session& s, std::uint64_t req, const proto::Load& m);
   proto::ReplyBody OnRelease(Session& s, const proto::Release& m);
   proto::ReplyBody OnEvict(const proto::Evict& m);
+  // A lease on `device` ("cpu" or "cuda:N") of `model` ended: its copy's idle time starts now.
+  void TouchCopy(const std::string& model, const std::string& device, Clock::TimePoint now) {
+    auto it = models.find(model);
+    if (it == models.end()) return;
+    if (device == "cpu") it->second.last_used = now;
+    for (auto& [ordinal, g] : it->second.gpus)
+      if (CudaName(ordinal) == device) g.last_used = now;
+  }
 
   // Loading, in phases (see Phase).
   void StartLoad(ModelEntry& m);
@@ -675,7 +678,6 @@ Status Server::Impl::Init() {
     }
 
   ApplyCatalog(config.models);
-  catalog_loaded = true;
   for (auto& [name, m] : models) StartPreloads(m, true);
   if (!preloads.empty()) Notify("STATUS=preloading " + std::to_string(preloads.size()) + " copies");
 
@@ -965,16 +967,7 @@ proto::ReplyBody Server::Impl::OnRelease(Session& s, const proto::Release& m) {
   if (!r.ok()) return proto::ToErrorReply(r.status());
   // Its unused token goes too: the pending tokens stay bounded by the live leases.
   std::erase_if(pending_fds, [&](const auto& kv) { return kv.second.session_id == s.id && kv.second.lease_id == m.lease_id; });
-  auto it = models.find(r->model);
-  if (it != models.end()) {
-    const auto now = clock->Now();
-    if (r->device == "cpu") {
-      it->second.last_used = now;
-    } else {
-      for (auto& [ordinal, g] : it->second.gpus)
-        if (CudaName(ordinal) == r->device) g.last_used = now;
-    }
-  }
+  TouchCopy(r->model, r->device, clock->Now());
   retry_admissions = true;
   return proto::OkReply{};
 }
@@ -1005,7 +998,7 @@ proto::ReplyBody Server::Impl::OnEvict(const proto::Evict& m) {
                                                       "; it cannot be evicted until they are released",
                                                   "evict.leased"));
   // The host copy also stays while any GPU copy is being made from it.
-  bool busy = host && (e.state == ModelState::kLoading || e.GpuLoading());
+  bool busy = host && e.Busy();
   if (!host) {
     auto g = e.gpus.find(ordinals.front());
     busy = g != e.gpus.end() && g->second.state == ModelState::kLoading;
@@ -1347,7 +1340,7 @@ void Server::Impl::StartFill(ModelEntry& m) {
     headers.push_back(m.plan->shards[i].header);
     shm_paths.push_back("/" + loader.SegmentName(m.config.name, m.generation, i));
   }
-  // The tensor index is known from the headers already; the fill rebuilds it with its segments.
+  // The tensor index is known from the headers already, and stays as the fill completes.
   BuildIndex(m, files, headers, shm_paths);
   const std::uint64_t gen = m.generation;
   const std::string name = m.config.name;
@@ -1433,6 +1426,7 @@ void Server::Impl::HandleCompletions() {
     std::lock_guard lock(completions_mu);
     batch.swap(completions);
   }
+  if (batch.empty()) return;  // woken for something else (an HTTP call, Stop)
   for (Completion& c : batch) {
     switch (c.kind) {
       case Completion::kPlan: OnPlanned(c); break;
@@ -1475,14 +1469,7 @@ void Server::Impl::Complete(Completion& c) {
   m.last_error = Status::Ok();
   m.state = ModelState::kResident;
   m.last_used = clock->Now();
-  std::vector<std::string> files, shm_paths;
-  std::vector<st::Header> headers;
-  for (const ResidentShard& sh : r->shards) {
-    files.push_back(sh.file);
-    headers.push_back(sh.header);
-    shm_paths.push_back(sh.segment.shm_path());
-  }
-  BuildIndex(m, files, headers, shm_paths);
+  // The index StartFill built from the plan already describes these segments.
   auto fingerprint = std::make_shared<ResidentModel>();
   fingerprint->name = r->name;
   fingerprint->dir = r->dir;
@@ -1946,25 +1933,23 @@ std::string Server::Impl::RenderMetrics() const {
     for (const auto& [ordinal, g] : m.gpus)
       w.Sample("weightd_model_imports", Labels{{"model", name}, {"device", CudaName(ordinal)}},
                leases.LeasesOf(name, CudaName(ordinal)));
-  const std::string out = w.text();
-  metrics::Writer tail;
-  tail.Family("weightd_sessions", "gauge", "Open client sessions.");
-  tail.Sample("weightd_sessions", {}, static_cast<double>(leases.session_count()));
-  tail.Family("weightd_requests_total", "counter", "Requests received, and those that did not decode.");
-  tail.Sample("weightd_requests_total", Labels{{"result", "all"}}, static_cast<double>(requests));
-  tail.Sample("weightd_requests_total", Labels{{"result", "malformed"}}, static_cast<double>(malformed));
-  tail.Family("weightd_disk_read_bytes_total", "counter", "Bytes read from model files.");
-  tail.Sample("weightd_disk_read_bytes_total", {}, static_cast<double>(loader.bytes_read()));
-  tail.Family("weightd_admission_waiting", "gauge", "Copies waiting for room under a budget.");
-  tail.Sample("weightd_admission_waiting", {}, static_cast<double>(admissions.size()));
-  tail.Family("weightd_ready", "gauge", "1 once every preload has finished.");
-  tail.Sample("weightd_ready", {}, ready ? 1 : 0);
-  tail.Family("weightd_start_to_ready_seconds", "gauge", "Seconds from the daemon's start to ready (0 until ready).");
-  tail.Sample("weightd_start_to_ready_seconds", {},
+  w.Family("weightd_sessions", "gauge", "Open client sessions.");
+  w.Sample("weightd_sessions", {}, static_cast<double>(leases.session_count()));
+  w.Family("weightd_requests_total", "counter", "Requests received, and those that did not decode.");
+  w.Sample("weightd_requests_total", Labels{{"result", "all"}}, static_cast<double>(requests));
+  w.Sample("weightd_requests_total", Labels{{"result", "malformed"}}, static_cast<double>(malformed));
+  w.Family("weightd_disk_read_bytes_total", "counter", "Bytes read from model files.");
+  w.Sample("weightd_disk_read_bytes_total", {}, static_cast<double>(loader.bytes_read()));
+  w.Family("weightd_admission_waiting", "gauge", "Copies waiting for room under a budget.");
+  w.Sample("weightd_admission_waiting", {}, static_cast<double>(admissions.size()));
+  w.Family("weightd_ready", "gauge", "1 once every preload has finished.");
+  w.Sample("weightd_ready", {}, ready ? 1 : 0);
+  w.Family("weightd_start_to_ready_seconds", "gauge", "Seconds from the daemon's start to ready (0 until ready).");
+  w.Sample("weightd_start_to_ready_seconds", {},
               ready ? std::chrono::duration<double>(ready_at - started).count() : 0.0);
-  tail.Family("weightd_preload_failures", "gauge", "Preloads that failed (the daemon is ready without them).");
-  tail.Sample("weightd_preload_failures", {}, static_cast<double>(preload_failures.size()));
-  return out + tail.text();
+  w.Family("weightd_preload_failures", "gauge", "Preloads that failed (the daemon is ready without them).");
+  w.Sample("weightd_preload_failures", {}, static_cast<double>(preload_failures.size()));
+  return w.text();
 }
 
 void Server::Impl::Send(const std::string& rid, std::uint64_t request_id, proto::ReplyBody body) {
@@ -2145,13 +2130,7 @@ void Server::Impl::EndSession(std::uint64_t session_id, const char* why) {
   std::vector<LeaseRecord> ended = leases.Close(session_id);
   std::erase_if(pending_fds, [&](const auto& kv) { return kv.second.session_id == session_id; });
   const auto now = clock->Now();
-  for (const auto& l : ended) {
-    auto it = models.find(l.model);
-    if (it == models.end()) continue;
-    if (l.device == "cpu") it->second.last_used = now;
-    for (auto& [ordinal, g] : it->second.gpus)
-      if (CudaName(ordinal) == l.device) g.last_used = now;
-  }
+  for (const auto& l : ended) TouchCopy(l.model, l.device, now);
   spdlog::info("session {} of '{}' (pid {}) ended: {}; {} leases freed", session_id, name, pid, why, ended.size());
   retry_admissions = true;
 }
@@ -2190,11 +2169,15 @@ void Server::Impl::ReloadCatalog() {
     return;
   }
   policy = std::move(next_policy).value();
-  ApplyCatalog(merged);
+  const CatalogDiff diff = ApplyCatalog(merged);
+  // Preloads of models the reload added or changed. Readiness counts only the configuration the
+  // daemon started with.
+  for (const auto& list : {diff.added, diff.updated, diff.changed})
+    for (const auto& name : list) StartPreloads(models[name], false);
   Notify("STATUS=catalog reloaded: " + std::to_string(catalog.models().size()) + " models");
 }
 
-void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
+CatalogDiff Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
   CatalogDiff diff = catalog.Update(list);
   auto drop = [&](const std::string& name, const char* why) {
     auto it = models.find(name);
@@ -2240,12 +2223,8 @@ void Server::Impl::ApplyCatalog(const std::vector<ModelConfig>& list) {
     m.config = *catalog.Find(name);
     spdlog::info("model '{}' added to the catalog ({})", name, m.config.dir);
   }
-  // Preloads of models a reload added or changed. Readiness counts only the configuration the
-  // daemon started with.
-  if (catalog_loaded)
-    for (const auto& list : {diff.added, diff.updated, diff.changed})
-      for (const auto& name : list) StartPreloads(models[name], false);
   retry_admissions = true;
+  return diff;
 }
 
 // TTLs and memory pressure; budgets and warm-pool caps are enforced when copies are admitted.

@@ -393,7 +393,7 @@ int CmdEvict(const Globals& g, const std::string& name, const std::string& tier)
 
 // The samples of a Prometheus text exposition, without comments and histogram buckets.
 std::vector<std::vector<std::string>> MetricRows(const std::string& text) {
-  std::vector<std::vector<std::string>> rows = {{"METRIC", "VALUE"}};
+  std::vector<std::vector<std::string>> rows;
   std::istringstream in(text);
   std::string line;
   while (std::getline(in, line)) {
@@ -422,8 +422,7 @@ int CmdStats(const Globals& g, bool raw_metrics) {
                       {"resident_bytes", d.resident_bytes}, {"budget_bytes", d.budget_bytes}, {"copies", d.copies},
                       {"leases", d.leases}});
     json samples = json::object();
-    for (const auto& r : MetricRows(st.metrics))
-      if (r[0] != "METRIC") samples[r[0]] = std::stod(r[1]);
+    for (const auto& r : MetricRows(st.metrics)) samples[r[0]] = std::stod(r[1]);
     std::cout << json{{"daemon_version", st.daemon_version},
                       {"uptime_ms", st.uptime_ms},
                       {"sessions", st.sessions},
@@ -474,7 +473,9 @@ int CmdStats(const Globals& g, bool raw_metrics) {
   }
   // The same figures as /metrics (histograms as their sum and count).
   std::cout << '\n';
-  PrintTable(MetricRows(st.metrics));
+  auto rows = MetricRows(st.metrics);
+  rows.insert(rows.begin(), {"METRIC", "VALUE"});
+  PrintTable(rows);
   return 0;
 }
 
