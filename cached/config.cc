@@ -234,7 +234,7 @@ Result<Budget> ParseBudget(const std::string& text) {
   return Budget{b, 0};
 }
 
-Status ValidateHttpListen(const std::string& listen) {
+Result<HttpListen> ParseHttpListen(const std::string& listen) {
   const auto colon = listen.rfind(':');
   if (colon == std::string::npos || colon == 0 || colon + 1 == listen.size())
     return InvalidArgument("http listen address must be HOST:PORT, got '" + listen + "'", "config.bad_listen");
@@ -248,7 +248,7 @@ Status ValidateHttpListen(const std::string& listen) {
   if (host != "127.0.0.1" && host != "[::1]" && host != "localhost")
     return InvalidArgument("http listen address must be loopback (127.0.0.1, [::1] or localhost), got '" + host + "'",
                            "config.bad_listen");
-  return Status::Ok();
+  return HttpListen{host == "[::1]" ? "::1" : host, static_cast<int>(v)};
 }
 
 Status ValidateModelName(const std::string& name) {
@@ -466,7 +466,7 @@ Status Finalize(DaemonConfig* cfg) {
   if (cfg->gpu_export != "vmm" && cfg->gpu_export != "legacy")
     return InvalidArgument("gpu.export must be \"vmm\" or \"legacy\", not \"" + cfg->gpu_export + "\"",
                            "config.bad_gpu_export");
-  if (!cfg->http_listen.empty()) RETURN_IF_ERROR(ValidateHttpListen(cfg->http_listen));
+  if (!cfg->http_listen.empty()) RETURN_IF_ERROR(ParseHttpListen(cfg->http_listen).status());
   const bool tenants = !cfg->shm_group.empty() || !cfg->client_group.empty() ||
                        std::any_of(cfg->models.begin(), cfg->models.end(), [](const ModelConfig& m) {
                          return !m.allow_users.empty() || !m.allow_groups.empty();

@@ -130,8 +130,13 @@ Result<std::chrono::milliseconds> ParseDuration(const std::string& text);
 Result<Budget> ParseBudget(const std::string& text);
 // "80%" or 0.8 -> 0.8; InvalidArgument outside [0, 1].
 Result<double> ParseFraction(const std::string& text);
-// "HOST:PORT" with a loopback host (127.0.0.1, ::1 in brackets, localhost).
-Status ValidateHttpListen(const std::string& listen);
+// "HOST:PORT" with a loopback host (127.0.0.1, ::1 in brackets, localhost) and a port in
+// 1-65535. The host comes back without brackets.
+struct HttpListen {
+  std::string host;
+  int port = 0;
+};
+Result<HttpListen> ParseHttpListen(const std::string& listen);
 
 // Parses TOML text into `base` (overriding what the file sets). `origin` names the file in
 // messages.

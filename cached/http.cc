@@ -6,6 +6,8 @@
 
 #include <httplib.h>
 
+#include "config.h"
+
 namespace weightd {
 
 struct HttpServer::Impl {
@@ -13,7 +15,7 @@ struct HttpServer::Impl {
   std::thread thread;
 };
 
-HttpServer::HttpServer(std::unique_ptr<Impl> impl, int port) : impl_(std::move(impl)), port_(port) {}
+HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 HttpServer::~HttpServer() { Stop(); }
 
@@ -25,11 +27,7 @@ void HttpServer::Stop() {
 }
 
 Result<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& listen, Handler handler) {
-  const auto colon = listen.rfind(':');
-  if (colon == std::string::npos) return InvalidArgument("http listen address must be HOST:PORT", "config.bad_listen");
-  std::string host = listen.substr(0, colon);
-  if (host.size() >= 2 && host.front() == '[' && host.back() == ']') host = host.substr(1, host.size() - 2);
-  const int port = std::atoi(listen.c_str() + colon + 1);
+  ASSIGN_OR_RETURN(HttpListen at, ParseHttpListen(listen));
 
   auto impl = std::make_unique<Impl>();
   // Scrapes are small and rare: a few threads are plenty, and bound what a flood can take.
@@ -51,14 +49,11 @@ Result<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& listen,
   impl->server.Put(".*", not_allowed);
   impl->server.Delete(".*", not_allowed);
 
-  int bound = port;
-  if (port == 0) bound = impl->server.bind_to_any_port(host.c_str());
-  else if (!impl->server.bind_to_port(host.c_str(), port)) bound = -1;
-  if (bound <= 0)
+  if (!impl->server.bind_to_port(at.host.c_str(), at.port))
     return Unavailable("cannot listen for HTTP on " + listen + " (address in use, or not a local address?)", "http.bind_failed");
   Impl* raw = impl.get();
   impl->thread = std::thread([raw] { raw->server.listen_after_bind(); });
-  return std::unique_ptr<HttpServer>(new HttpServer(std::move(impl), bound));
+  return std::unique_ptr<HttpServer>(new HttpServer(std::move(impl)));
 }
 
 }  // namespace weightd
@@ -68,7 +63,7 @@ Result<std::unique_ptr<HttpServer>> HttpServer::Start(const std::string& listen,
 namespace weightd {
 
 struct HttpServer::Impl {};
-HttpServer::HttpServer(std::unique_ptr<Impl> impl, int port) : impl_(std::move(impl)), port_(port) {}
+HttpServer::HttpServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 HttpServer::~HttpServer() = default;
 void HttpServer::Stop() {}
 

@@ -23,20 +23,18 @@ class HttpServer {
  public:
   using Handler = std::function<HttpResponse(const std::string& path)>;
 
-  // Binds `listen` ("HOST:PORT"; port 0 picks a free one) and starts serving. Unavailable
+  // Binds `listen` ("HOST:PORT", as ParseHttpListen takes it) and starts serving. Unavailable
   // "http.bind_failed" when the address cannot be bound.
   static Result<std::unique_ptr<HttpServer>> Start(const std::string& listen, Handler handler);
   ~HttpServer();
 
-  int port() const { return port_; }
   // Stops listening and joins the threads; idempotent.
   void Stop();
 
  private:
   struct Impl;
-  explicit HttpServer(std::unique_ptr<Impl> impl, int port);
+  explicit HttpServer(std::unique_ptr<Impl> impl);
   std::unique_ptr<Impl> impl_;
-  int port_ = 0;
 };
 
 }  // namespace weightd
