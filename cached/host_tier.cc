@@ -22,6 +22,19 @@ struct HostSegment::Impl {
   bip::mapped_region region;
 };
 
+namespace {
+
+Status SetModeAndGroup(int fd, const std::string& name, mode_t mode, gid_t group) {
+  if (::fchmod(fd, mode) != 0) return posix::ErrnoStatus("fchmod(/" + name + ")");
+  if (group != static_cast<gid_t>(-1) && ::fchown(fd, static_cast<uid_t>(-1), group) != 0)
+    return PermissionDenied("giving segment /" + name + " to group " + std::to_string(group) + ": " +
+                                std::strerror(errno) + " (the daemon must be a member of the group)",
+                            "shm.chgrp_failed");
+  return Status::Ok();
+}
+
+}  // namespace
+
 HostSegment::HostSegment() = default;
 HostSegment::HostSegment(HostSegment&&) noexcept = default;
 HostSegment& HostSegment::operator=(HostSegment&&) noexcept = default;
@@ -61,16 +74,8 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
   };
   // The mode exactly as configured (shm_open applies the umask), and the readers' group: the
   // segment is never world-readable, never writable by clients.
-  {
-    const int fd = seg.impl_->shm.get_mapping_handle().handle;
-    Status bad;
-    if (::fchmod(fd, mode) != 0) bad = posix::ErrnoStatus("fchmod(/" + name + ")");
-    else if (group != static_cast<gid_t>(-1) && ::fchown(fd, static_cast<uid_t>(-1), group) != 0)
-      bad = PermissionDenied("giving segment /" + name + " to group " + std::to_string(group) + ": " + std::strerror(errno) +
-                                 " (the daemon must be a member of the group)",
-                             "shm.chgrp_failed");
-    if (!bad.ok()) return discard(bad);
-  }
+  if (Status bad = SetModeAndGroup(seg.impl_->shm.get_mapping_handle().handle, name, mode, group); !bad.ok())
+    return discard(bad);
   // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
   // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.
   if (seg.mapped_size_ > 0) {
@@ -81,6 +86,39 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
       if (err == ENOSPC) s = ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
       return discard(s);
     }
+  }
+  return seg;
+}
+
+Result<HostSegment> HostSegment::Open(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
+  HostSegment seg;
+  seg.name_ = name;
+  seg.data_size_ = data_size;
+  seg.mapped_size_ = posix::RoundUp(data_size, posix::PageSize());
+  seg.impl_ = std::make_unique<Impl>();
+  const std::string what = "segment /" + name;
+  try {
+    // shm_open (O_NOFOLLOW in glibc): a symlink planted in /dev/shm is not followed.
+    seg.impl_->shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
+  } catch (const bip::interprocess_exception& e) {
+    if (e.get_error_code() == bip::not_found_error) return NotFound(what + " does not exist", "shm.not_found");
+    return Internal("opening " + what + ": " + e.what(), "shm.open_failed");
+  }
+  const int fd = seg.impl_->shm.get_mapping_handle().handle;
+  ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd, what));
+  if (!S_ISREG(st.mode) || st.uid != ::geteuid() || st.size != seg.mapped_size_)
+    return FailedPrecondition(what + " is not one this daemon made (owner uid " + std::to_string(st.uid) + ", " +
+                                  std::to_string(st.size) + " bytes; expected uid " + std::to_string(::geteuid()) +
+                                  ", " + std::to_string(seg.mapped_size_) + " bytes)",
+                              "shm.not_adoptable");
+  RETURN_IF_ERROR(SetModeAndGroup(fd, name, mode, group));
+  if (seg.mapped_size_ > 0) {
+    try {
+      seg.impl_->region = bip::mapped_region(seg.impl_->shm, bip::read_write, 0, seg.mapped_size_);
+    } catch (const bip::interprocess_exception& e) {
+      return Internal("mapping " + what + ": " + e.what(), "shm.map_failed");
+    }
+    seg.data_ = static_cast<std::byte*>(seg.impl_->region.get_address());
   }
   return seg;
 }

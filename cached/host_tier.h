@@ -36,6 +36,14 @@ class HostSegment {
   static Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, mode_t mode,
                                     gid_t group = static_cast<gid_t>(-1));
 
+  // Opens an existing segment "/<name>" that an earlier instance of this daemon created, for
+  // re-adoption after a restart: it must be a regular object owned by this process's user and
+  // exactly RoundUp(data_size, page) bytes long. Its mode and group are set to `mode` and
+  // `group` (today's config), and it is mapped read-write into the daemon. NotFound if absent;
+  // FailedPrecondition "shm.not_adoptable" if it is not what this daemon would have made.
+  static Result<HostSegment> Open(const std::string& name, std::uint64_t data_size, mode_t mode,
+                                  gid_t group = static_cast<gid_t>(-1));
+
   // Unlinks a segment name; NotFound is not an error. Existing mappings stay valid.
   static Status Remove(const std::string& name);
 

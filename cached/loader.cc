@@ -164,6 +164,9 @@ std::optional<XXH128_hash_t> ParseChecksumHex(std::string_view hex) {
 }
 
 void ResidentModel::RemoveSegments() const {
+  // The record first: a crash in between leaves segments without one, which the next start
+  // removes, never a record that describes missing segments.
+  if (!record.empty()) (void)HostSegment::Remove(record);
   for (const auto& s : shards) (void)HostSegment::Remove(s.segment.name());
 }
 
@@ -448,6 +451,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
       return fail(Internal(sf.path + ": hashed " + std::to_string(sf.hashed) + " of " + std::to_string(sf.data_size) +
                            " bytes", "loader.hash_incomplete"));
     shard.checksum = XXH3_128bits_digest(sf.hash.get());
+    shard.header_bytes = std::move(plan.shards[i].header_bytes);
     shard.direct_io = sf.direct.load();
     const auto& expected = plan.shards[i].expected;
     if (expected) {

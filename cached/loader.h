@@ -60,6 +60,7 @@ struct ResidentShard {
   XXH128_hash_t checksum{};   // XXH3-128 of the whole file (header + data), as xxh128sum
   bool verified = false;      // checksum matched the directory's manifest
   bool direct_io = false;     // the data was read with O_DIRECT
+  std::vector<std::byte> header_bytes;  // file bytes [0, data_offset): the checksum's prefix
 
   std::string checksum_hex() const { return ChecksumHex(checksum); }
 };
@@ -72,8 +73,10 @@ struct ResidentModel {
   std::vector<ResidentShard> shards;
   std::uint64_t bytes = 0;  // tensor data, all shards
   std::uint32_t tensor_count = 0;
+  // The name of its adoption record (adopt.h) once the server wrote one; empty before.
+  std::string record;
 
-  // Unlinks the segment names (the daemon's own mappings go with the object).
+  // Unlinks the record, then the segment names (the daemon's own mappings go with the object).
   void RemoveSegments() const;
 };
 

@@ -28,6 +28,7 @@
 #include <systemd/sd-daemon.h>
 #include <zmq.hpp>
 
+#include "adopt.h"
 #include "auth.h"
 #include "catalog.h"
 #include "fd_channel.h"
@@ -319,6 +320,7 @@ struct Server::Impl {
   LeaseTable leases;
   std::uint64_t next_generation = 1;
   std::uint64_t loads_ok = 0, loads_failed = 0, requests = 0, malformed = 0;
+  std::uint64_t adopted_models = 0;  // host copies taken back from the previous instance at start
   std::uint64_t watchdog_usec = 0;
   Clock::TimePoint last_watchdog{}, last_expiry_check{}, last_pressure_check{}, last_file_check{};
   bool stopping = false;
@@ -538,6 +540,8 @@ struct Server::Impl {
   proto::ModelStatus StatusOf(const ModelEntry& m) const;
   proto::DaemonStats StatsNow() const;
   void DropResident(ModelEntry& m);
+  void AdoptPrevious();
+  void InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r);
   void BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
                   const std::vector<std::string>& shm_paths);
   void Notify(const std::string& state) { sd_notify(0, state.c_str()); }
@@ -582,15 +586,6 @@ Status Server::Impl::Init() {
                                    {socket_path, socket_path + ".lock", config.fd_socket}));
   ASSIGN_OR_RETURN(socket_lock, LockFile(socket_path + ".lock", "the socket " + socket_path));
   ASSIGN_OR_RETURN(prefix_lock, LockShmPrefix(config.shm_prefix));
-
-  // We hold the prefix, so whatever is left under it belongs to a dead instance of ours.
-  // TODO(crash-safety): re-adopt verified segments instead of dropping them.
-  std::size_t stale = 0;
-  for (const auto& name : ListSegments(config.shm_prefix)) {
-    if (name == config.shm_prefix + ".lock") continue;
-    if (HostSegment::Remove(name).ok()) ++stale;
-  }
-  if (stale > 0) spdlog::warn("removed {} stale segments of an earlier instance under prefix '{}'", stale, config.shm_prefix);
 
   ASSIGN_OR_RETURN(zap, auth::ZapHandler::Start(ctx));
   try {
@@ -678,6 +673,7 @@ Status Server::Impl::Init() {
     }
 
   ApplyCatalog(config.models);
+  AdoptPrevious();
   for (auto& [name, m] : models) StartPreloads(m, true);
   if (!preloads.empty()) Notify("STATUS=preloading " + std::to_string(preloads.size()) + " copies");
 
@@ -1467,20 +1463,14 @@ void Server::Impl::Complete(Completion& c) {
   host_metrics.durations.Observe(static_cast<double>(c.ms) / 1000.0);
   m.last_load_ms = c.ms;
   m.last_error = Status::Ok();
-  m.state = ModelState::kResident;
-  m.last_used = clock->Now();
   // The index StartFill built from the plan already describes these segments.
-  auto fingerprint = std::make_shared<ResidentModel>();
-  fingerprint->name = r->name;
-  fingerprint->dir = r->dir;
-  for (const ResidentShard& sh : r->shards) {
-    ResidentShard f;
-    f.file = sh.file;
-    f.file_info = sh.file_info;
-    fingerprint->shards.push_back(std::move(f));
-  }
-  m.files = std::move(fingerprint);
-  m.resident = std::move(r);
+  const std::string record = RecordName(config.shm_prefix, m.config.name, m.generation);
+  if (Status s = WriteRecord(record, *r, m.generation); s.ok())
+    r->record = record;
+  else
+    spdlog::warn("model '{}': no adoption record ({}); after a crash it is read from disk again", m.config.name,
+                 s.ToString());
+  InstallHost(m, std::move(r));
   const double secs = std::max<double>(static_cast<double>(c.ms), 1) / 1000.0;
   spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
                m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, c.ms,
@@ -1501,6 +1491,89 @@ void Server::Impl::Complete(Completion& c) {
   // GPU copies that waited for the host tier.
   for (auto& [ordinal, g] : m.gpus)
     if (g.state == ModelState::kLoading && g.phase == Phase::kWaitHost) MaybeStartGpu(m, ordinal);
+}
+
+// Makes `r` the model's host copy (its index is built already).
+void Server::Impl::InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r) {
+  m.state = ModelState::kResident;
+  m.last_used = clock->Now();
+  // What the copies were made from, kept while any tier holds one (no segments, no headers).
+  auto fingerprint = std::make_shared<ResidentModel>();
+  fingerprint->name = r->name;
+  fingerprint->dir = r->dir;
+  for (const ResidentShard& sh : r->shards) {
+    ResidentShard f;
+    f.file = sh.file;
+    f.file_info = sh.file_info;
+    fingerprint->shards.push_back(std::move(f));
+  }
+  m.files = std::move(fingerprint);
+  m.resident = std::move(r);
+}
+
+// We hold the prefix lock, so whatever is under the prefix is a dead instance's. Its host copies
+// whose records, files and checksums check out are taken back (no byte read from disk), within
+// the host budget; every other name under the prefix is removed.
+void Server::Impl::AdoptPrevious() {
+  const std::vector<std::string> names = ListSegments(config.shm_prefix);
+  std::set<std::string> keep{config.shm_prefix + ".lock"};
+  std::size_t adopted = 0;
+  for (const std::string& name : names) {
+    if (!IsRecordName(name)) continue;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto record = ReadRecord(name);
+    if (!record.ok()) {
+      spdlog::warn("not adopting: {}", record.status().ToString());
+      continue;
+    }
+    auto it = models.find(record->model);
+    if (it == models.end()) {
+      spdlog::info("not adopting model '{}' of the previous instance: it is no longer in the catalog", record->model);
+      continue;
+    }
+    ModelEntry& m = it->second;
+    if (m.resident) {
+      spdlog::warn("not adopting {}: model '{}' already adopted from another record", name, record->model);
+      continue;
+    }
+    std::uint64_t bytes = 0;
+    for (const auto& sh : record->shards) bytes += posix::RoundUp(sh.data_size, posix::PageSize());
+    if (HostUsed() + bytes > host_budget) {
+      spdlog::info("not adopting model '{}' ({}): the host budget {} is taken", record->model, Gib(bytes), Gib(host_budget));
+      continue;
+    }
+    auto r = Adopt(*record, m.config, config.shm_mode, shm_gid, config.loader_threads);
+    if (!r.ok()) {
+      spdlog::warn("not adopting model '{}' of the previous instance: {}", record->model, r.status().ToString());
+      continue;
+    }
+    std::vector<std::string> files, shm_paths;
+    std::vector<st::Header> headers;
+    for (const ResidentShard& sh : (*r)->shards) {
+      files.push_back(sh.file);
+      headers.push_back(sh.header);
+      shm_paths.push_back(sh.segment.shm_path());
+      keep.insert(sh.segment.name());
+    }
+    keep.insert(name);
+    m.generation = record->generation;
+    next_generation = std::max(next_generation, record->generation + 1);
+    m.host_bytes = bytes;
+    BuildIndex(m, files, headers, shm_paths);
+    InstallHost(m, std::move(r).value());
+    ++adopted;
+    spdlog::info("model '{}' adopted from the previous instance: {} shards, {} verified in {} ms, nothing read from disk",
+                 m.config.name, m.resident->shards.size(), Gib(m.resident->bytes),
+                 ToMs(std::chrono::steady_clock::now() - t0));
+    StartPin(m);
+  }
+  std::size_t removed = 0;
+  for (const std::string& name : names)
+    if (keep.count(name) == 0 && HostSegment::Remove(name).ok()) ++removed;
+  adopted_models = adopted;
+  if (removed > 0)
+    spdlog::warn("removed {} segments of an earlier instance under prefix '{}' that were not adopted", removed,
+                 config.shm_prefix);
 }
 
 // Resident host copies stay page-locked (when GPUs are served), so that later copies to a GPU
@@ -1882,6 +1955,8 @@ std::string Server::Impl::RenderMetrics() const {
     w.Sample("weightd_loads_total", Labels{{"tier", tier}, {"result", "ok"}}, static_cast<double>(t->loads_ok));
     w.Sample("weightd_loads_total", Labels{{"tier", tier}, {"result", "error"}}, static_cast<double>(t->loads_failed));
   }
+  w.Family("weightd_adopted_models", "gauge", "Host copies taken back, verified, from the previous instance at start.");
+  w.Sample("weightd_adopted_models", {}, static_cast<double>(adopted_models));
   w.Family("weightd_load_bytes_total", "counter", "Bytes made resident by completed loads, by tier.");
   for (auto [tier, t] : tiers) w.Sample("weightd_load_bytes_total", Labels{{"tier", tier}}, static_cast<double>(t->bytes));
   w.Family("weightd_load_duration_seconds", "histogram", "Duration of successful loads (host: disk to segments; gpu: to device).");

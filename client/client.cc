@@ -151,31 +151,44 @@ class SocketMutex {
   void lock() {
     std::unique_lock lk(m_);
     cv_.wait(lk, [&] { return !held_; });
-    held_ = true;
+    Take();
   }
   bool try_lock() {
     std::lock_guard lk(m_);
-    return !std::exchange(held_, true);
+    if (held_) return false;
+    Take();
+    return true;
   }
   template <class Rep, class Period>
   bool try_lock_for(std::chrono::duration<Rep, Period> d) {
     std::unique_lock lk(m_);
     if (!cv_.wait_for(lk, d, [&] { return !held_; })) return false;
-    held_ = true;
+    Take();
     return true;
   }
   void unlock() {
     {
       std::lock_guard lk(m_);
       held_ = false;
+      owner_ = {};
     }
     cv_.notify_one();
   }
+  // True if the calling thread holds the lock (a lease dropped inside a call of this thread).
+  bool held_by_me() {
+    std::lock_guard lk(m_);
+    return held_ && owner_ == std::this_thread::get_id();
+  }
 
  private:
+  void Take() {
+    held_ = true;
+    owner_ = std::this_thread::get_id();
+  }
   std::mutex m_;
   std::condition_variable cv_;
   bool held_ = false;
+  std::thread::id owner_;
 };
 
 bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
@@ -267,7 +280,7 @@ struct Warmup {
 // ---- Client::Impl ---------------------------------------------------------------------------
 
 struct Client::Impl {
-  // Const after Connect().
+  // Const after Connect(), except `hello`, which a reattach replaces (under mu_).
   std::string endpoint;
   ClientOptions options;
   proto::HelloReply hello;
@@ -338,6 +351,12 @@ struct Client::Impl {
     // only the process that acquired it may talk to the daemon about it.
     if (::getpid() != pid) return;
     try {
+      // Dropped inside a call of this thread (a reattach letting go of a lease): the call sends it.
+      if (mu_.held_by_me()) {
+        std::lock_guard g(pending_mu_);
+        pending_releases_.push_back(lease_id);
+        return;
+      }
       auto r = TryCall(proto::Release{lease_id}, kReleaseTimeout, kReleaseTimeout);
       if (!r.has_value()) {
         std::lock_guard g(pending_mu_);
@@ -349,13 +368,28 @@ struct Client::Impl {
   }
 
   void StartHeartbeats() {
+    interval_ms_ = hello.heartbeat_interval_ms;
     if (hello.heartbeat_interval_ms == 0) return;
     last_heartbeat_ns_ = Clock::now().time_since_epoch().count();
     heartbeat_thread_ = std::thread([this] { HeartbeatLoop(); });
   }
 
+  // Leases to re-establish after a daemon restart.
+  void Register(const std::shared_ptr<const Lease::Impl>& lease) {
+    std::lock_guard g(registry_mu_);
+    std::erase_if(registry_, [](const auto& w) { return w.expired(); });
+    registry_.push_back(lease);
+  }
+  std::uint64_t reattaches() const { return reattaches_.load(); }
+
  private:
-  milliseconds Interval() const { return milliseconds(hello.heartbeat_interval_ms); }
+  milliseconds Interval() const { return milliseconds(interval_ms_.load()); }
+
+  // Requires mu_. The daemon does not know this connection's session any more: it restarted (or
+  // the connection was replaced). Opens a new session and acquires every live lease again, so
+  // that the daemon counts (and keeps) what this process still maps. The mappings themselves
+  // never change: they stay valid through the restart. Defined after Lease::Impl.
+  weightd::Status ReattachLocked(const std::atomic<bool>* cancel);
   Clock::time_point LastHeartbeat() const { return Clock::time_point(Clock::duration(last_heartbeat_ns_.load())); }
 
   // Lets the daemon end the session now instead of at its heartbeat timeout. Best effort:
@@ -422,8 +456,7 @@ struct Client::Impl {
       releases.swap(pending_releases_);
     }
     for (std::uint64_t id : releases) (void)Send(proto::Release{id}, next_id_++);
-    if (hello.heartbeat_interval_ms != 0 && Clock::now() >= LastHeartbeat() + Interval())
-      (void)Send(proto::Heartbeat{}, next_id_++);
+    if (interval_ms_ != 0 && Clock::now() >= LastHeartbeat() + Interval()) (void)Send(proto::Heartbeat{}, next_id_++);
   }
 
   // A reply we are not waiting for. If it grants a lease nobody will use (its Acquire timed
@@ -436,8 +469,20 @@ struct Client::Impl {
   }
 
   // Requires mu_. `cancel` (may be null) aborts the wait with Unavailable when it becomes true.
+  // A request the daemon answers with protocol.no_session (it restarted) is sent again once,
+  // after a reattach.
   Result<proto::ReplyBody> CallLocked(proto::RequestBody body, milliseconds timeout,
                                       const std::atomic<bool>* cancel) {
+    auto r = CallOnce(body, timeout, cancel);
+    if (r.ok() || r.status().reason() != "protocol.no_session" || std::holds_alternative<proto::Hello>(body) ||
+        reattaching_)
+      return r;
+    RETURN_IF_ERROR(ReattachLocked(cancel));
+    return CallOnce(std::move(body), timeout, cancel);
+  }
+
+  Result<proto::ReplyBody> CallOnce(const proto::RequestBody& body, milliseconds timeout,
+                                    const std::atomic<bool>* cancel) {
     const std::uint64_t id = next_id_++;
     RETURN_IF_ERROR(Send(body, id));
     const auto deadline = Clock::now() + timeout;
@@ -449,7 +494,7 @@ struct Client::Impl {
                                     " within " + Seconds(timeout),
                                 "client.timeout");
       auto slice = std::chrono::ceil<milliseconds>(deadline - now);
-      if (hello.heartbeat_interval_ms != 0)
+      if (interval_ms_ != 0)
         slice = std::min(slice, std::max(milliseconds(1), std::chrono::ceil<milliseconds>(
                                                              LastHeartbeat() + Interval() - now)));
       if (cancel != nullptr) {
@@ -500,6 +545,13 @@ struct Client::Impl {
   std::mutex pending_mu_;
   std::vector<std::uint64_t> pending_releases_;  // guarded by pending_mu_
 
+  bool reattaching_ = false;  // guarded by mu_
+
+  std::mutex registry_mu_;
+  std::vector<std::weak_ptr<const Lease::Impl>> registry_;  // guarded by registry_mu_
+  std::atomic<std::uint64_t> reattaches_{0};
+
+  std::atomic<std::uint32_t> interval_ms_{0};  // the session's heartbeat interval
   std::atomic<Clock::rep> last_heartbeat_ns_{0};
   std::mutex hb_mu_;
   std::condition_variable hb_cv_;
@@ -517,7 +569,10 @@ struct Client::Impl {
 struct Lease::Impl {
   std::shared_ptr<Client::Impl> client;  // keeps the connection alive for Release
   std::shared_ptr<gpu::CudaApi> cuda;    // GPU leases; outlives `imports`
-  std::uint64_t lease_id = 0;
+  // Replaced when a reattach acquires the lease again from a restarted daemon; 0 when that
+  // failed (the mappings stay valid, the daemon just does not count them).
+  mutable std::atomic<std::uint64_t> lease_id{0};
+  proto::Acquire request;                // what was asked (the device by UUID), for a reattach
   std::string model;
   std::string device;
   int cuda_device = -1;
@@ -542,9 +597,10 @@ struct Lease::Impl {
     if (client != nullptr && ::getpid() != client->pid)
       for (auto& im : imports) im.Abandon();
     imports.clear();
-    if (client != nullptr && lease_id != 0) client->ReleaseLease(lease_id);
+    if (const std::uint64_t id = lease_id.load(); client != nullptr && id != 0) client->ReleaseLease(id);
   }
 };
+
 
 namespace {
 const std::string kEmptyString;
@@ -552,7 +608,7 @@ const std::vector<Tensor> kNoTensors;
 const std::vector<ShardInfo> kNoShards;
 }  // namespace
 
-std::uint64_t Lease::id() const { return impl_ ? impl_->lease_id : 0; }
+std::uint64_t Lease::id() const { return impl_ ? impl_->lease_id.load() : 0; }
 int Lease::cuda_device() const { return impl_ ? impl_->cuda_device : -1; }
 const std::string& Lease::gpu_uuid() const { return impl_ ? impl_->gpu_uuid : kEmptyString; }
 const std::string& Lease::model() const { return impl_ ? impl_->model : kEmptyString; }
@@ -703,6 +759,48 @@ Status ImportGpuSegments(const proto::Manifest& m, gpu::CudaApi* api, int ordina
 
 }  // namespace
 
+weightd::Status Client::Impl::ReattachLocked(const std::atomic<bool>* cancel) {
+  reattaching_ = true;
+  struct Reset {
+    bool& flag;
+    ~Reset() { flag = false; }
+  } reset{reattaching_};
+  auto reply = CallOnce(proto::Hello{options.client_name}, options.connect_timeout, cancel);
+  if (!reply.ok()) return reply.status().WithContext("reattaching to weightd at " + endpoint);
+  auto* h = std::get_if<proto::HelloReply>(&*reply);
+  if (h == nullptr) return UnexpectedReply(proto::Hello{}, *reply);
+  hello = *h;
+  interval_ms_ = h->heartbeat_interval_ms;
+  reattaches_.fetch_add(1);
+
+  std::vector<std::shared_ptr<const Lease::Impl>> live;
+  {
+    std::lock_guard g(registry_mu_);
+    for (const auto& w : registry_)
+      if (auto l = w.lock()) live.push_back(std::move(l));
+  }
+  for (const auto& lease : live) {
+    lease->lease_id = 0;  // the old daemon's id means nothing to the new one
+    auto r = CallOnce(lease->request, options.request_timeout, cancel);
+    if (!r.ok()) continue;  // the mappings stay valid; the daemon does not count them
+    auto* m = std::get_if<proto::Manifest>(&*r);
+    if (m == nullptr) continue;
+    lease->lease_id = m->lease_id;
+    // The mappings stay as they are; take the fds the daemon prepared and close them, so that
+    // its one-time token does not wait for its timeout.
+    const bool host = m->device == "cpu";
+    const bool vmm = !host && m->gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
+    std::size_t expected = m->segments.size();
+    if (host)
+      expected = static_cast<std::size_t>(std::count_if(m->segments.begin(), m->segments.end(),
+                                                        [](const proto::SegmentInfo& sg) { return sg.size > 0; }));
+    if ((host || vmm) && expected > 0) (void)FetchLeaseFds(*m, expected);
+  }
+  // Dropping `live` may end leases whose last handle another thread let go meanwhile; their
+  // Releases are queued (this thread holds mu_) and sent by this call.
+  return weightd::Status::Ok();
+}
+
 Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& options) {
   if (!impl_) return MovedFrom();
   const auto start = Clock::now();
@@ -783,8 +881,13 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
   }
   for (std::size_t i = 0; i < lease->tensors.size(); ++i) lease->by_name.emplace(lease->tensors[i].name, i);
   lease->attach_time = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
-  return Lease(std::shared_ptr<const Lease::Impl>(std::move(lease)));
+  lease->request = std::move(req);
+  std::shared_ptr<const Lease::Impl> done = std::move(lease);
+  impl_->Register(done);
+  return Lease(std::move(done));
 }
+
+std::uint64_t Client::reconnects() const { return impl_ ? impl_->reattaches() : 0; }
 
 Result<std::vector<ModelInfo>> Client::List() {
   if (!impl_) return MovedFrom();

@@ -42,16 +42,7 @@ Client ConnectOrDie(const DaemonProcess& d) {
 
 // Compares every tensor of a lease with the bytes in the model's files.
 ::testing::AssertionResult MatchesFiles(const Lease& lease) {
-  for (const Tensor& t : lease.tensors()) {
-    const ShardInfo& shard = lease.shards().at(t.shard);
-    auto fd = posix::Open(lease.model_dir() + "/" + shard.file, O_RDONLY);
-    if (!fd.ok()) return ::testing::AssertionFailure() << fd.status().ToString();
-    std::vector<std::byte> buf(t.nbytes);
-    Status s = posix::PreadFull(fd->get(), buf, shard.file_data_offset + t.offset, shard.file);
-    if (!s.ok()) return ::testing::AssertionFailure() << s.ToString();
-    if (t.nbytes > 0 && std::memcmp(buf.data(), t.data, t.nbytes) != 0)
-      return ::testing::AssertionFailure() << "tensor " << t.name << " differs from the file";
-  }
+  if (Status s = testing::CompareWithFiles(lease); !s.ok()) return ::testing::AssertionFailure() << s.ToString();
   return ::testing::AssertionSuccess();
 }
 
@@ -89,8 +80,8 @@ TEST_F(DaemonTest, AttachFromSecondProcessIsBitwiseEqualToFile) {
   ASSERT_EQ(::waitpid(child, &status, 0), child);
   ASSERT_TRUE(WIFEXITED(status));
   EXPECT_EQ(WEXITSTATUS(status), 0) << d->Log();
-  // Three shards, three segments under the private prefix.
-  EXPECT_EQ(d->Segments().size(), 3u);
+  // Three shards, three segments under the private prefix, and the model's adoption record.
+  EXPECT_EQ(d->Segments().size(), 4u);
 }
 
 TEST_F(DaemonTest, TensorsAreZeroCopyViewsOfReadOnlySegments) {

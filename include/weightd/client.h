@@ -27,6 +27,13 @@
 //    of its leases lives; a call that waits long (an Acquire that loads from disk) sends them
 //    from its wait loop. If the process dies, the daemon notices through a pidfd and frees its
 //    leases at once.
+//  - Daemon restarts: mappings and GPU imports stay valid when the daemon dies. ZeroMQ
+//    reconnects on its own; the first request that the new daemon answers with
+//    protocol.no_session (a heartbeat, usually within one interval) makes the client open a new
+//    session and acquire every live lease again, then send that request again. Lease::id()
+//    changes; tensors and pointers do not. A restarted daemon adopts its host copies (the same
+//    memory); when it could not, the new lease holds a second copy until this one is dropped.
+//    A lease whose re-acquire fails keeps its mappings, uncounted by the daemon (id() 0).
 //  - Dropping the last copy of a Lease unmaps it, sends Release and waits up to 2 s for the
 //    daemon's answer. If another thread's call holds the connection that long, the Release is
 //    queued and sent by that call, so a tensor deleter never blocks behind a model load.
@@ -210,6 +217,10 @@ class WEIGHTD_API Client {
   // GPU ("cuda:N"). FailedPrecondition while leases on what would be dropped exist.
   weightd::Status Evict(std::string_view model, std::string_view device = {});
   Result<DaemonStats> Stats();
+
+  // How many times this Client opened a new session after the daemon restarted (see
+  // "Daemon restarts" above).
+  std::uint64_t reconnects() const;
 
   struct Impl;
 

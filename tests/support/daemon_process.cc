@@ -117,15 +117,23 @@ std::string ReadAll(const std::string& path) {
 
 }  // namespace
 
+Status CompareWithFiles(const Lease& lease) {
+  for (const Tensor& t : lease.tensors()) {
+    const ShardInfo& shard = lease.shards().at(t.shard);
+    ASSIGN_OR_RETURN(posix::Fd fd, posix::Open(lease.model_dir() + "/" + shard.file, O_RDONLY));
+    std::vector<std::byte> buf(t.nbytes);
+    RETURN_IF_ERROR(posix::PreadFull(fd.get(), buf, shard.file_data_offset + t.offset, shard.file));
+    if (t.nbytes > 0 && std::memcmp(buf.data(), t.data, t.nbytes) != 0)
+      return DataLoss("tensor " + t.name + " differs from " + shard.file);
+  }
+  return Status::Ok();
+}
+
 Result<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const DaemonOptions& options) {
   std::unique_ptr<DaemonProcess> d(new DaemonProcess());
   d->endpoint_ = "ipc://" + d->dir_.path() + "/weightd.sock";
   d->prefix_ = "wdtest-" + std::to_string(::getpid()) + "-" + std::to_string(g_instances++);
   d->log_path_ = d->dir_.file("weightd.log");
-  const std::string notify_path = d->dir_.file("notify.sock");
-  int nfd = BindNotifySocket(notify_path);
-  if (nfd < 0) return Internal("cannot bind the notify socket " + notify_path);
-  posix::Fd notify(nfd);
 
   std::vector<std::string> args = {WEIGHTD_DAEMON_PATH, "--socket", d->endpoint_, "--shm-prefix", d->prefix_};
   if (!options.config_toml.empty()) {
@@ -143,39 +151,58 @@ Result<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const DaemonOptions&
     args.push_back(name + "=" + dir);
   }
   for (const auto& a : options.extra_args) args.push_back(a);
+  d->args_ = std::move(args);
+  d->ready_timeout_ = options.ready_timeout;
+  RETURN_IF_ERROR(d->Launch());
+  return d;
+}
+
+Status DaemonProcess::Restart() {
+  if (pid_ > 0) return FailedPrecondition("the daemon still runs (pid " + std::to_string(pid_) + ")");
+  return Launch();
+}
+
+Status DaemonProcess::Launch() {
+  const std::string notify_path = dir_.file("notify.sock");
+  ::unlink(notify_path.c_str());
+  int nfd = BindNotifySocket(notify_path);
+  if (nfd < 0) return Internal("cannot bind the notify socket " + notify_path);
+  posix::Fd notify(nfd);
 
   pid_t pid = ::fork();
   if (pid < 0) return Internal("fork failed");
   if (pid == 0) {
-    int log = ::open(d->log_path_.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+    // Appends, so that a restarted daemon's log follows its predecessor's.
+    int log = ::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
     if (log >= 0) {
       ::dup2(log, STDERR_FILENO);
       ::dup2(log, STDOUT_FILENO);
     }
     ::setenv("NOTIFY_SOCKET", notify_path.c_str(), 1);
     std::vector<char*> argv;
-    for (auto& a : args) argv.push_back(a.data());
+    for (auto& a : args_) argv.push_back(a.data());
     argv.push_back(nullptr);
     ::execv(argv[0], argv.data());
     std::_Exit(127);
   }
-  d->pid_ = pid;
+  pid_ = pid;
 
-  const auto deadline = std::chrono::steady_clock::now() + options.ready_timeout;
+  const auto deadline = std::chrono::steady_clock::now() + ready_timeout_;
   while (std::chrono::steady_clock::now() < deadline) {
     pollfd p{notify.get(), POLLIN, 0};
     if (::poll(&p, 1, 100) > 0) {
       char buf[4096];
       ssize_t n = ::recv(notify.get(), buf, sizeof buf - 1, 0);
-      if (n > 0 && std::string(buf, static_cast<std::size_t>(n)).find("READY=1") != std::string::npos) return d;
+      if (n > 0 && std::string(buf, static_cast<std::size_t>(n)).find("READY=1") != std::string::npos)
+        return Status::Ok();
     }
     int status;
     if (::waitpid(pid, &status, WNOHANG) == pid) {
-      d->pid_ = -1;
-      return Unavailable("weightd exited before it was ready (status " + std::to_string(status) + "):\n" + d->Log());
+      pid_ = -1;
+      return Unavailable("weightd exited before it was ready (status " + std::to_string(status) + "):\n" + Log());
     }
   }
-  return DeadlineExceeded("weightd did not report READY=1 in time:\n" + d->Log());
+  return DeadlineExceeded("weightd did not report READY=1 in time:\n" + Log());
 }
 
 DaemonProcess::~DaemonProcess() {

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "safetensors_writer.h"
+#include "weightd/client.h"
 #include "weightd/status.h"
 
 namespace weightd::testing {
@@ -44,6 +45,10 @@ Status WriteShardedModel(const std::string& dir, const std::vector<st::TensorSpe
 // `count` F32/BF16/I64 tensors of varied small shapes, names "layer.<i>.weight" etc.
 std::vector<st::TensorSpec> SmallTensors(int count);
 
+// Compares every tensor of a host lease with the bytes in the model's files: OK, or DataLoss
+// naming the first tensor that differs (or the read error).
+Status CompareWithFiles(const Lease& lease);
+
 struct DaemonOptions {
   std::map<std::string, std::string> models;  // name -> dir, passed as --model NAME=DIR
   std::string config_toml;                    // if not empty, written to a file and passed as --config
@@ -64,6 +69,9 @@ class DaemonProcess {
   const std::string& runtime_dir() const { return dir_.path(); }
   pid_t pid() const { return pid_; }
   bool running();
+  // Starts the daemon again, with the same socket, prefix and arguments, after it exited (or
+  // was killed with Signal). Waits for READY=1 as Start does.
+  Status Restart();
   // Sends `sig` and, for SIGTERM/SIGKILL/SIGINT, waits for exit. Returns the wait status.
   int Signal(int sig);
   // Runs `weightctl` against this daemon with the given arguments; returns its stdout and sets
@@ -76,7 +84,10 @@ class DaemonProcess {
 
  private:
   DaemonProcess() = default;
+  Status Launch();
   TempDir dir_;
+  std::vector<std::string> args_;
+  std::chrono::milliseconds ready_timeout_{0};
   std::string endpoint_;
   std::string prefix_;
   std::string log_path_;

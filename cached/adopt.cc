@@ -1,0 +1,217 @@
+#include "adopt.h"
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <sstream>
+#include <thread>
+
+#include <cereal/archives/binary.hpp>
+#include <cereal/types/string.hpp>
+#include <cereal/types/vector.hpp>
+
+#include "catalog.h"
+
+namespace weightd {
+namespace {
+
+constexpr char kMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '1'};
+constexpr std::string_view kSuffix = ".record";
+// A record is KBs (the shards' headers); anything this large is not one of ours.
+constexpr std::uint64_t kMaxRecordBytes = 256ull << 20;
+
+// The frame: magic, payload length, XXH64 of the payload, payload (cereal binary).
+struct Frame {
+  char magic[8];
+  std::uint64_t size;
+  std::uint64_t hash;
+};
+
+template <class Archive>
+void Serialize(Archive& ar, ModelRecord& r) {
+  std::uint64_t n = r.shards.size();
+  ar(r.model, r.dir, r.generation, n);
+  if constexpr (Archive::is_loading::value) {
+    if (n > 100'000) throw cereal::Exception("implausible shard count");
+    r.shards.resize(n);
+  }
+  for (auto& s : r.shards)
+    ar(s.file, s.segment, s.data_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.inode, s.file_info.dev,
+       s.checksum.high64, s.checksum.low64, s.verified, s.header_bytes);
+}
+
+Status BadRecord(const std::string& name, const std::string& why) {
+  return DataLoss("adoption record /" + name + ": " + why, "adopt.bad_record");
+}
+
+Status Changed(const ModelRecord& r, const std::string& why) {
+  return FailedPrecondition("model '" + r.model + "' (record /" + r.name + "): " + why, "adopt.model_changed");
+}
+
+}  // namespace
+
+std::string RecordName(const std::string& prefix, const std::string& model, std::uint64_t generation) {
+  return prefix + "." + model + "." + std::to_string(generation) + std::string(kSuffix);
+}
+
+bool IsRecordName(const std::string& name) { return name.ends_with(kSuffix); }
+
+Status WriteRecord(const std::string& name, const ResidentModel& model, std::uint64_t generation) {
+  ModelRecord r;
+  r.model = model.name;
+  r.dir = model.dir;
+  r.generation = generation;
+  for (const ResidentShard& sh : model.shards) {
+    ModelRecord::Shard s;
+    s.file = sh.file;
+    s.segment = sh.segment.name();
+    s.data_size = sh.segment.data_size();
+    s.file_info = sh.file_info;
+    s.checksum = sh.checksum;
+    s.verified = sh.verified;
+    s.header_bytes.assign(reinterpret_cast<const char*>(sh.header_bytes.data()), sh.header_bytes.size());
+    r.shards.push_back(std::move(s));
+  }
+  std::ostringstream os;
+  {
+    cereal::BinaryOutputArchive ar(os);
+    Serialize(ar, r);
+  }
+  const std::string payload = os.str();
+  Frame f;
+  std::memcpy(f.magic, kMagic, sizeof kMagic);
+  f.size = payload.size();
+  f.hash = XXH64(payload.data(), payload.size(), 0);
+  std::string bytes(reinterpret_cast<const char*>(&f), sizeof f);
+  bytes += payload;
+
+  const std::string path = "/" + name;
+  (void)::shm_unlink(path.c_str());  // a leftover of a dead instance (we hold the prefix)
+  int fd = ::shm_open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
+  if (fd < 0) return posix::ErrnoStatus("creating adoption record " + path);
+  posix::Fd owned(fd);
+  Status s = ::fchmod(fd, 0600) == 0 ? Status::Ok() : posix::ErrnoStatus("fchmod(" + path + ")");
+  if (s.ok())
+    if (int err = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes.size())); err != 0) {
+      s = posix::ErrnoStatus("reserving adoption record " + path, err);
+      if (err == ENOSPC) s = ResourceExhausted(s.message() + " (/dev/shm is full)", "shm.no_space");
+    }
+  if (s.ok()) s = posix::WriteFull(fd, std::as_bytes(std::span(bytes)), path);
+  if (!s.ok()) (void)::shm_unlink(path.c_str());
+  return s;
+}
+
+Result<ModelRecord> ReadRecord(const std::string& name) {
+  const std::string path = "/" + name;
+  int fd = ::shm_open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC, 0);
+  if (fd < 0) return posix::ErrnoStatus("opening adoption record " + path);
+  posix::Fd owned(fd);
+  ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd, path));
+  if (!S_ISREG(st.mode) || st.uid != ::geteuid())
+    return BadRecord(name, "not a file of this daemon's user (owner uid " + std::to_string(st.uid) + ")");
+  if (st.size < sizeof(Frame) || st.size > kMaxRecordBytes)
+    return BadRecord(name, "implausible size " + std::to_string(st.size));
+  std::string bytes(st.size, '\0');
+  RETURN_IF_ERROR(posix::PreadFull(fd, std::as_writable_bytes(std::span(bytes)), 0, path));
+  Frame f;
+  std::memcpy(&f, bytes.data(), sizeof f);
+  if (std::memcmp(f.magic, kMagic, sizeof kMagic) != 0) return BadRecord(name, "no record magic");
+  const std::string_view payload = std::string_view(bytes).substr(sizeof f);
+  if (f.size != payload.size()) return BadRecord(name, "truncated (the daemon died while writing it)");
+  if (XXH64(payload.data(), payload.size(), 0) != f.hash) return BadRecord(name, "its hash does not match");
+  ModelRecord r;
+  try {
+    std::istringstream is{std::string(payload)};
+    cereal::BinaryInputArchive ar(is);
+    Serialize(ar, r);
+  } catch (const std::exception& e) {
+    return BadRecord(name, std::string("undecodable: ") + e.what());
+  }
+  r.name = name;
+  return r;
+}
+
+Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, mode_t shm_mode,
+                                             gid_t shm_group, unsigned threads) {
+  if (record.model != mc.name || record.dir != mc.dir)
+    return Changed(record, "the catalog now says directory " + mc.dir + ", the record " + record.dir);
+  // The files must be those that were read: same set, and each with the same identity.
+  ASSIGN_OR_RETURN(std::vector<std::string> files, DiscoverShards(mc.dir));
+  std::vector<std::string> recorded;
+  for (const auto& s : record.shards) recorded.push_back(s.file);
+  if (files != recorded) return Changed(record, "its shard files are not those that were loaded");
+
+  auto model = std::make_shared<ResidentModel>();
+  model->name = mc.name;
+  model->dir = mc.dir;
+  model->record = record.name;
+  std::vector<st::Header> headers;
+  for (const ModelRecord::Shard& s : record.shards) {
+    const std::string path = mc.dir + "/" + s.file;
+    auto now = posix::StatPath(path);
+    if (!now.ok()) return Changed(record, now.status().message());
+    const posix::FileInfo& was = s.file_info;
+    if (now->size != was.size || now->mtime_ns != was.mtime_ns || now->inode != was.inode || now->dev != was.dev)
+      return Changed(record, path + " changed since it was loaded");
+    // The header, from the record's copy of its bytes.
+    const std::string& hb = s.header_bytes;
+    std::uint64_t n = 0;
+    if (hb.size() < 8) return BadRecord(record.name, "a header of " + std::to_string(hb.size()) + " bytes");
+    std::memcpy(&n, hb.data(), 8);
+    if (n != hb.size() - 8) return BadRecord(record.name, "a header whose length prefix disagrees with it");
+    auto header = st::ParseHeader(std::string_view(hb).substr(8), was.size);
+    if (!header.ok()) return header.status().WithContext("adoption record /" + record.name + ", " + s.file);
+    if (header->data_size != s.data_size)
+      return BadRecord(record.name, s.file + ": its header says " + std::to_string(header->data_size) +
+                                        " data bytes, the record " + std::to_string(s.data_size));
+    ResidentShard shard;
+    shard.file = s.file;
+    shard.header = *header;
+    shard.file_info = *now;
+    shard.checksum = s.checksum;
+    shard.verified = s.verified;
+    shard.header_bytes.resize(hb.size());
+    std::memcpy(shard.header_bytes.data(), hb.data(), hb.size());
+    ASSIGN_OR_RETURN(shard.segment, HostSegment::Open(s.segment, s.data_size, shm_mode, shm_group));
+    headers.push_back(std::move(header).value());
+    model->bytes += s.data_size;
+    model->tensor_count += static_cast<std::uint32_t>(headers.back().tensors.size());
+    model->shards.push_back(std::move(shard));
+  }
+  RETURN_IF_ERROR(CheckShardSet(mc.dir, files, headers));
+
+  // Hash header + segment data per shard, `threads` shards at a time.
+  std::vector<char> ok(model->shards.size(), 0);
+  std::atomic<std::size_t> next{0};
+  auto work = [&] {
+    for (std::size_t i; (i = next.fetch_add(1)) < model->shards.size();) {
+      const ResidentShard& sh = model->shards[i];
+      XXH3_state_t* st = XXH3_createState();
+      if (st == nullptr) continue;
+      XXH3_128bits_reset(st);
+      XXH3_128bits_update(st, sh.header_bytes.data(), sh.header_bytes.size());
+      if (sh.segment.data_size() > 0) XXH3_128bits_update(st, sh.segment.data(), sh.segment.data_size());
+      ok[i] = XXH128_isEqual(XXH3_128bits_digest(st), sh.checksum) ? 1 : 0;
+      XXH3_freeState(st);
+    }
+  };
+  {
+    std::vector<std::jthread> pool;
+    const unsigned n = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(model->shards.size())));
+    for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
+    work();
+  }
+  for (std::size_t i = 0; i < ok.size(); ++i)
+    if (!ok[i])
+      return DataLoss("model '" + mc.name + "': segment /" + model->shards[i].segment.name() + " does not hash to " +
+                          model->shards[i].checksum_hex() + ", the checksum of " + model->shards[i].file,
+                      "adopt.checksum_mismatch");
+  return model;
+}
+
+}  // namespace weightd

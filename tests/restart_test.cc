@@ -1,0 +1,256 @@
+// Crash safety across a daemon restart: the real weightd binary is killed with SIGKILL and
+// started again on the same socket and segment prefix, while a client (this process) holds a
+// model and keeps reading it.
+#include <fcntl.h>
+#include <signal.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <atomic>
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+#include <gtest/gtest.h>
+
+#include "posix.h"
+#include "support/daemon_process.h"
+#include "weightd/client.h"
+
+namespace weightd {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::DaemonOptions;
+using testing::DaemonProcess;
+using testing::TempDir;
+
+// Short heartbeats, so that the client notices the new daemon quickly.
+constexpr const char* kConfig = R"(
+[daemon]
+heartbeat_interval = "100ms"
+heartbeat_timeout = "2s"
+)";
+
+Client Connect(const DaemonProcess& d) {
+  ClientOptions o;
+  o.endpoint = d.endpoint();
+  o.client_name = "restart_test";
+  auto c = Client::Connect(o);
+  if (!c.ok()) throw Error(c.status());
+  return std::move(c).value();
+}
+
+// XXH-free digest of every tensor byte: what an "inference" over the model computes.
+std::uint64_t Digest(const Lease& lease) {
+  std::uint64_t h = 1469598103934665603ull;
+  for (const Tensor& t : lease.tensors())
+    for (std::size_t i = 0; i < t.nbytes; ++i) h = (h ^ static_cast<std::uint8_t>(t.data[i])) * 1099511628211ull;
+  return h;
+}
+
+const ModelInfo* Find(const DaemonStats& s, const std::string& model) {
+  for (const auto& m : s.models)
+    if (m.name == model) return &m;
+  return nullptr;
+}
+
+// Polls `pred` every 20 ms for up to `limit`.
+template <class Pred>
+bool WaitFor(Pred pred, std::chrono::milliseconds limit = 10s) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(20ms);
+  }
+  return pred();
+}
+
+class RestartTest : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_TRUE(testing::WriteShardedModel(models_.file("m"), testing::SmallTensors(40), 3, /*seed=*/11).ok());
+    ASSERT_TRUE(testing::WriteModel(models_.file("other"), testing::SmallTensors(6), /*seed=*/12).ok());
+    auto d = DaemonProcess::Start(
+        {.models = {{"m", models_.file("m")}, {"other", models_.file("other")}}, .config_toml = kConfig});
+    ASSERT_TRUE(d.ok()) << d.status().ToString();
+    daemon_ = std::move(d).value();
+  }
+
+  // Loads "m" (and "other") through a short-lived client, then kills the daemon.
+  void LoadThenKill() {
+    {
+      Client c = Connect(*daemon_);
+      ASSERT_TRUE(c.Load("m").ok());
+      ASSERT_TRUE(c.Load("other").ok());
+    }
+    daemon_->Signal(SIGKILL);
+  }
+
+  std::vector<std::string> SegmentsOf(const std::string& model) const {
+    std::vector<std::string> out;
+    for (const auto& n : daemon_->Segments())
+      if (n.starts_with(daemon_->shm_prefix() + "." + model + ".")) out.push_back(n);
+    std::sort(out.begin(), out.end());
+    return out;
+  }
+
+  TempDir models_;
+  std::unique_ptr<DaemonProcess> daemon_;
+};
+
+// The scenario of the issue: SIGKILL while a client is mid-inference on the model. The client
+// keeps computing correct results, the new daemon adopts the segments without reading the disk,
+// and the client's lease is re-established without the application doing anything.
+TEST_F(RestartTest, ClientSurvivesSigkillAndItsLeaseComesBack) {
+  Client c = Connect(*daemon_);
+  auto acquired = c.Acquire("m");
+  ASSERT_TRUE(acquired.ok()) << acquired.status().ToString();
+  Lease lease = std::move(acquired).value();
+  ASSERT_TRUE(testing::CompareWithFiles(lease).ok());
+  const std::uint64_t expected = Digest(lease);
+  const std::uint64_t old_id = lease.id();
+  const auto segments = SegmentsOf("m");
+  ASSERT_EQ(segments.size(), 4u);  // 3 shards and the record
+
+  std::atomic<bool> stop{false};
+  std::atomic<int> passes{0}, wrong{0};
+  std::thread inference([&] {
+    while (!stop) {
+      if (Digest(lease) != expected) ++wrong;
+      ++passes;
+    }
+  });
+
+  daemon_->Signal(SIGKILL);
+  const int before = passes.load();
+  ASSERT_TRUE(WaitFor([&] { return passes.load() > before + 3; }));  // it computes with no daemon
+  Status restarted = daemon_->Restart();
+  ASSERT_TRUE(restarted.ok()) << restarted.ToString();
+  EXPECT_TRUE(WaitFor([&] { return c.reconnects() >= 1; })) << daemon_->Log();
+  stop = true;
+  inference.join();
+  EXPECT_EQ(wrong.load(), 0);
+  EXPECT_GT(passes.load(), 0);
+
+  // The same segments, adopted; nothing read from disk; the lease is back under a new id.
+  EXPECT_EQ(SegmentsOf("m"), segments);
+  Client admin = Connect(*daemon_);
+  auto stats = admin.Stats();
+  ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+  EXPECT_EQ(stats->bytes_read_from_disk, 0u);
+  const ModelInfo* m = Find(*stats, "m");
+  ASSERT_NE(m, nullptr);
+  EXPECT_EQ(m->state, "resident");
+  EXPECT_EQ(m->leases, 1u);
+  EXPECT_EQ(stats->leases, 1u);
+  EXPECT_NE(stats->metrics.find("weightd_adopted_models 1\n"), std::string::npos) << stats->metrics;
+  EXPECT_NE(lease.id(), 0u);
+  EXPECT_NE(lease.id(), old_id);
+  EXPECT_TRUE(testing::CompareWithFiles(lease).ok());
+
+  // The client goes on as before: a new lease of the adopted copy, and the old one releases.
+  auto again = c.Acquire("m");
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_EQ(Digest(*again), expected);
+  lease.release();
+  again->release();
+  EXPECT_TRUE(WaitFor([&] {
+    auto s = admin.Stats();
+    return s.ok() && s->leases == 0;
+  }));
+  auto after = admin.Stats();
+  ASSERT_TRUE(after.ok());
+  EXPECT_EQ(after->bytes_read_from_disk, 0u);
+}
+
+TEST_F(RestartTest, AdoptsEveryModelWithoutReadingTheDisk) {
+  LoadThenKill();
+  ASSERT_TRUE(daemon_->Restart().ok());
+  Client c = Connect(*daemon_);
+  auto stats = c.Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->bytes_read_from_disk, 0u);
+  for (const char* name : {"m", "other"}) {
+    const ModelInfo* m = Find(*stats, name);
+    ASSERT_NE(m, nullptr);
+    EXPECT_EQ(m->state, "resident") << name;
+  }
+  auto lease = c.Acquire("other");
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  EXPECT_TRUE(testing::CompareWithFiles(*lease).ok());
+  EXPECT_NE(daemon_->Log().find("adopted from the previous instance"), std::string::npos);
+}
+
+// A segment whose bytes changed after the load is not adopted: the model is read again from disk
+// and served correctly; the other model is adopted as usual.
+TEST_F(RestartTest, CorruptSegmentIsDiscardedAndReloaded) {
+  LoadThenKill();
+  const auto segs = SegmentsOf("m");
+  ASSERT_EQ(segs.size(), 4u);
+  {
+    auto fd = posix::Open("/dev/shm/" + segs[1], O_RDWR);  // a shard (segs[3] is the record)
+    ASSERT_TRUE(fd.ok()) << fd.status().ToString();
+    std::byte b{};
+    ASSERT_EQ(::pread(fd->get(), &b, 1, 5), 1);
+    b ^= std::byte{0x40};
+    ASSERT_EQ(::pwrite(fd->get(), &b, 1, 5), 1);
+  }
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_NE(daemon_->Log().find("adopt.checksum_mismatch"), std::string::npos) << daemon_->Log();
+  EXPECT_TRUE(SegmentsOf("m").empty());  // removed, not left behind
+  Client c = Connect(*daemon_);
+  auto lease = c.Acquire("m");
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  EXPECT_TRUE(testing::CompareWithFiles(*lease).ok());
+  auto stats = c.Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_GT(stats->bytes_read_from_disk, 0u);
+  const ModelInfo* other = Find(*stats, "other");
+  ASSERT_NE(other, nullptr);
+  EXPECT_EQ(other->state, "resident");
+}
+
+// A shard file replaced after the load: the old copy is not what the file says now.
+TEST_F(RestartTest, ChangedFileIsNotAdopted) {
+  LoadThenKill();
+  ASSERT_TRUE(testing::WriteModel(models_.file("other"), testing::SmallTensors(6), /*seed=*/99).ok());
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_NE(daemon_->Log().find("adopt.model_changed"), std::string::npos) << daemon_->Log();
+  EXPECT_TRUE(SegmentsOf("other").empty());
+  Client c = Connect(*daemon_);
+  auto lease = c.Acquire("other");
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  EXPECT_TRUE(testing::CompareWithFiles(*lease).ok());
+}
+
+// A record cut short (the daemon died while writing it) or garbled: its segments go.
+TEST_F(RestartTest, DamagedRecordIsDiscarded) {
+  LoadThenKill();
+  const auto segs = SegmentsOf("m");
+  ASSERT_EQ(segs.size(), 4u);
+  const std::string record = "/dev/shm/" + segs[3];
+  ASSERT_TRUE(record.ends_with(".record")) << record;
+  ASSERT_EQ(::truncate(record.c_str(), 40), 0);
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_NE(daemon_->Log().find("adopt.bad_record"), std::string::npos) << daemon_->Log();
+  EXPECT_TRUE(SegmentsOf("m").empty());
+  EXPECT_FALSE(SegmentsOf("other").empty());
+}
+
+// A segment under the prefix that no record describes (a load cut short by the crash) is removed.
+TEST_F(RestartTest, SegmentsWithoutARecordAreRemoved) {
+  LoadThenKill();
+  const std::string stray = "/" + daemon_->shm_prefix() + ".m.999.0";
+  int fd = ::shm_open(stray.c_str(), O_CREAT | O_EXCL | O_RDWR, 0600);
+  ASSERT_GE(fd, 0);
+  ::close(fd);
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_NE(::access(("/dev/shm" + stray).c_str(), F_OK), 0);
+  EXPECT_EQ(SegmentsOf("m").size(), 4u);
+}
+
+}  // namespace
+}  // namespace weightd
