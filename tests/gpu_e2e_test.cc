@@ -244,6 +244,37 @@ TEST_F(GpuE2E, ClientsKeepReadingCorrectDataAfterTheDaemonDies) {
   EXPECT_EQ(kid.ReadLine(), "ok");
 }
 
+// The GPU variant of the restart scenario: the client's imports outlive the daemon, the new
+// daemon adopts the host copy (no disk read) and re-makes the GPU copy when the client's library
+// re-leases it, and the client's data stays correct throughout.
+TEST_F(GpuE2E, AClientHoldingImportsSurvivesADaemonRestartAndGetsItsLeaseBack) {
+  WriteModel(8, 1024);
+  StartDaemon();
+  Child kid("hold", daemon_->endpoint(), "m");
+  ASSERT_EQ(kid.ReadLine(), "ready");
+  daemon_->Signal(SIGKILL);
+  kid.Say("verify");
+  EXPECT_EQ(kid.ReadLine(), "ok");
+  Status restarted = daemon_->Restart();
+  ASSERT_TRUE(restarted.ok()) << restarted.ToString();
+  Client c = Connect();
+  std::uint32_t leases = 0;
+  for (int i = 0; i < 500 && leases == 0; ++i) {
+    auto st = c.Status("m");
+    if (st.ok() && !st->gpus.empty()) leases = st->gpus[0].leases;
+    if (leases == 0) std::this_thread::sleep_for(20ms);
+  }
+  EXPECT_EQ(leases, 1u) << daemon_->Log();
+  kid.Say("verify");
+  EXPECT_EQ(kid.ReadLine(), "ok");
+  auto stats = c.Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->bytes_read_from_disk, 0u);
+  ASSERT_FALSE(stats->models.empty());
+  EXPECT_EQ(stats->models[0].state, "resident");
+  EXPECT_NE(daemon_->Log().find("adopted from the previous instance"), std::string::npos);
+}
+
 TEST_F(GpuE2E, LeasesOnCudaAreReadOnlyViewsOfOneCopy) {
   WriteModel(4, 256);
   StartDaemon();
