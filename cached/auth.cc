@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <charconv>
+#include <cstdlib>
 #include <fstream>
 #include <sstream>
 
@@ -131,6 +132,20 @@ std::string FormatGroups(const std::vector<gid_t>& groups) {
     out += std::to_string(g);
   }
   return out;
+}
+
+std::uint64_t ProcessStartTime(pid_t pid) {
+  std::ifstream in("/proc/" + std::to_string(pid) + "/stat");
+  std::string line;
+  if (pid <= 0 || !std::getline(in, line)) return 0;
+  // "pid (comm) state ppid ...": comm may hold spaces and ')', so count from the last ')'.
+  const auto close = line.rfind(')');
+  if (close == std::string::npos) return 0;
+  std::istringstream rest(line.substr(close + 1));
+  std::string field;
+  for (int i = 3; i <= 22 && rest >> field; ++i)
+    if (i == 22) return std::strtoull(field.c_str(), nullptr, 10);
+  return 0;
 }
 
 std::vector<gid_t> PeerGroups(uid_t uid, gid_t gid, pid_t pid) {

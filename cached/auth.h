@@ -52,6 +52,10 @@ std::string FormatGroups(const std::vector<gid_t>& groups);
 // (getgrouplist). Always contains `gid`; sorted and unique.
 std::vector<gid_t> PeerGroups(uid_t uid, gid_t gid, pid_t pid);
 
+// When process `pid` started, in clock ticks after boot (/proc/<pid>/stat, field 22); 0 if there
+// is no such process. Two processes that had the same pid never have the same start time.
+std::uint64_t ProcessStartTime(pid_t pid);
+
 // "alice" or "1001" -> uid; "weightd" or "1000" -> gid. NotFound config.unknown_user/_group.
 Result<uid_t> ResolveUser(const std::string& user);
 Result<gid_t> ResolveGroup(const std::string& group);

@@ -39,7 +39,10 @@ struct Session {
   std::string routing_id;
   std::string client_name;
   PeerCred peer;
-  posix::Fd pidfd;  // readable once the peer process has exited; invalid if unknown
+  posix::Fd pidfd;  // readable once the peer process has exited; invalid if unavailable
+  // Where pidfd_open is unavailable (a seccomp filter): the peer's start time (clock ticks
+  // after boot, /proc/<pid>/stat), so that a process that reuses the pid is not the peer.
+  std::uint64_t start_time = 0;
   Clock::TimePoint last_seen;
   std::set<std::uint64_t> leases;
   std::uint32_t pending = 0;  // requests parked until a load completes

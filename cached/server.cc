@@ -2,6 +2,7 @@
 
 #include <fcntl.h>
 #include <grp.h>
+#include <poll.h>
 #include <signal.h>
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
@@ -545,6 +546,15 @@ struct Server::Impl {
   void BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
                   const std::vector<std::string>& shm_paths);
   void Notify(const std::string& state) { sd_notify(0, state.c_str()); }
+  // True once the session's process has exited: its pidfd is readable, or (without a pidfd) the
+  // process with its pid started at another time, or is gone.
+  static bool PeerGone(const Session& s) {
+    if (s.pidfd.valid()) {
+      pollfd p{s.pidfd.get(), POLLIN, 0};
+      return ::poll(&p, 1, 0) > 0 && (p.revents & POLLIN) != 0;
+    }
+    return s.start_time != 0 && auth::ProcessStartTime(s.peer.pid) != s.start_time;
+  }
 
   // The socket, its directory (when the daemon made it) and the fd socket belong to the client
   // group, whose members alone may connect (with the 0750/0660 modes).
@@ -793,6 +803,12 @@ void Server::Impl::Dispatch(const std::string& rid, std::uint64_t id, proto::Req
     return;
   }
   Session* s = leases.Find(rid);
+  // A session whose process has exited ends now, even if its pidfd event is still queued: a
+  // process that got the pid since must not inherit it.
+  if (s != nullptr && PeerGone(*s)) {
+    EndSession(s->id, "process exited");
+    s = nullptr;
+  }
   // A routing id is chosen by the peer: a connection that reuses a session's routing id after its
   // owner went away must not inherit it.
   if (s != nullptr && (s->peer.uid != who.uid || s->peer.pid != who.pid)) {
@@ -869,8 +885,12 @@ std::optional<proto::ReplyBody> Server::Impl::OnHello(const std::string& rid, co
   Session& session = **s;
   if (fresh && peer.pid > 0) {
     // A pidfd turns readable when the process exits: death is noticed at once, not after the
-    // heartbeat timeout.
+    // heartbeat timeout, and a later process with the same pid is not this one.
     int pfd = static_cast<int>(::syscall(SYS_pidfd_open, peer.pid, 0));
+    if (pfd < 0 && errno == ESRCH) {
+      EndSession(session.id, "the process exited during its handshake");
+      return proto::ToErrorReply(FailedPrecondition("the connecting process has exited", "auth.peer_gone"));
+    }
     if (pfd >= 0) {
       ::fcntl(pfd, F_SETFD, FD_CLOEXEC);
       session.pidfd.reset(pfd);
@@ -879,8 +899,9 @@ std::optional<proto::ReplyBody> Server::Impl::OnHello(const std::string& rid, co
       ev.data.u64 = kTagPid | session.id;
       if (::epoll_ctl(epoll_fd.get(), EPOLL_CTL_ADD, pfd, &ev) != 0) session.pidfd.reset();
     } else {
-      spdlog::debug("pidfd_open({}) failed: {}; relying on heartbeats", peer.pid, std::strerror(errno));
+      spdlog::debug("pidfd_open({}) failed: {}; relying on heartbeats and the start time", peer.pid, std::strerror(errno));
     }
+    if (!session.pidfd.valid()) session.start_time = auth::ProcessStartTime(peer.pid);
   }
   if (fresh)
     spdlog::info("session {} opened by '{}' (uid {}, pid {})", session.id, session.client_name, peer.uid, peer.pid);
@@ -2010,6 +2031,10 @@ std::string Server::Impl::RenderMetrics() const {
                leases.LeasesOf(name, CudaName(ordinal)));
   w.Family("weightd_sessions", "gauge", "Open client sessions.");
   w.Sample("weightd_sessions", {}, static_cast<double>(leases.session_count()));
+  w.Family("weightd_fd_tokens_pending", "gauge", "Leases whose fds wait to be fetched over the fd socket.");
+  w.Sample("weightd_fd_tokens_pending", {}, static_cast<double>(pending_fds.size()));
+  w.Family("weightd_fd_connections", "gauge", "Open connections to the fd socket.");
+  w.Sample("weightd_fd_connections", {}, static_cast<double>(fd_clients.size()));
   w.Family("weightd_requests_total", "counter", "Requests received, and those that did not decode.");
   w.Sample("weightd_requests_total", Labels{{"result", "all"}}, static_cast<double>(requests));
   w.Sample("weightd_requests_total", Labels{{"result", "malformed"}}, static_cast<double>(malformed));
@@ -2132,7 +2157,7 @@ void Server::Impl::ServeFdClient(int fd) {
   PendingFds pending = std::move(p->second);
   pending_fds.erase(p);  // one use, whatever happens next
   Session* s = leases.FindById(pending.session_id);
-  if (s == nullptr || s->leases.count(pending.lease_id) == 0) return deny("the lease has ended");
+  if (s == nullptr || s->leases.count(pending.lease_id) == 0 || PeerGone(*s)) return deny("the lease has ended");
   // The token travelled over the session's ZeroMQ connection; the process presenting it must be
   // the one that opened that session.
   if (conn.peer().uid != s->peer.uid || conn.peer().pid != s->peer.pid)

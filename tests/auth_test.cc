@@ -1,6 +1,8 @@
 // The identity and policy rules of cached/auth.h, without sockets: the ZAP stamp's format, the
 // groups of a process, and who may connect, acquire and administer.
 #include <gtest/gtest.h>
+#include <signal.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -55,6 +57,28 @@ TEST(AuthIdentity, PeerGroupsOfThisProcessAreItsKernelGroups) {
   // then the user database's, which always holds the primary group.
   auto other = PeerGroups(::getuid() + 1, 4242, ::getpid());
   EXPECT_TRUE(std::binary_search(other.begin(), other.end(), 4242u));
+}
+
+// What stands in for a pidfd where there is none: a process's start time tells it from a later
+// process with the same pid.
+TEST(AuthIdentity, ProcessStartTimeTellsProcessesApart) {
+  const std::uint64_t self = ProcessStartTime(::getpid());
+  EXPECT_GT(self, 0u);
+  EXPECT_EQ(ProcessStartTime(::getpid()), self);
+  ::usleep(20'000);  // at least one clock tick (10 ms at USER_HZ 100) later
+  pid_t child = ::fork();
+  if (child == 0) {
+    ::pause();
+    std::_Exit(0);
+  }
+  ASSERT_GT(child, 0);
+  const std::uint64_t kid = ProcessStartTime(child);
+  EXPECT_GT(kid, self);
+  ::kill(child, SIGKILL);
+  ::waitpid(child, nullptr, 0);
+  EXPECT_EQ(ProcessStartTime(child), 0u);  // reaped: no such process
+  EXPECT_EQ(ProcessStartTime(0), 0u);
+  EXPECT_EQ(ProcessStartTime(-5), 0u);
 }
 
 TEST(AuthIdentity, NamesResolveAndUnknownOnesAreConfigErrors) {
