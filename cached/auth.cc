@@ -1,10 +1,12 @@
 #include "auth.h"
 
 #include <grp.h>
+#include <sys/socket.h>
 #include <pwd.h>
 
 #include <algorithm>
 #include <charconv>
+#include <cstring>
 #include <cstdlib>
 #include <fstream>
 #include <sstream>
@@ -255,18 +257,28 @@ Identity IdentityOf(zmq::message_t& msg) {
   return id ? *id : Identity{};
 }
 
-Result<std::unique_ptr<ZapHandler>> ZapHandler::Start(zmq::context_t& ctx) {
+Result<std::unique_ptr<ZapHandler>> ZapHandler::Start(zmq::context_t& ctx, zmq::socket_t& guarded,
+                                                      std::uint32_t max_connections_per_user) {
+  static std::atomic<int> instances{0};
+  const std::string monitor_endpoint = "inproc://weightd-connections-" + std::to_string(instances++);
   try {
     zmq::socket_t sock(ctx, zmq::socket_type::rep);
     sock.set(zmq::sockopt::linger, 0);
     sock.bind(kZapEndpoint);
-    return std::unique_ptr<ZapHandler>(new ZapHandler(std::move(sock)));
+    if (zmq_socket_monitor(guarded.handle(), monitor_endpoint.c_str(), ZMQ_EVENT_ACCEPTED | ZMQ_EVENT_DISCONNECTED) != 0)
+      throw zmq::error_t();
+    zmq::socket_t monitor(ctx, zmq::socket_type::pair);
+    monitor.set(zmq::sockopt::linger, 0);
+    monitor.set(zmq::sockopt::rcvhwm, 0);  // never make libzmq's I/O thread wait for us
+    monitor.connect(monitor_endpoint);
+    return std::unique_ptr<ZapHandler>(new ZapHandler(std::move(sock), std::move(monitor), max_connections_per_user));
   } catch (const zmq::error_t& e) {
     return Internal(std::string("starting the ZAP handler on ") + kZapEndpoint + ": " + e.what(), "daemon.zap");
   }
 }
 
-ZapHandler::ZapHandler(zmq::socket_t sock) : sock_(std::move(sock)) {
+ZapHandler::ZapHandler(zmq::socket_t sock, zmq::socket_t monitor, std::uint32_t max_per_user)
+    : sock_(std::move(sock)), monitor_(std::move(monitor)), max_per_user_(max_per_user) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -277,9 +289,14 @@ ZapHandler::~ZapHandler() {
 
 void ZapHandler::Run() {
   while (!stop_.load()) {
-    zmq::pollitem_t item{sock_.handle(), 0, ZMQ_POLLIN, 0};
+    zmq::pollitem_t items[] = {{monitor_.handle(), 0, ZMQ_POLLIN, 0}, {sock_.handle(), 0, ZMQ_POLLIN, 0}};
     try {
-      if (zmq::poll(&item, 1, std::chrono::milliseconds(100)) <= 0) continue;
+      if (zmq::poll(items, 2, std::chrono::milliseconds(100)) <= 0) continue;
+      // Connections first: a ZAP request comes after its connection's accept event.
+      if (items[0].revents & ZMQ_POLLIN)
+        while (OnMonitorEvent()) {
+        }
+      if ((items[1].revents & ZMQ_POLLIN) == 0) continue;
       std::vector<zmq::message_t> frames;
       do {
         zmq::message_t f;
@@ -292,38 +309,91 @@ void ZapHandler::Run() {
         (void)sock_.recv(f, zmq::recv_flags::none);
         if (!f.more()) break;
       }
-      // version, request id, domain, address, routing id, mechanism, credentials...
-      std::string code = "400", text = "no peer credentials (weightd serves ipc:// peers only)", user;
-      std::string meta;
-      if (frames.size() >= 6 && frames[0].to_string_view() == "1.0") {
-        // The address of an ipc peer ends with ":uid:gid:pid" (SO_PEERCRED, read by libzmq).
-        const std::string_view creds = AfterLastSeparators(frames[3].to_string_view(), 3, ':');
-        if (auto id = ParseIdentity(creds, "")) {
-          code = "200";
-          text = "OK";
-          user = creds;
-          meta = Property(kGroupsProperty, FormatGroups(PeerGroups(id->uid, id->gid, id->pid)));
-        }
-      } else {
-        code = "500";
-        text = "malformed ZAP request";
-      }
-      (code == "200" ? accepted_ : refused_).fetch_add(1);
-      if (code != "200")
-        spdlog::warn("refused a connection ({}): {}", frames.size() >= 4 ? frames[3].to_string() : std::string("?"), text);
-      const std::string version = "1.0";
-      const std::string request_id = frames.size() >= 2 ? frames[1].to_string() : std::string();
-      sock_.send(zmq::buffer(version), zmq::send_flags::sndmore);
-      sock_.send(zmq::buffer(request_id), zmq::send_flags::sndmore);
-      sock_.send(zmq::buffer(code), zmq::send_flags::sndmore);
-      sock_.send(zmq::buffer(text), zmq::send_flags::sndmore);
-      sock_.send(zmq::buffer(user), zmq::send_flags::sndmore);
-      sock_.send(zmq::buffer(meta), zmq::send_flags::none);
+      Answer(frames);
     } catch (const zmq::error_t& e) {
       if (e.num() == ETERM) return;
       spdlog::warn("ZAP handler: {}", e.what());
     }
   }
+}
+
+// A monitor event: two frames, (u16 event, u32 value = the connection's fd) and the endpoint.
+// False when none was queued.
+bool ZapHandler::OnMonitorEvent() {
+  zmq::message_t head, addr;
+  if (!monitor_.recv(head, zmq::recv_flags::dontwait)) return false;
+  if (head.more()) (void)monitor_.recv(addr, zmq::recv_flags::none);
+  if (head.size() < 6) return true;
+  std::uint16_t event = 0;
+  std::uint32_t value = 0;
+  std::memcpy(&event, head.data(), 2);
+  std::memcpy(&value, static_cast<const char*>(head.data()) + 2, 4);
+  const int fd = static_cast<int>(value);
+  if (event == ZMQ_EVENT_DISCONNECTED) {
+    auto it = conn_uid_.find(fd);
+    if (it == conn_uid_.end()) return true;
+    if (auto n = per_uid_.find(it->second); n != per_uid_.end() && --n->second == 0) per_uid_.erase(n);
+    conn_uid_.erase(it);
+    connections_.fetch_sub(1);
+    return true;
+  }
+  if (event != ZMQ_EVENT_ACCEPTED) return true;
+  // The fd is libzmq's; it may have closed (and the number been reused) since the event was
+  // queued. Whatever socket holds the number now is what is counted, and its disconnect
+  // uncounts it, so the counts stay balanced.
+  ucred cred{};
+  socklen_t len = sizeof cred;
+  if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return true;
+  if (auto old = conn_uid_.find(fd); old != conn_uid_.end()) {  // its disconnect is still queued
+    if (auto n = per_uid_.find(old->second); n != per_uid_.end() && --n->second == 0) per_uid_.erase(n);
+    connections_.fetch_sub(1);
+  }
+  conn_uid_[fd] = cred.uid;
+  connections_.fetch_add(1);
+  const std::uint32_t n = ++per_uid_[cred.uid];
+  if (max_per_user_ == 0 || n <= max_per_user_) return true;
+  // Over the limit: closed before it costs more than this fd (libzmq sees end of file).
+  ::shutdown(fd, SHUT_RDWR);
+  shed_.fetch_add(1);
+  const auto now = std::chrono::steady_clock::now();
+  auto& last = last_warned_[cred.uid];
+  if (now - last >= std::chrono::seconds(10)) {
+    last = now;
+    spdlog::warn("uid {} (pid {}) holds {} connections, more than daemon.max_connections_per_user = {}; closing the "
+                 "new ones ({} so far)",
+                 cred.uid, cred.pid, n - 1, max_per_user_, shed_.load());
+  }
+  return true;
+}
+
+void ZapHandler::Answer(std::vector<zmq::message_t>& frames) {
+  // version, request id, domain, address, routing id, mechanism, credentials...
+  std::string code = "400", text = "no peer credentials (weightd serves ipc:// peers only)", user;
+  std::string meta;
+  if (frames.size() >= 6 && frames[0].to_string_view() == "1.0") {
+    // The address of an ipc peer ends with ":uid:gid:pid" (SO_PEERCRED, read by libzmq).
+    const std::string_view creds = AfterLastSeparators(frames[3].to_string_view(), 3, ':');
+    if (auto id = ParseIdentity(creds, "")) {
+      code = "200";
+      text = "OK";
+      user = creds;
+      meta = Property(kGroupsProperty, FormatGroups(PeerGroups(id->uid, id->gid, id->pid)));
+    }
+  } else {
+    code = "500";
+    text = "malformed ZAP request";
+  }
+  (code == "200" ? accepted_ : refused_).fetch_add(1);
+  if (code != "200")
+    spdlog::warn("refused a connection ({}): {}", frames.size() >= 4 ? frames[3].to_string() : std::string("?"), text);
+  const std::string version = "1.0";
+  const std::string request_id = frames.size() >= 2 ? frames[1].to_string() : std::string();
+  sock_.send(zmq::buffer(version), zmq::send_flags::sndmore);
+  sock_.send(zmq::buffer(request_id), zmq::send_flags::sndmore);
+  sock_.send(zmq::buffer(code), zmq::send_flags::sndmore);
+  sock_.send(zmq::buffer(text), zmq::send_flags::sndmore);
+  sock_.send(zmq::buffer(user), zmq::send_flags::sndmore);
+  sock_.send(zmq::buffer(meta), zmq::send_flags::none);
 }
 
 }  // namespace weightd::auth

@@ -17,6 +17,8 @@
 #include <sys/types.h>
 
 #include <atomic>
+#include <chrono>
+#include <cstdint>
 #include <map>
 #include <memory>
 #include <optional>
@@ -97,23 +99,42 @@ class Policy {
 // an ipc peer whose credentials libzmq read is accepted and stamped; anything else (no
 // credentials: not an ipc peer) is refused with 400. Start it before binding the socket it
 // guards; stop it (destroy) after closing that socket.
+//
+// It also watches the guarded socket's connections (a ZeroMQ monitor: the fd of each accepted
+// and each disconnected connection) and counts them per peer uid (SO_PEERCRED of the fd). A
+// connection that would give its uid more than `max_connections_per_user` is shut down at once,
+// before its handshake, so that a flood of connections from one user, complete or half-open,
+// cannot use up the daemon's file descriptors; the peer sees its connection closed.
 class ZapHandler {
  public:
-  static Result<std::unique_ptr<ZapHandler>> Start(zmq::context_t& ctx);
+  // `guarded`: the socket to watch, not yet bound. `max_connections_per_user` 0: no limit.
+  static Result<std::unique_ptr<ZapHandler>> Start(zmq::context_t& ctx, zmq::socket_t& guarded,
+                                                   std::uint32_t max_connections_per_user);
   ~ZapHandler();
   ZapHandler(const ZapHandler&) = delete;
   ZapHandler& operator=(const ZapHandler&) = delete;
 
   std::uint64_t accepted() const { return accepted_.load(); }
   std::uint64_t refused() const { return refused_.load(); }
+  // Connections shut down for the per-user limit, and the connections open now.
+  std::uint64_t shed() const { return shed_.load(); }
+  std::uint64_t connections() const { return connections_.load(); }
 
  private:
-  explicit ZapHandler(zmq::socket_t sock);
+  ZapHandler(zmq::socket_t sock, zmq::socket_t monitor, std::uint32_t max_per_user);
   void Run();
+  void Answer(std::vector<zmq::message_t>& frames);
+  bool OnMonitorEvent();
 
   zmq::socket_t sock_;
+  zmq::socket_t monitor_;  // PAIR, connected to the guarded socket's monitor
+  const std::uint32_t max_per_user_;
+  // Handler thread only: the uid of each open connection's fd, and the count per uid.
+  std::map<int, uid_t> conn_uid_;
+  std::map<uid_t, std::uint32_t> per_uid_;
+  std::map<uid_t, std::chrono::steady_clock::time_point> last_warned_;
   std::atomic<bool> stop_{false};
-  std::atomic<std::uint64_t> accepted_{0}, refused_{0};
+  std::atomic<std::uint64_t> accepted_{0}, refused_{0}, shed_{0}, connections_{0};
   std::thread thread_;
 };
 

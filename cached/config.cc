@@ -363,6 +363,10 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->max_leases_per_client, CountNode(node, qk, origin, 1, 1'000'000));
       } else if (k == "max_sessions") {
         ASSIGN_OR_RETURN(cfg->max_sessions, CountNode(node, qk, origin, 1, 1'000'000));
+      } else if (k == "max_connections_per_user") {
+        ASSIGN_OR_RETURN(cfg->max_connections_per_user, CountNode(node, qk, origin, 1, 1'000'000));
+      } else if (k == "max_sessions_per_user") {
+        ASSIGN_OR_RETURN(cfg->max_sessions_per_user, CountNode(node, qk, origin, 1, 1'000'000));
       } else if (k == "max_message_size") {
         ASSIGN_OR_RETURN(cfg->max_message_size, SizeNode(node, qk, origin));
       } else if (k == "log_level") {

@@ -93,6 +93,10 @@ struct DaemonConfig {
   std::chrono::milliseconds heartbeat_timeout{10000};
   std::uint32_t max_leases_per_client = 256;
   std::uint32_t max_sessions = 4096;
+  // Per peer uid: open control connections (more are closed at once, before their handshake)
+  // and sessions (a Hello beyond is refused with limits.sessions_per_user).
+  std::uint32_t max_connections_per_user = 256;
+  std::uint32_t max_sessions_per_user = 128;
   std::uint64_t max_message_size = 1ull << 20;
   std::string log_level = "info";
   // "HOST:PORT" of the loopback HTTP listener (/healthz, /readyz, /metrics); empty: none.

@@ -1,5 +1,6 @@
 #include "lease_table.h"
 
+#include <algorithm>
 #include <charconv>
 #include <string_view>
 
@@ -111,6 +112,11 @@ std::uint32_t LeaseTable::LeasesOn(const std::string& device) const {
 std::uint32_t LeaseTable::LeasesOf(const std::string& model) const {
   auto it = per_model_.find(model);
   return it == per_model_.end() ? 0 : it->second;
+}
+
+std::size_t LeaseTable::SessionsOf(uid_t uid) const {
+  return static_cast<std::size_t>(
+      std::count_if(sessions_.begin(), sessions_.end(), [&](const auto& kv) { return kv.second.peer.uid == uid; }));
 }
 
 }  // namespace weightd

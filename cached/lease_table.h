@@ -81,6 +81,8 @@ class LeaseTable {
   std::uint32_t LeasesOf(const std::string& model, const std::string& device) const;
   std::uint32_t LeasesOn(const std::string& device) const;
   std::size_t session_count() const { return sessions_.size(); }
+  // Sessions whose peer is `uid`.
+  std::size_t SessionsOf(uid_t uid) const;
   std::size_t lease_count() const { return leases_.size(); }
   const std::unordered_map<std::uint64_t, Session>& sessions() const { return sessions_; }
 

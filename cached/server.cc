@@ -63,6 +63,8 @@ constexpr Ms kFdTokenTtl{30'000};
 constexpr Ms kFdConnTimeout{2'000};
 constexpr std::size_t kMaxFdConnections = 256;
 constexpr Ms kFdSendTimeout{200};
+// A control connection must finish its ZMTP handshake within this (ZMQ_HANDSHAKE_IVL).
+constexpr Ms kHandshakeTimeout{5'000};
 constexpr std::size_t kFdTokenBytes = 32;
 #ifdef ZMQ_ZAP_ENFORCE_DOMAIN
 constexpr int kZmqZapEnforceDomain = ZMQ_ZAP_ENFORCE_DOMAIN;
@@ -597,7 +599,6 @@ Status Server::Impl::Init() {
   ASSIGN_OR_RETURN(socket_lock, LockFile(socket_path + ".lock", "the socket " + socket_path));
   ASSIGN_OR_RETURN(prefix_lock, LockShmPrefix(config.shm_prefix));
 
-  ASSIGN_OR_RETURN(zap, auth::ZapHandler::Start(ctx));
   try {
     router = zmq::socket_t(ctx, zmq::socket_type::router);
     // Every connection passes the ZAP handler, which stamps it with the peer's credentials; with
@@ -615,6 +616,15 @@ Status Server::Impl::Init() {
     router.set(zmq::sockopt::router_mandatory, 1);
     router.set(zmq::sockopt::sndhwm, 1000);
     router.set(zmq::sockopt::rcvhwm, 1000);
+    // A connection that does not finish its ZMTP handshake (a half-open one) is dropped after
+    // this long (libzmq's default is 30 s).
+    router.set(zmq::sockopt::handshake_ivl, static_cast<int>(kHandshakeTimeout.count()));
+  } catch (const zmq::error_t& e) {
+    return Internal("setting up the socket " + config.socket + ": " + e.what(), "daemon.bind_failed");
+  }
+  // The handler, and its count of each user's connections, must be up before the first one.
+  ASSIGN_OR_RETURN(zap, auth::ZapHandler::Start(ctx, router, config.max_connections_per_user));
+  try {
     ::unlink(socket_path.c_str());  // stale socket of a dead instance: we hold its lock
     router.bind(config.socket);
   } catch (const zmq::error_t& e) {
@@ -880,6 +890,11 @@ std::optional<proto::ReplyBody> Server::Impl::OnHello(const std::string& rid, co
   }
   const PeerCred peer{who.uid, who.gid, who.pid};
   const bool fresh = leases.Find(rid) == nullptr;
+  if (fresh && leases.SessionsOf(who.uid) >= config.max_sessions_per_user)
+    return proto::ToErrorReply(ResourceExhausted("uid " + std::to_string(who.uid) + " already holds " +
+                                                     std::to_string(config.max_sessions_per_user) +
+                                                     " sessions, daemon.max_sessions_per_user; close some first",
+                                                 "limits.sessions_per_user"));
   auto s = leases.Open(rid, m.client_name, peer, clock->Now());
   if (!s.ok()) return proto::ToErrorReply(s.status());
   Session& session = **s;
@@ -2031,6 +2046,11 @@ std::string Server::Impl::RenderMetrics() const {
                leases.LeasesOf(name, CudaName(ordinal)));
   w.Family("weightd_sessions", "gauge", "Open client sessions.");
   w.Sample("weightd_sessions", {}, static_cast<double>(leases.session_count()));
+  w.Family("weightd_connections", "gauge", "Open connections to the control socket.");
+  w.Sample("weightd_connections", {}, static_cast<double>(zap->connections()));
+  w.Family("weightd_connections_shed_total", "counter",
+           "Connections closed at once because their user held max_connections_per_user.");
+  w.Sample("weightd_connections_shed_total", {}, static_cast<double>(zap->shed()));
   w.Family("weightd_fd_tokens_pending", "gauge", "Leases whose fds wait to be fetched over the fd socket.");
   w.Sample("weightd_fd_tokens_pending", {}, static_cast<double>(pending_fds.size()));
   w.Family("weightd_fd_connections", "gauge", "Open connections to the fd socket.");

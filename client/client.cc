@@ -24,6 +24,7 @@
 #include <atomic>
 #include <cctype>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <condition_variable>
@@ -56,6 +57,8 @@ constexpr milliseconds kFdFetchTimeout{10'000};
 constexpr milliseconds kReleaseTimeout{2000};
 // How long the heartbeat thread backs off when another call holds the socket.
 constexpr milliseconds kBusyRetry{50};
+// Closures before the handshake that mean the daemon refuses this connection.
+constexpr int kClosedEarlyLimit = 3;
 // Poll slice while a cancellable call waits, so destruction is prompt.
 constexpr milliseconds kCancelSlice{50};
 
@@ -324,6 +327,16 @@ struct Client::Impl {
       socket = zmq::socket_t(context, zmq::socket_type::dealer);
       socket.set(zmq::sockopt::linger, 0);
       socket.set(zmq::sockopt::maxmsgsize, static_cast<std::int64_t>(proto::kMaxReplyBytes));
+      // Watch the connection, to tell a daemon that refuses it from one that is not there.
+      char addr[64];
+      std::snprintf(addr, sizeof addr, "inproc://weightd-client-%p", static_cast<void*>(this));
+      if (zmq_socket_monitor(socket.handle(), addr,
+                             ZMQ_EVENT_HANDSHAKE_SUCCEEDED | ZMQ_EVENT_DISCONNECTED | ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) != 0)
+        throw zmq::error_t();
+      monitor = zmq::socket_t(context, zmq::socket_type::pair);
+      monitor.set(zmq::sockopt::linger, 0);
+      monitor.set(zmq::sockopt::rcvhwm, 0);
+      monitor.connect(addr);
       socket.connect(endpoint);
     } catch (const zmq::error_t& e) {
       return InvalidArgument("cannot connect to '" + endpoint + "': " + e.what(), "client.bad_endpoint");
@@ -501,14 +514,15 @@ struct Client::Impl {
         if (cancel->load()) return Unavailable("client is shutting down", "client.closed");
         slice = std::min(slice, kCancelSlice);
       }
-      zmq::pollitem_t item{socket.handle(), 0, ZMQ_POLLIN, 0};
+      zmq::pollitem_t items[] = {{socket.handle(), 0, ZMQ_POLLIN, 0}, {monitor.handle(), 0, ZMQ_POLLIN, 0}};
       try {
-        zmq::poll(&item, 1, slice);
+        zmq::poll(items, 2, slice);
       } catch (const zmq::error_t& e) {
         if (e.num() == EINTR) continue;
         return Internal("zmq poll on " + endpoint + ": " + e.what(), "client.poll_failed");
       }
-      if ((item.revents & ZMQ_POLLIN) == 0) continue;
+      if ((items[1].revents & ZMQ_POLLIN) != 0) RETURN_IF_ERROR(ReadConnectionEvents());
+      if ((items[0].revents & ZMQ_POLLIN) == 0) continue;
       while (true) {
         zmq::message_t msg;
         try {
@@ -536,10 +550,47 @@ struct Client::Impl {
     }
   }
 
+  // Requires mu_. Drains the connection's monitor events. A daemon that closes the connection
+  // before its handshake, again and again, refuses this user (its per-user connection limit);
+  // one whose ZAP handler refuses it, refuses this peer.
+  weightd::Status ReadConnectionEvents() {
+    for (;;) {
+      zmq::message_t head, addr;
+      if (!monitor.recv(head, zmq::recv_flags::dontwait)) return weightd::Status::Ok();
+      if (head.more()) (void)monitor.recv(addr, zmq::recv_flags::none);
+      if (head.size() < 6) continue;
+      std::uint16_t event = 0;
+      std::uint32_t value = 0;
+      std::memcpy(&event, head.data(), 2);
+      std::memcpy(&value, static_cast<const char*>(head.data()) + 2, 4);
+      if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
+        closed_early_ = 0;
+      } else if (event == ZMQ_EVENT_DISCONNECTED && !connected_) {
+        ++closed_early_;
+      } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
+        return PermissionDenied("weightd at " + endpoint + " refused this connection (ZAP status " +
+                                    std::to_string(value) + "); its log says why",
+                                "client.refused");
+      }
+      connected_ = event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED;
+      if (closed_early_ >= kClosedEarlyLimit) {
+        closed_early_ = 0;
+        return ResourceExhausted("weightd at " + endpoint + " closed this connection before its handshake " +
+                                     std::to_string(kClosedEarlyLimit) +
+                                     " times in a row: this user holds daemon.max_connections_per_user "
+                                     "connections already (close some), or the daemon is overloaded",
+                                 "client.connection_refused");
+      }
+    }
+  }
+
   zmq::context_t context{1};
   SocketMutex mu_;
   // Guarded by mu_.
   zmq::socket_t socket;
+  zmq::socket_t monitor;   // PAIR: events of `socket`'s connection
+  bool connected_ = false;  // the last event was a finished handshake
+  int closed_early_ = 0;    // closures before a handshake since the last finished one
   std::uint64_t next_id_ = 1;
 
   std::mutex pending_mu_;
