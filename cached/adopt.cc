@@ -20,7 +20,7 @@
 namespace weightd {
 namespace {
 
-constexpr char kMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '1'};
+constexpr char kMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '2'};
 constexpr std::string_view kSuffix = ".record";
 // A record is KBs (the shards' headers); anything this large is not one of ours.
 constexpr std::uint64_t kMaxRecordBytes = 256ull << 20;
@@ -41,8 +41,8 @@ void Serialize(Archive& ar, ModelRecord& r) {
     r.shards.resize(n);
   }
   for (auto& s : r.shards)
-    ar(s.file, s.segment, s.data_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.inode, s.file_info.dev,
-       s.checksum.high64, s.checksum.low64, s.verified, s.header_bytes);
+    ar(s.file, s.segment, s.data_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.ctime_ns, s.file_info.inode,
+       s.file_info.dev, s.checksum.high64, s.checksum.low64, s.header_bytes);
 }
 
 Status BadRecord(const std::string& name, const std::string& why) {
@@ -73,7 +73,6 @@ Status WriteRecord(const std::string& name, const ResidentModel& model, std::uin
     s.data_size = sh.segment.data_size();
     s.file_info = sh.file_info;
     s.checksum = sh.checksum;
-    s.verified = sh.verified;
     s.header_bytes.assign(reinterpret_cast<const char*>(sh.header_bytes.data()), sh.header_bytes.size());
     r.shards.push_back(std::move(s));
   }
@@ -108,7 +107,8 @@ Status WriteRecord(const std::string& name, const ResidentModel& model, std::uin
 
 Result<ModelRecord> ReadRecord(const std::string& name) {
   const std::string path = "/" + name;
-  int fd = ::shm_open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_CLOEXEC, 0);
+  // O_NONBLOCK: a FIFO planted under the name must not hang the daemon's start.
+  int fd = ::shm_open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0);
   if (fd < 0) return posix::ErrnoStatus("opening adoption record " + path);
   posix::Fd owned(fd);
   ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd, path));
@@ -137,10 +137,11 @@ Result<ModelRecord> ReadRecord(const std::string& name) {
 }
 
 Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, mode_t shm_mode,
-                                             gid_t shm_group, unsigned threads) {
+                                             gid_t shm_group, bool verify_manifest, unsigned threads) {
   if (record.model != mc.name || record.dir != mc.dir)
     return Changed(record, "the catalog now says directory " + mc.dir + ", the record " + record.dir);
-  // The files must be those that were read: same set, and each with the same identity.
+  // The files must be those that were read: same set, and each with the same identity
+  // (the change time too: a rewrite that keeps size and mtime still moves it).
   ASSIGN_OR_RETURN(std::vector<std::string> files, DiscoverShards(mc.dir));
   std::vector<std::string> recorded;
   for (const auto& s : record.shards) recorded.push_back(s.file);
@@ -156,7 +157,8 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     auto now = posix::StatPath(path);
     if (!now.ok()) return Changed(record, now.status().message());
     const posix::FileInfo& was = s.file_info;
-    if (now->size != was.size || now->mtime_ns != was.mtime_ns || now->inode != was.inode || now->dev != was.dev)
+    if (now->size != was.size || now->mtime_ns != was.mtime_ns || now->ctime_ns != was.ctime_ns ||
+        now->inode != was.inode || now->dev != was.dev)
       return Changed(record, path + " changed since it was loaded");
     // The header, from the record's copy of its bytes.
     const std::string& hb = s.header_bytes;
@@ -174,7 +176,6 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     shard.header = *header;
     shard.file_info = *now;
     shard.checksum = s.checksum;
-    shard.verified = s.verified;
     shard.header_bytes.resize(hb.size());
     std::memcpy(shard.header_bytes.data(), hb.data(), hb.size());
     ASSIGN_OR_RETURN(shard.segment, HostSegment::Open(s.segment, s.data_size, shm_mode, shm_group));
@@ -184,19 +185,31 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     model->shards.push_back(std::move(shard));
   }
   RETURN_IF_ERROR(CheckShardSet(mc.dir, files, headers));
+  // The manifest as it is today, as a load would read it.
+  if (verify_manifest) {
+    ASSIGN_OR_RETURN(auto manifest, ReadManifest(mc.dir));
+    for (ResidentShard& sh : model->shards) {
+      if (!manifest) continue;
+      auto it = manifest->find(sh.file);
+      if (it == manifest->end() || !XXH128_isEqual(it->second, sh.checksum))
+        return Changed(record, mc.dir + "/" + std::string(kChecksumManifest) + " does not vouch for " + sh.file);
+      sh.verified = true;
+    }
+  }
 
   // Hash header + segment data per shard, `threads` shards at a time.
-  std::vector<char> ok(model->shards.size(), 0);
+  enum : char { kUnhashed, kMatches, kDiffers };
+  std::vector<char> verdict(model->shards.size(), kUnhashed);
   std::atomic<std::size_t> next{0};
   auto work = [&] {
     for (std::size_t i; (i = next.fetch_add(1)) < model->shards.size();) {
       const ResidentShard& sh = model->shards[i];
       XXH3_state_t* st = XXH3_createState();
-      if (st == nullptr) continue;
+      if (st == nullptr) continue;  // stays kUnhashed
       XXH3_128bits_reset(st);
       XXH3_128bits_update(st, sh.header_bytes.data(), sh.header_bytes.size());
       if (sh.segment.data_size() > 0) XXH3_128bits_update(st, sh.segment.data(), sh.segment.data_size());
-      ok[i] = XXH128_isEqual(XXH3_128bits_digest(st), sh.checksum) ? 1 : 0;
+      verdict[i] = XXH128_isEqual(XXH3_128bits_digest(st), sh.checksum) ? kMatches : kDiffers;
       XXH3_freeState(st);
     }
   };
@@ -206,8 +219,10 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
     work();
   }
-  for (std::size_t i = 0; i < ok.size(); ++i)
-    if (!ok[i])
+  for (std::size_t i = 0; i < verdict.size(); ++i)
+    if (verdict[i] == kUnhashed)
+      return ResourceExhausted("no memory for the hash state of " + model->shards[i].file, "adopt.no_memory");
+    else if (verdict[i] == kDiffers)
       return DataLoss("model '" + mc.name + "': segment /" + model->shards[i].segment.name() + " does not hash to " +
                           model->shards[i].checksum_hex() + ", the checksum of " + model->shards[i].file,
                       "adopt.checksum_mismatch");

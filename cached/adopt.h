@@ -4,7 +4,7 @@
 // When a host load has completed and verified, the server writes the model's record next to its
 // segments: "/<prefix>.<model>.<generation>.record", mode 0600 (the daemon's alone). It holds,
 // per shard, the segment's name and size, the file's identity when it was read (size, mtime,
-// inode, device), the file's header bytes and the XXH3-128 of the whole file. The record is
+// change time, inode, device), the file's header bytes and the XXH3-128 of the whole file. The record is
 // written after every byte is in, and unlinked before the segments are (ResidentModel::
 // RemoveSegments), so a record never describes a segment that is incomplete or gone.
 //
@@ -45,7 +45,6 @@ struct ModelRecord {
     std::uint64_t data_size = 0;
     posix::FileInfo file_info;  // size, mtime_ns, inode, dev when it was read
     XXH128_hash_t checksum{};   // of the whole file
-    bool verified = false;      // the manifest vouched for it
     std::string header_bytes;   // file bytes [0, data_offset)
   };
   std::string name;  // of the record itself, without '/'
@@ -66,10 +65,12 @@ Result<ModelRecord> ReadRecord(const std::string& name);
 
 // Takes back the segments of `record` for the catalog entry `mc`, with today's segment mode and
 // group. FailedPrecondition "adopt.model_changed" when the catalog entry or the files differ
-// from the record (another directory, another shard set, a file with another size, mtime or
-// identity); DataLoss "adopt.checksum_mismatch" when a segment's bytes do not hash to the file's
-// checksum; the errors of HostSegment::Open otherwise. Hashes up to `threads` shards at once.
+// from the record (another directory, another shard set, a file with another size, mtime,
+// change time or identity), or, with `verify_manifest`, when the directory's manifest now
+// names another checksum or misses a shard; DataLoss "adopt.checksum_mismatch" when a segment's
+// bytes do not hash to the file's checksum; the errors of HostSegment::Open otherwise. Hashes
+// up to `threads` shards at once.
 Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, mode_t shm_mode,
-                                             gid_t shm_group, unsigned threads);
+                                             gid_t shm_group, bool verify_manifest, unsigned threads);
 
 }  // namespace weightd

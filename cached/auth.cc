@@ -13,6 +13,8 @@
 
 #include <spdlog/spdlog.h>
 
+#include "protocol.h"
+
 namespace weightd::auth {
 namespace {
 
@@ -323,13 +325,10 @@ bool ZapHandler::OnMonitorEvent() {
   zmq::message_t head, addr;
   if (!monitor_.recv(head, zmq::recv_flags::dontwait)) return false;
   if (head.more()) (void)monitor_.recv(addr, zmq::recv_flags::none);
-  if (head.size() < 6) return true;
-  std::uint16_t event = 0;
-  std::uint32_t value = 0;
-  std::memcpy(&event, head.data(), 2);
-  std::memcpy(&value, static_cast<const char*>(head.data()) + 2, 4);
-  const int fd = static_cast<int>(value);
-  if (event == ZMQ_EVENT_DISCONNECTED) {
+  const auto ev = proto::DecodeMonitorEvent(head.to_string_view());
+  if (!ev) return true;
+  const int fd = static_cast<int>(ev->value);
+  if (ev->event == ZMQ_EVENT_DISCONNECTED) {
     auto it = conn_uid_.find(fd);
     if (it == conn_uid_.end()) return true;
     if (auto n = per_uid_.find(it->second); n != per_uid_.end() && --n->second == 0) per_uid_.erase(n);
@@ -337,7 +336,7 @@ bool ZapHandler::OnMonitorEvent() {
     connections_.fetch_sub(1);
     return true;
   }
-  if (event != ZMQ_EVENT_ACCEPTED) return true;
+  if (ev->event != ZMQ_EVENT_ACCEPTED) return true;
   // The fd is libzmq's; it may have closed (and the number been reused) since the event was
   // queued. Whatever socket holds the number now is what is counted, and its disconnect
   // uncounts it, so the counts stay balanced.

@@ -367,6 +367,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->max_connections_per_user, CountNode(node, qk, origin, 1, 1'000'000));
       } else if (k == "max_sessions_per_user") {
         ASSIGN_OR_RETURN(cfg->max_sessions_per_user, CountNode(node, qk, origin, 1, 1'000'000));
+      } else if (k == "keep_segments_on_stop") {
+        ASSIGN_OR_RETURN(cfg->keep_segments_on_stop, BoolNode(node, qk, origin));
       } else if (k == "max_message_size") {
         ASSIGN_OR_RETURN(cfg->max_message_size, SizeNode(node, qk, origin));
       } else if (k == "log_level") {

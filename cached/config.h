@@ -95,8 +95,12 @@ struct DaemonConfig {
   std::uint32_t max_sessions = 4096;
   // Per peer uid: open control connections (more are closed at once, before their handshake)
   // and sessions (a Hello beyond is refused with limits.sessions_per_user).
-  std::uint32_t max_connections_per_user = 256;
-  std::uint32_t max_sessions_per_user = 128;
+  std::uint32_t max_connections_per_user = 1024;
+  std::uint32_t max_sessions_per_user = 512;
+  // A clean stop (SIGTERM) leaves the resident host copies and their adoption records in
+  // /dev/shm, so that the next start (`systemctl restart`, an upgrade) adopts them. A crash
+  // always leaves them.
+  bool keep_segments_on_stop = false;
   std::uint64_t max_message_size = 1ull << 20;
   std::string log_level = "info";
   // "HOST:PORT" of the loopback HTTP listener (/healthz, /readyz, /metrics); empty: none.

@@ -1,6 +1,7 @@
 #include "host_tier.h"
 
 #include <dirent.h>
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -140,6 +141,12 @@ std::vector<std::string> ListSegments(const std::string& prefix) {
   }
   ::closedir(d);
   return out;
+}
+
+bool IsOwnSegment(const std::string& name) {
+  struct stat st {};
+  if (::fstatat(AT_FDCWD, ("/dev/shm/" + name).c_str(), &st, AT_SYMLINK_NOFOLLOW) != 0) return false;
+  return S_ISREG(st.st_mode) && st.st_uid == ::geteuid();
 }
 
 }  // namespace weightd

@@ -65,4 +65,8 @@ class HostSegment {
 // Names (without '/') of the segments in /dev/shm that start with "<prefix>.".
 std::vector<std::string> ListSegments(const std::string& prefix);
 
+// True if /dev/shm/<name> is a regular file (not a link, FIFO, ...) owned by this process's
+// effective uid: one this daemon may have made. Opens nothing.
+bool IsOwnSegment(const std::string& name);
+
 }  // namespace weightd

@@ -66,7 +66,8 @@ Result<posix::Fd> OpenNoFollow(FileIo& io, const std::string& path, int flags) {
   return fd;
 }
 
-// The manifest of `dir`, file name -> checksum; nullopt if there is none.
+}  // namespace
+
 Result<std::optional<std::map<std::string, XXH128_hash_t>>> ReadManifest(const std::string& dir) {
   const std::string path = dir + "/" + std::string(kChecksumManifest);
   FileIo plain;
@@ -112,6 +113,8 @@ Result<std::optional<std::map<std::string, XXH128_hash_t>>> ReadManifest(const s
   }
   return std::optional(std::move(out));
 }
+
+namespace {
 
 // One shard while it is read.
 struct ShardFill {

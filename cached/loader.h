@@ -26,6 +26,7 @@
 #include <atomic>
 #include <condition_variable>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <optional>
@@ -46,6 +47,9 @@ namespace weightd {
 
 // The name of the checksum manifest in a model directory (xxh128sum's output format).
 inline constexpr std::string_view kChecksumManifest = "checksums.xxh128";
+
+// The manifest of `dir` (file name -> checksum), or nullopt if it has none.
+Result<std::optional<std::map<std::string, XXH128_hash_t>>> ReadManifest(const std::string& dir);
 
 // 32 lowercase hex digits, as xxh128sum prints them (the canonical, big-endian form).
 std::string ChecksumHex(const XXH128_hash_t& h);

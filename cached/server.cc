@@ -413,8 +413,10 @@ struct Server::Impl {
     gpu_jobs.Close();
     check_jobs.Close();
     reap_jobs.Close();
+    // Completed host copies stay for the next start to adopt when configured so; a load cut
+    // short never does (it has no record).
     for (auto& [name, m] : models)
-      if (m.resident) m.resident->RemoveSegments();
+      if (m.resident && !(config.keep_segments_on_stop && !m.resident->record.empty())) m.resident->RemoveSegments();
     std::lock_guard lock(completions_mu);
     for (auto& c : completions)
       if (c.kind == Completion::kFill && c.result.ok()) c.result.value()->RemoveSegments();
@@ -1549,55 +1551,71 @@ void Server::Impl::InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r) 
 
 // We hold the prefix lock, so whatever is under the prefix is a dead instance's. Its host copies
 // whose records, files and checksums check out are taken back (no byte read from disk), within
-// the host budget; every other name under the prefix is removed.
+// the host budget and model cap, by priority and then newest first; every other name of ours
+// under the prefix is removed. Names under the prefix that are not ours (another user's, or not
+// a regular file) are never opened.
 void Server::Impl::AdoptPrevious() {
-  const std::vector<std::string> names = ListSegments(config.shm_prefix);
-  std::set<std::string> keep{config.shm_prefix + ".lock"};
-  std::size_t adopted = 0;
+  std::vector<std::string> names;
+  std::size_t foreign = 0;
+  for (std::string& name : ListSegments(config.shm_prefix)) {
+    if (IsOwnSegment(name)) names.push_back(std::move(name));
+    else ++foreign;
+  }
+  if (foreign > 0)
+    spdlog::warn("{} names under /dev/shm/{}.* are not this daemon's own files; left alone", foreign, config.shm_prefix);
+  std::vector<ModelRecord> records;
   for (const std::string& name : names) {
     if (!IsRecordName(name)) continue;
-    const auto t0 = std::chrono::steady_clock::now();
     auto record = ReadRecord(name);
     if (!record.ok()) {
       spdlog::warn("not adopting: {}", record.status().ToString());
       continue;
     }
-    auto it = models.find(record->model);
-    if (it == models.end()) {
+    if (models.count(record->model) == 0) {
       spdlog::info("not adopting model '{}' of the previous instance: it is no longer in the catalog", record->model);
       continue;
     }
-    ModelEntry& m = it->second;
-    if (m.resident) {
-      spdlog::warn("not adopting {}: model '{}' already adopted from another record", name, record->model);
-      continue;
-    }
+    records.push_back(std::move(record).value());
+  }
+  std::sort(records.begin(), records.end(), [&](const ModelRecord& a, const ModelRecord& b) {
+    const int pa = models.at(a.model).config.priority, pb = models.at(b.model).config.priority;
+    return pa != pb ? pa > pb : a.generation > b.generation;
+  });
+  std::set<std::string> keep{config.shm_prefix + ".lock"};
+  for (const ModelRecord& record : records) {
+    ModelEntry& m = models.at(record.model);
+    if (m.resident) continue;  // a newer record of the model was adopted
+    const auto t0 = std::chrono::steady_clock::now();
     std::uint64_t bytes = 0;
-    for (const auto& sh : record->shards) bytes += posix::RoundUp(sh.data_size, posix::PageSize());
-    if (HostUsed() + bytes > host_budget) {
-      spdlog::info("not adopting model '{}' ({}): the host budget {} is taken", record->model, Gib(bytes), Gib(host_budget));
+    for (const auto& sh : record.shards) bytes += posix::RoundUp(sh.data_size, posix::PageSize());
+    const std::size_t cap = config.cache.max_host_models;
+    if (HostUsed() + bytes > host_budget || (cap > 0 && HostCount() >= cap)) {
+      spdlog::info("not adopting model '{}' ({}): no room under the host budget {} or max_host_models", record.model,
+                   Gib(bytes), Gib(host_budget));
       continue;
     }
-    auto r = Adopt(*record, m.config, config.shm_mode, shm_gid, config.loader_threads);
+    auto r = Adopt(record, m.config, config.shm_mode, shm_gid, config.verify_checksums, config.loader_threads);
     if (!r.ok()) {
-      spdlog::warn("not adopting model '{}' of the previous instance: {}", record->model, r.status().ToString());
+      spdlog::warn("not adopting model '{}' of the previous instance: {}", record.model, r.status().ToString());
       continue;
     }
     std::vector<std::string> files, shm_paths;
     std::vector<st::Header> headers;
+    m.shard_sizes.clear();
     for (const ResidentShard& sh : (*r)->shards) {
       files.push_back(sh.file);
       headers.push_back(sh.header);
       shm_paths.push_back(sh.segment.shm_path());
+      m.shard_sizes.push_back(sh.header.data_size);
       keep.insert(sh.segment.name());
     }
-    keep.insert(name);
-    m.generation = record->generation;
-    next_generation = std::max(next_generation, record->generation + 1);
+    keep.insert(record.name);
+    m.generation = record.generation;
+    next_generation = std::max(next_generation, record.generation + 1);
     m.host_bytes = bytes;
     BuildIndex(m, files, headers, shm_paths);
     InstallHost(m, std::move(r).value());
-    ++adopted;
+    ++adopted_models;
     spdlog::info("model '{}' adopted from the previous instance: {} shards, {} verified in {} ms, nothing read from disk",
                  m.config.name, m.resident->shards.size(), Gib(m.resident->bytes),
                  ToMs(std::chrono::steady_clock::now() - t0));
@@ -1606,7 +1624,6 @@ void Server::Impl::AdoptPrevious() {
   std::size_t removed = 0;
   for (const std::string& name : names)
     if (keep.count(name) == 0 && HostSegment::Remove(name).ok()) ++removed;
-  adopted_models = adopted;
   if (removed > 0)
     spdlog::warn("removed {} segments of an earlier instance under prefix '{}' that were not adopted", removed,
                  config.shm_prefix);

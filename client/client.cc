@@ -154,44 +154,31 @@ class SocketMutex {
   void lock() {
     std::unique_lock lk(m_);
     cv_.wait(lk, [&] { return !held_; });
-    Take();
+    held_ = true;
   }
   bool try_lock() {
     std::lock_guard lk(m_);
-    if (held_) return false;
-    Take();
-    return true;
+    return !std::exchange(held_, true);
   }
   template <class Rep, class Period>
   bool try_lock_for(std::chrono::duration<Rep, Period> d) {
     std::unique_lock lk(m_);
     if (!cv_.wait_for(lk, d, [&] { return !held_; })) return false;
-    Take();
+    held_ = true;
     return true;
   }
   void unlock() {
     {
       std::lock_guard lk(m_);
       held_ = false;
-      owner_ = {};
     }
     cv_.notify_one();
   }
-  // True if the calling thread holds the lock (a lease dropped inside a call of this thread).
-  bool held_by_me() {
-    std::lock_guard lk(m_);
-    return held_ && owner_ == std::this_thread::get_id();
-  }
 
  private:
-  void Take() {
-    held_ = true;
-    owner_ = std::this_thread::get_id();
-  }
   std::mutex m_;
   std::condition_variable cv_;
   bool held_ = false;
-  std::thread::id owner_;
 };
 
 bool EqualsIgnoreCase(std::string_view a, std::string_view b) {
@@ -280,6 +267,15 @@ struct Warmup {
 
 }  // namespace
 
+// What a reattach needs of a live lease, shared between the Lease::Impl (its owner) and the
+// Client's registry (which holds it weakly), so that a reattach never holds a Lease itself.
+struct LeaseRecord {
+  // The daemon's id of the lease; 0 once the lease ended or when a re-acquire failed.
+  std::atomic<std::uint64_t> id{0};
+  std::atomic<bool> ended{false};  // the Lease was dropped
+  proto::Acquire request;          // what was asked (the device by UUID)
+};
+
 // ---- Client::Impl ---------------------------------------------------------------------------
 
 struct Client::Impl {
@@ -345,9 +341,12 @@ struct Client::Impl {
   }
 
   // Sends `body` and waits up to `timeout` for its reply. ErrorReply becomes a Status.
-  Result<proto::ReplyBody> Call(proto::RequestBody body, milliseconds timeout) {
+  // `session`, if given, receives the session the reply came in.
+  Result<proto::ReplyBody> Call(proto::RequestBody body, milliseconds timeout, std::uint64_t* session = nullptr) {
     std::unique_lock lock(mu_);
-    return CallLocked(std::move(body), timeout, nullptr);
+    auto r = CallLocked(std::move(body), timeout, nullptr);
+    if (session != nullptr) *session = hello.session_id;
+    return r;
   }
 
   // As Call, but gives up (returning false) if the socket is busy for longer than `wait`.
@@ -364,12 +363,6 @@ struct Client::Impl {
     // only the process that acquired it may talk to the daemon about it.
     if (::getpid() != pid) return;
     try {
-      // Dropped inside a call of this thread (a reattach letting go of a lease): the call sends it.
-      if (mu_.held_by_me()) {
-        std::lock_guard g(pending_mu_);
-        pending_releases_.push_back(lease_id);
-        return;
-      }
       auto r = TryCall(proto::Release{lease_id}, kReleaseTimeout, kReleaseTimeout);
       if (!r.has_value()) {
         std::lock_guard g(pending_mu_);
@@ -387,13 +380,24 @@ struct Client::Impl {
     heartbeat_thread_ = std::thread([this] { HeartbeatLoop(); });
   }
 
-  // Leases to re-establish after a daemon restart.
-  void Register(const std::shared_ptr<const Lease::Impl>& lease) {
-    std::lock_guard g(registry_mu_);
-    std::erase_if(registry_, [](const auto& w) { return w.expired(); });
-    registry_.push_back(lease);
+  // A lease to re-establish after a daemon restart. `session` is the session it was granted in:
+  // if a reattach ran since, the lease is acquired again at once.
+  void Register(const std::shared_ptr<LeaseRecord>& rec, std::uint64_t session) {
+    {
+      std::lock_guard g(registry_mu_);
+      std::erase_if(registry_, [](const auto& w) { return w.expired(); });
+      registry_.push_back(rec);
+    }
+    std::unique_lock lock(mu_);
+    if (hello.session_id != session) Reacquire(*rec, nullptr);
   }
   std::uint64_t reattaches() const { return reattaches_.load(); }
+
+  // A Lease was dropped: release its lease unless a reattach is about to (the record says).
+  void EndLease(LeaseRecord& rec) noexcept {
+    rec.ended = true;
+    if (const std::uint64_t id = rec.id.exchange(0); id != 0) ReleaseLease(id);
+  }
 
  private:
   milliseconds Interval() const { return milliseconds(interval_ms_.load()); }
@@ -401,8 +405,10 @@ struct Client::Impl {
   // Requires mu_. The daemon does not know this connection's session any more: it restarted (or
   // the connection was replaced). Opens a new session and acquires every live lease again, so
   // that the daemon counts (and keeps) what this process still maps. The mappings themselves
-  // never change: they stay valid through the restart. Defined after Lease::Impl.
+  // never change: they stay valid through the restart.
   weightd::Status ReattachLocked(const std::atomic<bool>* cancel);
+  // Requires mu_. Acquires `rec`'s lease again in this session (its fds are fetched and closed).
+  void Reacquire(LeaseRecord& rec, const std::atomic<bool>* cancel);
   Clock::time_point LastHeartbeat() const { return Clock::time_point(Clock::duration(last_heartbeat_ns_.load())); }
 
   // Lets the daemon end the session now instead of at its heartbeat timeout. Best effort:
@@ -428,6 +434,10 @@ struct Client::Impl {
   void HeartbeatLoop() {
     std::unique_lock lk(hb_mu_);
     while (!stopping_) {
+      if (interval_ms_ == 0) {  // a reattach found a daemon that wants none
+        hb_cv_.wait_for(lk, kBusyRetry * 20, [&] { return stopping_.load(); });
+        continue;
+      }
       auto due = LastHeartbeat() + Interval();
       if (Clock::now() < due) {
         hb_cv_.wait_until(lk, due, [&] { return stopping_.load(); });
@@ -483,12 +493,13 @@ struct Client::Impl {
 
   // Requires mu_. `cancel` (may be null) aborts the wait with Unavailable when it becomes true.
   // A request the daemon answers with protocol.no_session (it restarted) is sent again once,
-  // after a reattach.
+  // after a reattach; except a Release, whose lease the new daemon never knew (and which must
+  // not wait for a reattach: it runs in a Lease's destructor).
   Result<proto::ReplyBody> CallLocked(proto::RequestBody body, milliseconds timeout,
                                       const std::atomic<bool>* cancel) {
     auto r = CallOnce(body, timeout, cancel);
     if (r.ok() || r.status().reason() != "protocol.no_session" || std::holds_alternative<proto::Hello>(body) ||
-        reattaching_)
+        std::holds_alternative<proto::Release>(body))
       return r;
     RETURN_IF_ERROR(ReattachLocked(cancel));
     return CallOnce(std::move(body), timeout, cancel);
@@ -558,18 +569,16 @@ struct Client::Impl {
       zmq::message_t head, addr;
       if (!monitor.recv(head, zmq::recv_flags::dontwait)) return weightd::Status::Ok();
       if (head.more()) (void)monitor.recv(addr, zmq::recv_flags::none);
-      if (head.size() < 6) continue;
-      std::uint16_t event = 0;
-      std::uint32_t value = 0;
-      std::memcpy(&event, head.data(), 2);
-      std::memcpy(&value, static_cast<const char*>(head.data()) + 2, 4);
+      const auto ev = proto::DecodeMonitorEvent(head.to_string_view());
+      if (!ev) continue;
+      const std::uint16_t event = ev->event;
       if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
         closed_early_ = 0;
       } else if (event == ZMQ_EVENT_DISCONNECTED && !connected_) {
         ++closed_early_;
       } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
         return PermissionDenied("weightd at " + endpoint + " refused this connection (ZAP status " +
-                                    std::to_string(value) + "); its log says why",
+                                    std::to_string(ev->value) + "); its log says why",
                                 "client.refused");
       }
       connected_ = event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED;
@@ -596,10 +605,8 @@ struct Client::Impl {
   std::mutex pending_mu_;
   std::vector<std::uint64_t> pending_releases_;  // guarded by pending_mu_
 
-  bool reattaching_ = false;  // guarded by mu_
-
   std::mutex registry_mu_;
-  std::vector<std::weak_ptr<const Lease::Impl>> registry_;  // guarded by registry_mu_
+  std::vector<std::weak_ptr<LeaseRecord>> registry_;  // guarded by registry_mu_
   std::atomic<std::uint64_t> reattaches_{0};
 
   std::atomic<std::uint32_t> interval_ms_{0};  // the session's heartbeat interval
@@ -620,10 +627,8 @@ struct Client::Impl {
 struct Lease::Impl {
   std::shared_ptr<Client::Impl> client;  // keeps the connection alive for Release
   std::shared_ptr<gpu::CudaApi> cuda;    // GPU leases; outlives `imports`
-  // Replaced when a reattach acquires the lease again from a restarted daemon; 0 when that
-  // failed (the mappings stay valid, the daemon just does not count them).
-  mutable std::atomic<std::uint64_t> lease_id{0};
-  proto::Acquire request;                // what was asked (the device by UUID), for a reattach
+  // The daemon's id (replaced by a reattach) and what was asked.
+  std::shared_ptr<LeaseRecord> record = std::make_shared<LeaseRecord>();
   std::string model;
   std::string device;
   int cuda_device = -1;
@@ -648,7 +653,7 @@ struct Lease::Impl {
     if (client != nullptr && ::getpid() != client->pid)
       for (auto& im : imports) im.Abandon();
     imports.clear();
-    if (const std::uint64_t id = lease_id.load(); client != nullptr && id != 0) client->ReleaseLease(id);
+    if (client != nullptr) client->EndLease(*record);
   }
 };
 
@@ -659,7 +664,7 @@ const std::vector<Tensor> kNoTensors;
 const std::vector<ShardInfo> kNoShards;
 }  // namespace
 
-std::uint64_t Lease::id() const { return impl_ ? impl_->lease_id.load() : 0; }
+std::uint64_t Lease::id() const { return impl_ ? impl_->record->id.load() : 0; }
 int Lease::cuda_device() const { return impl_ ? impl_->cuda_device : -1; }
 const std::string& Lease::gpu_uuid() const { return impl_ ? impl_->gpu_uuid : kEmptyString; }
 const std::string& Lease::model() const { return impl_ ? impl_->model : kEmptyString; }
@@ -811,45 +816,47 @@ Status ImportGpuSegments(const proto::Manifest& m, gpu::CudaApi* api, int ordina
 }  // namespace
 
 weightd::Status Client::Impl::ReattachLocked(const std::atomic<bool>* cancel) {
-  reattaching_ = true;
-  struct Reset {
-    bool& flag;
-    ~Reset() { flag = false; }
-  } reset{reattaching_};
   auto reply = CallOnce(proto::Hello{options.client_name}, options.connect_timeout, cancel);
   if (!reply.ok()) return reply.status().WithContext("reattaching to weightd at " + endpoint);
   auto* h = std::get_if<proto::HelloReply>(&*reply);
   if (h == nullptr) return UnexpectedReply(proto::Hello{}, *reply);
   hello = *h;
   interval_ms_ = h->heartbeat_interval_ms;
-  reattaches_.fetch_add(1);
-
-  std::vector<std::shared_ptr<const Lease::Impl>> live;
+  std::vector<std::shared_ptr<LeaseRecord>> live;
   {
     std::lock_guard g(registry_mu_);
     for (const auto& w : registry_)
       if (auto l = w.lock()) live.push_back(std::move(l));
   }
-  for (const auto& lease : live) {
-    lease->lease_id = 0;  // the old daemon's id means nothing to the new one
-    auto r = CallOnce(lease->request, options.request_timeout, cancel);
-    if (!r.ok()) continue;  // the mappings stay valid; the daemon does not count them
-    auto* m = std::get_if<proto::Manifest>(&*r);
-    if (m == nullptr) continue;
-    lease->lease_id = m->lease_id;
-    // The mappings stay as they are; take the fds the daemon prepared and close them, so that
-    // its one-time token does not wait for its timeout.
-    const bool host = m->device == "cpu";
-    const bool vmm = !host && m->gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
-    std::size_t expected = m->segments.size();
-    if (host)
-      expected = static_cast<std::size_t>(std::count_if(m->segments.begin(), m->segments.end(),
-                                                        [](const proto::SegmentInfo& sg) { return sg.size > 0; }));
-    if ((host || vmm) && expected > 0) (void)FetchLeaseFds(*m, expected);
-  }
-  // Dropping `live` may end leases whose last handle another thread let go meanwhile; their
-  // Releases are queued (this thread holds mu_) and sent by this call.
+  for (const auto& rec : live) Reacquire(*rec, cancel);
+  reattaches_.fetch_add(1);
   return weightd::Status::Ok();
+}
+
+void Client::Impl::Reacquire(LeaseRecord& rec, const std::atomic<bool>* cancel) {
+  // The old daemon's id means nothing to the new one.
+  rec.id = 0;
+  if (rec.ended) return;
+  auto r = CallOnce(rec.request, options.request_timeout, cancel);
+  if (!r.ok()) return;  // the mappings stay valid; the daemon does not count them
+  auto* m = std::get_if<proto::Manifest>(&*r);
+  if (m == nullptr) return;
+  // The mappings stay as they are; take the fds the daemon prepared and close them, so that its
+  // one-time token does not wait for its timeout.
+  const bool host = m->device == "cpu";
+  const bool vmm = !host && m->gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
+  std::size_t expected = m->segments.size();
+  if (host)
+    expected = static_cast<std::size_t>(std::count_if(m->segments.begin(), m->segments.end(),
+                                                      [](const proto::SegmentInfo& sg) { return sg.size > 0; }));
+  if ((host || vmm) && expected > 0) (void)FetchLeaseFds(*m, expected);
+  rec.id = m->lease_id;
+  // Dropped meanwhile: whichever of this and EndLease takes the id back releases it.
+  if (rec.ended)
+    if (const std::uint64_t id = rec.id.exchange(0); id != 0) {
+      std::lock_guard g(pending_mu_);
+      pending_releases_.push_back(id);
+    }
 }
 
 Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& options) {
@@ -885,7 +892,9 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
     req.device = uuid;
   }
 
-  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
+  // The session the lease is granted in (a reattach may run before it is registered).
+  std::uint64_t session = 0;
+  ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout, &session));
   auto* manifest = std::get_if<proto::Manifest>(&body);
   if (manifest == nullptr) return UnexpectedReply(req, body);
   proto::Manifest& m = *manifest;
@@ -894,7 +903,7 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
   // destructor sends the Release.
   auto lease = std::make_shared<Lease::Impl>();
   lease->client = impl_;
-  lease->lease_id = m.lease_id;
+  lease->record->id = m.lease_id;
   lease->model = m.model;
   lease->model_dir = m.model_dir;
   RETURN_IF_ERROR(ValidateManifest(m, ordinal >= 0));
@@ -932,10 +941,9 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
   }
   for (std::size_t i = 0; i < lease->tensors.size(); ++i) lease->by_name.emplace(lease->tensors[i].name, i);
   lease->attach_time = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
-  lease->request = std::move(req);
-  std::shared_ptr<const Lease::Impl> done = std::move(lease);
-  impl_->Register(done);
-  return Lease(std::move(done));
+  lease->record->request = std::move(req);
+  impl_->Register(lease->record, session);
+  return Lease(std::shared_ptr<const Lease::Impl>(std::move(lease)));
 }
 
 std::uint64_t Client::reconnects() const { return impl_ ? impl_->reattaches() : 0; }

@@ -52,6 +52,7 @@ FileInfo ToFileInfo(const struct stat& st) {
   FileInfo fi;
   fi.size = static_cast<std::uint64_t>(st.st_size);
   fi.mtime_ns = static_cast<std::int64_t>(st.st_mtim.tv_sec) * 1'000'000'000 + st.st_mtim.tv_nsec;
+  fi.ctime_ns = static_cast<std::int64_t>(st.st_ctim.tv_sec) * 1'000'000'000 + st.st_ctim.tv_nsec;
   fi.inode = st.st_ino;
   fi.dev = st.st_dev;
   fi.mode = st.st_mode;

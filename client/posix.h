@@ -53,6 +53,7 @@ Result<Fd> Open(const std::string& path, int flags, mode_t mode = 0);
 struct FileInfo {
   std::uint64_t size = 0;
   std::int64_t mtime_ns = 0;
+  std::int64_t ctime_ns = 0;  // status change: set by the kernel on every write, never by users
   std::uint64_t inode = 0;
   std::uint64_t dev = 0;
   mode_t mode = 0;

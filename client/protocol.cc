@@ -221,4 +221,12 @@ Status FromErrorReply(const ErrorReply& e) {
   return Status(c, e.message, e.reason);
 }
 
+std::optional<MonitorEvent> DecodeMonitorEvent(std::string_view frame) {
+  if (frame.size() < 6) return std::nullopt;
+  MonitorEvent e;
+  std::memcpy(&e.event, frame.data(), 2);
+  std::memcpy(&e.value, frame.data() + 2, 4);
+  return e;
+}
+
 }  // namespace weightd::proto

@@ -17,6 +17,7 @@
 #pragma once
 
 #include <cstdint>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <variant>
@@ -240,5 +241,13 @@ Result<Reply> DecodeReply(std::string_view frame);
 
 ErrorReply ToErrorReply(const Status& s);
 Status FromErrorReply(const ErrorReply& e);
+
+// The first frame of a ZeroMQ socket-monitor event (libzmq 4.x): u16 event, u32 value (a
+// connection's fd, an errno, or a ZAP status code). nullopt for a shorter frame.
+struct MonitorEvent {
+  std::uint16_t event = 0;
+  std::uint32_t value = 0;
+};
+std::optional<MonitorEvent> DecodeMonitorEvent(std::string_view frame);
 
 }  // namespace weightd::proto

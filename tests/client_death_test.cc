@@ -3,7 +3,6 @@
 // The daemon's sessions, leases, pending fd tokens, fd-socket connections, open file
 // descriptors and segments must return to their baseline within the heartbeat timeout, and the
 // daemon must keep serving.
-#include <dirent.h>
 #include <signal.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -54,21 +53,6 @@ struct Footprint {
   }
 };
 
-double Metric(const std::string& text, const std::string& name) {
-  const auto at = text.find("\n" + name + " ");
-  return at == std::string::npos ? -1 : std::strtod(text.c_str() + at + name.size() + 2, nullptr);
-}
-
-std::size_t OpenFds(pid_t pid) {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir(("/proc/" + std::to_string(pid) + "/fd").c_str())) {
-    while (dirent* e = ::readdir(d))
-      if (e->d_name[0] != '.') ++n;
-    ::closedir(d);
-  }
-  return n;
-}
-
 class ClientDeathTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -91,9 +75,9 @@ class ClientDeathTest : public ::testing::Test {
     if (!s.ok()) return f;
     f.sessions = s->sessions;
     f.leases = s->leases;
-    f.fd_tokens = Metric(s->metrics, "weightd_fd_tokens_pending");
-    f.fd_connections = Metric(s->metrics, "weightd_fd_connections");
-    f.open_fds = OpenFds(daemon_->pid());
+    f.fd_tokens = testing::MetricValue(s->metrics, "weightd_fd_tokens_pending");
+    f.fd_connections = testing::MetricValue(s->metrics, "weightd_fd_connections");
+    f.open_fds = testing::OpenFdCount(daemon_->pid());
     f.segments = daemon_->Segments().size();
     return f;
   }

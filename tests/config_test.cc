@@ -154,15 +154,17 @@ TEST(Config, ReadsTheAccessKeys) {
             "config.legacy_multi_tenant");
 }
 
-TEST(Config, ReadsThePerUserLimits) {
+TEST(Config, ReadsThePerUserLimitsAndKeepSegmentsOnStop) {
   auto defaults = Load("");
   ASSERT_TRUE(defaults.ok());
-  EXPECT_EQ(defaults->max_connections_per_user, 256u);
-  EXPECT_EQ(defaults->max_sessions_per_user, 128u);
-  auto cfg = Load("[daemon]\nmax_connections_per_user = 16\nmax_sessions_per_user = 4\n");
+  EXPECT_EQ(defaults->max_connections_per_user, 1024u);
+  EXPECT_EQ(defaults->max_sessions_per_user, 512u);
+  EXPECT_FALSE(defaults->keep_segments_on_stop);
+  auto cfg = Load("[daemon]\nmax_connections_per_user = 16\nmax_sessions_per_user = 4\nkeep_segments_on_stop = true\n");
   ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
   EXPECT_EQ(cfg->max_connections_per_user, 16u);
   EXPECT_EQ(cfg->max_sessions_per_user, 4u);
+  EXPECT_TRUE(cfg->keep_segments_on_stop);
   for (const char* bad : {"max_connections_per_user = 0", "max_sessions_per_user = -1", "max_sessions_per_user = 1.5"})
     EXPECT_EQ(Load(std::string("[daemon]\n") + bad + "\n").status().code(), Code::kInvalidArgument) << bad;
 }

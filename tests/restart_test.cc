@@ -5,6 +5,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
+#include <sys/types.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -57,17 +58,6 @@ const ModelInfo* Find(const DaemonStats& s, const std::string& model) {
   return nullptr;
 }
 
-// Polls `pred` every 20 ms for up to `limit`.
-template <class Pred>
-bool WaitFor(Pred pred, std::chrono::milliseconds limit = 10s) {
-  const auto deadline = std::chrono::steady_clock::now() + limit;
-  while (std::chrono::steady_clock::now() < deadline) {
-    if (pred()) return true;
-    std::this_thread::sleep_for(20ms);
-  }
-  return pred();
-}
-
 class RestartTest : public ::testing::Test {
  protected:
   void SetUp() override {
@@ -87,6 +77,16 @@ class RestartTest : public ::testing::Test {
       ASSERT_TRUE(c.Load("other").ok());
     }
     daemon_->Signal(SIGKILL);
+  }
+
+  // The inode of each of the model's names: the same names with other inodes would be a reload.
+  std::vector<ino_t> InodesOf(const std::string& model) const {
+    std::vector<ino_t> out;
+    for (const auto& n : SegmentsOf(model)) {
+      struct stat st {};
+      out.push_back(::stat(("/dev/shm/" + n).c_str(), &st) == 0 ? st.st_ino : 0);
+    }
+    return out;
   }
 
   std::vector<std::string> SegmentsOf(const std::string& model) const {
@@ -114,6 +114,7 @@ TEST_F(RestartTest, ClientSurvivesSigkillAndItsLeaseComesBack) {
   const std::uint64_t old_id = lease.id();
   const auto segments = SegmentsOf("m");
   ASSERT_EQ(segments.size(), 4u);  // 3 shards and the record
+  const auto inodes = InodesOf("m");
 
   std::atomic<bool> stop{false};
   std::atomic<int> passes{0}, wrong{0};
@@ -126,10 +127,10 @@ TEST_F(RestartTest, ClientSurvivesSigkillAndItsLeaseComesBack) {
 
   daemon_->Signal(SIGKILL);
   const int before = passes.load();
-  ASSERT_TRUE(WaitFor([&] { return passes.load() > before + 3; }));  // it computes with no daemon
+  ASSERT_TRUE(testing::WaitFor([&] { return passes.load() > before + 3; }));  // it computes with no daemon
   Status restarted = daemon_->Restart();
   ASSERT_TRUE(restarted.ok()) << restarted.ToString();
-  EXPECT_TRUE(WaitFor([&] { return c.reconnects() >= 1; })) << daemon_->Log();
+  EXPECT_TRUE(testing::WaitFor([&] { return c.reconnects() >= 1; })) << daemon_->Log();
   stop = true;
   inference.join();
   EXPECT_EQ(wrong.load(), 0);
@@ -137,6 +138,7 @@ TEST_F(RestartTest, ClientSurvivesSigkillAndItsLeaseComesBack) {
 
   // The same segments, adopted; nothing read from disk; the lease is back under a new id.
   EXPECT_EQ(SegmentsOf("m"), segments);
+  EXPECT_EQ(InodesOf("m"), inodes);
   Client admin = Connect(*daemon_);
   auto stats = admin.Stats();
   ASSERT_TRUE(stats.ok()) << stats.status().ToString();
@@ -157,7 +159,7 @@ TEST_F(RestartTest, ClientSurvivesSigkillAndItsLeaseComesBack) {
   EXPECT_EQ(Digest(*again), expected);
   lease.release();
   again->release();
-  EXPECT_TRUE(WaitFor([&] {
+  EXPECT_TRUE(testing::WaitFor([&] {
     auto s = admin.Stats();
     return s.ok() && s->leases == 0;
   }));
@@ -238,6 +240,72 @@ TEST_F(RestartTest, DamagedRecordIsDiscarded) {
   EXPECT_NE(daemon_->Log().find("adopt.bad_record"), std::string::npos) << daemon_->Log();
   EXPECT_TRUE(SegmentsOf("m").empty());
   EXPECT_FALSE(SegmentsOf("other").empty());
+}
+
+// Rewritten in place with the same size and mtime (rsync --inplace -t, touch -r): the change
+// time still moves, and the stale copy is not adopted.
+TEST_F(RestartTest, RewriteKeepingSizeAndMtimeIsNotAdopted) {
+  LoadThenKill();
+  const std::string file = models_.file("other") + "/model.safetensors";
+  struct stat before {};
+  ASSERT_EQ(::stat(file.c_str(), &before), 0);
+  std::this_thread::sleep_for(20ms);  // a change time the filesystem can tell apart
+  ASSERT_TRUE(testing::WriteModel(models_.file("other"), testing::SmallTensors(6), /*seed=*/77).ok());
+  const timespec times[2] = {before.st_atim, before.st_mtim};
+  ASSERT_EQ(::utimensat(AT_FDCWD, file.c_str(), times, 0), 0);
+  struct stat after {};
+  ASSERT_EQ(::stat(file.c_str(), &after), 0);
+  ASSERT_EQ(after.st_size, before.st_size);
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_NE(daemon_->Log().find("adopt.model_changed"), std::string::npos) << daemon_->Log();
+  Client c = Connect(*daemon_);
+  auto lease = c.Acquire("other");
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  EXPECT_TRUE(testing::CompareWithFiles(*lease).ok());
+}
+
+// With keep_segments_on_stop, a clean stop leaves the copies, and the next start adopts them.
+TEST_F(RestartTest, KeepSegmentsOnStopLetsACleanRestartAdopt) {
+  daemon_.reset();
+  auto d = DaemonProcess::Start({.models = {{"m", models_.file("m")}},
+                                 .config_toml = std::string(kConfig) + "keep_segments_on_stop = true\n"});
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  daemon_ = std::move(d).value();
+  {
+    Client c = Connect(*daemon_);
+    ASSERT_TRUE(c.Load("m").ok());
+  }
+  daemon_->Signal(SIGTERM);
+  EXPECT_EQ(SegmentsOf("m").size(), 4u);
+  ASSERT_TRUE(daemon_->Restart().ok());
+  Client c = Connect(*daemon_);
+  auto stats = c.Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->bytes_read_from_disk, 0u);
+  EXPECT_EQ(Find(*stats, "m")->state, "resident");
+}
+
+// Names under the prefix that are not the daemon's own regular files are never opened: a FIFO
+// (whose open would block) and a record of another user.
+TEST_F(RestartTest, PlantedNamesAreLeftAloneAndDoNotHangTheStart) {
+  LoadThenKill();
+  const std::string fifo = "/dev/shm/" + daemon_->shm_prefix() + ".x.1.record";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0666), 0);
+  const std::string foreign = "/dev/shm/" + daemon_->shm_prefix() + ".y.1.record";
+  {
+    int fd = ::open(foreign.c_str(), O_CREAT | O_EXCL | O_WRONLY, 0644);
+    ASSERT_GE(fd, 0);
+    ::close(fd);
+    ASSERT_EQ(::chown(foreign.c_str(), 65534, 65534), 0);
+  }
+  const auto t0 = std::chrono::steady_clock::now();
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_NE(daemon_->Log().find("are not this daemon's own files"), std::string::npos) << daemon_->Log();
+  EXPECT_EQ(::access(fifo.c_str(), F_OK), 0);  // not removed either: not ours
+  EXPECT_EQ(SegmentsOf("m").size(), 4u);       // ours adopted as usual
+  ::unlink(fifo.c_str());
+  ::unlink(foreign.c_str());
 }
 
 // A segment under the prefix that no record describes (a load cut short by the crash) is removed.

@@ -3,7 +3,6 @@
 // daemon's descriptors, memory and lease counts must stay flat, no client may see an error, and
 // everything must return to the baseline at the end. Runs alone (RUN_SERIAL in CMake): it keeps
 // every core busy.
-#include <dirent.h>
 #include <signal.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -34,16 +33,6 @@ constexpr const char* kConfig = R"(
 heartbeat_interval = "500ms"
 heartbeat_timeout = "3s"
 )";
-
-std::size_t OpenFds(pid_t pid) {
-  std::size_t n = 0;
-  if (DIR* d = ::opendir(("/proc/" + std::to_string(pid) + "/fd").c_str())) {
-    while (dirent* e = ::readdir(d))
-      if (e->d_name[0] != '.') ++n;
-    ::closedir(d);
-  }
-  return n;
-}
 
 std::uint64_t RssKiB(pid_t pid) {
   std::ifstream in("/proc/" + std::to_string(pid) + "/status");
@@ -110,7 +99,7 @@ TEST(Soak, ChurningClientsLeaveTheDaemonFlat) {
   ASSERT_TRUE(observer.ok());
   ASSERT_TRUE(observer->Load("a").ok());
   ASSERT_TRUE(observer->Load("b").ok());
-  const std::size_t base_fds = OpenFds(d.pid());
+  const std::size_t base_fds = testing::OpenFdCount(d.pid());
 
   int pipe_fds[2];
   ASSERT_EQ(::pipe(pipe_fds), 0);
@@ -133,7 +122,7 @@ TEST(Soak, ChurningClientsLeaveTheDaemonFlat) {
     std::this_thread::sleep_for(500ms);
     Sample s;
     s.t = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-    s.fds = OpenFds(d.pid());
+    s.fds = testing::OpenFdCount(d.pid());
     s.rss_kib = RssKiB(d.pid());
     if (auto st = observer->Stats(); st.ok()) {
       s.leases = st->leases;
@@ -191,11 +180,11 @@ TEST(Soak, ChurningClientsLeaveTheDaemonFlat) {
   // Everything back to the baseline: one session (the observer's), no lease, no extra fd.
   auto back = [&] {
     auto st = observer->Stats();
-    return st.ok() && st->leases == 0 && st->sessions == 1 && OpenFds(d.pid()) <= base_fds;
+    return st.ok() && st->leases == 0 && st->sessions == 1 && testing::OpenFdCount(d.pid()) <= base_fds;
   };
   const auto until = std::chrono::steady_clock::now() + 10s;
   while (!back() && std::chrono::steady_clock::now() < until) std::this_thread::sleep_for(100ms);
-  EXPECT_TRUE(back()) << "fds " << OpenFds(d.pid()) << " (baseline " << base_fds << ")";
+  EXPECT_TRUE(back()) << "fds " << testing::OpenFdCount(d.pid()) << " (baseline " << base_fds << ")";
   EXPECT_TRUE(d.running());
 }
 

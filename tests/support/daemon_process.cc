@@ -1,5 +1,6 @@
 #include "daemon_process.h"
 
+#include <dirent.h>
 #include <fcntl.h>
 #include <poll.h>
 #include <signal.h>
@@ -116,6 +117,27 @@ std::string ReadAll(const std::string& path) {
 }
 
 }  // namespace
+
+double MetricValue(const std::string& text, const std::string& name) {
+  const std::string key = name + " ";
+  std::size_t at = 0;
+  if (text.compare(0, key.size(), key) != 0) {
+    at = text.find("\n" + key);
+    if (at == std::string::npos) return -1;
+    ++at;
+  }
+  return std::strtod(text.c_str() + at + key.size(), nullptr);
+}
+
+std::size_t OpenFdCount(pid_t pid) {
+  std::size_t n = 0;
+  if (DIR* d = ::opendir(("/proc/" + std::to_string(pid) + "/fd").c_str())) {
+    while (dirent* e = ::readdir(d))
+      if (e->d_name[0] != '.') ++n;
+    ::closedir(d);
+  }
+  return n;
+}
 
 Status CompareWithFiles(const Lease& lease) {
   for (const Tensor& t : lease.tensors()) {

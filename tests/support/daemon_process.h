@@ -9,6 +9,7 @@
 #include <map>
 #include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "safetensors_writer.h"
@@ -48,6 +49,25 @@ std::vector<st::TensorSpec> SmallTensors(int count);
 // Compares every tensor of a host lease with the bytes in the model's files: OK, or DataLoss
 // naming the first tensor that differs (or the read error).
 Status CompareWithFiles(const Lease& lease);
+
+// The value of an unlabelled sample `name` in Prometheus text (the daemon's /metrics), -1 if
+// absent.
+double MetricValue(const std::string& text, const std::string& name);
+
+// Open file descriptors of process `pid` (/proc/<pid>/fd).
+std::size_t OpenFdCount(pid_t pid);
+
+// Polls `pred` every `step` until it holds or `limit` passed; the last answer.
+template <class Pred>
+bool WaitFor(Pred pred, std::chrono::milliseconds limit = std::chrono::seconds(10),
+             std::chrono::milliseconds step = std::chrono::milliseconds(20)) {
+  const auto deadline = std::chrono::steady_clock::now() + limit;
+  while (std::chrono::steady_clock::now() < deadline) {
+    if (pred()) return true;
+    std::this_thread::sleep_for(step);
+  }
+  return pred();
+}
 
 struct DaemonOptions {
   std::map<std::string, std::string> models;  // name -> dir, passed as --model NAME=DIR
