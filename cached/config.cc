@@ -390,6 +390,8 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
         ASSIGN_OR_RETURN(cfg->gpu_enabled, BoolNode(node, qk, origin));
       } else if (k == "pin_host") {
         ASSIGN_OR_RETURN(cfg->gpu_pin_host, BoolNode(node, qk, origin));
+      } else if (k == "fd_store") {
+        ASSIGN_OR_RETURN(cfg->gpu_fd_store, BoolNode(node, qk, origin));
       } else if (k == "export") {
         ASSIGN_OR_RETURN(cfg->gpu_export, StringNode(node, qk, origin));
       } else if (k == "fd_socket") {

@@ -116,6 +116,9 @@ struct DaemonConfig {
   bool gpu_legacy_multi_tenant = false;
   // Keep resident host copies page-locked, so that host-to-GPU copies run at PCIe speed.
   bool gpu_pin_host = true;
+  // Under systemd, hand each resident VMM copy's fds to its file-descriptor store (FDSTORE=1),
+  // so that the next instance after a crash takes the copy back (README.md, "Crash safety").
+  bool gpu_fd_store = true;
   // The Unix socket that passes VMM fds to clients. Empty: "<socket path>.fds", beside the
   // ZeroMQ socket.
   std::string fd_socket;

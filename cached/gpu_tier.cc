@@ -267,20 +267,33 @@ Result<int> GpuTier::ResolveDevice(std::string_view device) const {
   return InvalidArgument("bad device " + quoted + ": expected cuda:N or GPU-<uuid>", "gpu.bad_device");
 }
 
+Result<std::uint64_t> GpuTier::Granularity(int ordinal) {
+  {
+    std::lock_guard lock(state_->mu);
+    auto it = state_->granularity.find(ordinal);
+    if (it != state_->granularity.end()) return it->second;
+  }
+  ASSIGN_OR_RETURN(std::uint64_t granularity, api_->AllocationGranularity(ordinal));
+  std::lock_guard lock(state_->mu);
+  state_->granularity[ordinal] = granularity;
+  return granularity;
+}
+
+Status GpuTier::MapVmmShard(GpuShard& s, std::uint8_t& progress, int ordinal, std::uint64_t granularity) {
+  auto va = api_->AddressReserve(s.alloc_size, granularity);
+  if (!va.ok()) return va.status();
+  s.ptr = *va;
+  progress = kReserved;
+  RETURN_IF_ERROR(api_->MemMap(s.ptr, s.alloc_size, s.handle));
+  progress = kMapped;
+  return api_->SetAccess(s.ptr, s.alloc_size, ordinal, Access::kReadWrite);
+}
+
 Status GpuTier::Allocate(GpuCopy& copy, std::span<const HostShard> shards) {
   const int ordinal = copy.ordinal_;
   std::uint64_t granularity = 0;
   if (copy.mode_ == ExportMode::kVmm) {
-    {
-      std::lock_guard lock(state_->mu);
-      auto it = state_->granularity.find(ordinal);
-      if (it != state_->granularity.end()) granularity = it->second;
-    }
-    if (granularity == 0) {
-      ASSIGN_OR_RETURN(granularity, api_->AllocationGranularity(ordinal));
-      std::lock_guard lock(state_->mu);
-      state_->granularity[ordinal] = granularity;
-    }
+    ASSIGN_OR_RETURN(granularity, Granularity(ordinal));
   }
   copy.shards_.reserve(shards.size());
   copy.progress_.reserve(shards.size());
@@ -298,13 +311,7 @@ Status GpuTier::Allocate(GpuCopy& copy, std::span<const HostShard> shards) {
       if (!h.ok()) return h.status().WithContext(what);
       s.handle = *h;
       progress = kCreated;
-      auto va = api_->AddressReserve(s.alloc_size, granularity);
-      if (!va.ok()) return va.status().WithContext(what);
-      s.ptr = *va;
-      progress = kReserved;
-      RETURN_IF_ERROR(api_->MemMap(s.ptr, s.alloc_size, s.handle).WithContext(what));
-      progress = kMapped;
-      RETURN_IF_ERROR(api_->SetAccess(s.ptr, s.alloc_size, ordinal, Access::kReadWrite).WithContext(what));
+      RETURN_IF_ERROR(MapVmmShard(s, progress, ordinal, granularity).WithContext(what));
     } else {
       s.alloc_size = std::max<std::uint64_t>(s.data_size, 1);
       auto p = api_->Malloc(s.alloc_size);
@@ -453,6 +460,52 @@ Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<con
                          " bytes) on " + Cuda(ordinal) + " (" + dev.uuid + ", " + std::string(ExportModeName(mode)) + ")");
   }
   ++state_->totals.materializations;
+  GpuDeviceStats& d = state_->devices[ordinal];
+  d.resident_bytes += copy->allocated_bytes();
+  ++d.copies;
+  copy->accounted_ = true;
+  return copy;
+}
+
+Result<std::shared_ptr<GpuCopy>> GpuTier::Adopt(int ordinal, std::span<const int> fds,
+                                                std::span<const std::uint64_t> data_sizes) {
+  RETURN_IF_ERROR(CheckOrdinal(ordinal));
+  const DeviceInfo& dev = devices_[static_cast<std::size_t>(ordinal)];
+  if (!dev.vmm_posix_fd)
+    return FailedPrecondition(Cuda(ordinal) + " cannot import VMM memory from POSIX fds", "gpu.vmm_unsupported");
+  if (fds.empty() || fds.size() != data_sizes.size())
+    return InvalidArgument("adopting a copy: " + std::to_string(fds.size()) + " fds for " +
+                               std::to_string(data_sizes.size()) + " shards",
+                           "gpu.bad_shard");
+  std::shared_ptr<GpuCopy> copy(new GpuCopy(state_, ordinal, dev.uuid, ExportMode::kVmm));
+  Status s = api_->SetDevice(ordinal);
+  std::uint64_t granularity = 0;
+  if (s.ok()) {
+    auto g = Granularity(ordinal);
+    if (g.ok()) granularity = *g;
+    else s = g.status();
+  }
+  for (std::size_t i = 0; s.ok() && i < fds.size(); ++i) {
+    copy->shards_.push_back(GpuShard{});
+    copy->progress_.push_back(kNothing);
+    GpuShard& sh = copy->shards_.back();
+    sh.data_size = data_sizes[i];
+    sh.alloc_size = std::max(granularity, posix::RoundUp(sh.data_size, granularity));
+    auto h = api_->ImportFd(fds[i]);
+    if (!h.ok()) {
+      s = h.status();
+      break;
+    }
+    sh.handle = *h;
+    copy->progress_.back() = kCreated;
+    s = MapVmmShard(sh, copy->progress_.back(), ordinal, granularity);
+    if (!s.ok()) s = s.WithContext("shard " + std::to_string(i) + " (" + std::to_string(sh.alloc_size) + " bytes)");
+  }
+  if (!s.ok()) {
+    copy.reset();  // unmaps and releases what was imported
+    return s.WithContext("adopting a copy of " + std::to_string(fds.size()) + " shards on " + Cuda(ordinal));
+  }
+  std::lock_guard lock(state_->mu);
   GpuDeviceStats& d = state_->devices[ordinal];
   d.resident_bytes += copy->allocated_bytes();
   ++d.copies;

@@ -153,6 +153,14 @@ class GpuTier {
   Result<std::shared_ptr<GpuCopy>> Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode,
                                                const WaitReadyFn& wait_ready = {});
 
+  // Takes back a VMM copy that an earlier instance of the daemon exported (its fds, kept by
+  // systemd's file-descriptor store): imports each shard's fd (`fds[i]`, of `data_sizes[i]` bytes
+  // of data, allocated as Materialize would have), maps it read-write into this process, and
+  // accounts it like a materialized copy. The contents are the caller's to verify. Errors are
+  // those of the CUDA calls (an fd of another size fails to map), or FailedPrecondition
+  // "gpu.vmm_unsupported".
+  Result<std::shared_ptr<GpuCopy>> Adopt(int ordinal, std::span<const int> fds, std::span<const std::uint64_t> data_sizes);
+
   // Device bytes a copy of shards of these sizes takes (allocation granularity included).
   std::uint64_t AllocationBytes(int ordinal, std::span<const std::uint64_t> shard_sizes) const;
 
@@ -167,6 +175,10 @@ class GpuTier {
 
  private:
   Status CheckOrdinal(int ordinal) const;
+  Result<std::uint64_t> Granularity(int ordinal);
+  // Reserves an address range for `s` (its handle made), maps the handle there and grants this
+  // device read-write access, advancing `progress` (kCreated -> kMapped) as it goes.
+  Status MapVmmShard(GpuShard& s, std::uint8_t& progress, int ordinal, std::uint64_t granularity);
   Status Allocate(GpuCopy& copy, std::span<const HostShard> shards);
   Status CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged, const WaitReadyFn& wait_ready);
 

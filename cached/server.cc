@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <charconv>
 #include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <deque>
 #include <future>
@@ -23,6 +24,7 @@
 #include <map>
 #include <mutex>
 #include <set>
+#include <tuple>
 #include <unordered_map>
 
 #include <spdlog/spdlog.h>
@@ -203,6 +205,30 @@ struct Completion {
 // copy (or for its fill to start, when the copy is pipelined behind the disk) -> admit -> copy.
 enum class Phase : std::uint8_t { kIdle, kPlanning, kWaitHost, kAdmitting, kWorking };
 
+// A GPU copy's shard fds in systemd's file-descriptor store (sd_notify FDSTORE=1), under one
+// name per shard: "gpu.<device uuid>.<host generation>.<shard>.<model>". systemd keeps them
+// while the daemon crashes and restarts; the next instance adopts them (AdoptStoredGpuCopies).
+// Dropping the entry removes them from the store, or the memory would outlive the copy.
+struct StoredCopy {
+  std::vector<std::string> names;
+  StoredCopy() = default;
+  StoredCopy(const StoredCopy&) = delete;
+  StoredCopy& operator=(const StoredCopy&) = delete;
+  ~StoredCopy() {
+    for (const std::string& n : names) sd_notify(0, ("FDSTOREREMOVE=1\nFDNAME=" + n).c_str());
+  }
+};
+
+bool ParseU64(std::string_view s, std::uint64_t* out) {
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return !s.empty() && ec == std::errc() && end == s.data() + s.size();
+}
+
+std::string FdStoreName(const std::string& uuid, std::uint64_t host_generation, std::size_t shard,
+                        const std::string& model) {
+  return "gpu." + uuid + "." + std::to_string(host_generation) + "." + std::to_string(shard) + "." + model;
+}
+
 // A model's copy on one GPU. Its waiters are GPU Acquires; the copy is made from the host tier,
 // so while the host copy is loading the materialization waits (phase kWaitHost).
 struct GpuEntry {
@@ -220,6 +246,7 @@ struct GpuEntry {
   Clock::TimePoint admission_deadline{};
   std::string waiting_for;
   std::optional<Completion> stashed;  // a pipelined copy that finished before its host fill did
+  std::shared_ptr<StoredCopy> stored; // its fds in systemd's fd store, while it is resident
 };
 
 struct ModelEntry {
@@ -546,6 +573,12 @@ struct Server::Impl {
   proto::DaemonStats StatsNow() const;
   void DropResident(ModelEntry& m);
   void AdoptPrevious();
+  void AdoptStoredGpuCopies();
+  void StoreGpuCopy(ModelEntry& m, GpuEntry& g);
+  // sd_notify goes to a service manager that keeps fds for us.
+  bool FdStoreEnabled() const {
+    return config.gpu_fd_store && gpu_mode == gpu::ExportMode::kVmm && std::getenv("NOTIFY_SOCKET") != nullptr;
+  }
   void InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r);
   void BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
                   const std::vector<std::string>& shm_paths);
@@ -696,6 +729,7 @@ Status Server::Impl::Init() {
 
   ApplyCatalog(config.models);
   AdoptPrevious();
+  AdoptStoredGpuCopies();
   for (auto& [name, m] : models) StartPreloads(m, true);
   if (!preloads.empty()) Notify("STATUS=preloading " + std::to_string(preloads.size()) + " copies");
 
@@ -1629,6 +1663,122 @@ void Server::Impl::AdoptPrevious() {
                  config.shm_prefix);
 }
 
+// Hands the copy's fds to systemd's fd store, one message (and name) per shard.
+void Server::Impl::StoreGpuCopy(ModelEntry& m, GpuEntry& g) {
+  if (!FdStoreEnabled() || !g.copy || !m.resident) return;
+  auto fds = g.copy->ExportFds();
+  if (!fds.ok()) {
+    spdlog::warn("model '{}': not storing its copy on {} with systemd: {}", m.config.name, CudaName(g.copy->ordinal()),
+                 fds.status().ToString());
+    return;
+  }
+  auto stored = std::make_shared<StoredCopy>();
+  for (std::size_t i = 0; i < fds->size(); ++i) {
+    const std::string name = FdStoreName(g.copy->device_uuid(), m.generation, i, m.config.name);
+    const int fd = (*fds)[i].get();
+    const int r = sd_pid_notify_with_fds(0, 0, ("FDSTORE=1\nFDNAME=" + name).c_str(), &fd, 1);
+    if (r <= 0) {
+      spdlog::warn("model '{}': systemd did not take the fds of its copy on {} ({}); it is made again after a crash",
+                   m.config.name, CudaName(g.copy->ordinal()), r < 0 ? std::strerror(-r) : "no service manager");
+      return;  // `stored` removes what was sent
+    }
+    stored->names.push_back(name);
+  }
+  g.stored = std::move(stored);
+}
+
+// The GPU copies a crashed predecessor left in systemd's fd store (LISTEN_FDS, named): each is
+// taken back if its model's host copy of the same generation was adopted, its device is here,
+// and every byte equals the host copy's (read back and compared). The rest are closed and
+// removed from the store.
+void Server::Impl::AdoptStoredGpuCopies() {
+  char** raw_names = nullptr;
+  const int n = sd_listen_fds_with_names(1, &raw_names);
+  if (n <= 0) return;
+  struct Group {
+    std::map<std::size_t, posix::Fd> fds;
+    std::vector<std::string> names;
+  };
+  std::map<std::tuple<std::string, std::string, std::uint64_t>, Group> groups;  // model, uuid, generation
+  std::vector<std::string> dropped;
+  for (int i = 0; i < n; ++i) {
+    posix::Fd fd(SD_LISTEN_FDS_START + i);
+    ::fcntl(fd.get(), F_SETFD, FD_CLOEXEC);
+    std::string name = raw_names != nullptr && raw_names[i] != nullptr ? raw_names[i] : "";
+    // gpu.<uuid>.<generation>.<shard>.<model>; the uuid has no '.', the model may.
+    std::vector<std::string> f;
+    std::size_t from = 0;
+    for (int k = 0; k < 4 && from != std::string::npos; ++k) {
+      const std::size_t dot = name.find('.', from);
+      f.push_back(name.substr(from, dot == std::string::npos ? std::string::npos : dot - from));
+      from = dot == std::string::npos ? dot : dot + 1;
+    }
+    std::uint64_t gen = 0, shard = 0;
+    if (f.size() != 4 || f[0] != "gpu" || from == std::string::npos || !ParseU64(f[2], &gen) || !ParseU64(f[3], &shard)) {
+      spdlog::warn("systemd passed fd {} named '{}', which is not a GPU copy of weightd's; closing it", fd.get(), name);
+      if (!name.empty()) dropped.push_back(name);
+      continue;
+    }
+    Group& grp = groups[{name.substr(from), f[1], gen}];
+    grp.fds[static_cast<std::size_t>(shard)] = std::move(fd);
+    grp.names.push_back(name);
+  }
+  if (raw_names != nullptr) {
+    for (int i = 0; i < n; ++i) std::free(raw_names[i]);
+    std::free(raw_names);
+  }
+  for (auto& [key, grp] : groups) {
+    const auto& [model, uuid, gen] = key;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto why_not = [&]() -> Status {
+      auto it = models.find(model);
+      if (it == models.end() || !it->second.resident || it->second.generation != gen)
+        return FailedPrecondition("its host copy (generation " + std::to_string(gen) + ") was not adopted", "adopt.no_host_copy");
+      ModelEntry& m = it->second;
+      if (!gpu_available() || gpu_mode != gpu::ExportMode::kVmm)
+        return FailedPrecondition("this instance serves no VMM GPU copies", "adopt.no_gpu");
+      ASSIGN_OR_RETURN(int ordinal, gpu->ResolveDevice(uuid));
+      const auto& shards = m.resident->shards;
+      if (grp.fds.size() != shards.size() || grp.fds.rbegin()->first != shards.size() - 1)
+        return FailedPrecondition(std::to_string(grp.fds.size()) + " stored fds for " + std::to_string(shards.size()) +
+                                      " shards", "adopt.gpu_incomplete");
+      std::vector<int> fds;
+      std::vector<std::uint64_t> sizes;
+      for (const auto& [i, fd] : grp.fds) {
+        fds.push_back(fd.get());
+        sizes.push_back(shards[i].segment.data_size());
+      }
+      ASSIGN_OR_RETURN(std::shared_ptr<gpu::GpuCopy> copy, gpu->Adopt(ordinal, fds, sizes));
+      // Every byte, against the verified host copy.
+      std::vector<std::byte> buf(std::size_t{64} << 20);
+      for (std::size_t i = 0; i < shards.size(); ++i)
+        for (std::uint64_t off = 0; off < shards[i].segment.data_size(); off += buf.size()) {
+          const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), shards[i].segment.data_size() - off));
+          RETURN_IF_ERROR(copy->CopyToHost(i, off, std::span(buf.data(), len)));
+          if (std::memcmp(buf.data(), shards[i].segment.data() + off, len) != 0)
+            return DataLoss("shard " + std::to_string(i) + " differs from the host copy at byte " + std::to_string(off),
+                            "adopt.gpu_mismatch");
+        }
+      GpuEntry& g = m.gpus[ordinal];
+      g.state = ModelState::kResident;
+      g.phase = Phase::kIdle;
+      g.copy = std::move(copy);
+      g.generation = next_generation++;
+      g.last_used = clock->Now();
+      g.stored = std::make_shared<StoredCopy>();
+      g.stored->names = grp.names;
+      spdlog::info("model '{}': its copy on {} adopted from systemd's fd store, verified in {} ms", model,
+                   CudaName(ordinal), ToMs(std::chrono::steady_clock::now() - t0));
+      return Status::Ok();
+    }();
+    if (!why_not.ok()) {
+      spdlog::warn("model '{}': not adopting its stored copy on {}: {}", model, uuid, why_not.ToString());
+      dropped.insert(dropped.end(), grp.names.begin(), grp.names.end());
+    }
+  }
+  for (const std::string& name : dropped) sd_notify(0, ("FDSTOREREMOVE=1\nFDNAME=" + name).c_str());
+}
+
 // Resident host copies stay page-locked (when GPUs are served), so that later copies to a GPU
 // run at PCIe speed. Done after the load, off the path of its first answer.
 void Server::Impl::StartPin(ModelEntry& m) {
@@ -1807,6 +1957,7 @@ void Server::Impl::CompleteGpu(Completion& c) {
   const double secs = std::max(g.copy->copy_seconds(), 1e-6);
   spdlog::info("model '{}' resident on {}: {} bytes in {} ms (host-to-device {:.2f} GB/s)", m.config.name,
                CudaName(c.ordinal), g.copy->allocated_bytes(), c.ms, static_cast<double>(g.copy->allocated_bytes()) / secs / 1e9);
+  StoreGpuCopy(m, g);
   std::vector<Waiter> waiters;
   waiters.swap(g.waiters);
   AnswerWaiters(m, waiters, g.state, g.last_error);

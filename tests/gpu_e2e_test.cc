@@ -252,6 +252,10 @@ TEST_F(GpuE2E, AClientHoldingImportsSurvivesADaemonRestartAndGetsItsLeaseBack) {
   StartDaemon();
   Child kid("hold", daemon_->endpoint(), "m");
   ASSERT_EQ(kid.ReadLine(), "ready");
+  // The copy's three shards went to the (test harness's) systemd fd store.
+  EXPECT_TRUE(testing::WaitFor([&] { return daemon_->StoredFdNames().size() == 3; }, 5s))
+      << daemon_->StoredFdNames().size();
+  const std::uint64_t before = UsedBytes();
   daemon_->Signal(SIGKILL);
   kid.Say("verify");
   EXPECT_EQ(kid.ReadLine(), "ok");
@@ -273,6 +277,14 @@ TEST_F(GpuE2E, AClientHoldingImportsSurvivesADaemonRestartAndGetsItsLeaseBack) {
   ASSERT_FALSE(stats->models.empty());
   EXPECT_EQ(stats->models[0].state, "resident");
   EXPECT_NE(daemon_->Log().find("adopted from the previous instance"), std::string::npos);
+  // The GPU copy came back from the fd store: the same memory, not a second copy.
+  EXPECT_NE(daemon_->Log().find("adopted from systemd's fd store"), std::string::npos) << daemon_->Log();
+  const std::uint64_t model_bytes = 8ull * 1024 * 4096 * 2;
+  const std::uint64_t after = UsedBytes();
+  std::printf("[ measure  ] GPU memory before the kill %.0f MiB, after restart and reattach %.0f MiB (model %.0f MiB)\n",
+              before / 1048576.0, after / 1048576.0, model_bytes / 1048576.0);
+  EXPECT_LT(after, before + model_bytes / 2);
+  EXPECT_EQ(daemon_->StoredFdNames().size(), 3u);
 }
 
 TEST_F(GpuE2E, LeasesOnCudaAreReadOnlyViewsOfOneCopy) {

@@ -308,6 +308,23 @@ TEST_F(RestartTest, PlantedNamesAreLeftAloneAndDoNotHangTheStart) {
   ::unlink(foreign.c_str());
 }
 
+// The fds systemd passes from its store that are not a GPU copy this instance can take back
+// are closed and removed from the store (or their memory would stay pinned there).
+TEST_F(RestartTest, StoredFdsItCannotAdoptAreRemovedFromTheStore) {
+  LoadThenKill();
+  auto a = posix::Open("/dev/null", O_RDONLY | O_CLOEXEC);
+  auto b = posix::Open("/dev/null", O_RDONLY | O_CLOEXEC);
+  ASSERT_TRUE(a.ok() && b.ok());
+  daemon_->StoreFd("not-ours", std::move(a).value());
+  daemon_->StoreFd("gpu.GPU-00000000-0000-0000-0000-000000000000.1.0.m", std::move(b).value());
+  ASSERT_TRUE(daemon_->Restart().ok());
+  EXPECT_TRUE(testing::WaitFor([&] { return daemon_->StoredFdNames().empty(); }, 5s))
+      << daemon_->StoredFdNames().size() << " left\n" << daemon_->Log();
+  EXPECT_NE(daemon_->Log().find("not a GPU copy of weightd's"), std::string::npos);
+  EXPECT_NE(daemon_->Log().find("not adopting its stored copy"), std::string::npos);
+  EXPECT_EQ(SegmentsOf("m").size(), 4u);  // the host copies are adopted as usual
+}
+
 // A segment under the prefix that no record describes (a load cut short by the crash) is removed.
 TEST_F(RestartTest, SegmentsWithoutARecordAreRemoved) {
   LoadThenKill();

@@ -175,6 +175,12 @@ Result<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const DaemonOptions&
   for (const auto& a : options.extra_args) args.push_back(a);
   d->args_ = std::move(args);
   d->ready_timeout_ = options.ready_timeout;
+  const std::string notify_path = d->dir_.file("notify.sock");
+  int nfd = BindNotifySocket(notify_path);
+  if (nfd < 0) return Internal("cannot bind the notify socket " + notify_path);
+  d->notify_.reset(nfd);
+  DaemonProcess* raw = d.get();
+  d->notify_thread_ = std::thread([raw] { raw->ReadNotifications(); });
   RETURN_IF_ERROR(d->Launch());
   return d;
 }
@@ -184,13 +190,72 @@ Status DaemonProcess::Restart() {
   return Launch();
 }
 
-Status DaemonProcess::Launch() {
-  const std::string notify_path = dir_.file("notify.sock");
-  ::unlink(notify_path.c_str());
-  int nfd = BindNotifySocket(notify_path);
-  if (nfd < 0) return Internal("cannot bind the notify socket " + notify_path);
-  posix::Fd notify(nfd);
+// One datagram at a time: its text (KEY=VALUE lines) and any fds it carries.
+void DaemonProcess::ReadNotifications() {
+  while (!stop_) {
+    pollfd p{notify_.get(), POLLIN, 0};
+    if (::poll(&p, 1, 50) <= 0) continue;
+    char buf[4096];
+    alignas(cmsghdr) char control[CMSG_SPACE(sizeof(int) * 64)];
+    iovec iov{buf, sizeof buf - 1};
+    msghdr msg{};
+    msg.msg_iov = &iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = control;
+    msg.msg_controllen = sizeof control;
+    const ssize_t n = ::recvmsg(notify_.get(), &msg, MSG_CMSG_CLOEXEC | MSG_DONTWAIT);
+    if (n < 0) continue;
+    std::vector<posix::Fd> fds;
+    for (cmsghdr* c = CMSG_FIRSTHDR(&msg); c != nullptr; c = CMSG_NXTHDR(&msg, c))
+      if (c->cmsg_level == SOL_SOCKET && c->cmsg_type == SCM_RIGHTS) {
+        const std::size_t count = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+        for (std::size_t i = 0; i < count; ++i) {
+          int fd;
+          std::memcpy(&fd, CMSG_DATA(c) + i * sizeof(int), sizeof fd);
+          fds.emplace_back(fd);
+        }
+      }
+    std::map<std::string, std::string> kv;
+    std::istringstream lines(std::string(buf, static_cast<std::size_t>(n)));
+    for (std::string line; std::getline(lines, line);)
+      if (auto eq = line.find('='); eq != std::string::npos) kv[line.substr(0, eq)] = line.substr(eq + 1);
+    std::lock_guard lock(mu_);
+    if (kv["READY"] == "1") {
+      ready_ = true;
+      cv_.notify_all();
+    }
+    const std::string name = kv.count("FDNAME") != 0 ? kv["FDNAME"] : "stored";
+    if (kv["FDSTORE"] == "1")
+      for (auto& fd : fds) store_.emplace_back(name, std::move(fd));
+    if (kv["FDSTOREREMOVE"] == "1") std::erase_if(store_, [&](const auto& e) { return e.first == name; });
+  }
+}
 
+std::vector<std::string> DaemonProcess::StoredFdNames() {
+  std::lock_guard lock(mu_);
+  std::vector<std::string> out;
+  for (const auto& [name, fd] : store_) out.push_back(name);
+  return out;
+}
+
+void DaemonProcess::StoreFd(const std::string& name, posix::Fd fd) {
+  std::lock_guard lock(mu_);
+  store_.emplace_back(name, std::move(fd));
+}
+
+Status DaemonProcess::Launch() {
+  // What the fd store passes on, collected before fork(): the child may take no lock.
+  std::vector<int> pass;
+  std::string names;
+  {
+    std::lock_guard lock(mu_);
+    ready_ = false;
+    for (const auto& [name, fd] : store_) {
+      pass.push_back(fd.get());
+      names += (names.empty() ? "" : ":") + name;
+    }
+  }
+  const std::string notify_path = dir_.file("notify.sock");
   pid_t pid = ::fork();
   if (pid < 0) return Internal("fork failed");
   if (pid == 0) {
@@ -199,6 +264,15 @@ Status DaemonProcess::Launch() {
     if (log >= 0) {
       ::dup2(log, STDERR_FILENO);
       ::dup2(log, STDOUT_FILENO);
+    }
+    // The stored fds at 3, 4, ... (first out of the way of those numbers).
+    std::vector<int> high;
+    for (int fd : pass) high.push_back(::fcntl(fd, F_DUPFD_CLOEXEC, 1000));
+    for (std::size_t i = 0; i < high.size(); ++i) ::dup2(high[i], 3 + static_cast<int>(i));
+    if (!pass.empty()) {
+      ::setenv("LISTEN_FDS", std::to_string(pass.size()).c_str(), 1);
+      ::setenv("LISTEN_FDNAMES", names.c_str(), 1);
+      ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
     }
     ::setenv("NOTIFY_SOCKET", notify_path.c_str(), 1);
     std::vector<char*> argv;
@@ -211,12 +285,9 @@ Status DaemonProcess::Launch() {
 
   const auto deadline = std::chrono::steady_clock::now() + ready_timeout_;
   while (std::chrono::steady_clock::now() < deadline) {
-    pollfd p{notify.get(), POLLIN, 0};
-    if (::poll(&p, 1, 100) > 0) {
-      char buf[4096];
-      ssize_t n = ::recv(notify.get(), buf, sizeof buf - 1, 0);
-      if (n > 0 && std::string(buf, static_cast<std::size_t>(n)).find("READY=1") != std::string::npos)
-        return Status::Ok();
+    {
+      std::unique_lock lock(mu_);
+      if (cv_.wait_for(lock, std::chrono::milliseconds(100), [&] { return ready_; })) return Status::Ok();
     }
     int status;
     if (::waitpid(pid, &status, WNOHANG) == pid) {
@@ -232,6 +303,8 @@ DaemonProcess::~DaemonProcess() {
     ::kill(pid_, SIGKILL);
     ::waitpid(pid_, nullptr, 0);
   }
+  stop_ = true;
+  if (notify_thread_.joinable()) notify_thread_.join();
   for (const auto& name : Segments()) ::shm_unlink(("/" + name).c_str());
   ::shm_unlink(("/" + prefix_ + ".lock").c_str());
 }

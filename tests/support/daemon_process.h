@@ -4,14 +4,18 @@
 
 #include <sys/types.h>
 
+#include <atomic>
 #include <chrono>
+#include <condition_variable>
 #include <cstdint>
 #include <map>
+#include <mutex>
 #include <memory>
 #include <string>
 #include <thread>
 #include <vector>
 
+#include "posix.h"
 #include "safetensors_writer.h"
 #include "weightd/client.h"
 #include "weightd/status.h"
@@ -77,8 +81,11 @@ struct DaemonOptions {
 };
 
 // The real weightd binary, on ipc://<tmp>/weightd.sock with segment prefix "wdtest-<pid>-<n>".
-// Start() waits for READY=1 on a private NOTIFY_SOCKET. The destructor SIGKILLs the daemon if
-// it still runs and unlinks any segment left under its prefix.
+// It plays the daemon's service manager on a private NOTIFY_SOCKET, read by a background
+// thread: Start() waits for READY=1, and the fds the daemon stores (FDSTORE=1, FDNAME=;
+// FDSTOREREMOVE=1) are kept and passed to the next Restart() as systemd does (LISTEN_FDS,
+// LISTEN_FDNAMES, LISTEN_PID). The destructor SIGKILLs the daemon if it still runs and unlinks
+// any segment left under its prefix.
 class DaemonProcess {
  public:
   static Result<std::unique_ptr<DaemonProcess>> Start(const DaemonOptions& options);
@@ -101,13 +108,25 @@ class DaemonProcess {
   std::string Log() const;
   // Names of the /dev/shm entries under this daemon's prefix.
   std::vector<std::string> Segments() const;
+  // The FDNAMEs of the fds in the fd store now, one per fd.
+  std::vector<std::string> StoredFdNames();
+  // Puts an fd into the store, as if the daemon had stored it.
+  void StoreFd(const std::string& name, posix::Fd fd);
 
  private:
   DaemonProcess() = default;
   Status Launch();
+  void ReadNotifications();  // the notify thread
   TempDir dir_;
   std::vector<std::string> args_;
   std::chrono::milliseconds ready_timeout_{0};
+  posix::Fd notify_;
+  std::thread notify_thread_;
+  std::atomic<bool> stop_{false};
+  std::mutex mu_;
+  std::condition_variable cv_;
+  bool ready_ = false;                                   // guarded by mu_: READY=1 since the launch
+  std::vector<std::pair<std::string, posix::Fd>> store_;  // guarded by mu_
   std::string endpoint_;
   std::string prefix_;
   std::string log_path_;
