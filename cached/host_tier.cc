@@ -41,12 +41,17 @@ HostSegment::HostSegment(HostSegment&&) noexcept = default;
 HostSegment& HostSegment::operator=(HostSegment&&) noexcept = default;
 HostSegment::~HostSegment() = default;
 
-Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
+HostSegment HostSegment::Blank(const std::string& name, std::uint64_t data_size) {
   HostSegment seg;
   seg.name_ = name;
   seg.data_size_ = data_size;
   seg.mapped_size_ = posix::RoundUp(data_size, posix::PageSize());
   seg.impl_ = std::make_unique<Impl>();
+  return seg;
+}
+
+Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
+  HostSegment seg = Blank(name, data_size);
   try {
     bip::permissions perm(static_cast<unsigned>(mode));
     seg.impl_->shm = bip::shared_memory_object(bip::create_only, name.c_str(), bip::read_write, perm);
@@ -92,11 +97,7 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
 }
 
 Result<HostSegment> HostSegment::Open(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
-  HostSegment seg;
-  seg.name_ = name;
-  seg.data_size_ = data_size;
-  seg.mapped_size_ = posix::RoundUp(data_size, posix::PageSize());
-  seg.impl_ = std::make_unique<Impl>();
+  HostSegment seg = Blank(name, data_size);
   const std::string what = "segment /" + name;
   try {
     // shm_open (O_NOFOLLOW in glibc): a symlink planted in /dev/shm is not followed.

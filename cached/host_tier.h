@@ -55,6 +55,8 @@ class HostSegment {
 
  private:
   struct Impl;
+  // Named and sized, nothing opened or mapped yet.
+  static HostSegment Blank(const std::string& name, std::uint64_t data_size);
   std::unique_ptr<Impl> impl_;
   std::string name_;
   std::byte* data_ = nullptr;
