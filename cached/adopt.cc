@@ -55,8 +55,8 @@ Status Changed(const ModelRecord& r, const std::string& why) {
 
 }  // namespace
 
-std::string RecordName(const std::string& prefix, const std::string& model, std::uint64_t generation) {
-  return prefix + "." + model + "." + std::to_string(generation) + std::string(kSuffix);
+std::string RecordName(const std::string& prefix, const std::string& model, const std::string& load_tag) {
+  return prefix + "." + model + "." + load_tag + std::string(kSuffix);
 }
 
 bool IsRecordName(const std::string& name) { return name.ends_with(kSuffix); }

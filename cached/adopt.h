@@ -2,10 +2,10 @@
 // without reading the model files again.
 //
 // When a host load has completed and verified, the server writes the model's record next to its
-// segments: "/<prefix>.<model>.<generation>.record", mode 0600 (the daemon's alone). It holds,
-// per shard, the segment's name and size, the file's identity when it was read (size, mtime,
-// change time, inode, device), the file's header bytes and the XXH3-128 of the whole file. The record is
-// written after every byte is in, and unlinked before the segments are (ResidentModel::
+// segments: "/<prefix>.<model>.<generation>-<salt>.record", mode 0600 (the daemon's alone). It
+// holds, per shard, the segment's name and size, the file's identity when it was read (size,
+// mtime, change time, inode, device), the file's header bytes and the XXH3-128 of the whole
+// file. The record is written after every byte is in, and unlinked before the segments are (ResidentModel::
 // RemoveSegments), so a record never describes a segment that is incomplete or gone.
 //
 // At start, the daemon holds the prefix lock, so whatever is under the prefix is its own dead
@@ -33,8 +33,8 @@
 
 namespace weightd {
 
-// "<prefix>.<model>.<generation>.record", without the leading '/'.
-std::string RecordName(const std::string& prefix, const std::string& model, std::uint64_t generation);
+// "<prefix>.<model>.<load tag>.record" (Loader::LoadTag), without the leading '/'.
+std::string RecordName(const std::string& prefix, const std::string& model, const std::string& load_tag);
 // True for a name RecordName() makes (segment names end in a shard index instead).
 bool IsRecordName(const std::string& name);
 

@@ -2,6 +2,7 @@
 
 #include <grp.h>
 #include <sys/socket.h>
+#include <sys/un.h>
 #include <pwd.h>
 
 #include <algorithm>
@@ -260,6 +261,7 @@ Identity IdentityOf(zmq::message_t& msg) {
 }
 
 Result<std::unique_ptr<ZapHandler>> ZapHandler::Start(zmq::context_t& ctx, zmq::socket_t& guarded,
+                                                      const std::string& socket_path,
                                                       std::uint32_t max_connections_per_user) {
   static std::atomic<int> instances{0};
   const std::string monitor_endpoint = "inproc://weightd-connections-" + std::to_string(instances++);
@@ -273,14 +275,15 @@ Result<std::unique_ptr<ZapHandler>> ZapHandler::Start(zmq::context_t& ctx, zmq::
     monitor.set(zmq::sockopt::linger, 0);
     monitor.set(zmq::sockopt::rcvhwm, 0);  // never make libzmq's I/O thread wait for us
     monitor.connect(monitor_endpoint);
-    return std::unique_ptr<ZapHandler>(new ZapHandler(std::move(sock), std::move(monitor), max_connections_per_user));
+    return std::unique_ptr<ZapHandler>(
+        new ZapHandler(std::move(sock), std::move(monitor), socket_path, max_connections_per_user));
   } catch (const zmq::error_t& e) {
     return Internal(std::string("starting the ZAP handler on ") + kZapEndpoint + ": " + e.what(), "daemon.zap");
   }
 }
 
-ZapHandler::ZapHandler(zmq::socket_t sock, zmq::socket_t monitor, std::uint32_t max_per_user)
-    : sock_(std::move(sock)), monitor_(std::move(monitor)), max_per_user_(max_per_user) {
+ZapHandler::ZapHandler(zmq::socket_t sock, zmq::socket_t monitor, std::string socket_path, std::uint32_t max_per_user)
+    : sock_(std::move(sock)), monitor_(std::move(monitor)), socket_path_(std::move(socket_path)), max_per_user_(max_per_user) {
   thread_ = std::thread([this] { Run(); });
 }
 
@@ -338,8 +341,14 @@ bool ZapHandler::OnMonitorEvent() {
   }
   if (ev->event != ZMQ_EVENT_ACCEPTED) return true;
   // The fd is libzmq's; it may have closed (and the number been reused) since the event was
-  // queued. Whatever socket holds the number now is what is counted, and its disconnect
-  // uncounts it, so the counts stay balanced.
+  // queued. Whatever connection to the control socket holds the number now is what is counted,
+  // and its disconnect uncounts it, so the counts stay balanced; an fd that is no longer such a
+  // connection (another socket of the daemon's) is left alone.
+  sockaddr_un local{};
+  socklen_t local_len = sizeof local;
+  if (::getsockname(fd, reinterpret_cast<sockaddr*>(&local), &local_len) != 0 || local.sun_family != AF_UNIX ||
+      std::strncmp(local.sun_path, socket_path_.c_str(), sizeof local.sun_path) != 0)
+    return true;
   ucred cred{};
   socklen_t len = sizeof cred;
   if (::getsockopt(fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) != 0) return true;

@@ -107,8 +107,10 @@ class Policy {
 // cannot use up the daemon's file descriptors; the peer sees its connection closed.
 class ZapHandler {
  public:
-  // `guarded`: the socket to watch, not yet bound. `max_connections_per_user` 0: no limit.
+  // `guarded`: the socket to watch, not yet bound to the ipc path `socket_path`.
+  // `max_connections_per_user` 0: no limit.
   static Result<std::unique_ptr<ZapHandler>> Start(zmq::context_t& ctx, zmq::socket_t& guarded,
+                                                   const std::string& socket_path,
                                                    std::uint32_t max_connections_per_user);
   ~ZapHandler();
   ZapHandler(const ZapHandler&) = delete;
@@ -121,13 +123,14 @@ class ZapHandler {
   std::uint64_t connections() const { return connections_.load(); }
 
  private:
-  ZapHandler(zmq::socket_t sock, zmq::socket_t monitor, std::uint32_t max_per_user);
+  ZapHandler(zmq::socket_t sock, zmq::socket_t monitor, std::string socket_path, std::uint32_t max_per_user);
   void Run();
   void Answer(std::vector<zmq::message_t>& frames);
   bool OnMonitorEvent();
 
   zmq::socket_t sock_;
   zmq::socket_t monitor_;  // PAIR, connected to the guarded socket's monitor
+  const std::string socket_path_;
   const std::uint32_t max_per_user_;
   // Handler thread only: the uid of each open connection's fd, and the count per uid.
   std::map<int, uid_t> conn_uid_;

@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <cstdio>
 #include <cstring>
 #include <map>
 #include <thread>
@@ -255,13 +256,28 @@ Result<std::size_t> FileIo::Pread(int fd, std::span<std::byte> out, std::uint64_
 
 // ---- Loader ----
 
+namespace {
+std::string RandomSalt() {
+  std::uint64_t v = 0;
+  if (!posix::RandomBytes(std::as_writable_bytes(std::span(&v, 1))).ok())
+    v = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
+        (static_cast<std::uint64_t>(::getpid()) << 32);
+  char buf[17];
+  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
+  return buf;
+}
+}  // namespace
+
 Loader::Loader(LoaderOptions options)
     : options_(std::move(options)),
+      salt_(RandomSalt()),
       io_(options_.io_layer != nullptr ? options_.io_layer : &posix_io_),
       readers_(std::max(1u, options_.threads), "wd-read") {}
 
+std::string Loader::LoadTag(std::uint64_t generation) const { return std::to_string(generation) + "-" + salt_; }
+
 std::string Loader::SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const {
-  return options_.shm_prefix + "." + model + "." + std::to_string(generation) + "." + std::to_string(shard);
+  return options_.shm_prefix + "." + model + "." + LoadTag(generation) + "." + std::to_string(shard);
 }
 
 Result<LoadPlan> Loader::Plan(const ModelConfig& mc) const {

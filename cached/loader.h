@@ -217,7 +217,11 @@ class Loader {
   // when it was loaded, or is gone. Errors other than a missing file (EACCES, ...) are returned.
   static Result<bool> Changed(const ResidentModel& model);
 
-  // The segment name of a shard: "<prefix>.<model>.<generation>.<index>".
+  // "<generation>-<salt>": names a load's segments and its adoption record. The salt is random
+  // per Loader (this daemon instance), so that no other user can plant a name under the prefix
+  // that a later load will want (the sticky /dev/shm would keep the daemon from removing it).
+  std::string LoadTag(std::uint64_t generation) const;
+  // The segment name of a shard: "<prefix>.<model>.<generation>-<salt>.<index>".
   std::string SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const;
 
   std::uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
@@ -227,6 +231,7 @@ class Loader {
   Status ReadShards(FillState& fs, const std::atomic<bool>& cancel);
 
   const LoaderOptions options_;
+  const std::string salt_;  // 16 random hex digits
   FileIo posix_io_;
   FileIo* const io_;
   ThreadPool readers_;

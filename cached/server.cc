@@ -658,7 +658,7 @@ Status Server::Impl::Init() {
     return Internal("setting up the socket " + config.socket + ": " + e.what(), "daemon.bind_failed");
   }
   // The handler, and its count of each user's connections, must be up before the first one.
-  ASSIGN_OR_RETURN(zap, auth::ZapHandler::Start(ctx, router, config.max_connections_per_user));
+  ASSIGN_OR_RETURN(zap, auth::ZapHandler::Start(ctx, router, socket_path, config.max_connections_per_user));
   try {
     ::unlink(socket_path.c_str());  // stale socket of a dead instance: we hold its lock
     router.bind(config.socket);
@@ -1536,7 +1536,7 @@ void Server::Impl::Complete(Completion& c) {
   m.last_load_ms = c.ms;
   m.last_error = Status::Ok();
   // The index StartFill built from the plan already describes these segments.
-  const std::string record = RecordName(config.shm_prefix, m.config.name, m.generation);
+  const std::string record = RecordName(config.shm_prefix, m.config.name, loader.LoadTag(m.generation));
   if (Status s = WriteRecord(record, *r, m.generation); s.ok())
     r->record = record;
   else

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # test.sh — installs what weightd needs (Debian 12), builds everything with -Werror into build/,
-# runs the whole test suite, checks the systemd files (scripts/check-systemd.sh) and runs the
-# fuzzers (scripts/fuzz.sh). This is the README's test command and what CI runs (.ci/run).
+# runs the whole test suite, checks the systemd files (scripts/check-systemd.sh), runs the
+# fuzzers (scripts/fuzz.sh) and the suite again under ASan + UBSan (scripts/sanitize.sh). This
+# is the README's test command and what CI runs (.ci/run).
 # Idempotent: re-running rebuilds only what changed.
 #
 # Environment (optional):
@@ -10,6 +11,8 @@
 #   CTEST_ARGS extra arguments for ctest, e.g. "-R Daemon"
 #   FUZZ_SECONDS  run time of each libFuzzer target (default 60; scripts/fuzz.sh)
 #   SKIP_FUZZ     1: leave out the fuzzers (quick local runs; CI always fuzzes)
+#   SKIP_SANITIZE 1: leave out the ASan + UBSan build and run of the suite (scripts/sanitize.sh;
+#                 quick local runs; CI always runs it)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,5 +36,11 @@ if [[ ${SKIP_FUZZ:-0} == 1 ]]; then
 else
   echo "test: fuzzing (scripts/fuzz.sh: clang-14 libFuzzer targets, ${FUZZ_SECONDS:-60} s each)"
   JOBS=$JOBS bash "$repo/scripts/fuzz.sh"
+fi
+if [[ ${SKIP_SANITIZE:-0} == 1 ]]; then
+  echo "test: SKIP_SANITIZE=1: not running the sanitizer build"
+else
+  echo "test: the suite under ASan + UBSan (scripts/sanitize.sh)"
+  JOBS=$JOBS bash "$repo/scripts/sanitize.sh"
 fi
 echo "test: all passed in $((SECONDS - t0)) s"

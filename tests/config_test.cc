@@ -26,12 +26,15 @@ TEST(Config, DefaultsDeriveThePrefixAndTheFdSocketFromTheSocket) {
 }
 
 TEST(Config, ReadsTheGpuTable) {
-  auto cfg = Load("[gpu]\nenabled = false\nexport = \"legacy\"\nfd_socket = \"/run/x.fds\"\npin_host = false\n");
+  auto cfg = Load("[gpu]\nenabled = false\nexport = \"legacy\"\nfd_socket = \"/run/x.fds\"\npin_host = false\n"
+                  "fd_store = false\n");
   ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
   EXPECT_FALSE(cfg->gpu_enabled);
   EXPECT_EQ(cfg->gpu_export, "legacy");
   EXPECT_EQ(cfg->fd_socket, "/run/x.fds");
   EXPECT_FALSE(cfg->gpu_pin_host);
+  EXPECT_FALSE(cfg->gpu_fd_store);
+  EXPECT_TRUE(Load("")->gpu_fd_store);
 }
 
 TEST(Config, RefusesBadGpuSettings) {
