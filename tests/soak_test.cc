@@ -174,7 +174,10 @@ TEST(Soak, ChurningClientsLeaveTheDaemonFlat) {
   EXPECT_GT(rounds, kClients);
   EXPECT_LE(fds_q4, fds_q2 + 16);
   EXPECT_LE(fds_max, base_fds + 5 * kClients);
+#ifndef __SANITIZE_ADDRESS__
+  // (Under ASan, freed memory sits in its quarantine, up to 256 MiB, so RSS grows by design.)
   EXPECT_LE(rss_q4, rss_q2 + 16 * 1024);
+#endif
   EXPECT_LE(leases_max, static_cast<std::size_t>(kClients));
 
   // Everything back to the baseline: one session (the observer's), no lease, no extra fd.

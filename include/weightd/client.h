@@ -31,8 +31,9 @@
 //    reconnects on its own; the first request that the new daemon answers with
 //    protocol.no_session (a heartbeat, usually within one interval) makes the client open a new
 //    session and acquire every live lease again, then send that request again. Lease::id()
-//    changes; tensors and pointers do not. A restarted daemon adopts its host copies (the same
-//    memory); when it could not, the new lease holds a second copy until this one is dropped.
+//    changes; tensors and pointers do not. A restarted daemon adopts its host copies and, under
+//    systemd, its GPU copies (the same memory); when it could not, the new lease holds a second
+//    copy until this one is dropped.
 //    A lease whose re-acquire fails keeps its mappings, uncounted by the daemon (id() 0).
 //  - Dropping the last copy of a Lease unmaps it, sends Release and waits up to 2 s for the
 //    daemon's answer. If another thread's call holds the connection that long, the Release is

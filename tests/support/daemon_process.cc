@@ -255,30 +255,50 @@ Status DaemonProcess::Launch() {
       names += (names.empty() ? "" : ":") + name;
     }
   }
-  const std::string notify_path = dir_.file("notify.sock");
+  // Everything the child needs is allocated here: between fork() and exec the child of a
+  // threaded process may not allocate (another thread may have held the allocator's lock; under
+  // ASan that hung the child).
+  std::vector<std::string> env;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string_view v(*e);
+    if (!v.starts_with("NOTIFY_SOCKET=") && !v.starts_with("LISTEN_")) env.emplace_back(v);
+  }
+  env.push_back("NOTIFY_SOCKET=" + dir_.file("notify.sock"));
+  std::string listen_pid = "LISTEN_PID=";
+  const std::size_t pid_at = listen_pid.size();
+  if (!pass.empty()) {
+    env.push_back("LISTEN_FDS=" + std::to_string(pass.size()));
+    env.push_back("LISTEN_FDNAMES=" + names);
+    listen_pid.append(24, '\0');  // the child writes its pid here
+  }
+  std::vector<char*> envp;
+  for (auto& e : env) envp.push_back(e.data());
+  if (!pass.empty()) envp.push_back(listen_pid.data());
+  envp.push_back(nullptr);
+  std::vector<char*> argv;
+  for (auto& a : args_) argv.push_back(a.data());
+  argv.push_back(nullptr);
+  std::vector<int> high(pass.size(), -1);
+  // Appends, so that a restarted daemon's log follows its predecessor's.
+  posix::Fd log(::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
+
   pid_t pid = ::fork();
   if (pid < 0) return Internal("fork failed");
   if (pid == 0) {
-    // Appends, so that a restarted daemon's log follows its predecessor's.
-    int log = ::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND, 0644);
-    if (log >= 0) {
-      ::dup2(log, STDERR_FILENO);
-      ::dup2(log, STDOUT_FILENO);
+    if (log.valid()) {
+      ::dup2(log.get(), STDERR_FILENO);
+      ::dup2(log.get(), STDOUT_FILENO);
     }
     // The stored fds at 3, 4, ... (first out of the way of those numbers).
-    std::vector<int> high;
-    for (int fd : pass) high.push_back(::fcntl(fd, F_DUPFD_CLOEXEC, 1000));
+    for (std::size_t i = 0; i < pass.size(); ++i) high[i] = ::fcntl(pass[i], F_DUPFD_CLOEXEC, 1000);
     for (std::size_t i = 0; i < high.size(); ++i) ::dup2(high[i], 3 + static_cast<int>(i));
     if (!pass.empty()) {
-      ::setenv("LISTEN_FDS", std::to_string(pass.size()).c_str(), 1);
-      ::setenv("LISTEN_FDNAMES", names.c_str(), 1);
-      ::setenv("LISTEN_PID", std::to_string(::getpid()).c_str(), 1);
+      char digits[24];
+      int n = 0;
+      for (pid_t v = ::getpid(); v > 0; v /= 10) digits[n++] = static_cast<char>('0' + v % 10);
+      for (int i = 0; i < n; ++i) listen_pid[pid_at + static_cast<std::size_t>(i)] = digits[n - 1 - i];
     }
-    ::setenv("NOTIFY_SOCKET", notify_path.c_str(), 1);
-    std::vector<char*> argv;
-    for (auto& a : args_) argv.push_back(a.data());
-    argv.push_back(nullptr);
-    ::execv(argv[0], argv.data());
+    ::execve(argv[0], argv.data(), envp.data());
     std::_Exit(127);
   }
   pid_ = pid;
