@@ -4,13 +4,14 @@
 # CI) runs it after the fuzzers.
 #
 # Left out: the LibTorch shim and its tests (Debian's LibTorch is not built with ASan, and its
-# static initializers trip the leak checker), and the benchmarks. The churn soak runs for
-# SANITIZE_SOAK_SECONDS (default 20) instead of a minute: ASan slows every client down.
+# static initializers trip the leak checker), the benchmarks, and the churn soak: its 64 client
+# processes are forked (not exec'd) from a threaded test process, and GCC 12's ASan allocator
+# has no fork handlers, so a child can inherit its lock held and hang (seen in CI). The soak
+# runs in the plain build.
 #
 # Environment (optional):
 #   SANITIZE_BUILD_DIR     the build folder (default: <repo>/build-asan)
 #   JOBS                   build and test parallelism (default 2)
-#   SANITIZE_SOAK_SECONDS  the soak's length (default 20)
 #   CTEST_ARGS             extra arguments for ctest
 set -euo pipefail
 
@@ -29,7 +30,6 @@ echo "sanitize: running the test suite (built in $((SECONDS - t0)) s)"
 # (-fno-sanitize-recover), ASan checks leaks at exit.
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1:abort_on_error=0:strict_string_checks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
-export WEIGHTD_SOAK_SECONDS=${SANITIZE_SOAK_SECONDS:-20}
 # shellcheck disable=SC2086  # CTEST_ARGS is a list of arguments
-ctest --test-dir "$SANITIZE_BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 600 ${CTEST_ARGS:-}
+ctest --test-dir "$SANITIZE_BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 300 -E '^Soak\.' ${CTEST_ARGS:-}
 echo "sanitize: passed in $((SECONDS - t0)) s"
