@@ -44,6 +44,7 @@
 #include "gpu_import.h"
 #include "posix.h"
 #include "protocol.h"
+#include "write_faults.h"
 
 namespace weightd {
 namespace {
@@ -343,6 +344,7 @@ struct Client::Impl {
   // Sends `body` and waits up to `timeout` for its reply. ErrorReply becomes a Status.
   // `session`, if given, receives the session the reply came in.
   Result<proto::ReplyBody> Call(proto::RequestBody body, milliseconds timeout, std::uint64_t* session = nullptr) {
+    RETURN_IF_ERROR(CheckSameProcess());
     std::unique_lock lock(mu_);
     auto r = CallLocked(std::move(body), timeout, nullptr);
     if (session != nullptr) *session = hello.session_id;
@@ -352,9 +354,19 @@ struct Client::Impl {
   // As Call, but gives up (returning false) if the socket is busy for longer than `wait`.
   std::optional<Result<proto::ReplyBody>> TryCall(proto::RequestBody body, milliseconds wait,
                                                   milliseconds timeout) {
+    if (auto st = CheckSameProcess(); !st.ok()) return st;
     std::unique_lock lock(mu_, std::defer_lock);
     if (!lock.try_lock_for(wait)) return std::nullopt;
     return CallLocked(std::move(body), timeout, nullptr);
+  }
+
+  // A forked child shares its parent's socket, threads and session only as copies of memory:
+  // touching them would corrupt the parent's connection.
+  weightd::Status CheckSameProcess() const {
+    if (::getpid() == pid) return weightd::Status::Ok();
+    return FailedPrecondition("this Client was connected in process " + std::to_string(pid) +
+                                  "; a forked child cannot use its connection (connect again in the child)",
+                              "client.forked");
   }
 
   // Called by a Lease's destructor: never throws, never blocks behind a long call.
@@ -495,9 +507,19 @@ struct Client::Impl {
   // A request the daemon answers with protocol.no_session (it restarted) is sent again once,
   // after a reattach; except a Release, whose lease the new daemon never knew (and which must
   // not wait for a reattach: it runs in a Lease's destructor).
+  // A request in flight when the connection drops (the daemon died) is sent once more when a
+  // daemon is connected again, within connect_timeout; Release, Heartbeat and Goodbye are not
+  // (the daemon they were for is gone).
   Result<proto::ReplyBody> CallLocked(proto::RequestBody body, milliseconds timeout,
                                       const std::atomic<bool>* cancel) {
     auto r = CallOnce(body, timeout, cancel);
+    const bool once_only = std::holds_alternative<proto::Release>(body) ||
+                           std::holds_alternative<proto::Heartbeat>(body) ||
+                           std::holds_alternative<proto::Goodbye>(body);
+    if (!r.ok() && r.status().reason() == "client.connection_lost" && !once_only) {
+      RETURN_IF_ERROR(WaitConnected(body, cancel));
+      r = CallOnce(body, timeout, cancel);
+    }
     if (r.ok() || r.status().reason() != "protocol.no_session" || std::holds_alternative<proto::Hello>(body) ||
         std::holds_alternative<proto::Release>(body))
       return r;
@@ -505,14 +527,53 @@ struct Client::Impl {
     return CallOnce(std::move(body), timeout, cancel);
   }
 
+  weightd::Status NoDaemon(const proto::RequestBody& body, const char* what) const {
+    return Unavailable("weightd at " + endpoint + " " + what + " (" + std::string(RequestName(body)) +
+                           " not answered; waited " + Seconds(options.connect_timeout) + " for it to come back)",
+                       "client.no_daemon");
+  }
+
+  // Requires mu_. Waits up to connect_timeout for a daemon to accept the connection again.
+  weightd::Status WaitConnected(const proto::RequestBody& body, const std::atomic<bool>* cancel) {
+    const auto deadline = Clock::now() + options.connect_timeout;
+    while (!connected_) {
+      const auto now = Clock::now();
+      if (now >= deadline) return NoDaemon(body, "went away and did not come back");
+      if (cancel != nullptr && cancel->load()) return Unavailable("client is shutting down", "client.closed");
+      zmq::pollitem_t item{monitor.handle(), 0, ZMQ_POLLIN, 0};
+      try {
+        zmq::poll(&item, 1, std::min(kCancelSlice, std::chrono::ceil<milliseconds>(deadline - now)));
+      } catch (const zmq::error_t& e) {
+        if (e.num() != EINTR) return Internal("zmq poll on " + endpoint + ": " + e.what(), "client.poll_failed");
+      }
+      RETURN_IF_ERROR(ReadConnectionEvents());
+    }
+    return weightd::Status::Ok();
+  }
+
   Result<proto::ReplyBody> CallOnce(const proto::RequestBody& body, milliseconds timeout,
                                     const std::atomic<bool>* cancel) {
     const std::uint64_t id = next_id_++;
+    // Events from before this request (an earlier disconnect) are not about it.
+    RETURN_IF_ERROR(ReadConnectionEvents());
+    const std::uint64_t losses_before = losses_;
     RETURN_IF_ERROR(Send(body, id));
     const auto deadline = Clock::now() + timeout;
+    std::optional<Clock::time_point> unconnected_since;
     for (;;) {
       SendHousekeeping();
       auto now = Clock::now();
+      if (losses_ != losses_before)
+        return Unavailable("weightd at " + endpoint + " closed the connection while " +
+                               std::string(RequestName(body)) + " was in flight",
+                           "client.connection_lost");
+      if (connected_) {
+        unconnected_since.reset();
+      } else if (!unconnected_since) {
+        unconnected_since = now;
+      } else if (now - *unconnected_since >= options.connect_timeout) {
+        return NoDaemon(body, "is not there");
+      }
       if (now >= deadline)
         return DeadlineExceeded("no reply to " + std::string(RequestName(body)) + " from " + endpoint +
                                     " within " + Seconds(timeout),
@@ -525,6 +586,7 @@ struct Client::Impl {
         if (cancel->load()) return Unavailable("client is shutting down", "client.closed");
         slice = std::min(slice, kCancelSlice);
       }
+      if (unconnected_since) slice = std::min(slice, kCancelSlice);
       zmq::pollitem_t items[] = {{socket.handle(), 0, ZMQ_POLLIN, 0}, {monitor.handle(), 0, ZMQ_POLLIN, 0}};
       try {
         zmq::poll(items, 2, slice);
@@ -532,8 +594,11 @@ struct Client::Impl {
         if (e.num() == EINTR) continue;
         return Internal("zmq poll on " + endpoint + ": " + e.what(), "client.poll_failed");
       }
-      if ((items[1].revents & ZMQ_POLLIN) != 0) RETURN_IF_ERROR(ReadConnectionEvents());
-      if ((items[0].revents & ZMQ_POLLIN) == 0) continue;
+      // Replies first: one that arrived before the connection dropped still counts.
+      if ((items[0].revents & ZMQ_POLLIN) == 0) {
+        if ((items[1].revents & ZMQ_POLLIN) != 0) RETURN_IF_ERROR(ReadConnectionEvents());
+        continue;
+      }
       while (true) {
         zmq::message_t msg;
         try {
@@ -558,6 +623,7 @@ struct Client::Impl {
         if (auto* err = std::get_if<proto::ErrorReply>(&reply->body)) return proto::FromErrorReply(*err);
         return std::move(reply->body);
       }
+      if ((items[1].revents & ZMQ_POLLIN) != 0) RETURN_IF_ERROR(ReadConnectionEvents());
     }
   }
 
@@ -574,6 +640,8 @@ struct Client::Impl {
       const std::uint16_t event = ev->event;
       if (event == ZMQ_EVENT_HANDSHAKE_SUCCEEDED) {
         closed_early_ = 0;
+      } else if (event == ZMQ_EVENT_DISCONNECTED && connected_) {
+        ++losses_;
       } else if (event == ZMQ_EVENT_DISCONNECTED && !connected_) {
         ++closed_early_;
       } else if (event == ZMQ_EVENT_HANDSHAKE_FAILED_AUTH) {
@@ -600,6 +668,7 @@ struct Client::Impl {
   zmq::socket_t monitor;   // PAIR: events of `socket`'s connection
   bool connected_ = false;  // the last event was a finished handshake
   int closed_early_ = 0;    // closures before a handshake since the last finished one
+  std::uint64_t losses_ = 0;  // established connections that dropped
   std::uint64_t next_id_ = 1;
 
   std::mutex pending_mu_;
@@ -634,7 +703,11 @@ struct Lease::Impl {
   int cuda_device = -1;
   std::string gpu_uuid;
   std::string model_dir;
+  bool writable = false;                 // host mappings are private and copy-on-write
   std::vector<posix::Mapping> mappings;  // one per segment; empty for size-0 segments
+  // Read-only host mappings, as the write-fault explainer knows them (ids of its table).
+  std::vector<write_faults::RangeInfo> fault_infos;  // never resized once registered
+  std::vector<std::size_t> fault_ids;
   std::vector<gpu::GpuImport> imports;   // GPU leases: one per segment
   std::vector<Tensor> tensors;
   std::vector<ShardInfo> shards;
@@ -647,13 +720,26 @@ struct Lease::Impl {
   Impl& operator=(const Impl&) = delete;
 
   ~Impl() {
+    for (std::size_t id : fault_ids) write_faults::Unregister(id);
     // Unmap first, so that when the daemon counts the lease as gone no mapping remains. A forked
     // child must not touch its parent's CUDA state.
     mappings.clear();
-    if (client != nullptr && ::getpid() != client->pid)
+    if (client != nullptr && ::getpid() != client->pid) {
       for (auto& im : imports) im.Abandon();
+      (void)new std::shared_ptr<gpu::CudaApi>(std::move(cuda));  // abandoned, like the Client
+    }
     imports.clear();
     if (client != nullptr) client->EndLease(*record);
+  }
+
+  // Tells the write-fault explainer about the read-only host mappings.
+  void RegisterReadOnlyRanges() {
+    fault_infos.reserve(mappings.size());
+    for (std::size_t i = 0; i < mappings.size(); ++i)
+      fault_infos.push_back(write_faults::RangeInfo{model, i < shards.size() ? shards[i].file : std::string(), &tensors});
+    for (std::size_t i = 0; i < mappings.size(); ++i)
+      if (std::size_t id = write_faults::Register(mappings[i].data(), mappings[i].size(), &fault_infos[i]); id != 0)
+        fault_ids.push_back(id);
   }
 };
 
@@ -670,6 +756,7 @@ const std::string& Lease::gpu_uuid() const { return impl_ ? impl_->gpu_uuid : kE
 const std::string& Lease::model() const { return impl_ ? impl_->model : kEmptyString; }
 const std::string& Lease::device() const { return impl_ ? impl_->device : kEmptyString; }
 const std::string& Lease::model_dir() const { return impl_ ? impl_->model_dir : kEmptyString; }
+bool Lease::writable() const { return impl_ && impl_->writable; }
 const std::vector<Tensor>& Lease::tensors() const { return impl_ ? impl_->tensors : kNoTensors; }
 const std::vector<ShardInfo>& Lease::shards() const { return impl_ ? impl_->shards : kNoShards; }
 std::size_t Lease::total_bytes() const { return impl_ ? impl_->total_bytes : 0; }
@@ -724,7 +811,12 @@ Result<Client> Client::Connect(ClientOptions options) {
     return PermissionDenied("may not connect to " + endpoint + ": permission denied (the socket belongs to the "
                             "daemon's client group; ask its admin to add this user to it)",
                             "client.socket_denied");
-  auto impl = std::make_shared<Impl>(endpoint, options);
+  // In a forked child the Impl is a copy of the parent's memory: its heartbeat thread and its
+  // ZeroMQ context's threads do not exist there, so tearing it down would hang or corrupt the
+  // parent's connection. The child abandons it.
+  auto impl = std::shared_ptr<Impl>(new Impl(endpoint, options), [](Impl* p) {
+    if (::getpid() == p->pid) delete p;
+  });
   RETURN_IF_ERROR(impl->Open());
   if (options.prepare_cuda_device >= 0) {
     // Overlap the context's creation with the handshake; errors surface at Acquire.
@@ -761,7 +853,8 @@ Result<std::vector<posix::Fd>> FetchLeaseFds(const proto::Manifest& m, std::size
 
 // Maps the host segments of a validated manifest. The daemon hands them over as read-only fds
 // (the segments themselves need not be readable by this process's uid or groups).
-Status MapHostSegments(const proto::Manifest& m, Lease::Impl& lease) {
+// `writable`: private copy-on-write mappings (the fd is read-only, which MAP_PRIVATE allows).
+Status MapHostSegments(const proto::Manifest& m, bool writable, Lease::Impl& lease) {
   const auto nonempty = static_cast<std::size_t>(
       std::count_if(m.segments.begin(), m.segments.end(), [](const proto::SegmentInfo& s) { return s.size > 0; }));
   std::vector<posix::Fd> fds;
@@ -782,7 +875,9 @@ Status MapHostSegments(const proto::Manifest& m, Lease::Impl& lease) {
       return DataLoss(ctx + ": segment " + seg.shm_name + " holds " + std::to_string(st.size) +
                           " bytes, the manifest says " + std::to_string(seg.size),
                       "client.segment_truncated");
-    auto mapping = posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ, MAP_SHARED, seg.shm_name);
+    auto mapping = writable ? posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE, seg.shm_name)
+                            : posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ, MAP_SHARED, seg.shm_name);
     if (!mapping.ok()) return mapping.status().WithContext(ctx);
     lease.mappings.push_back(std::move(mapping).value());
   }
@@ -871,6 +966,10 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
   int ordinal = -1;
   std::string uuid;
   if (options.device != "cpu") {
+    if (options.writable)
+      return InvalidArgument("a writable lease maps host memory copy-on-write; on " + options.device +
+                                 " take a device-to-device copy of the tensors instead",
+                             "client.writable_gpu");
     auto cuda_ordinal = ParseCudaOrdinal(options.device);
     const bool by_uuid = options.device.size() > 4 && EqualsIgnoreCase(options.device.substr(0, 4), "gpu-");
     if (!cuda_ordinal && !by_uuid)
@@ -910,7 +1009,8 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
   if (ordinal < 0) {
     if (m.device != "cpu") return BadManifest(m.model, "asked for host memory, got memory on '" + m.device + "'");
     lease->device = "cpu";
-    RETURN_IF_ERROR(MapHostSegments(m, *lease));
+    lease->writable = options.writable;
+    RETURN_IF_ERROR(MapHostSegments(m, options.writable, *lease));
   } else {
     RETURN_IF_ERROR(ValidateGpuManifest(m, uuid));
     lease->cuda = api;
@@ -940,6 +1040,7 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
     lease->tensors.push_back(std::move(t));
   }
   for (std::size_t i = 0; i < lease->tensors.size(); ++i) lease->by_name.emplace(lease->tensors[i].name, i);
+  if (ordinal < 0 && !lease->writable) lease->RegisterReadOnlyRanges();
   lease->attach_time = std::chrono::duration_cast<std::chrono::microseconds>(Clock::now() - start);
   lease->record->request = std::move(req);
   impl_->Register(lease->record, session);

@@ -113,12 +113,15 @@ TensorMap acquire(Client& client, std::string_view model, const Options& options
                                 "shim.unsupported_device"));
   }
   request.tensor_filter = options.tensor_filter;
+  // A private CPU copy is a copy-on-write mapping of the same segments: pages never written stay
+  // shared with every other process.
+  request.writable = options.private_copy && options.device.is_cpu();
   auto lease = client.Acquire(model, request);
   if (!lease.ok()) throw Error(lease.status());
   TensorMap tensors = tensors_of(*lease);
-  if (options.private_copy) {
-    // clone() is a device-to-device copy for CUDA tensors; the views (and with them the lease)
-    // go when this map is overwritten.
+  if (options.private_copy && options.device.is_cuda()) {
+    // clone() is a device-to-device copy; the views (and with them the lease) go when this map
+    // is overwritten.
     torch::NoGradGuard no_grad;
     for (auto& [name, t] : tensors) t = t.clone();
   }

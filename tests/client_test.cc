@@ -3,6 +3,7 @@
 // release, heartbeats and stale replies. No weightd binary is involved.
 #include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -10,6 +11,7 @@
 #include <cstring>
 #include <fstream>
 #include <functional>
+#include <future>
 #include <limits>
 #include <map>
 #include <mutex>
@@ -40,9 +42,11 @@ class FakeDaemon {
  public:
   using Handler = std::function<std::optional<std::string>(const proto::Request&)>;
 
-  explicit FakeDaemon(Handler handler = nullptr, std::uint32_t heartbeat_ms = 0)
+  // `endpoint`: where to bind (default: a private path), e.g. a stopped FakeDaemon's, to play
+  // a restarted daemon.
+  explicit FakeDaemon(Handler handler = nullptr, std::uint32_t heartbeat_ms = 0, std::string endpoint = {})
       : handler_(std::move(handler)), heartbeat_ms_(heartbeat_ms) {
-    endpoint_ = "ipc://" + dir_.file("fake.sock");
+    endpoint_ = endpoint.empty() ? "ipc://" + dir_.file("fake.sock") : std::move(endpoint);
     socket_.set(zmq::sockopt::linger, 0);
     socket_.bind(endpoint_);
     auto l = fdchan::FdListener::Bind(fd_socket_);
@@ -517,6 +521,105 @@ TEST(Client, MapsSegmentReadOnlyAndReleasesWithLastCopy) {
   EXPECT_FALSE(AnyMappingNames(seg.name())) << "segment still mapped after the last lease copy";
 }
 
+TEST(Client, WritableLeaseIsAPrivateCopyOnWriteMapping) {
+  const auto bytes = Pattern(59);
+  TestSegment seg(kSegmentSize, bytes);
+  FakeDaemon d(ServeSegment(seg.name()));
+  Client c = ConnectOrDie(d);
+  AcquireOptions o;
+  o.writable = true;
+  auto r = c.Acquire("m", o);
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  Lease mine = std::move(r).value();
+  EXPECT_TRUE(mine.writable());
+  auto maps = MappingOf(mine.find("a")->data);
+  ASSERT_TRUE(maps.has_value());
+  EXPECT_EQ(maps->perms, "rw-p") << maps->path;
+
+  auto* a = const_cast<std::byte*>(mine.find("a")->data);
+  a[0] = static_cast<std::byte>(~std::to_integer<unsigned>(bytes[0]));
+  auto shared = c.Acquire("m");
+  ASSERT_TRUE(shared.ok()) << shared.status().ToString();
+  EXPECT_FALSE(shared->writable());
+  EXPECT_EQ(std::memcmp(shared->find("a")->data, bytes.data(), 24), 0) << "the write reached the shared copy";
+  EXPECT_NE(std::memcmp(mine.find("a")->data, bytes.data(), 24), 0);
+  EXPECT_EQ(std::memcmp(mine.find("b")->data, bytes.data() + 24, 32), 0);
+}
+
+TEST(Client, WritableGpuLeaseIsRefusedBeforeAsking) {
+  FakeDaemon d;
+  Client c = ConnectOrDie(d);
+  AcquireOptions o;
+  o.device = "cuda:0";
+  o.writable = true;
+  auto r = c.Acquire("m", o);
+  ASSERT_FALSE(r.ok());
+  EXPECT_EQ(r.status().code(), Code::kInvalidArgument) << r.status().ToString();
+  EXPECT_EQ(r.status().reason(), "client.writable_gpu");
+  EXPECT_TRUE(d.ReceivedOf<proto::Acquire>().empty());
+}
+
+TEST(Client, WriteToALeaseSaysWhichTensorBeforeTheProcessDies) {
+  const auto bytes = Pattern(59);
+  TestSegment seg(kSegmentSize, bytes);
+  FakeDaemon d(ServeSegment(seg.name()));
+  Client c = ConnectOrDie(d);
+  auto r = c.Acquire("mymodel");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  const Tensor* b = r->find("b");
+  ExplainWriteFaults();
+  int err[2];
+  ASSERT_EQ(::pipe(err), 0);
+  pid_t child = ::fork();
+  if (child == 0) {
+    ::dup2(err[1], STDERR_FILENO);
+    *const_cast<volatile std::byte*>(b->data + 3) = std::byte{1};
+    ::_exit(0);  // not reached
+  }
+  ::close(err[1]);
+  std::string said;
+  char buf[512];
+  for (ssize_t n; (n = ::read(err[0], buf, sizeof buf)) > 0;) said.append(buf, static_cast<std::size_t>(n));
+  ::close(err[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFSIGNALED(status)) << "the write did not fault; status " << status;
+  EXPECT_EQ(WTERMSIG(status), SIGSEGV);
+  EXPECT_NE(said.find("tensor 'b' of model 'mymodel'"), std::string::npos) << said;
+  EXPECT_NE(said.find("writable=True"), std::string::npos) << said;
+}
+
+TEST(Client, AForkedChildReadsItsParentsTensorsButCannotUseItsConnection) {
+  const auto bytes = Pattern(59);
+  TestSegment seg(kSegmentSize, bytes);
+  FakeDaemon d(ServeSegment(seg.name()), /*heartbeat_ms=*/50);
+  std::optional<Client> c(ConnectOrDie(d));
+  auto r = c->Acquire("m");
+  ASSERT_TRUE(r.ok()) << r.status().ToString();
+  std::optional<Lease> lease(std::move(r).value());
+  pid_t child = ::fork();
+  if (child == 0) {
+    // Exit codes name the first check that failed.
+    if (std::memcmp(lease->find("b")->data, bytes.data() + 24, 32) != 0) ::_exit(2);
+    auto s = c->Stats();
+    if (s.ok() || s.status().reason() != "client.forked") ::_exit(3);
+    lease.reset();  // unmaps here, sends nothing
+    c.reset();      // abandoned: must not hang on the parent's heartbeat thread
+    ::_exit(0);
+  }
+  int status = 0;
+  ASSERT_EQ(::waitpid(child, &status, 0), child);
+  ASSERT_TRUE(WIFEXITED(status)) << "child died: " << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0);
+  EXPECT_TRUE(d.ReceivedOf<proto::Release>().empty()) << "the child released its parent's lease";
+  // The parent's session is intact.
+  EXPECT_EQ(std::memcmp(lease->find("b")->data, bytes.data() + 24, 32), 0);
+  auto again = c->Acquire("m");
+  EXPECT_TRUE(again.ok()) << again.status().ToString();
+  lease.reset();
+  EXPECT_EQ(d.ReceivedOf<proto::Release>().size(), 1u);
+}
+
 TEST(Client, LeaseOutlivesItsClient) {
   const auto bytes = Pattern(59);
   TestSegment seg(kSegmentSize, bytes);
@@ -557,6 +660,68 @@ TEST(Client, SegmentSmallerThanManifestIsDataLoss) {
 }
 
 // ---- liveness and stale replies -------------------------------------------------------------
+
+// A daemon that never answers Stats, then goes away while one is in flight.
+FakeDaemon::Handler SilentOnStats() {
+  return [](const proto::Request& r) -> std::optional<std::string> {
+    if (std::holds_alternative<proto::Stats>(r.body)) return std::string();  // no answer
+    return std::nullopt;
+  };
+}
+
+TEST(Client, ADaemonThatDiesMidCallIsUnavailableWithinTheConnectTimeout) {
+  auto d = std::make_unique<FakeDaemon>(SilentOnStats());
+  ClientOptions o = d->Options();
+  o.request_timeout = 120s;  // what the call would otherwise wait
+  o.connect_timeout = 1s;
+  auto c = Client::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  std::promise<Result<DaemonStats>> done;
+  std::thread caller([&] { done.set_value(c->Stats()); });
+  ASSERT_TRUE(d->WaitFor([&] { return !d->ReceivedOf<proto::Stats>().empty(); }));
+  d.reset();
+  auto fut = done.get_future();
+  // Generous, to fail rather than hang: the bound under test is connect_timeout (1 s), far below
+  // the request timeout (120 s).
+  ASSERT_EQ(fut.wait_for(60s), std::future_status::ready) << "Stats hung after the daemon died";
+  caller.join();
+  auto s = fut.get();
+  ASSERT_FALSE(s.ok());
+  EXPECT_EQ(s.status().code(), Code::kUnavailable) << s.status().ToString();
+  EXPECT_EQ(s.status().reason(), "client.no_daemon");
+  // And so does the next call, made while no daemon is there.
+  auto next = c->List();
+  ASSERT_FALSE(next.ok());
+  EXPECT_EQ(next.status().reason(), "client.no_daemon") << next.status().ToString();
+}
+
+TEST(Client, ARequestInFlightIsSentAgainWhenTheDaemonComesBack) {
+  TempDir dir;  // outlives the first daemon, whose own directory goes with it
+  const std::string endpoint = "ipc://" + dir.file("daemon.sock");
+  auto first = std::make_unique<FakeDaemon>(SilentOnStats(), 0, endpoint);
+  ClientOptions o = first->Options();
+  o.connect_timeout = 20s;
+  auto c = Client::Connect(o);
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  std::promise<Result<DaemonStats>> done;
+  std::thread caller([&] { done.set_value(c->Stats()); });
+  ASSERT_TRUE(first->WaitFor([&] { return !first->ReceivedOf<proto::Stats>().empty(); }));
+  first.reset();
+  FakeDaemon second(
+      [](const proto::Request& r) -> std::optional<std::string> {
+        if (!std::holds_alternative<proto::Stats>(r.body)) return std::nullopt;
+        proto::DaemonStats st;
+        st.daemon_version = "second";
+        return Frame(r.id, st);
+      },
+      0, endpoint);
+  auto fut = done.get_future();
+  ASSERT_EQ(fut.wait_for(60s), std::future_status::ready) << "Stats hung across the restart";
+  caller.join();
+  auto s = fut.get();
+  ASSERT_TRUE(s.ok()) << s.status().ToString();
+  EXPECT_EQ(s->daemon_version, "second");
+}
 
 TEST(Client, SendsHeartbeatsAndStopsWithTheClient) {
   FakeDaemon d(nullptr, /*heartbeat_ms=*/10);

@@ -13,10 +13,21 @@
 //    as long as some copy of their Lease is alive. A Lease keeps its Client's connection alive,
 //    so a Client may be destroyed before its leases.
 //  - Memory is mapped read-only. Host leases map shared memory PROT_READ: writing through a
-//    tensor pointer ends the process with SIGSEGV. GPU leases (VMM export, the default) map the
-//    daemon's device memory with CU_MEM_ACCESS_FLAGS_PROT_READ: a kernel that writes to it
-//    faults, which poisons this process's CUDA context. The legacy export cannot enforce this;
-//    writing there corrupts every process's copy. Never write to lease memory.
+//    tensor pointer ends the process with SIGSEGV (ExplainWriteFaults() makes it say why first).
+//    GPU leases (VMM export, the default) map the daemon's device memory with
+//    CU_MEM_ACCESS_FLAGS_PROT_READ: a kernel that writes to it faults, which poisons this
+//    process's CUDA context. The legacy export cannot enforce this; writing there corrupts every
+//    process's copy. Never write to lease memory, unless the lease was acquired with
+//    AcquireOptions::writable (host leases: a private copy-on-write mapping of the same segments).
+//  - fork(): a child inherits its parent's mappings (tensors stay readable there) but not its
+//    connection. In the child, every call of an inherited Client fails with FailedPrecondition
+//    "client.forked", dropping an inherited Lease unmaps it without telling the daemon (the
+//    parent still holds it), and an inherited Client is abandoned, not torn down: its threads and
+//    sockets belong to the parent. Connect() again in the child to talk to the daemon.
+//  - A daemon that goes away never leaves a call hanging: a request in flight when the
+//    connection drops is sent once more when it comes back (the daemon restarted) and fails with
+//    Unavailable "client.no_daemon" if it does not come back within connect_timeout; so does a
+//    call made while no daemon is connected.
 //  - GPU leases: Tensor::data is a device pointer on lease.cuda_device(), valid in this process
 //    while the Lease lives. The first GPU Acquire loads the CUDA driver; the client creates the
 //    device's primary context on a background thread while it talks to the daemon (or from
@@ -77,14 +88,20 @@ struct AcquireOptions {
   // use it) or "GPU-<uuid>" imports the daemon's copy on that GPU.
   std::string device = "cpu";
   std::vector<std::string> tensor_filter;  // empty: every tensor of the model
+  // Host leases only: map the segments copy-on-write (MAP_PRIVATE, PROT_READ | PROT_WRITE)
+  // instead of read-only. Writes go to pages private to this process; no other process (and not
+  // the daemon) ever sees them, and pages never written stay shared. For engines that
+  // post-process weights in place. InvalidArgument "client.writable_gpu" for a GPU device (take
+  // a device-to-device copy instead, as the shim's Options::private_copy does).
+  bool writable = false;
 };
 
 struct Tensor {
   std::string name;
   DType dtype;
   std::vector<std::int64_t> shape;
-  // Read-only; valid while the Lease lives. A host pointer, or for GPU leases a device pointer
-  // on Lease::cuda_device().
+  // Read-only (unless Lease::writable()); valid while the Lease lives. A host pointer, or for GPU
+  // leases a device pointer on Lease::cuda_device().
   const std::byte* data = nullptr;
   std::size_t nbytes = 0;
   std::uint32_t shard = 0;          // index into Lease::shards()
@@ -108,6 +125,7 @@ class WEIGHTD_API Lease {
   int cuda_device() const;               // N for GPU leases, -1 for host leases
   const std::string& gpu_uuid() const;   // the GPU that holds the memory; empty for host leases
   const std::string& model_dir() const;  // the daemon's directory of the model (for verification)
+  bool writable() const;                 // acquired with AcquireOptions::writable
   const std::vector<Tensor>& tensors() const;
   const std::vector<ShardInfo>& shards() const;
   const Tensor* find(std::string_view name) const;  // nullptr if absent
@@ -193,6 +211,14 @@ struct DaemonStats {
   std::uint64_t ready_ms = 0;    // from start to ready
   std::string metrics;           // the daemon's /metrics, Prometheus text format
 };
+
+// Installs, once per process, a SIGSEGV/SIGBUS handler that explains a write to a lease's
+// read-only memory: when the fault's address lies in a read-only host mapping of a live lease,
+// it writes one line to stderr naming the tensor, model and shard, then hands the signal on to
+// the handler installed before it (by default the process still ends with SIGSEGV). Faults
+// elsewhere pass through untouched. Optional for C++ programs; the Python package calls it on
+// import.
+WEIGHTD_API void ExplainWriteFaults();
 
 class WEIGHTD_API Client {
  public:

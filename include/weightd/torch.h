@@ -40,9 +40,11 @@ struct Options {
   // none is given) imports the daemon's shared copy on that GPU.
   torch::Device device = torch::kCPU;
   std::vector<std::string> tensor_filter;  // empty: every tensor of the model
-  // Give this process its own writable copy (a device-to-device copy for CUDA, a memcpy for
-  // the CPU) instead of read-only views of the shared one; the lease ends when acquire returns.
-  // For users who must modify weights; it costs one copy of the model per process.
+  // Give this process its own writable copy instead of read-only views of the shared one. For
+  // CUDA a device-to-device copy (it costs one copy of the model per process; the lease ends
+  // when acquire returns). For the CPU copy-on-write mappings of the same segments
+  // (AcquireOptions::writable): only the pages this process writes become its own, the rest stay
+  // shared, and no other process sees the writes.
   bool private_copy = false;
 };
 
