@@ -8,7 +8,9 @@
 #   3. runs the example network three times: reading the checkpoint file itself, attaching
 #      through weightd while the daemon loads it (cold), and attaching to the resident copy
 #      (warm). Each run prints its time to ready and its top-5 class scores;
-#   4. checks that all three runs computed bit-identical scores, prints a summary table, and
+#   4. attaches from Python (examples/python_attach.py with the weightd package and Debian's
+#      python3-torch), checking every tensor against the file bytes;
+#   5. checks that all three runs computed bit-identical scores, prints a summary table, and
 #      stops the daemon.
 #
 # Environment (optional):
@@ -26,9 +28,9 @@ demo=$BUILD_DIR/demo
 run=$demo/run
 
 bash "$repo/scripts/install-deps.sh"
-echo "demo: building weightd, weightctl, weightd-gen and weightd-example"
-cmake -S "$repo" -B "$BUILD_DIR" >/dev/null
-cmake --build "$BUILD_DIR" -j "$JOBS" --target weightd weightctl weightd-gen weightd-example
+echo "demo: building weightd, weightctl, weightd-gen, weightd-example and the Python package"
+cmake -S "$repo" -B "$BUILD_DIR" -DPython3_EXECUTABLE=/usr/bin/python3 -DWEIGHTD_WITH_PYTHON=ON >/dev/null
+cmake --build "$BUILD_DIR" -j "$JOBS" --target weightd weightctl weightd-gen weightd-example weightd_python
 
 weightd=$BUILD_DIR/cached/weightd
 weightctl=$BUILD_DIR/client/weightctl
@@ -96,6 +98,13 @@ run_example attach-cold --attach "$PRESET" --socket "$socket"
 run_example attach-warm --attach "$PRESET" --socket "$socket"
 
 echo
+echo "---- python-attach: examples/python_attach.py $PRESET ----"
+py_out=$(PYTHONPATH=$BUILD_DIR/python /usr/bin/python3 "$repo/examples/python_attach.py" "$PRESET" --socket "$socket")
+echo "$py_out"
+py_ms=$(sed -n 's/.*: \([0-9.]*\) ms$/\1/p' <<<"$py_out")
+py_equal=$(sed -n 's/^bitwise equal to the files: //p' <<<"$py_out")
+
+echo
 echo "---- weightctl stats ----"
 "$weightctl" --socket "$socket" stats
 
@@ -110,6 +119,11 @@ if [[ "${digest[from-file]}" != "${digest[attach-cold]}" || "${digest[from-file]
   exit 1
 fi
 echo "all three runs computed identical class scores"
+printf '%-12s %13s ms %14s  %s\n' python-attach "$py_ms" "-" "tensors bitwise equal to the files: $py_equal"
+if [[ "$py_equal" != yes ]]; then
+  echo "demo: FAILED: the Python attach did not see the file's bytes" >&2
+  exit 1
+fi
 if [[ "${KEEP:-0}" == 1 ]]; then
   echo "weightd keeps running (pid $daemon): WEIGHTD_SOCKET=$socket $weightctl list; stop it with kill $daemon"
 fi

@@ -25,6 +25,8 @@ PACKAGES=(
   libsystemd-dev libsystemd0 libcpp-httplib-dev libcpp-httplib0.11 liburing-dev liburing2
   # Boost.Interprocess (headers only) and Boost's CMake package
   libboost1.74-dev
+  # the Python package's DLPack header (pybind11 comes with the machine's pip)
+  libdlpack-dev
   # tests and benchmarks
   libgtest-dev libgmock-dev googletest libbenchmark-dev libbenchmark1debian
 )

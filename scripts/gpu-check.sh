@@ -18,6 +18,7 @@
 #   BENCH        1 to build and run bench/ programs whose name matches BENCH_FILTER (default 1)
 #   BENCH_FILTER extended regex of benchmark program names (default: gpu|cuda)
 #   TEST_TIMEOUT seconds per test program (default 300)
+#   PY_TESTS     1 to run the Python package's tests (tests/python, CUDA cases on) (default 1)
 # Exit status: 0 when every step and every test program passed.
 set -euo pipefail
 # shellcheck disable=SC2317  # the step functions are invoked indirectly, through step()
@@ -33,6 +34,7 @@ RUN_TESTS=${RUN_TESTS:-1}
 BENCH=${BENCH:-1}
 BENCH_FILTER=${BENCH_FILTER:-gpu|cuda}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
+PY_TESTS=${PY_TESTS:-1}
 ARCH_LIB=usr/lib/x86_64-linux-gnu
 # The build runs test programs too (gtest_discover_tests), so the carried libraries must be
 # found from the start.
@@ -139,6 +141,11 @@ configure() {
     torch_prefix=$(python3 -c 'import torch; print(torch.utils.cmake_prefix_path)')
   fi
   echo "torch cmake prefix: $torch_prefix"
+  # The Python package: this machine's python3 (torch 2.x with CUDA) and pip's pybind11.
+  local py pybind_dir
+  py=$(command -v python3)
+  pybind_dir=$(python3 -m pybind11 --cmakedir 2>/dev/null || true)
+  echo "python: $py ($(python3 -c 'import sys; print(sys.version.split()[0])')), pybind11 cmake: ${pybind_dir:-none}"
   local cuda_args=()
   if ! command -v nvcc >/dev/null && [[ -x /usr/local/cuda/bin/nvcc ]]; then
     cuda_args+=("-DCUDAToolkit_ROOT=/usr/local/cuda" "-DCMAKE_CUDA_COMPILER=/usr/local/cuda/bin/nvcc")
@@ -153,7 +160,8 @@ configure() {
   [[ "$BENCH" == 1 ]] && bench=ON
   cmake -S "$repo" -B "$BUILD_DIR" "${gen[@]}" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo \
-    -DCMAKE_PREFIX_PATH="$torch_prefix;$DEPS/usr;$DEPS/$ARCH_LIB/cmake" \
+    -DCMAKE_PREFIX_PATH="$torch_prefix;${pybind_dir:+$pybind_dir;}$DEPS/usr;$DEPS/$ARCH_LIB/cmake" \
+    -DPython3_EXECUTABLE="$py" \
     -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DWEIGHTD_WITH_CUDA=ON -DWEIGHTD_WITH_TORCH=ON -DWEIGHTD_BUILD_TESTS=ON -DWEIGHTD_BUILD_BENCH="$bench" \
     "${cuda_args[@]}" | tee "$OUT/cmake-configure.txt"
@@ -212,6 +220,33 @@ run_tests() {
   fi
 }
 
+# ---- 4b. the Python package's tests, CUDA cases included -------------------------------------
+run_python_tests() {
+  local cls log rc passed failed skipped
+  if [[ ! -d "$BUILD_DIR/python/weightd" ]]; then
+    summary_tests+=("python (package not built)|0|0|0|1")
+    overall=1
+    return
+  fi
+  for cls in test_weightd test_frameworks; do
+    log="$OUT/tests/python-$cls.log"
+    rc=0
+    log "test python $cls"
+    (cd "$repo/tests/python" && WEIGHTD_TEST_GPU=1 PYTHONPATH="$BUILD_DIR/python" WEIGHTD_BIN="$BUILD_DIR/cached/weightd" \
+      PYTHONDONTWRITEBYTECODE=1 timeout --kill-after=10 "$TEST_TIMEOUT" python3 -m unittest -v "$cls") >"$log" 2>&1 || rc=$?
+    passed=$(grep -cE '\.\.\. ok$' "$log" || true)
+    failed=$(grep -cE '\.\.\. (FAIL|ERROR)$' "$log" || true)
+    skipped=$(grep -cE '\.\.\. skipped' "$log" || true)
+    summary_tests+=("python:$cls|${passed:-0}|${failed:-0}|${skipped:-0}|$rc")
+    grep -E '\.\.\. skipped' "$log" | sed "s/^/  python:$cls: /" >>"$OUT/skipped.txt" || true
+    if [[ $rc != 0 ]]; then
+      overall=1
+      log "python $cls failed (rc=$rc):"
+      grep -E '^(FAIL|ERROR):|Error' "$log" | head -10 | sed 's/^/    /' | tee -a "$OUT/gpu-check.log" || true
+    fi
+  done
+}
+
 # ---- 5. benchmarks ------------------------------------------------------------------------------
 run_benchmarks() {
   local prog name rc
@@ -235,5 +270,6 @@ step configure configure
 [[ $last_rc -eq 0 ]] || exit 1
 step build build  # on failure, run whatever built; the table shows the build failure
 if [[ "$RUN_TESTS" == 1 ]]; then run_tests; fi
+if [[ "$PY_TESTS" == 1 ]]; then run_python_tests; fi
 if [[ "$BENCH" == 1 ]]; then run_benchmarks; fi
 exit $overall

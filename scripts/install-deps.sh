@@ -10,6 +10,8 @@ PACKAGES=(
   build-essential cmake pkg-config git
   libboost-dev libzmq3-dev cppzmq-dev libcereal-dev
   libtorch-dev
+  # the Python package (python/): built against Debian's /usr/bin/python3, tested with python3-torch
+  python3-dev pybind11-dev libdlpack-dev python3-torch python3-numpy
   libgtest-dev libgmock-dev libbenchmark-dev
   libtomlplusplus-dev libcli11-dev libspdlog-dev nlohmann-json3-dev libxxhash-dev
   libsystemd-dev libcpp-httplib-dev liburing-dev

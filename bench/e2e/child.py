@@ -21,6 +21,13 @@ Modes:
   ctx DEVICE [--hold]           a CUDA context alone (its time and, held, its memory)
   disk MODE STREAMS BYTES FILE...  reads the first BYTES of the files (in order) with STREAMS
                                 threads; MODE direct (O_DIRECT) or buffered. Stdlib only.
+  wd-py SOCKET MODEL DEVICE     the Python package: import torch, weightd; context; acquire until
+                                every tensor is a torch tensor on DEVICE (t_torch includes weightd)
+  hf-make DIR GB                writes a LlamaForCausalLM of about GB gigabytes (bf16) with
+                                save_pretrained (sharded) into DIR
+  hf-disk DIR DEVICE            transformers' from_pretrained(DIR) in bf16 onto DEVICE
+  hf-wd SOCKET MODEL DEVICE     weightd.transformers.from_pretrained(MODEL) onto DEVICE
+  (hf-*: t_ready is the model ready to generate; a one-token generate checks it.)
 Errors: {"error": "..."} and exit status 1.
 """
 import json
@@ -261,6 +268,76 @@ def mode_disk(how, streams, limit, files):
           "gbps": state["bytes"] / dt / 1e9})
 
 
+def mode_wd_py(sock, model, device):
+    import torch
+    import weightd
+    t_torch = time.monotonic()
+    t_ctx = make_context(torch, device)
+    client = weightd.connect(sock)
+    lease = client.acquire(model, device=device)
+    tensors = lease.tensors
+    if device != "cpu":
+        assert all(t.is_cuda for t in tensors.values())
+    t_ready = time.monotonic()
+    emit({"t_main": T_MAIN, "t_torch": t_torch, "t_ctx": t_ctx, "t_ready": t_ready,
+          "tensors": len(tensors), "bytes": nbytes(tensors), "attach_s": lease.attach_seconds})
+
+
+def hf_config(gb):
+    from transformers import LlamaConfig
+    # 4096-wide layers of ~0.4 GB each in bf16, plus a 128k-token embedding (1 GB).
+    layers = max(1, int(round((gb - 1.05) / 0.405)))
+    return LlamaConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=layers,
+                       num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+                       tie_word_embeddings=True)
+
+
+def mode_hf_make(d, gb):
+    import torch
+    from transformers import LlamaForCausalLM
+    config = hf_config(float(gb))
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(d, max_shard_size="2GB")
+    emit({"bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "layers": config.num_hidden_layers,
+          "seconds": time.monotonic() - T_MAIN})
+
+
+def hf_ready(torch, model, device, t_torch, t_ctx):
+    ids = torch.tensor([[1, 2, 3]], device=device)
+    torch.cuda.synchronize()
+    t_ready = time.monotonic()
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=1, do_sample=False)
+    torch.cuda.synchronize()
+    emit({"t_main": T_MAIN, "t_torch": t_torch, "t_ctx": t_ctx, "t_ready": t_ready,
+          "generate_ms": (time.monotonic() - t_ready) * 1e3, "tokens": int(out.shape[1]),
+          "bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
+
+
+def mode_hf_disk(d, device):
+    import torch
+    import transformers
+    t_torch = time.monotonic()
+    t_ctx = make_context(torch, device)
+    try:
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16, device_map=device)
+    except TypeError:  # transformers 4 spells it torch_dtype
+        model = transformers.AutoModelForCausalLM.from_pretrained(d, torch_dtype=torch.bfloat16, device_map=device)
+    hf_ready(torch, model.eval(), device, t_torch, t_ctx)
+
+
+def mode_hf_wd(sock, name, device):
+    import torch
+    import transformers
+    import weightd
+    t_torch = time.monotonic()
+    t_ctx = make_context(torch, device)
+    client = weightd.connect(sock)
+    model = weightd.transformers.from_pretrained(name, transformers.AutoModelForCausalLM, device=device, client=client)
+    hf_ready(torch, model, device, t_torch, t_ctx)
+
+
 def main(argv):
     m = argv[1]
     a = argv[2:]
@@ -280,6 +357,14 @@ def main(argv):
         mode_ctx(a[0], "--hold" in a)
     elif m == "disk":
         mode_disk(a[0], int(a[1]), int(a[2]), a[3:])
+    elif m == "wd-py":
+        mode_wd_py(a[0], a[1], a[2])
+    elif m == "hf-make":
+        mode_hf_make(a[0], a[1])
+    elif m == "hf-disk":
+        mode_hf_disk(a[0], a[1])
+    elif m == "hf-wd":
+        mode_hf_wd(a[0], a[1], a[2])
     else:
         raise SystemExit("unknown mode " + m)
 

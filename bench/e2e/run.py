@@ -31,7 +31,9 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(HERE, "child.py")
-PRESET_BYTES = {"dit5b": 10.2e9, "glm9b": 18.8e9, "classifier": 0.11e9, "tiny": 0.01e9}
+PRESET_BYTES = {"dit5b": 10.2e9, "glm9b": 18.8e9, "classifier": 0.11e9, "tiny": 0.01e9, "hf3b": 3.0e9}
+# Presets that are transformers checkpoints (LlamaForCausalLM of about N GB, from child.py hf-make).
+HF_PRESETS = {"hf3b": 3.0}
 GiB = 1 << 30
 
 ROW_LABELS = {
@@ -47,6 +49,12 @@ ROW_LABELS = {
     "ex_file_cold": "example: file -> 1st forward, cold",
     "ex_file_warm": "example: file -> 1st forward, warm",
     "ex_attach_warm": "example: weightd -> 1st forward",
+    "wd_py_gpu_warm": "weightd Python, GPU-warm (ctx first)",
+    "wd_py_host_warm": "weightd Python, host-warm (shm -> GPU)",
+    "hf_disk_cold": "transformers from_pretrained, cold",
+    "hf_disk_warm": "transformers from_pretrained, warm",
+    "hf_wd_gpu_warm": "weightd.transformers.from_pretrained, GPU-warm",
+    "hf_wd_host_warm": "weightd.transformers.from_pretrained, host-warm",
 }
 CPU_LABELS = {
     "wd_cold": "weightd cold (disk -> host shm, cpu)",
@@ -96,6 +104,10 @@ class Harness:
             "example": os.path.join(b, "examples", "weightd-example"),
             "attach": os.path.join(b, "bench", "weightd_bench_e2e_attach"),
         }
+        # The Python package of the same build, for the wd_py_* and hf_wd_* rows.
+        self.pythonpath = os.path.join(b, "python")
+        os.environ["PYTHONPATH"] = self.pythonpath + (os.pathsep + os.environ["PYTHONPATH"]
+                                                      if os.environ.get("PYTHONPATH") else "")
         self.result = {"meta": {}, "limits": {}, "rows": [], "memory": None, "skipped": [], "tag": args.tag}
         self.nlog = 0
         self.daemon = None
@@ -236,6 +248,8 @@ class Harness:
 
     def ensure_model(self, preset):
         d = self.model_dir(preset)
+        if preset in HF_PRESETS:
+            return self.ensure_hf_model(preset, d)
         if os.path.exists(os.path.join(d, "model.safetensors.index.json")) or os.path.exists(
                 os.path.join(d, "model.safetensors")):
             return d, None
@@ -253,6 +267,18 @@ class Harness:
             os.path.join(d, "model.safetensors"))
         if not ok:
             return None, "weightd-gen failed: %s" % err
+        os.sync()
+        return d, None
+
+    def ensure_hf_model(self, preset, d):
+        if os.path.exists(os.path.join(d, "config.json")):
+            return d, None
+        self.say("writing the transformers checkpoint %s into %s" % (preset, d))
+        _, _, err = self.run_child("hf-make-" + preset, [sys.executable, CHILD, "hf-make", d, str(HF_PRESETS[preset])],
+                                   timeout=900)
+        if err:
+            shutil.rmtree(d, ignore_errors=True)
+            return None, "writing the transformers checkpoint failed: %s" % err
         os.sync()
         return d, None
 
@@ -305,6 +331,52 @@ class Harness:
         if r.returncode != 0:
             raise RuntimeError("weightctl %s: %s" % (" ".join(args), (r.stderr or r.stdout).strip()[-300:]))
         return r.stdout
+
+    def py_cmd(self, model):
+        _, sock, _ = self.daemon
+        return [sys.executable, CHILD, "wd-py", sock, model, self.device]
+
+    def hf_rows(self, preset):
+        """transformers: from_pretrained from disk (cold, warm) against weightd.transformers."""
+        d, why = self.ensure_model(preset)
+        rids = ("hf_disk_cold", "hf_disk_warm", "hf_wd_gpu_warm", "hf_wd_host_warm")
+        if d is None or not self.torch_cuda:
+            for rid in rids:
+                if self.want(rid):
+                    self.new_row(preset, rid)["skipped"] = why or self.torch_why
+            return
+        files = self.shard_files(d)
+        device = self.device
+        if self.want("hf_wd_host_warm"):
+            row = self.new_row(preset, "hf_wd_host_warm")
+            self.say("%s hf_wd_host_warm" % preset)
+
+            def host_only():
+                self.start_daemon({preset: d})
+                self.weightctl("load", preset)
+            self.measure(row, "%s-hf_wd_host_warm" % preset,
+                         lambda: [sys.executable, CHILD, "hf-wd", self.daemon[1], preset, device], before=host_only)
+        if self.want("hf_wd_gpu_warm"):
+            row = self.new_row(preset, "hf_wd_gpu_warm")
+            self.say("%s hf_wd_gpu_warm" % preset)
+            try:
+                if not self.daemon:
+                    self.start_daemon({preset: d})
+                _, _, err = self.run_child("%s-hf_make_resident" % preset, self.py_cmd(preset))
+                if err:
+                    raise RuntimeError(err)
+                self.measure(row, "%s-hf_wd_gpu_warm" % preset,
+                             lambda: [sys.executable, CHILD, "hf-wd", self.daemon[1], preset, device])
+            except Exception as e:  # noqa: BLE001
+                row["skipped"] = "could not make the model GPU resident: %s" % e
+        self.stop_daemon()
+        for rid, cold in (("hf_disk_cold", True), ("hf_disk_warm", False)):
+            if not self.want(rid):
+                continue
+            row = self.new_row(preset, rid)
+            self.say("%s %s" % (preset, rid))
+            self.measure(row, "%s-%s" % (preset, rid), lambda: [sys.executable, CHILD, "hf-disk", d, device],
+                         before=None if cold else (lambda: self.warm_files(files)), cold=cold)
 
     def attach_cmd(self, model, extra=()):
         _, sock, _ = self.daemon
@@ -366,6 +438,9 @@ class Harness:
         self.save()
 
     def rows_for(self, preset):
+        if preset in HF_PRESETS:
+            self.hf_rows(preset)
+            return
         d, why = self.ensure_model(preset)
         if d is None:
             self.skip(preset, why)
@@ -481,6 +556,19 @@ class Harness:
                 row = self.new_row(preset, rid)
                 self.say("%s %s" % (preset, rid))
                 self.measure(row, "%s-%s" % (preset, rid), lambda e=extra: self.attach_cmd(preset, e))
+            if self.want("wd_py_gpu_warm"):
+                row = self.new_row(preset, "wd_py_gpu_warm")
+                self.say("%s wd_py_gpu_warm" % preset)
+                self.measure(row, "%s-wd_py_gpu_warm" % preset, lambda: self.py_cmd(preset))
+        if gpu and self.want("wd_py_host_warm"):
+            row = self.new_row(preset, "wd_py_host_warm")
+            self.say("%s wd_py_host_warm (a fresh daemon per rep, weightctl load)" % preset)
+
+            def host_only_py():
+                self.start_daemon({preset: d})
+                self.weightctl("load", preset)
+            self.measure(row, "%s-wd_py_host_warm" % preset, lambda: self.py_cmd(preset), before=host_only_py)
+            row["notes"].append("fresh daemon + `weightctl load` (host tier only) per rep")
         elif not gpu:
             for rid in ("wd_gpu_warm", "wd_gpu_warm_overlap"):
                 if self.want(rid):
@@ -775,7 +863,8 @@ def row_summary(row, limits):
          "errors": [r["error"] for r in row["reps"] if "error" in r]}
     b = row.get("model_bytes")
     t = s["after_ctx_ms"]
-    if b and t and row["row"] not in ("wd_gpu_warm", "torch_ipc", "wd_gpu_warm_overlap"):
+    if b and t and row["row"] not in ("wd_gpu_warm", "torch_ipc", "wd_gpu_warm_overlap", "wd_py_gpu_warm",
+                                      "hf_wd_gpu_warm"):
         s["gbps"] = b / (t["median"] / 1e3) / 1e9
     lim = None
     if row["row"] == "wd_cold":
@@ -784,7 +873,7 @@ def row_summary(row, limits):
         cands = [c for c in cands if c]
         if cands:
             lim = ("raw disk", max(cands))
-    elif row["row"] == "wd_host_warm" and limits.get("pinned_h2d", {}).get("median"):
+    elif row["row"] in ("wd_host_warm", "wd_py_host_warm") and limits.get("pinned_h2d", {}).get("median"):
         lim = ("pinned H2D", limits["pinned_h2d"]["median"])
     if lim and s.get("gbps"):
         s["limit"] = lim[0]
@@ -810,6 +899,22 @@ def targets(rows, mem):
                 x = p / g
                 out.append({"model": m, "what": what, "value": "%.0fx" % x if x >= 10 else "%.2fx" % x,
                             "target": ">= %dx" % need, "met": x >= need})
+        gp = med(m, "wd_py_gpu_warm")
+        if gp:
+            out.append({"model": m, "what": "Python GPU-warm (after ctx)", "value": "%.1f ms" % gp,
+                        "target": "<= 10 ms", "met": gp <= 10})
+            for rid, need, what in (("st_warm", 150, "Python GPU-warm vs safetensors warm (after ctx)"),
+                                    ("torch_ipc", 1.5, "Python GPU-warm vs PyTorch CUDA IPC (after ctx)")):
+                p = med(m, rid)
+                if p:
+                    x = p / gp
+                    out.append({"model": m, "what": what, "value": "%.0fx" % x if x >= 10 else "%.2fx" % x,
+                                "target": ">= %gx" % need, "met": x >= need})
+        hw, hd = med(m, "hf_wd_gpu_warm"), med(m, "hf_disk_warm")
+        if hw and hd:
+            x = hd / hw
+            out.append({"model": m, "what": "transformers: weightd GPU-warm vs from_pretrained warm (after ctx)",
+                        "value": "%.1fx" % x, "target": "faster", "met": x > 1})
         for rid, need, what in (("wd_host_warm", 0.8, "host-warm of pinned H2D"), ("wd_cold", 0.9, "cold of raw disk")):
             r = by.get((m, rid))
             f = r and r.get("summary", {}).get("of_limit")
