@@ -4,7 +4,8 @@
 # CI) runs it after the fuzzers.
 #
 # Left out: the LibTorch shim and its tests (Debian's LibTorch is not built with ASan, and its
-# static initializers trip the leak checker), the benchmarks, and the churn soak: its 64 client
+# static initializers trip the leak checker), the Python package and its tests (the interpreter
+# is not built with ASan and keeps its own allocations to the end), the benchmarks, and the churn soak: its 64 client
 # processes are forked (not exec'd) from a threaded test process, and GCC 12's ASan allocator
 # has no fork handlers, so a child can inherit its lock held and hang (seen in CI). The soak
 # runs in the plain build.
@@ -22,7 +23,7 @@ JOBS=${JOBS:-2}
 t0=$SECONDS
 echo "sanitize: configuring $SANITIZE_BUILD_DIR (ASan + UBSan, no LibTorch, no benchmarks)"
 cmake -S "$repo" -B "$SANITIZE_BUILD_DIR" -DCMAKE_BUILD_TYPE=RelWithDebInfo -DWEIGHTD_SANITIZE=ON -DWEIGHTD_WERROR=ON \
-  -DWEIGHTD_WITH_TORCH=OFF -DWEIGHTD_BUILD_BENCH=OFF -DWEIGHTD_BUILD_TESTS=ON
+  -DWEIGHTD_WITH_TORCH=OFF -DWEIGHTD_WITH_PYTHON=OFF -DWEIGHTD_BUILD_BENCH=OFF -DWEIGHTD_BUILD_TESTS=ON
 echo "sanitize: building with -j$JOBS"
 cmake --build "$SANITIZE_BUILD_DIR" -j "$JOBS"
 echo "sanitize: running the test suite (built in $((SECONDS - t0)) s)"
