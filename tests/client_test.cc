@@ -590,6 +590,11 @@ TEST(Client, WriteToALeaseSaysWhichTensorBeforeTheProcessDies) {
 }
 
 TEST(Client, AForkedChildReadsItsParentsTensorsButCannotUseItsConnection) {
+#ifdef __SANITIZE_ADDRESS__
+  // The child allocates; GCC 12's ASan allocator has no fork handlers, so a child forked while
+  // the heartbeat thread allocates can inherit its lock held and hang (scripts/sanitize.sh).
+  GTEST_SKIP() << "forks a child that allocates: not under GCC 12's ASan";
+#endif
   const auto bytes = Pattern(59);
   TestSegment seg(kSegmentSize, bytes);
   FakeDaemon d(ServeSegment(seg.name()), /*heartbeat_ms=*/50);
