@@ -189,6 +189,47 @@ sys.stdin.read()
                 p.wait(timeout=60)
 
 
+class GpuSharing(DaemonTest):
+    def gpu_used_mib(self):
+        import subprocess
+        out = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits", "-i", "0"],
+                             capture_output=True, text=True, check=True).stdout
+        return float(out.split()[0])
+
+    def hold(self, n, code):
+        """Starts n children running `code` and waiting on stdin; returns the GPU memory they
+        add (MiB), measured while all of them hold what they took."""
+        import subprocess
+        env = dict(os.environ, WEIGHTD_SOCKET=self.daemon.endpoint)
+        before = self.gpu_used_mib()
+        procs = [subprocess.Popen([sys.executable, "-c", code + "\nprint('ready', flush=True)\nsys.stdin.read()"],
+                                  env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                 for _ in range(n)]
+        try:
+            for p in procs:
+                self.assertEqual(p.stdout.readline().strip(), "ready")
+            return self.gpu_used_mib() - before
+        finally:
+            for p in procs:
+                p.stdin.close()
+                p.stdout.close()
+                p.wait(timeout=60)
+
+    def test_eight_python_processes_use_one_gpu_copy_plus_their_contexts(self):
+        if not CUDA:
+            self.skipTest("no CUDA device (or WEIGHTD_TEST_GPU unset)")
+        size_mib = 6 * 1024 * 2048 * 4 / 2**20
+        with self.client.acquire("big", device="cuda:0"):
+            pass  # the daemon's copy exists before the children come
+        contexts = self.hold(8, "import sys, torch; torch.ones(1, device='cuda:0')")
+        held = self.hold(8, "import sys, torch, weightd\n"
+                            "lease = weightd.connect().acquire('big', device='cuda:0')\n"
+                            "assert all(t.is_cuda for t in lease.tensors.values())")
+        print(f"\n8 Python processes: contexts alone {contexts:.0f} MiB, holding the model {held:.0f} MiB "
+              f"(one private copy each would add {8 * size_mib:.0f} MiB)")
+        self.assertLess(held - contexts, size_mib, "the processes hold more than the contexts plus one copy")
+
+
 class Bind(DaemonTest):
     def reference_net(self):
         net = TinyNet()
