@@ -22,8 +22,8 @@ t0=$SECONDS
 if [[ "${SKIP_BUILD:-0}" != 1 ]]; then
   # gpu-check.sh writes several logs; keep them in one tar, since few files come back.
   rc=0
-  OUT="$OUT/build" BUILD_DIR="$BUILD_DIR" DEPS="$DEPS" RUN_TESTS=0 BENCH=1 BENCH_FILTER='^$' \
-    TARGETS="weightd weightctl weightd-gen weightd-example weightd_bench_e2e_attach" \
+  OUT="$OUT/build" BUILD_DIR="$BUILD_DIR" DEPS="$DEPS" RUN_TESTS=0 PY_TESTS=0 BENCH=1 BENCH_FILTER='^$' \
+    TARGETS="weightd weightctl weightd-gen weightd-example weightd_bench_e2e_attach weightd_python" \
     bash "$repo/scripts/gpu-check.sh" >"$OUT/build.log" 2>&1 || rc=$?
   tail -12 "$OUT/build.log"
   tar -czf "$OUT/e2e-build-logs.tar.gz" -C "$OUT" build build.log && rm -rf "$OUT/build" "$OUT/build.log"
