@@ -29,7 +29,7 @@ run=$demo/run
 
 bash "$repo/scripts/install-deps.sh"
 echo "demo: building weightd, weightctl, weightd-gen, weightd-example and the Python package"
-cmake -S "$repo" -B "$BUILD_DIR" -DPython3_EXECUTABLE=/usr/bin/python3 -DWEIGHTD_WITH_PYTHON=ON >/dev/null
+cmake -S "$repo" -B "$BUILD_DIR" -DPython_EXECUTABLE=/usr/bin/python3 -DWEIGHTD_WITH_PYTHON=ON >/dev/null
 cmake --build "$BUILD_DIR" -j "$JOBS" --target weightd weightctl weightd-gen weightd-example weightd_python
 
 weightd=$BUILD_DIR/cached/weightd

@@ -161,7 +161,7 @@ configure() {
   cmake -S "$repo" -B "$BUILD_DIR" "${gen[@]}" \
     -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DCMAKE_PREFIX_PATH="$torch_prefix;${pybind_dir:+$pybind_dir;}$DEPS/usr;$DEPS/$ARCH_LIB/cmake" \
-    -DPython3_EXECUTABLE="$py" \
+    -DPython_EXECUTABLE="$py" \
     -DCMAKE_CUDA_ARCHITECTURES=90 \
     -DWEIGHTD_WITH_CUDA=ON -DWEIGHTD_WITH_TORCH=ON -DWEIGHTD_BUILD_TESTS=ON -DWEIGHTD_BUILD_BENCH="$bench" \
     "${cuda_args[@]}" | tee "$OUT/cmake-configure.txt"

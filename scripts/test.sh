@@ -25,7 +25,7 @@ bash "$repo/scripts/install-deps.sh"
 echo "test: configuring $BUILD_DIR"
 # Debian's interpreter (python3-torch is for it), whatever python3 comes first on PATH.
 cmake -S "$repo" -B "$BUILD_DIR" -DWEIGHTD_WERROR=ON -DWEIGHTD_BUILD_TESTS=ON -DWEIGHTD_BUILD_BENCH=ON \
-  -DPython3_EXECUTABLE=/usr/bin/python3 -DWEIGHTD_WITH_PYTHON=ON
+  -DPython_EXECUTABLE=/usr/bin/python3 -DWEIGHTD_WITH_PYTHON=ON
 echo "test: building with -j$JOBS"
 cmake --build "$BUILD_DIR" -j "$JOBS"
 echo "test: running the test suite"
