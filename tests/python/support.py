@@ -209,8 +209,15 @@ def python_child(code, env=None, user=None, timeout=120):
             os.setgid(user)
             os.setuid(user)
 
-    return subprocess.run([sys.executable, "-c", code], env=full_env, capture_output=True, text=True,
-                          timeout=timeout, preexec_fn=demote if user is not None else None)
+    p = subprocess.Popen([sys.executable, "-c", code], env=full_env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, preexec_fn=demote if user is not None else None)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        out, err = p.communicate()
+        raise AssertionError(f"the child did not finish within {timeout} s; it printed:\n{out}\n{err}") from None
+    return subprocess.CompletedProcess(p.args, p.returncode, out, err)
 
 
 def mappings_of(pid="self"):

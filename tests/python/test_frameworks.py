@@ -128,9 +128,17 @@ class Frameworks(unittest.TestCase):
             model = timm.create_model("resnet50", pretrained=False).eval()
             report = weightd.bind(model, lease)
             self.assertEqual(report.missing + report.unexpected + report.mismatched, [])
+            for name, p in model.state_dict().items():
+                self.assertTrue(torch.equal(p, reference.state_dict()[name]), name)
             x = torch.randn(2, 3, 224, 224, device=DEVICE)
             with torch.no_grad():
-                self.assertTrue(torch.equal(model(x), reference(x)))
+                got, want = model(x), reference(x)
+            if DEVICE == "cpu":
+                self.assertTrue(torch.equal(got, want))
+            else:
+                # cuDNN may pick other convolution algorithms for other weight addresses, so two
+                # instances with identical weights agree to rounding, not bit for bit.
+                torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 if __name__ == "__main__":
