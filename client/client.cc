@@ -875,9 +875,8 @@ Status MapHostSegments(const proto::Manifest& m, bool writable, Lease::Impl& lea
       return DataLoss(ctx + ": segment " + seg.shm_name + " holds " + std::to_string(st.size) +
                           " bytes, the manifest says " + std::to_string(seg.size),
                       "client.segment_truncated");
-    auto mapping = writable ? posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ | PROT_WRITE,
-                                         MAP_PRIVATE, seg.shm_name)
-                            : posix::Map(fd.get(), static_cast<std::size_t>(seg.size), PROT_READ, MAP_SHARED, seg.shm_name);
+    auto mapping = posix::Map(fd.get(), static_cast<std::size_t>(seg.size), writable ? PROT_READ | PROT_WRITE : PROT_READ,
+                              writable ? MAP_PRIVATE : MAP_SHARED, seg.shm_name);
     if (!mapping.ok()) return mapping.status().WithContext(ctx);
     lease.mappings.push_back(std::move(mapping).value());
   }
