@@ -521,6 +521,7 @@ struct Server::Impl {
   void StartPreloads(ModelEntry& m, bool for_readiness);
   void PreloadDone(const std::string& key, const Status& s);
   void MaybeReady();
+  std::string ServingStatus() const;  // "serving N models, L leases; failed preloads: ..."
 
   // Observability.
   std::string RenderMetrics() const;
@@ -1506,9 +1507,7 @@ void Server::Impl::HandleCompletions() {
     }
   }
   retry_admissions = true;
-  if (ready)
-    Notify("STATUS=serving " + std::to_string(catalog.models().size()) + " models, " +
-           std::to_string(leases.lease_count()) + " leases");
+  if (ready) Notify("STATUS=" + ServingStatus());
 }
 
 void Server::Impl::Complete(Completion& c) {
@@ -2660,14 +2659,20 @@ void Server::Impl::MaybeReady() {
   if (ready || !preloads.empty()) return;
   ready = true;
   ready_at = clock->Now();
-  std::string status = "STATUS=serving " + std::to_string(catalog.models().size()) + " models";
+  spdlog::info("ready in {} ms{}", ToMs(ready_at - started),
+               preload_failures.empty() ? "" : " (" + std::to_string(preload_failures.size()) + " preloads failed)");
+  Notify("READY=1\nSTATUS=" + ServingStatus());
+}
+
+// The failed preloads stay in every later STATUS=, not only the first one after READY=1.
+std::string Server::Impl::ServingStatus() const {
+  std::string status = "serving " + std::to_string(catalog.models().size()) + " models, " +
+                       std::to_string(leases.lease_count()) + " leases";
   if (!preload_failures.empty()) {
     status += "; failed preloads:";
     for (const auto& k : preload_failures) status += " " + k;
   }
-  spdlog::info("ready in {} ms{}", ToMs(ready_at - started),
-               preload_failures.empty() ? "" : " (" + std::to_string(preload_failures.size()) + " preloads failed)");
-  Notify("READY=1\n" + status);
+  return status;
 }
 
 void Server::Impl::HandleHttpCalls() {
