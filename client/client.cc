@@ -404,6 +404,14 @@ struct Client::Impl {
     if (hello.session_id != session) Reacquire(*rec, nullptr);
   }
   std::uint64_t reattaches() const { return reattaches_.load(); }
+  // Whether the daemon restarted since reattaches() was `before`: asks the daemon for its list,
+  // which waits for a daemon that went away (a heartbeat does not) and reattaches if the one
+  // answering is a new one. An Acquire whose fd fetch failed because its daemon died between
+  // the Manifest and the fetch asks the new daemon again.
+  bool RestartedSince(std::uint64_t before) {
+    (void)Call(proto::List{}, options.request_timeout);
+    return reattaches() != before;
+  }
 
   // A Lease was dropped: release its lease unless a reattach is about to (the record says).
   void EndLease(LeaseRecord& rec) noexcept {
@@ -992,6 +1000,7 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
 
   // The session the lease is granted in (a reattach may run before it is registered).
   std::uint64_t session = 0;
+  const std::uint64_t reattaches = impl_->reattaches();
   ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout, &session));
   auto* manifest = std::get_if<proto::Manifest>(&body);
   if (manifest == nullptr) return UnexpectedReply(req, body);
@@ -1009,14 +1018,16 @@ Result<Lease> Client::Acquire(std::string_view model, const AcquireOptions& opti
     if (m.device != "cpu") return BadManifest(m.model, "asked for host memory, got memory on '" + m.device + "'");
     lease->device = "cpu";
     lease->writable = options.writable;
-    RETURN_IF_ERROR(MapHostSegments(m, options.writable, *lease));
+    if (weightd::Status st = MapHostSegments(m, options.writable, *lease); !st.ok())
+      return impl_->RestartedSince(reattaches) ? Acquire(model, options) : Result<Lease>(st);
   } else {
     RETURN_IF_ERROR(ValidateGpuManifest(m, uuid));
     lease->cuda = api;
     lease->cuda_device = ordinal;
     lease->device = "cuda:" + std::to_string(ordinal);
     lease->gpu_uuid = uuid;
-    RETURN_IF_ERROR(ImportGpuSegments(m, api.get(), ordinal, *warm, *lease));
+    if (weightd::Status st = ImportGpuSegments(m, api.get(), ordinal, *warm, *lease); !st.ok())
+      return impl_->RestartedSince(reattaches) ? Acquire(model, options) : Result<Lease>(st);
   }
 
   lease->shards.reserve(m.segments.size());

@@ -3,7 +3,9 @@
 # build (no registry is contacted), runs the daemon in one container and clients in others that
 # share only the socket directory with it, as README.md "Containers" describes, and checks:
 #   1. the image: a bookworm minbase root with the daemon's runtime libraries (mmdebstrap,
-#      cached), `cmake --install` of BUILD_DIR into it, the shipped sysusers.d file applied
+#      cached; the same root as scripts/systemd-check.sh's, so it carries systemd's files too:
+#      the runtime libraries alone make a ~180 MB image), `cmake --install` of BUILD_DIR into
+#      it, the shipped sysusers.d file applied
 #      with systemd-sysusers --root (user weightd with the fixed ids the manifests in deploy/
 #      name), imported with `podman import` as localhost/weightd:VERSION;
 #   2. the daemon container: its own IPC namespace and its own /dev/shm (--shm-size), the host
@@ -15,11 +17,12 @@
 #      compares every byte with the files;
 #   5. a client whose uid is outside the client group is refused (client.socket_denied).
 #
-# podman (Debian's 4.3) runs containers here only with runc: crun refuses the machines' hybrid
-# cgroup layout ("cgroups in hybrid mode not supported"), and podman's default rlimits
-# (nofile 1048576) cannot be set without CAP_SYS_RESOURCE ("setrlimit RLIMIT_NOFILE: Operation
-# not permitted"), so every run passes --runtime runc, --cgroups disabled is not needed, and
-# explicit --ulimit values at or below the caller's own limits.
+# podman (Debian's 4.3) runs containers on the development and CI machines only with runc:
+# crun, its default runtime, refuses their hybrid cgroup layout ("crun: cgroups in hybrid mode
+# not supported, drop all controllers from cgroupv2"), and the rlimits podman asks for by
+# default cannot be set without CAP_SYS_RESOURCE, which root lacks there ("crun: setrlimit
+# `RLIMIT_NOFILE`: Operation not permitted"). So every run passes --runtime runc and --ulimit
+# values no higher than the caller's own hard limits, and --pull=never: nothing is fetched.
 #
 # Environment (optional):
 #   BUILD_DIR   built tree (default <repo>/build)
@@ -67,7 +70,7 @@ trap cleanup EXIT
 
 # ---- 1. the image -------------------------------------------------------------------------------
 root=$scratch/root
-ops_debian_root "$root" libzmq5,libspdlog1.10,libfmt9,libcpp-httplib0.11,libxxhash0,libsystemd0
+ops_debian_root "$root"
 DESTDIR=$root cmake --install "$BUILD_DIR" >"$scratch/install.log" 2>&1 ||
   { cat "$scratch/install.log" >&2; fail "cmake --install failed"; }
 sysusers=$(cd "$root" && find . -path '*/lib/sysusers.d/weightd.conf' -printf '/%P\n' -quit)

@@ -17,6 +17,9 @@ PACKAGES=(
   libsystemd-dev libcpp-httplib-dev liburing-dev
   clang-14 libclang-rt-14-dev
   systemd
+  # The operator checks (scripts/systemd-check.sh, scripts/container-check.sh): a Debian root
+  # booted with systemd-nspawn, and podman with runc (see container-check.sh for why runc).
+  systemd-container mmdebstrap podman runc
 )
 
 missing=()

@@ -22,11 +22,18 @@ metric() {
   awk -v n="$1" '$1 == n { print $2; exit }'
 }
 
-# ops_debian_root DIR PACKAGES: a Debian 12 (bookworm) minbase root with PACKAGES (comma
-# separated) in DIR, from a tarball cached under ROOT_CACHE by the package list (mmdebstrap runs
-# once per list and machine: ~20 s plus downloads; later runs unpack it in seconds).
+# The Debian packages of the roots both checks use: systemd as PID 1 (systemd, dbus, passwd for
+# useradd, procps for the unit's ExecReload=/bin/kill, which standard installs have and a minbase
+# root lacks) and the daemon's runtime libraries (ldd of weightd and libweightd: no LibTorch).
+# One list, so that CI runs mmdebstrap once (the container image carries systemd's files too).
+ops_packages=systemd,dbus,passwd,procps,libzmq5,libspdlog1.10,libfmt9,libcpp-httplib0.11,libxxhash0
+
+# ops_debian_root DIR [PACKAGES]: a Debian 12 (bookworm) minbase root with PACKAGES (comma
+# separated; default ops_packages) in DIR, from a tarball cached under ROOT_CACHE by the package
+# list (mmdebstrap runs once per list and machine: 20 s to 3 min with the downloads; later runs
+# unpack it in seconds).
 ops_debian_root() {
-  local dir=$1 packages=$2
+  local dir=$1 packages=${2:-$ops_packages}
   local key tarball
   key=$(printf 'bookworm minbase %s' "$packages" | sha256sum | cut -c1-16)
   tarball=$ROOT_CACHE/root-$key.tar

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # test.sh — installs what weightd needs (Debian 12), builds everything with -Werror into build/,
-# runs the whole test suite, checks the systemd files (scripts/check-systemd.sh), runs the
-# fuzzers (scripts/fuzz.sh) and the suite again under ASan + UBSan (scripts/sanitize.sh). This
-# is the README's test command and what CI runs (.ci/run).
+# runs the whole test suite, checks the systemd files (scripts/check-systemd.sh), the Kubernetes
+# manifests, containers and a real systemd (scripts/k8s-check.sh, container-check.sh,
+# systemd-check.sh), runs the fuzzers (scripts/fuzz.sh) and the suite again under ASan + UBSan
+# (scripts/sanitize.sh). This is the README's test command and what CI runs (.ci/run).
 # Idempotent: re-running rebuilds only what changed.
 #
 # Environment (optional):
@@ -13,6 +14,9 @@
 #   SKIP_FUZZ     1: leave out the fuzzers (quick local runs; CI always fuzzes)
 #   SKIP_SANITIZE 1: leave out the ASan + UBSan build and run of the suite (scripts/sanitize.sh;
 #                 quick local runs; CI always runs it)
+#   SKIP_OPS      1: leave out the operator checks (k8s-check.sh, container-check.sh,
+#                 systemd-check.sh; they need root; CI always runs them)
+#   SYSTEMD_KILLS SIGKILLs in systemd-check.sh's crash loop (default 5; the full check is 100)
 set -euo pipefail
 
 repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -33,6 +37,16 @@ echo "test: running the test suite"
 ctest --test-dir "$BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 300 ${CTEST_ARGS:-}
 echo "test: checking the systemd unit, sysusers.d and tmpfiles.d as installed"
 BUILD_DIR=$BUILD_DIR bash "$repo/scripts/check-systemd.sh"
+if [[ ${SKIP_OPS:-0} == 1 ]]; then
+  echo "test: SKIP_OPS=1: not running the operator checks"
+else
+  echo "test: the Kubernetes manifests in deploy/ (scripts/k8s-check.sh)"
+  bash "$repo/scripts/k8s-check.sh"
+  echo "test: the daemon and its clients in containers (scripts/container-check.sh)"
+  BUILD_DIR=$BUILD_DIR bash "$repo/scripts/container-check.sh"
+  echo "test: weightd under a real systemd, ${SYSTEMD_KILLS:-5} SIGKILLs (scripts/systemd-check.sh; KILLS=100 for the full run)"
+  BUILD_DIR=$BUILD_DIR KILLS=${SYSTEMD_KILLS:-5} bash "$repo/scripts/systemd-check.sh"
+fi
 if [[ ${SKIP_FUZZ:-0} == 1 ]]; then
   echo "test: SKIP_FUZZ=1: not running the fuzzers"
 else

@@ -46,6 +46,10 @@
 //    systemd, its GPU copies (the same memory); when it could not, the new lease holds a second
 //    copy until this one is dropped.
 //    A lease whose re-acquire fails keeps its mappings, uncounted by the daemon (id() 0).
+//    An Acquire whose fds could not be fetched because the daemon died between its answer and
+//    the fetch is asked of the new daemon. With connect_timeout above the restart's duration
+//    (systemd's RestartSec= plus the start), a restart costs a caller time, not an error
+//    (scripts/systemd-check.sh kills the daemon under a looping client).
 //  - Dropping the last copy of a Lease unmaps it, sends Release and waits up to 2 s for the
 //    daemon's answer. If another thread's call holds the connection that long, the Release is
 //    queued and sent by that call, so a tensor deleter never blocks behind a model load.
