@@ -30,7 +30,7 @@
 #include <zmq.hpp>
 
 #include "config.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::auth {
 

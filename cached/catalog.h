@@ -11,7 +11,7 @@
 
 #include "config.h"
 #include "safetensors.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd {
 

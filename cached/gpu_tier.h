@@ -32,7 +32,7 @@
 
 #include "cuda_api.h"
 #include "posix.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::gpu {
 

@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd {
 

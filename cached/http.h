@@ -9,7 +9,7 @@
 #include <memory>
 #include <string>
 
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd {
 

@@ -22,7 +22,7 @@
 
 #include "clock.h"
 #include "posix.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd {
 

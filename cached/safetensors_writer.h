@@ -13,7 +13,7 @@
 #include <vector>
 
 #include "weightd/dtype.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::st {
 

@@ -17,7 +17,7 @@
 #include "clock.h"
 #include "config.h"
 #include "gpu_tier.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd {
 

@@ -17,7 +17,7 @@
 
 #include <torch/torch.h>
 
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::example {
 

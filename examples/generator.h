@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "safetensors_writer.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::example {
 

@@ -1,7 +1,7 @@
 // The protocol decoder against hostile input: round trips of every message type, length fields
 // that lie, and the decoder's memory bound, measured.
 //
-// The bound (client/protocol.h): no length field may make the decoder allocate more than a
+// The bound (common/protocol.h): no length field may make the decoder allocate more than a
 // small multiple of the frame. Strings matter as much as vectors: cereal's string loader
 // resizes the string to the claimed size before reading a byte, so without the archive's
 // size-tag check a 40-byte frame claiming a 1 GiB string would allocate 1 GiB. This file

@@ -1,4 +1,4 @@
-// libFuzzer target for the protocol decoder (client/protocol.cc): DecodeRequest and
+// libFuzzer target for the protocol decoder (common/protocol.cc): DecodeRequest and
 // DecodeReply, which the daemon and the clients run on every message a peer sends.
 //
 // Each input is decoded as a Request and as a Reply, twice: as a whole frame (so the frame

@@ -18,7 +18,7 @@
 #include "posix.h"
 #include "safetensors_writer.h"
 #include "weightd/client.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::testing {
 

@@ -19,7 +19,7 @@
 #include <string_view>
 
 #include "cuda_api.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::gpu {
 

@@ -24,7 +24,7 @@
 #include <vector>
 
 #include "weightd/dtype.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::proto {
 
@@ -132,7 +132,7 @@ struct Manifest {
   std::vector<TensorRecord> tensors;
   // GPU leases only.
   std::uint8_t gpu_export = 0;  // GpuExport
-  std::string fd_socket;        // VMM: path of the fd side channel (client/fd_channel.h)
+  std::string fd_socket;        // VMM: path of the fd side channel (fd_channel.h)
   std::string fd_token;         // VMM: one-time token that fetches this lease's fds there
 };
 

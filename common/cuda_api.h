@@ -26,7 +26,7 @@
 #include <string_view>
 
 #include "posix.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::gpu {
 

@@ -16,7 +16,7 @@
 #include <utility>
 #include <vector>
 
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::posix {
 

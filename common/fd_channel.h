@@ -33,7 +33,7 @@
 #include <vector>
 
 #include "posix.h"
-#include "weightd/status.h"
+#include "status_macros.h"
 
 namespace weightd::fdchan {
 
