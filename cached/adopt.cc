@@ -11,39 +11,10 @@
 #include <sstream>
 #include <thread>
 
-#include <cereal/archives/binary.hpp>
-#include <cereal/types/string.hpp>
-#include <cereal/types/vector.hpp>
-
 #include "catalog.h"
 
 namespace weightd {
 namespace {
-
-constexpr char kMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '2'};
-constexpr std::string_view kSuffix = ".record";
-// A record is KBs (the shards' headers); anything this large is not one of ours.
-constexpr std::uint64_t kMaxRecordBytes = 256ull << 20;
-
-// The frame: magic, payload length, XXH64 of the payload, payload (cereal binary).
-struct Frame {
-  char magic[8];
-  std::uint64_t size;
-  std::uint64_t hash;
-};
-
-template <class Archive>
-void Serialize(Archive& ar, ModelRecord& r) {
-  std::uint64_t n = r.shards.size();
-  ar(r.model, r.dir, r.generation, n);
-  if constexpr (Archive::is_loading::value) {
-    if (n > 100'000) throw cereal::Exception("implausible shard count");
-    r.shards.resize(n);
-  }
-  for (auto& s : r.shards)
-    ar(s.file, s.segment, s.data_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.ctime_ns, s.file_info.inode,
-       s.file_info.dev, s.checksum.high64, s.checksum.low64, s.header_bytes);
-}
 
 Status BadRecord(const std::string& name, const std::string& why) {
   return DataLoss("adoption record /" + name + ": " + why, "adopt.bad_record");
@@ -55,14 +26,9 @@ Status Changed(const ModelRecord& r, const std::string& why) {
 
 }  // namespace
 
-std::string RecordName(const std::string& prefix, const std::string& model, const std::string& load_tag) {
-  return prefix + "." + model + "." + load_tag + std::string(kSuffix);
-}
-
-bool IsRecordName(const std::string& name) { return name.ends_with(kSuffix); }
-
-Status WriteRecord(const std::string& name, const ResidentModel& model, std::uint64_t generation) {
+ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::uint64_t generation) {
   ModelRecord r;
+  r.name = name;
   r.model = model.name;
   r.dir = model.dir;
   r.generation = generation;
@@ -76,68 +42,11 @@ Status WriteRecord(const std::string& name, const ResidentModel& model, std::uin
     s.header_bytes.assign(reinterpret_cast<const char*>(sh.header_bytes.data()), sh.header_bytes.size());
     r.shards.push_back(std::move(s));
   }
-  std::ostringstream os;
-  {
-    cereal::BinaryOutputArchive ar(os);
-    Serialize(ar, r);
-  }
-  const std::string payload = os.str();
-  Frame f;
-  std::memcpy(f.magic, kMagic, sizeof kMagic);
-  f.size = payload.size();
-  f.hash = XXH64(payload.data(), payload.size(), 0);
-  std::string bytes(reinterpret_cast<const char*>(&f), sizeof f);
-  bytes += payload;
-
-  const std::string path = "/" + name;
-  (void)::shm_unlink(path.c_str());  // a leftover of a dead instance (we hold the prefix)
-  int fd = ::shm_open(path.c_str(), O_CREAT | O_EXCL | O_WRONLY | O_CLOEXEC, 0600);
-  if (fd < 0) return posix::ErrnoStatus("creating adoption record " + path);
-  posix::Fd owned(fd);
-  Status s = ::fchmod(fd, 0600) == 0 ? Status::Ok() : posix::ErrnoStatus("fchmod(" + path + ")");
-  if (s.ok())
-    if (int err = ::posix_fallocate(fd, 0, static_cast<off_t>(bytes.size())); err != 0) {
-      s = posix::ErrnoStatus("reserving adoption record " + path, err);
-      if (err == ENOSPC) s = ResourceExhausted(s.message() + " (/dev/shm is full)", "shm.no_space");
-    }
-  if (s.ok()) s = posix::WriteFull(fd, std::as_bytes(std::span(bytes)), path);
-  if (!s.ok()) (void)::shm_unlink(path.c_str());
-  return s;
-}
-
-Result<ModelRecord> ReadRecord(const std::string& name) {
-  const std::string path = "/" + name;
-  // O_NONBLOCK: a FIFO planted under the name must not hang the daemon's start.
-  int fd = ::shm_open(path.c_str(), O_RDONLY | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC, 0);
-  if (fd < 0) return posix::ErrnoStatus("opening adoption record " + path);
-  posix::Fd owned(fd);
-  ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd, path));
-  if (!S_ISREG(st.mode) || st.uid != ::geteuid())
-    return BadRecord(name, "not a file of this daemon's user (owner uid " + std::to_string(st.uid) + ")");
-  if (st.size < sizeof(Frame) || st.size > kMaxRecordBytes)
-    return BadRecord(name, "implausible size " + std::to_string(st.size));
-  std::string bytes(st.size, '\0');
-  RETURN_IF_ERROR(posix::PreadFull(fd, std::as_writable_bytes(std::span(bytes)), 0, path));
-  Frame f;
-  std::memcpy(&f, bytes.data(), sizeof f);
-  if (std::memcmp(f.magic, kMagic, sizeof kMagic) != 0) return BadRecord(name, "no record magic");
-  const std::string_view payload = std::string_view(bytes).substr(sizeof f);
-  if (f.size != payload.size()) return BadRecord(name, "truncated (the daemon died while writing it)");
-  if (XXH64(payload.data(), payload.size(), 0) != f.hash) return BadRecord(name, "its hash does not match");
-  ModelRecord r;
-  try {
-    std::istringstream is{std::string(payload)};
-    cereal::BinaryInputArchive ar(is);
-    Serialize(ar, r);
-  } catch (const std::exception& e) {
-    return BadRecord(name, std::string("undecodable: ") + e.what());
-  }
-  r.name = name;
   return r;
 }
 
-Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, mode_t shm_mode,
-                                             gid_t shm_group, bool verify_manifest, unsigned threads) {
+Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, const SegmentStore& store,
+                                             bool verify_manifest, unsigned threads) {
   if (record.model != mc.name || record.dir != mc.dir)
     return Changed(record, "the catalog now says directory " + mc.dir + ", the record " + record.dir);
   // The files must be those that were read: same set, and each with the same identity
@@ -178,7 +87,7 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     shard.checksum = s.checksum;
     shard.header_bytes.resize(hb.size());
     std::memcpy(shard.header_bytes.data(), hb.data(), hb.size());
-    ASSIGN_OR_RETURN(shard.segment, HostSegment::Open(s.segment, s.data_size, shm_mode, shm_group));
+    ASSIGN_OR_RETURN(shard.segment, store.Open(s.segment, s.data_size));
     headers.push_back(std::move(header).value());
     model->bytes += s.data_size;
     model->tensor_count += static_cast<std::uint32_t>(headers.back().tensors.size());

@@ -256,29 +256,14 @@ Result<std::size_t> FileIo::Pread(int fd, std::span<std::byte> out, std::uint64_
 
 // ---- Loader ----
 
-namespace {
-std::string RandomSalt() {
-  std::uint64_t v = 0;
-  if (!posix::RandomBytes(std::as_writable_bytes(std::span(&v, 1))).ok())
-    v = static_cast<std::uint64_t>(std::chrono::steady_clock::now().time_since_epoch().count()) ^
-        (static_cast<std::uint64_t>(::getpid()) << 32);
-  char buf[17];
-  std::snprintf(buf, sizeof buf, "%016llx", static_cast<unsigned long long>(v));
-  return buf;
-}
-}  // namespace
-
 Loader::Loader(LoaderOptions options)
     : options_(std::move(options)),
-      salt_(RandomSalt()),
+      own_store_(options_.segments != nullptr ? nullptr
+                                              : std::make_unique<SegmentStore>(SegmentStore::Options{
+                                                    options_.shm_prefix, options_.shm_mode, options_.shm_group})),
+      store_(options_.segments != nullptr ? options_.segments : own_store_.get()),
       io_(options_.io_layer != nullptr ? options_.io_layer : &posix_io_),
       readers_(std::max(1u, options_.threads), "wd-read") {}
-
-std::string Loader::LoadTag(std::uint64_t generation) const { return std::to_string(generation) + "-" + salt_; }
-
-std::string Loader::SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const {
-  return options_.shm_prefix + "." + model + "." + LoadTag(generation) + "." + std::to_string(shard);
-}
 
 Result<LoadPlan> Loader::Plan(const ModelConfig& mc) const {
   LoadPlan plan;
@@ -408,11 +393,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     shard.file = p.file;
     shard.header = p.header;
     shard.file_info = p.file_info;
-    const std::string name = SegmentName(plan.name, generation, i);
-    // A segment of this name can only be a leftover of an earlier instance of this daemon
-    // (the prefix is locked), so replacing it is safe: its old mappings stay valid.
-    (void)HostSegment::Remove(name);
-    auto seg = HostSegment::Create(name, p.header.data_size, options_.shm_mode, options_.shm_group);
+    auto seg = store_->Create(SegmentName(plan.name, generation, i), p.header.data_size);
     if (!seg.ok()) return fail(seg.status());
     shard.segment = std::move(seg).value();
     model->shards.push_back(std::move(shard));

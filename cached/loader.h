@@ -41,6 +41,7 @@
 #include "host_tier.h"
 #include "posix.h"
 #include "safetensors.h"
+#include "segment_store.h"
 #include "thread_pool.h"
 
 namespace weightd {
@@ -175,6 +176,10 @@ enum class IoMode {
 };
 
 struct LoaderOptions {
+  // Where segments are made and how they are named: the daemon's store (not owned; it must
+  // outlive the Loader). nullptr: the Loader makes its own from shm_prefix, shm_mode and
+  // shm_group.
+  const SegmentStore* segments = nullptr;
   std::string shm_prefix;
   mode_t shm_mode = 0640;
   std::uint32_t threads = 4;
@@ -191,7 +196,7 @@ struct LoaderOptions {
   bool verify_manifest = true;
   // Not owned; must outlive the Loader. nullptr: plain POSIX calls.
   FileIo* io_layer = nullptr;
-  // The group that owns new segments ((gid_t)-1: the daemon's own).
+  // The group that owns new segments ((gid_t)-1: the daemon's own), without `segments`.
   gid_t shm_group = static_cast<gid_t>(-1);
 };
 
@@ -217,12 +222,10 @@ class Loader {
   // when it was loaded, or is gone. Errors other than a missing file (EACCES, ...) are returned.
   static Result<bool> Changed(const ResidentModel& model);
 
-  // "<generation>-<salt>": names a load's segments and its adoption record. The salt is random
-  // per Loader (this daemon instance), so that no other user can plant a name under the prefix
-  // that a later load will want (the sticky /dev/shm would keep the daemon from removing it).
-  std::string LoadTag(std::uint64_t generation) const;
-  // The segment name of a shard: "<prefix>.<model>.<generation>-<salt>.<index>".
-  std::string SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const;
+  // The segment name of a shard: "<prefix>.<model>.<generation>-<salt>.<index>" (SegmentStore).
+  std::string SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const {
+    return store_->SegmentName(model, generation, shard);
+  }
 
   std::uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
 
@@ -231,7 +234,8 @@ class Loader {
   Status ReadShards(FillState& fs, const std::atomic<bool>& cancel);
 
   const LoaderOptions options_;
-  const std::string salt_;  // 16 random hex digits
+  std::unique_ptr<SegmentStore> own_store_;  // without options_.segments
+  const SegmentStore* const store_;
   FileIo posix_io_;
   FileIo* const io_;
   ThreadPool readers_;

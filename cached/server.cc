@@ -43,6 +43,7 @@
 #include "loader.h"
 #include "posix.h"
 #include "protocol.h"
+#include "segment_store.h"
 #include "thread_pool.h"
 
 namespace weightd {
@@ -122,20 +123,6 @@ Status CheckSocketPaths(const std::string& dir, const std::vector<std::string>& 
   return Status::Ok();
 }
 
-Result<posix::Fd> LockShmPrefix(const std::string& prefix) {
-  const std::string name = "/" + prefix + ".lock";
-  int fd = ::shm_open(name.c_str(), O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-  if (fd < 0) return posix::ErrnoStatus("shm_open(" + name + ")");
-  posix::Fd owned(fd);
-  if (::flock(fd, LOCK_EX | LOCK_NB) != 0) {
-    if (errno == EWOULDBLOCK)
-      return FailedPrecondition("another weightd instance uses the segment prefix '" + prefix + "'",
-                                "daemon.instance_locked");
-    return posix::ErrnoStatus("flock(/dev/shm" + name + ")");
-  }
-  return owned;
-}
-
 // Per-model ACLs are only airtight when no tenant can open segments by name: then the segments'
 // group must be none that an ACL or the client group grants, or have no group read bit.
 Status CheckSegmentGroup(const auth::Policy& policy, gid_t shm_gid, mode_t shm_mode) {
@@ -148,11 +135,9 @@ Status CheckSegmentGroup(const auth::Policy& policy, gid_t shm_gid, mode_t shm_m
                          "config.shm_group_leaks");
 }
 
-LoaderOptions LoaderOptionsOf(const DaemonConfig& c, gid_t shm_group) {
+LoaderOptions LoaderOptionsOf(const DaemonConfig& c, const SegmentStore* store) {
   LoaderOptions o;
-  o.shm_group = shm_group;
-  o.shm_prefix = c.shm_prefix;
-  o.shm_mode = c.shm_mode;
+  o.segments = store;
   o.threads = c.loader_threads;
   o.chunk_size = c.chunk_size;
   o.io = c.io == "direct" ? IoMode::kDirect : c.io == "buffered" ? IoMode::kBuffered : IoMode::kAuto;
@@ -343,7 +328,7 @@ struct Server::Impl {
   auth::Policy policy;
   gid_t shm_gid = 0;
   posix::Fd epoll_fd, event_fd, signal_fd;
-  posix::Fd socket_lock, prefix_lock;
+  posix::Fd socket_lock;
   std::string socket_path;
   Catalog catalog;
   std::map<std::string, ModelEntry> models;
@@ -402,6 +387,7 @@ struct Server::Impl {
   std::mutex completions_mu;
   std::deque<Completion> completions;  // guarded by completions_mu
   std::atomic<bool> stop_requested{false};
+  SegmentStore store;  // before the loader, which makes its segments
   Loader loader;
   // Declared last so that they are joined first.
   ThreadPool jobs;        // one host plan or fill per job
@@ -420,7 +406,8 @@ struct Server::Impl {
         shm_gid(shm_group),
         leases(config.max_sessions, config.max_leases_per_client),
         memory(mem),
-        loader(LoaderOptionsOf(config, shm_group)),
+        store({config.shm_prefix, config.shm_mode, shm_group}),
+        loader(LoaderOptionsOf(config, &store)),
         jobs(2, "wd-load"),
         gpu_jobs(4, "wd-gpu"),
         check_jobs(1, "wd-check"),
@@ -633,7 +620,7 @@ Status Server::Impl::Init() {
   RETURN_IF_ERROR(CheckSocketPaths(dir.empty() ? std::string(".") : dir.string(),
                                    {socket_path, socket_path + ".lock", config.fd_socket}));
   ASSIGN_OR_RETURN(socket_lock, LockFile(socket_path + ".lock", "the socket " + socket_path));
-  ASSIGN_OR_RETURN(prefix_lock, LockShmPrefix(config.shm_prefix));
+  RETURN_IF_ERROR(store.Lock());
 
   try {
     router = zmq::socket_t(ctx, zmq::socket_type::router);
@@ -1535,9 +1522,9 @@ void Server::Impl::Complete(Completion& c) {
   m.last_load_ms = c.ms;
   m.last_error = Status::Ok();
   // The index StartFill built from the plan already describes these segments.
-  const std::string record = RecordName(config.shm_prefix, m.config.name, loader.LoadTag(m.generation));
-  if (Status s = WriteRecord(record, *r, m.generation); s.ok())
-    r->record = record;
+  ModelRecord record = RecordOf(*r, store.RecordName(m.config.name, m.generation), m.generation);
+  if (Status s = store.WriteRecord(record); s.ok())
+    r->record = record.name;
   else
     spdlog::warn("model '{}': no adoption record ({}); after a crash it is read from disk again", m.config.name,
                  s.ToString());
@@ -1588,18 +1575,14 @@ void Server::Impl::InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r) 
 // under the prefix is removed. Names under the prefix that are not ours (another user's, or not
 // a regular file) are never opened.
 void Server::Impl::AdoptPrevious() {
-  std::vector<std::string> names;
-  std::size_t foreign = 0;
-  for (std::string& name : ListSegments(config.shm_prefix)) {
-    if (IsOwnSegment(name)) names.push_back(std::move(name));
-    else ++foreign;
-  }
-  if (foreign > 0)
-    spdlog::warn("{} names under /dev/shm/{}.* are not this daemon's own files; left alone", foreign, config.shm_prefix);
+  SegmentStore::Listing names = store.List();
+  if (names.foreign > 0)
+    spdlog::warn("{} names under /dev/shm/{}.* are not this daemon's own files; left alone", names.foreign,
+                 config.shm_prefix);
   std::vector<ModelRecord> records;
-  for (const std::string& name : names) {
-    if (!IsRecordName(name)) continue;
-    auto record = ReadRecord(name);
+  for (const std::string& name : names.own) {
+    if (!SegmentStore::IsRecordName(name)) continue;
+    auto record = store.ReadRecord(name);
     if (!record.ok()) {
       spdlog::warn("not adopting: {}", record.status().ToString());
       continue;
@@ -1614,7 +1597,7 @@ void Server::Impl::AdoptPrevious() {
     const int pa = models.at(a.model).config.priority, pb = models.at(b.model).config.priority;
     return pa != pb ? pa > pb : a.generation > b.generation;
   });
-  std::set<std::string> keep{config.shm_prefix + ".lock"};
+  std::set<std::string> keep;
   for (const ModelRecord& record : records) {
     ModelEntry& m = models.at(record.model);
     if (m.resident) continue;  // a newer record of the model was adopted
@@ -1627,7 +1610,7 @@ void Server::Impl::AdoptPrevious() {
                    Gib(bytes), Gib(host_budget));
       continue;
     }
-    auto r = Adopt(record, m.config, config.shm_mode, shm_gid, config.verify_checksums, config.loader_threads);
+    auto r = Adopt(record, m.config, store, config.verify_checksums, config.loader_threads);
     if (!r.ok()) {
       spdlog::warn("not adopting model '{}' of the previous instance: {}", record.model, r.status().ToString());
       continue;
@@ -1654,10 +1637,7 @@ void Server::Impl::AdoptPrevious() {
                  ToMs(std::chrono::steady_clock::now() - t0));
     StartPin(m);
   }
-  std::size_t removed = 0;
-  for (const std::string& name : names)
-    if (keep.count(name) == 0 && HostSegment::Remove(name).ok()) ++removed;
-  if (removed > 0)
+  if (const std::size_t removed = store.RemoveLeftovers(names.own, keep); removed > 0)
     spdlog::warn("removed {} segments of an earlier instance under prefix '{}' that were not adopted", removed,
                  config.shm_prefix);
 }
@@ -2378,12 +2358,12 @@ Result<std::vector<posix::Fd>> Server::Impl::LeaseFds(const PendingFds& p) {
   // mprotect, a reopen of /proc/self/fd) can make it writable. A name that is gone means the
   // segment was replaced (a reload), which ends what the lease referred to.
   for (const std::string& name : p.shm_names) {
-    int fd = ::shm_open(name.c_str(), O_RDONLY | O_CLOEXEC, 0);
-    if (fd < 0) {
-      if (errno == ENOENT) return FailedPrecondition("the lease has ended", "fdchan.lease_ended");
-      return posix::ErrnoStatus("shm_open(" + name + ", O_RDONLY)");
+    auto fd = store.OpenReadOnly(name);
+    if (!fd.ok()) {
+      if (fd.status().code() == Code::kNotFound) return FailedPrecondition("the lease has ended", "fdchan.lease_ended");
+      return fd.status();
     }
-    out.emplace_back(fd);
+    out.push_back(std::move(fd).value());
   }
   return out;
 }
