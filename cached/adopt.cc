@@ -7,9 +7,16 @@
 
 #include <algorithm>
 #include <atomic>
+#include <charconv>
+#include <cstdlib>
 #include <cstring>
-#include <sstream>
+#include <map>
+#include <set>
 #include <thread>
+#include <tuple>
+
+#include <spdlog/spdlog.h>
+#include <systemd/sd-daemon.h>
 
 #include "catalog.h"
 
@@ -136,6 +143,211 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
                           model->shards[i].checksum_hex() + ", the checksum of " + model->shards[i].file,
                       "adopt.checksum_mismatch");
   return model;
+}
+
+std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& store, ModelTable& table, Cache& cache,
+                            Loads& loads) {
+  SegmentStore::Listing names = store.List();
+  if (names.foreign > 0)
+    spdlog::warn("{} names under /dev/shm/{}.* are not this daemon's own files; left alone", names.foreign,
+                 config.shm_prefix);
+  std::vector<ModelRecord> records;
+  for (const std::string& name : names.own) {
+    if (!SegmentStore::IsRecordName(name)) continue;
+    auto record = store.ReadRecord(name);
+    if (!record.ok()) {
+      spdlog::warn("not adopting: {}", record.status().ToString());
+      continue;
+    }
+    if (table.Find(record->model) == nullptr) {
+      spdlog::info("not adopting model '{}' of the previous instance: it is no longer in the catalog", record->model);
+      continue;
+    }
+    records.push_back(std::move(record).value());
+  }
+  std::sort(records.begin(), records.end(), [&](const ModelRecord& a, const ModelRecord& b) {
+    const int pa = table.Find(a.model)->config.priority, pb = table.Find(b.model)->config.priority;
+    return pa != pb ? pa > pb : a.generation > b.generation;
+  });
+  std::set<std::string> keep;
+  std::size_t adopted = 0;
+  for (const ModelRecord& record : records) {
+    ModelEntry& m = *table.Find(record.model);
+    if (m.resident) continue;  // a newer record of the model was adopted
+    const auto t0 = std::chrono::steady_clock::now();
+    std::uint64_t bytes = 0;
+    for (const auto& sh : record.shards) bytes += posix::RoundUp(sh.data_size, posix::PageSize());
+    if (!cache.HasRoomForHost(bytes)) {
+      spdlog::info("not adopting model '{}' ({}): no room under the host budget {} or max_host_models", record.model,
+                   Gib(bytes), Gib(cache.host_budget()));
+      continue;
+    }
+    auto r = Adopt(record, m.config, store, config.verify_checksums, config.loader_threads);
+    if (!r.ok()) {
+      spdlog::warn("not adopting model '{}' of the previous instance: {}", record.model, r.status().ToString());
+      continue;
+    }
+    std::vector<std::string> files, shm_paths;
+    std::vector<st::Header> headers;
+    m.shard_sizes.clear();
+    for (const ResidentShard& sh : (*r)->shards) {
+      files.push_back(sh.file);
+      headers.push_back(sh.header);
+      shm_paths.push_back(sh.segment.shm_path());
+      m.shard_sizes.push_back(sh.header.data_size);
+      keep.insert(sh.segment.name());
+    }
+    keep.insert(record.name);
+    m.generation = record.generation;
+    table.SawGeneration(record.generation);
+    m.host_bytes = bytes;
+    table.BuildIndex(m, files, headers, shm_paths);
+    table.InstallHost(m, std::move(r).value());
+    ++adopted;
+    spdlog::info("model '{}' adopted from the previous instance: {} shards, {} verified in {} ms, nothing read from disk",
+                 m.config.name, m.resident->shards.size(), Gib(m.resident->bytes),
+                 ToMs(std::chrono::steady_clock::now() - t0));
+    loads.StartPin(m);
+  }
+  if (const std::size_t removed = store.RemoveLeftovers(names.own, keep); removed > 0)
+    spdlog::warn("removed {} segments of an earlier instance under prefix '{}' that were not adopted", removed,
+                 config.shm_prefix);
+  return adopted;
+}
+
+// ---- GPU copies in systemd's fd store ----
+
+namespace {
+
+bool ParseU64(std::string_view s, std::uint64_t* out) {
+  const auto [end, ec] = std::from_chars(s.data(), s.data() + s.size(), *out);
+  return !s.empty() && ec == std::errc() && end == s.data() + s.size();
+}
+
+std::string FdStoreName(const std::string& uuid, std::uint64_t host_generation, std::size_t shard,
+                        const std::string& model) {
+  return "gpu." + uuid + "." + std::to_string(host_generation) + "." + std::to_string(shard) + "." + model;
+}
+
+}  // namespace
+
+StoredCopy::~StoredCopy() {
+  for (const std::string& n : names) sd_notify(0, ("FDSTOREREMOVE=1\nFDNAME=" + n).c_str());
+}
+
+// sd_notify goes to a service manager that keeps fds for us.
+bool GpuFdStore::Enabled() const {
+  return wanted_ && mode_ == gpu::ExportMode::kVmm && std::getenv("NOTIFY_SOCKET") != nullptr;
+}
+
+void GpuFdStore::Store(const ModelEntry& m, GpuEntry& g) {
+  if (!Enabled() || !g.copy || !m.resident) return;
+  auto fds = g.copy->ExportFds();
+  if (!fds.ok()) {
+    spdlog::warn("model '{}': not storing its copy on {} with systemd: {}", m.config.name, CudaName(g.copy->ordinal()),
+                 fds.status().ToString());
+    return;
+  }
+  auto stored = std::make_shared<StoredCopy>();
+  for (std::size_t i = 0; i < fds->size(); ++i) {
+    const std::string name = FdStoreName(g.copy->device_uuid(), m.generation, i, m.config.name);
+    const int fd = (*fds)[i].get();
+    const int r = sd_pid_notify_with_fds(0, 0, ("FDSTORE=1\nFDNAME=" + name).c_str(), &fd, 1);
+    if (r <= 0) {
+      spdlog::warn("model '{}': systemd did not take the fds of its copy on {} ({}); it is made again after a crash",
+                   m.config.name, CudaName(g.copy->ordinal()), r < 0 ? std::strerror(-r) : "no service manager");
+      return;  // `stored` removes what was sent
+    }
+    stored->names.push_back(name);
+  }
+  g.stored = std::move(stored);
+}
+
+void GpuFdStore::AdoptStored(ModelTable& table) {
+  char** raw_names = nullptr;
+  const int n = sd_listen_fds_with_names(1, &raw_names);
+  if (n <= 0) return;
+  struct Group {
+    std::map<std::size_t, posix::Fd> fds;
+    std::vector<std::string> names;
+  };
+  std::map<std::tuple<std::string, std::string, std::uint64_t>, Group> groups;  // model, uuid, generation
+  std::vector<std::string> dropped;
+  for (int i = 0; i < n; ++i) {
+    posix::Fd fd(SD_LISTEN_FDS_START + i);
+    ::fcntl(fd.get(), F_SETFD, FD_CLOEXEC);
+    std::string name = raw_names != nullptr && raw_names[i] != nullptr ? raw_names[i] : "";
+    // gpu.<uuid>.<generation>.<shard>.<model>; the uuid has no '.', the model may.
+    std::vector<std::string> f;
+    std::size_t from = 0;
+    for (int k = 0; k < 4 && from != std::string::npos; ++k) {
+      const std::size_t dot = name.find('.', from);
+      f.push_back(name.substr(from, dot == std::string::npos ? std::string::npos : dot - from));
+      from = dot == std::string::npos ? dot : dot + 1;
+    }
+    std::uint64_t gen = 0, shard = 0;
+    if (f.size() != 4 || f[0] != "gpu" || from == std::string::npos || !ParseU64(f[2], &gen) || !ParseU64(f[3], &shard)) {
+      spdlog::warn("systemd passed fd {} named '{}', which is not a GPU copy of weightd's; closing it", fd.get(), name);
+      if (!name.empty()) dropped.push_back(name);
+      continue;
+    }
+    Group& grp = groups[{name.substr(from), f[1], gen}];
+    grp.fds[static_cast<std::size_t>(shard)] = std::move(fd);
+    grp.names.push_back(name);
+  }
+  if (raw_names != nullptr) {
+    for (int i = 0; i < n; ++i) std::free(raw_names[i]);
+    std::free(raw_names);
+  }
+  const bool serving = gpu_ != nullptr && gpu_->available() && mode_ == gpu::ExportMode::kVmm;
+  for (auto& [key, grp] : groups) {
+    const auto& [model, uuid, gen] = key;
+    const auto t0 = std::chrono::steady_clock::now();
+    auto why_not = [&]() -> Status {
+      ModelEntry* m = table.Find(model);
+      if (m == nullptr || !m->resident || m->generation != gen)
+        return FailedPrecondition("its host copy (generation " + std::to_string(gen) + ") was not adopted", "adopt.no_host_copy");
+      if (!serving) return FailedPrecondition("this instance serves no VMM GPU copies", "adopt.no_gpu");
+      ASSIGN_OR_RETURN(int ordinal, gpu_->ResolveDevice(uuid));
+      const auto& shards = m->resident->shards;
+      if (grp.fds.size() != shards.size() || grp.fds.rbegin()->first != shards.size() - 1)
+        return FailedPrecondition(std::to_string(grp.fds.size()) + " stored fds for " + std::to_string(shards.size()) +
+                                      " shards", "adopt.gpu_incomplete");
+      std::vector<int> fds;
+      std::vector<std::uint64_t> sizes;
+      for (const auto& [i, fd] : grp.fds) {
+        fds.push_back(fd.get());
+        sizes.push_back(shards[i].segment.data_size());
+      }
+      ASSIGN_OR_RETURN(std::shared_ptr<gpu::GpuCopy> copy, gpu_->Adopt(ordinal, fds, sizes));
+      // Every byte, against the verified host copy.
+      std::vector<std::byte> buf(std::size_t{64} << 20);
+      for (std::size_t i = 0; i < shards.size(); ++i)
+        for (std::uint64_t off = 0; off < shards[i].segment.data_size(); off += buf.size()) {
+          const std::size_t len = static_cast<std::size_t>(std::min<std::uint64_t>(buf.size(), shards[i].segment.data_size() - off));
+          RETURN_IF_ERROR(copy->CopyToHost(i, off, std::span(buf.data(), len)));
+          if (std::memcmp(buf.data(), shards[i].segment.data() + off, len) != 0)
+            return DataLoss("shard " + std::to_string(i) + " differs from the host copy at byte " + std::to_string(off),
+                            "adopt.gpu_mismatch");
+        }
+      GpuEntry& g = m->gpus[ordinal];
+      g.state = ModelState::kResident;
+      g.phase = Phase::kIdle;
+      g.copy = std::move(copy);
+      g.generation = table.NextGeneration();
+      g.last_used = clock_->Now();
+      g.stored = std::make_shared<StoredCopy>();
+      g.stored->names = grp.names;
+      spdlog::info("model '{}': its copy on {} adopted from systemd's fd store, verified in {} ms", model,
+                   CudaName(ordinal), ToMs(std::chrono::steady_clock::now() - t0));
+      return Status::Ok();
+    }();
+    if (!why_not.ok()) {
+      spdlog::warn("model '{}': not adopting its stored copy on {}: {}", model, uuid, why_not.ToString());
+      dropped.insert(dropped.end(), grp.names.begin(), grp.names.end());
+    }
+  }
+  for (const std::string& name : dropped) sd_notify(0, ("FDSTOREREMOVE=1\nFDNAME=" + name).c_str());
 }
 
 }  // namespace weightd

@@ -4,9 +4,12 @@
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <pwd.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <charconv>
+#include <cstdio>
 #include <cstring>
 #include <cstdlib>
 #include <fstream>
@@ -14,6 +17,7 @@
 
 #include <spdlog/spdlog.h>
 
+#include "posix.h"
 #include "protocol.h"
 
 namespace weightd::auth {
@@ -402,6 +406,67 @@ void ZapHandler::Answer(std::vector<zmq::message_t>& frames) {
   sock_.send(zmq::buffer(text), zmq::send_flags::sndmore);
   sock_.send(zmq::buffer(user), zmq::send_flags::sndmore);
   sock_.send(zmq::buffer(meta), zmq::send_flags::none);
+}
+
+Status Policy::CheckConnect(const Identity& who) const {
+  if (MayConnect(who)) return Status::Ok();
+  return PermissionDenied(who.ToString() + " may not use this daemon: it is not in daemon.client_group (gid " +
+                              std::to_string(client_gid_) + "), an admin, or allowed any model",
+                          "auth.not_a_client");
+}
+
+Status Policy::CheckAdmin(const Identity& who, std::string_view what) const {
+  if (IsAdmin(who)) return Status::Ok();
+  return PermissionDenied(std::string(what) + " is an admin operation: " + who.ToString() +
+                              " is neither root, the daemon's user nor in daemon.admin_group",
+                          "auth.admin_only");
+}
+
+Status Policy::CheckModel(const Identity& who, const std::string& model) const {
+  if (MayAcquire(who, model)) return Status::Ok();
+  return PermissionDenied(who.ToString() + " may not use model '" + model +
+                              "' (its allow_users and allow_groups do not include it)",
+                          "auth.model_denied");
+}
+
+Status CheckSegmentGroup(const Policy& policy, gid_t shm_gid, mode_t shm_mode) {
+  if (!policy.Restrictive() || (shm_mode & 0040) == 0 || !policy.GrantsGroup(shm_gid)) return Status::Ok();
+  return InvalidArgument("models have different ACLs (allow_users, allow_groups), but the segments' group (gid " +
+                             std::to_string(shm_gid) + ", daemon.shm_group or the daemon's own group) is one the "
+                             "client group or an ACL grants, so its members could open every model's segments by "
+                             "name; set daemon.shm_mode = \"0600\" (clients get their segments as fds anyway) or a "
+                             "shm_group no ACL names",
+                         "config.shm_group_leaks");
+}
+
+Status CheckSocketPaths(const std::string& dir, const std::vector<std::string>& names) {
+  const uid_t me = ::geteuid();
+  struct stat st {};
+  if (::lstat(dir.c_str(), &st) != 0) return posix::ErrnoStatus("lstat(" + dir + ")");
+  if (!S_ISDIR(st.st_mode))
+    return FailedPrecondition("the socket directory " + dir + " is not a directory (a symbolic link is refused)",
+                              "daemon.socket_dir_unsafe");
+  if (st.st_uid != me && st.st_uid != 0)
+    return FailedPrecondition("the socket directory " + dir + " belongs to uid " + std::to_string(st.st_uid) +
+                                  ", not to this daemon (uid " + std::to_string(me) + ") or root",
+                              "daemon.socket_dir_unsafe");
+  if ((st.st_mode & 0022) != 0 && (st.st_mode & S_ISVTX) == 0) {
+    char mode[8];
+    std::snprintf(mode, sizeof mode, "%04o", static_cast<unsigned>(st.st_mode & 07777));
+    return FailedPrecondition("the socket directory " + dir + " (mode " + mode +
+                                  ") is writable by other users and not sticky: another user could replace the socket",
+                              "daemon.socket_dir_unsafe");
+  }
+  for (const std::string& name : names) {
+    if (::lstat(name.c_str(), &st) != 0) continue;  // absent: fine
+    if (S_ISLNK(st.st_mode))
+      return FailedPrecondition(name + " is a symbolic link; refusing to use it", "daemon.socket_squatted");
+    if (st.st_uid != me && st.st_uid != 0)
+      return FailedPrecondition(name + " exists and belongs to uid " + std::to_string(st.st_uid) +
+                                    "; refusing a path another user prepared (remove it if it is stale)",
+                                "daemon.socket_squatted");
+  }
+  return Status::Ok();
 }
 
 }  // namespace weightd::auth

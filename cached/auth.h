@@ -79,6 +79,11 @@ class Policy {
   bool MayConnect(const Identity& who) const;
   // False for a model the policy does not know.
   bool MayAcquire(const Identity& who, const std::string& model) const;
+  // The same as PermissionDenied errors that say why: "auth.not_a_client", "auth.admin_only"
+  // (`what`: the operation, "load"), "auth.model_denied".
+  Status CheckConnect(const Identity& who) const;
+  Status CheckAdmin(const Identity& who, std::string_view what) const;
+  Status CheckModel(const Identity& who, const std::string& model) const;
 
   gid_t client_gid() const { return client_gid_; }
   // True when some model's ACL differs from another's: then whoever may open segments by name
@@ -94,6 +99,17 @@ class Policy {
   std::optional<gid_t> admin_gid_;
   std::map<std::string, Acl> models_;
 };
+
+// Per-model ACLs are only airtight when no tenant can open segments by name: then the segments'
+// group (`shm_gid`) must be none that an ACL or the client group grants, or have no group read
+// bit in `shm_mode`. InvalidArgument "config.shm_group_leaks" otherwise.
+Status CheckSegmentGroup(const Policy& policy, gid_t shm_gid, mode_t shm_mode);
+
+// The socket's directory and the names the daemon creates in it must be ours (or root's): a user
+// who owns the directory, or may write to it without the sticky bit, could swap our socket for
+// theirs and receive every client's requests. An existing name of another user is a squat.
+// FailedPrecondition "daemon.socket_dir_unsafe" or "daemon.socket_squatted".
+Status CheckSocketPaths(const std::string& dir, const std::vector<std::string>& names);
 
 // Answers libzmq's ZAP requests (RFC 27) on inproc://zeromq.zap.01 of `ctx`, for every domain:
 // an ipc peer whose credentials libzmq read is accepted and stamped; anything else (no

@@ -6,6 +6,7 @@
 
 #include <cstdint>
 #include <initializer_list>
+#include <map>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -54,3 +55,21 @@ class Writer {
 std::string EscapeLabelValue(std::string_view v);
 
 }  // namespace weightd::metrics
+
+namespace weightd {
+
+// The daemon's own counters (the rest of /metrics is read from the state when rendered), kept
+// by the control loop's parts and read by the report (stats.h). Not thread-safe: the loop's.
+struct TierCounters {
+  std::uint64_t loads_ok = 0, loads_failed = 0, bytes = 0, hits = 0, misses = 0;
+  metrics::Histogram durations = metrics::LoadDurationHistogram();
+  std::map<std::string, std::uint64_t> evictions;  // by reason
+  std::map<std::string, std::uint64_t> errors;     // by reason of the error
+};
+struct Counters {
+  TierCounters host, gpu;
+  std::uint64_t loads_ok = 0, loads_failed = 0, requests = 0, malformed = 0;
+  std::uint64_t adopted_models = 0;  // host copies taken back from the previous instance at start
+};
+
+}  // namespace weightd

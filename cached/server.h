@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <memory>
 
+#include "cache.h"
 #include "clock.h"
 #include "config.h"
 #include "gpu_tier.h"
@@ -23,30 +24,6 @@ namespace weightd {
 
 // Blocks the signals the server reads through its signalfd. Call first thing in main().
 void BlockSignals();
-
-// Readings of memory for the pressure rule of the cache policy; tests inject their own.
-// Called on the loop thread only.
-class MemoryProbe {
- public:
-  struct Reading {
-    std::uint64_t total = 0;
-    std::uint64_t available = 0;  // host: MemAvailable; GPU: free device memory
-  };
-  virtual ~MemoryProbe() = default;
-  virtual Result<Reading> Host() = 0;
-  virtual Result<Reading> Gpu(int ordinal) = 0;
-};
-
-// /proc/meminfo, and the GPU tier's cuMemGetInfo.
-class SystemMemoryProbe final : public MemoryProbe {
- public:
-  explicit SystemMemoryProbe(gpu::GpuTier* gpu) : gpu_(gpu) {}
-  Result<Reading> Host() override;
-  Result<Reading> Gpu(int ordinal) override;
-
- private:
-  gpu::GpuTier* gpu_;
-};
 
 class Server {
  public:

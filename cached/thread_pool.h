@@ -15,6 +15,10 @@
 
 namespace weightd {
 
+// Hands a task to the control loop from any thread; the loop runs it on its own thread. Workers
+// post the next step of their job this way, so that the loop never waits for them.
+using LoopPost = std::function<void(std::function<void()>)>;
+
 class ThreadPool {
  public:
   explicit ThreadPool(unsigned threads, std::string name = "worker");

@@ -1,0 +1,153 @@
+// The eviction policy applied to the model table (cache.h), without sockets: which copies an
+// admission evicts, what is never evicted, idle TTLs, memory pressure and an administrator's
+// evict, on real resident copies (support/residency.h) and a fake clock.
+#include <gtest/gtest.h>
+
+#include "support/daemon_process.h"
+#include "support/fake_cuda.h"
+#include "support/residency.h"
+
+namespace weightd {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::FakeCudaApi;
+using testing::Residency;
+using testing::TempDir;
+
+constexpr std::uint64_t kPage = 4096;
+constexpr std::uint64_t kModelBytes = 4 * kPage;  // one F32 tensor of 64x64
+
+class CacheTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(posix::PageSize(), kPage); }
+
+  ModelConfig WriteModel(const std::string& name) {
+    std::vector<st::TensorSpec> t{{"w", DType::kF32, {64, 64}}};
+    EXPECT_TRUE(testing::WriteModel(dir_.file(name), t, name.size()).ok());
+    return ModelConfig{name, dir_.file(name)};
+  }
+  static CacheConfig Config(std::uint64_t host_models) {
+    CacheConfig c;
+    c.host_budget = Budget{host_models * kModelBytes, 0};
+    c.host_pressure = 0;
+    c.gpu_pressure = 0;
+    return c;
+  }
+  // Loads each model in turn, one second of fake time apart (so the first is least recent).
+  static void LoadAll(Residency& r, const std::vector<std::string>& names) {
+    for (const auto& n : names) {
+      ASSERT_TRUE(r.Load(n)) << n;
+      r.clock.Advance(1s);
+    }
+  }
+  static ModelState HostState(Residency& r, const std::string& name) { return r.table.Find(name)->state; }
+
+  TempDir dir_;
+};
+
+TEST_F(CacheTest, AdmissionEvictsTheLeastRecentlyUsedCopy) {
+  Residency r(Config(2));
+  for (const char* n : {"a", "b", "c"}) r.Add(WriteModel(n));
+  LoadAll(r, {"a", "b"});
+  r.table.Touch("a", "cpu", r.clock.Now());  // a lease of a ended: a is now the most recent
+  ASSERT_TRUE(r.Load("c"));
+  EXPECT_EQ(HostState(r, "a"), ModelState::kResident);
+  EXPECT_EQ(HostState(r, "b"), ModelState::kAbsent);
+  EXPECT_EQ(r.counters.host.evictions["lru"], 1u);
+  EXPECT_LE(r.table.HostUsed(), 2 * kModelBytes);
+}
+
+TEST_F(CacheTest, LowerPriorityIsEvictedFirstAndPinnedOrLeasedCopiesNever) {
+  Residency r(Config(3));
+  for (const char* n : {"pinned", "leased", "low", "high", "new"}) r.Add(WriteModel(n));
+  r.table.Find("pinned")->config.pin = true;
+  r.table.Find("low")->config.priority = -1;
+  LoadAll(r, {"pinned", "leased", "low"});
+  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
+  ASSERT_TRUE(r.leases.AddLease(*s, "leased", "cpu").ok());
+  // Full: "high" evicts "low" (priority -1), though "pinned" is older.
+  ASSERT_TRUE(r.Load("high"));
+  EXPECT_EQ(HostState(r, "low"), ModelState::kAbsent);
+  EXPECT_EQ(HostState(r, "pinned"), ModelState::kResident);
+  EXPECT_EQ(HostState(r, "leased"), ModelState::kResident);
+  // Full again, and a newcomer of priority 0 may evict only "high" (priority 0, unleased).
+  ASSERT_TRUE(r.Load("new"));
+  EXPECT_EQ(HostState(r, "high"), ModelState::kAbsent);
+  EXPECT_EQ(HostState(r, "pinned"), ModelState::kResident);
+  EXPECT_EQ(HostState(r, "leased"), ModelState::kResident);
+}
+
+TEST_F(CacheTest, WarmPoolCapCountsCopiesNotBytes) {
+  CacheConfig c = Config(10);
+  c.max_host_models = 2;
+  Residency r(c);
+  for (const char* n : {"a", "b", "c"}) r.Add(WriteModel(n));
+  LoadAll(r, {"a", "b", "c"});
+  EXPECT_EQ(HostState(r, "a"), ModelState::kAbsent);
+  EXPECT_EQ(r.table.HostCount(), 2u);
+}
+
+TEST_F(CacheTest, IdleTtlEvictsUnleasedCopiesOnceTheirIdleTimeRunsOut) {
+  CacheConfig c = Config(4);
+  c.host_idle_ttl = 30s;
+  Residency r(c);
+  for (const char* n : {"idle", "leased"}) r.Add(WriteModel(n));
+  LoadAll(r, {"idle", "leased"});
+  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
+  ASSERT_TRUE(r.leases.AddLease(*s, "leased", "cpu").ok());
+  r.cache.Enforce(r.clock.Now() + 20s);
+  EXPECT_EQ(HostState(r, "idle"), ModelState::kResident) << "20 s idle of 30";
+  r.cache.Enforce(r.clock.Now() + 40s);
+  EXPECT_EQ(HostState(r, "idle"), ModelState::kAbsent);
+  EXPECT_EQ(HostState(r, "leased"), ModelState::kResident);
+  EXPECT_EQ(r.counters.host.evictions["ttl"], 1u);
+}
+
+TEST_F(CacheTest, MemoryPressureEvictsInEvictionOrderWorthTheExcess) {
+  CacheConfig c = Config(4);
+  c.host_pressure = 0.5;
+  c.pressure_interval = 1s;
+  Residency r(c);
+  for (const char* n : {"a", "b", "c"}) r.Add(WriteModel(n));
+  LoadAll(r, {"a", "b", "c"});
+  // Used is 50% of the total plus one model's worth: evicting the oldest copy is enough.
+  r.memory.host_total = 1000 * kModelBytes;
+  r.memory.host_available = 500 * kModelBytes - kModelBytes;
+  r.cache.Enforce(r.clock.Now());
+  EXPECT_EQ(HostState(r, "a"), ModelState::kAbsent);
+  EXPECT_EQ(HostState(r, "b"), ModelState::kResident);
+  EXPECT_EQ(HostState(r, "c"), ModelState::kResident);
+  EXPECT_EQ(r.counters.host.evictions["pressure"], 1u);
+  // Sampled once per pressure_interval only.
+  r.cache.Enforce(r.clock.Now() + 500ms);
+  EXPECT_EQ(HostState(r, "b"), ModelState::kResident);
+}
+
+TEST_F(CacheTest, AdminEvictIsRefusedWhileLeasedOrLoadingAndDropsEveryTierOtherwise) {
+  FakeCudaApi cuda({FakeCudaApi::Device{}}, 64 * 1024);
+  Residency r(Config(4), &cuda);
+  r.Add(WriteModel("a"));
+  r.Request("a", 0);
+  ModelEntry& m = *r.table.Find("a");
+  EXPECT_EQ(r.cache.Evict(m, "").reason(), "evict.loading");
+  ASSERT_TRUE(r.PumpUntilGpu("a", 0, ModelState::kResident));
+  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
+  const std::uint64_t lease = *r.leases.AddLease(*s, "a", "cuda:0");
+  EXPECT_EQ(r.cache.Evict(m, "cuda:0").reason(), "evict.leased");
+  // The host copy alone may go: the GPU lease holds only the GPU copy.
+  ASSERT_TRUE(r.cache.Evict(m, "cpu").ok());
+  EXPECT_FALSE(m.resident);
+  EXPECT_EQ(m.gpus.count(0), 1u);
+  EXPECT_FALSE(m.tensors.empty()) << "the GPU copy's leases still need the tensor index";
+  ASSERT_TRUE(r.leases.Release(*s, lease).ok());
+  ASSERT_TRUE(r.cache.Evict(m, "").ok());
+  EXPECT_TRUE(m.gpus.empty());
+  EXPECT_TRUE(m.tensors.empty());
+  EXPECT_EQ(r.counters.host.evictions["admin"], 1u);
+  EXPECT_EQ(r.counters.gpu.evictions["admin"], 1u);
+  EXPECT_EQ(r.cache.Evict(m, "cuda:7").reason(), "gpu.unknown_device");
+}
+
+}  // namespace
+}  // namespace weightd

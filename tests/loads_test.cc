@@ -1,0 +1,196 @@
+// The residency state machine without sockets: the model table and its load pipelines
+// (loads.h), driven directly with real model files, a fake clock and, for GPU copies, the fake
+// CUDA API. The test plays the control loop (support/residency.h).
+#include <gtest/gtest.h>
+
+#include <fstream>
+
+#include "support/daemon_process.h"
+#include "support/fake_cuda.h"
+#include "support/residency.h"
+
+namespace weightd {
+namespace {
+
+using namespace std::chrono_literals;
+using testing::FakeCudaApi;
+using testing::Residency;
+using testing::TempDir;
+
+constexpr std::uint64_t kPage = 4096;
+// Each model: one shard of exactly 4 pages of data (a single F32 tensor of 4096 elements).
+constexpr std::uint64_t kModelBytes = 4 * kPage;
+
+class LoadsTest : public ::testing::Test {
+ protected:
+  void SetUp() override { ASSERT_EQ(posix::PageSize(), kPage); }
+
+  ModelConfig WriteModel(const std::string& name, std::uint64_t seed = 1) {
+    std::vector<st::TensorSpec> t{{"w", DType::kF32, {64, 64}}};
+    EXPECT_TRUE(testing::WriteModel(dir_.file(name), t, seed).ok());
+    return ModelConfig{name, dir_.file(name)};
+  }
+  static CacheConfig Budget(std::uint64_t host_models) {
+    CacheConfig c;
+    c.host_budget = weightd::Budget{host_models * kModelBytes, 0};
+    c.host_pressure = 0;
+    c.gpu_pressure = 0;
+    c.admission_timeout = 5s;  // of fake time
+    return c;
+  }
+
+  TempDir dir_;
+};
+
+TEST_F(LoadsTest, HostLoadGoesThroughPlanAdmitFillToResidentAndAnswersEveryWaiterOnce) {
+  Residency r(Budget(4));
+  r.Add(WriteModel("a"));
+  r.Request("a");
+  r.Request("a");  // a second request shares the load
+  const ModelEntry& m = *r.table.Find("a");
+  EXPECT_EQ(m.state, ModelState::kLoading);
+  EXPECT_EQ(m.phase, Phase::kPlanning);
+  const std::uint64_t generation = m.generation;
+  ASSERT_TRUE(r.PumpUntilHost("a", ModelState::kResident));
+  EXPECT_EQ(m.generation, generation) << "one load, not two";
+  ASSERT_EQ(r.answers.size(), 1u);
+  EXPECT_EQ(r.answers[0].waiters, 2u);
+  EXPECT_EQ(r.answers[0].state, ModelState::kResident);
+  EXPECT_EQ(m.host_bytes, kModelBytes);
+  EXPECT_EQ(m.host_reserved, 0u);
+  EXPECT_EQ(r.table.HostUsed(), kModelBytes);
+  EXPECT_EQ(m.tensors.size(), 1u);
+  EXPECT_EQ(r.counters.host.loads_ok, 1u);
+  EXPECT_EQ(m.loads, 1u);
+  // One segment and its adoption record.
+  EXPECT_EQ(r.ShmNames().size(), 2u);
+  EXPECT_FALSE(m.resident->record.empty());
+}
+
+TEST_F(LoadsTest, FailedLoadAnswersItsWaitersAndCountsTheReason) {
+  Residency r(Budget(4));
+  ModelConfig mc = WriteModel("bad");
+  {
+    std::ofstream f(mc.dir + "/model.safetensors", std::ios::binary | std::ios::trunc);
+    f << "not a safetensors file";
+  }
+  r.Add(mc);
+  r.Request("bad");
+  ASSERT_TRUE(r.PumpUntilHost("bad", ModelState::kFailed));
+  ASSERT_EQ(r.answers.size(), 1u);
+  EXPECT_EQ(r.answers[0].state, ModelState::kFailed);
+  EXPECT_FALSE(r.answers[0].error.ok());
+  EXPECT_EQ(r.counters.host.loads_failed, 1u);
+  EXPECT_EQ(r.counters.host.errors.count(r.answers[0].error.reason()), 1u) << r.answers[0].error.ToString();
+  EXPECT_FALSE(r.table.Find("bad")->resident);
+  EXPECT_TRUE(r.ShmNames().empty());
+}
+
+TEST_F(LoadsTest, ModelLargerThanTheBudgetIsRefusedBeforeAnySegmentExists) {
+  Residency r(Budget(1));
+  std::vector<st::TensorSpec> t{{"w", DType::kF32, {128, 64}}};  // 8 pages
+  ASSERT_TRUE(testing::WriteModel(dir_.file("big"), t, 1).ok());
+  r.Add(ModelConfig{"big", dir_.file("big")});
+  r.Request("big");
+  ASSERT_TRUE(r.PumpUntilHost("big", ModelState::kFailed));
+  ASSERT_EQ(r.answers.size(), 1u);
+  EXPECT_EQ(r.answers[0].error.reason(), "cache.too_large") << r.answers[0].error.ToString();
+  EXPECT_TRUE(r.ShmNames().empty());
+}
+
+TEST_F(LoadsTest, WaitsForRoomWhileALeaseHoldsItAndLoadsOnceTheLeaseEnds) {
+  Residency r(Budget(1));
+  r.Add(WriteModel("a"));
+  r.Add(WriteModel("b", 2));
+  ASSERT_TRUE(r.Load("a"));
+  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
+  const std::uint64_t lease = *r.leases.AddLease(*s, "a", "cpu");
+  r.Request("b");
+  ASSERT_TRUE(r.PumpUntil([&] { return r.table.Find("b")->phase == Phase::kAdmitting; }));
+  EXPECT_EQ(r.cache.waiting(), 1u);
+  EXPECT_NE(r.table.Find("b")->waiting_for.find("host budget"), std::string::npos) << r.table.Find("b")->waiting_for;
+  EXPECT_NE(r.table.Find("b")->waiting_for.find("1 lease"), std::string::npos) << r.table.Find("b")->waiting_for;
+  // The lease ends: the loop retries, evicts a (least recently used, unleased now) and loads b.
+  ASSERT_TRUE(r.leases.Release(*s, lease).ok());
+  r.cache.RetrySoon();
+  ASSERT_TRUE(r.PumpUntilHost("b", ModelState::kResident));
+  EXPECT_EQ(r.table.Find("a")->state, ModelState::kAbsent);
+  EXPECT_EQ(r.counters.host.evictions["lru"], 1u);
+  EXPECT_EQ(r.cache.waiting(), 0u);
+}
+
+TEST_F(LoadsTest, AdmissionThatWaitsPastItsTimeoutFailsWithBudgetExhausted) {
+  Residency r(Budget(1));
+  r.Add(WriteModel("a"));
+  r.Add(WriteModel("b", 2));
+  ASSERT_TRUE(r.Load("a"));
+  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
+  ASSERT_TRUE(r.leases.AddLease(*s, "a", "cpu").ok());
+  r.Request("b");
+  ASSERT_TRUE(r.PumpUntil([&] { return r.cache.waiting() == 1; }));
+  r.clock.Advance(6s);
+  r.cache.RetrySoon();
+  ASSERT_TRUE(r.PumpUntilHost("b", ModelState::kFailed));
+  EXPECT_EQ(r.answers.back().error.reason(), "cache.budget_exhausted") << r.answers.back().error.ToString();
+  EXPECT_EQ(r.table.Find("a")->state, ModelState::kResident) << "a leased copy is never a victim";
+  EXPECT_EQ(r.cache.waiting(), 0u);
+}
+
+TEST_F(LoadsTest, ResultOfALoadThatWasReplacedIsFreedNotInstalled) {
+  Residency r(Budget(4));
+  r.Add(WriteModel("a"));
+  r.Request("a");
+  ModelEntry& m = *r.table.Find("a");
+  const std::uint64_t first = m.generation;
+  // Admitted and filling (or filled, its result not yet handed to the loop).
+  ASSERT_TRUE(r.PumpUntil([&] { return m.phase == Phase::kWorking; }));
+  // What a reload does to a model that changed directory while it loaded.
+  m.cancel->store(true);
+  r.table.DropResident(m);
+  m.state = ModelState::kAbsent;
+  m.waiters.clear();
+  r.Request("a");
+  ASSERT_NE(m.generation, first);
+  ASSERT_TRUE(r.PumpUntilHost("a", ModelState::kResident));
+  ASSERT_TRUE(r.PumpUntil([&] { return r.ShmNames().size() == 2; }));
+  for (const std::string& name : r.ShmNames())
+    EXPECT_NE(name.find(r.store.LoadTag(m.generation)), std::string::npos) << name << " is not the second load's";
+}
+
+TEST_F(LoadsTest, GpuCopyOfAnAbsentModelLoadsTheHostCopyFirst) {
+  FakeCudaApi cuda({FakeCudaApi::Device{}}, 64 * 1024);
+  Residency r(Budget(4), &cuda);
+  r.Add(WriteModel("a"));
+  r.Request("a", 0);
+  const ModelEntry& m = *r.table.Find("a");
+  EXPECT_EQ(m.state, ModelState::kLoading) << "the host copy is the GPU copy's source";
+  ASSERT_TRUE(r.PumpUntilGpu("a", 0, ModelState::kResident));
+  EXPECT_EQ(m.state, ModelState::kResident);
+  ASSERT_EQ(r.answers.size(), 1u);
+  EXPECT_EQ(r.answers[0].ordinal, 0);
+  EXPECT_EQ(r.answers[0].state, ModelState::kResident);
+  EXPECT_EQ(r.counters.gpu.loads_ok, 1u);
+  EXPECT_EQ(r.table.GpuUsed(0), cuda.allocated_bytes(0));
+  EXPECT_EQ(r.table.GpuCount(0), 1u);
+}
+
+TEST_F(LoadsTest, GpuCopiesWaitingForAHostCopyFailWithIt) {
+  FakeCudaApi cuda({FakeCudaApi::Device{}}, 64 * 1024);
+  Residency r(Budget(4), &cuda);
+  ModelConfig mc = WriteModel("bad");
+  {
+    std::ofstream f(mc.dir + "/model.safetensors", std::ios::binary | std::ios::trunc);
+    f << "garbage";
+  }
+  r.Add(mc);
+  r.Request("bad", 0);
+  ASSERT_TRUE(r.PumpUntilGpu("bad", 0, ModelState::kFailed));
+  EXPECT_EQ(r.table.Find("bad")->state, ModelState::kFailed);
+  ASSERT_EQ(r.answers.size(), 1u);
+  EXPECT_EQ(r.answers[0].ordinal, 0);
+  EXPECT_EQ(r.counters.gpu.loads_failed, 1u);
+  EXPECT_EQ(cuda.allocated_bytes(0), 0u);
+}
+
+}  // namespace
+}  // namespace weightd
