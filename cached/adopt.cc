@@ -52,14 +52,16 @@ ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::u
   return r;
 }
 
-Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, const SegmentStore& store,
-                                             bool verify_manifest, unsigned threads) {
+Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, Loader& loader,
+                                             const SegmentStore& store) {
   if (record.model != mc.name || record.dir != mc.dir)
     return Changed(record, "the catalog now says directory " + mc.dir + ", the record " + record.dir);
-  // The files must be those that were read: same set, and each with the same identity
-  // (the change time too: a rewrite that keeps size and mtime still moves it).
-  ASSIGN_OR_RETURN(std::vector<std::string> files, DiscoverShards(mc.dir));
-  std::vector<std::string> recorded;
+  // The files as a load would find them now: the shard set, each file's identity and header,
+  // and (when the loader verifies) the checksums today's manifest names. No data is read.
+  auto plan = loader.Plan(mc);
+  if (!plan.ok()) return Changed(record, plan.status().message());
+  std::vector<std::string> files, recorded;
+  for (const PlannedShard& p : plan->shards) files.push_back(p.file);
   for (const auto& s : record.shards) recorded.push_back(s.file);
   if (files != recorded) return Changed(record, "its shard files are not those that were loaded");
 
@@ -67,86 +69,42 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
   model->name = mc.name;
   model->dir = mc.dir;
   model->record = record.name;
-  std::vector<st::Header> headers;
-  for (const ModelRecord::Shard& s : record.shards) {
+  for (std::size_t i = 0; i < record.shards.size(); ++i) {
+    const ModelRecord::Shard& s = record.shards[i];
+    PlannedShard& p = plan->shards[i];
     const std::string path = mc.dir + "/" + s.file;
-    auto now = posix::StatPath(path);
-    if (!now.ok()) return Changed(record, now.status().message());
-    const posix::FileInfo& was = s.file_info;
-    if (now->size != was.size || now->mtime_ns != was.mtime_ns || now->ctime_ns != was.ctime_ns ||
-        now->inode != was.inode || now->dev != was.dev)
-      return Changed(record, path + " changed since it was loaded");
-    // The header, from the record's copy of its bytes.
-    const std::string& hb = s.header_bytes;
-    std::uint64_t n = 0;
-    if (hb.size() < 8) return BadRecord(record.name, "a header of " + std::to_string(hb.size()) + " bytes");
-    std::memcpy(&n, hb.data(), 8);
-    if (n != hb.size() - 8) return BadRecord(record.name, "a header whose length prefix disagrees with it");
-    auto header = st::ParseHeader(std::string_view(hb).substr(8), was.size);
-    if (!header.ok()) return header.status().WithContext("adoption record /" + record.name + ", " + s.file);
-    if (header->data_size != s.data_size)
-      return BadRecord(record.name, s.file + ": its header says " + std::to_string(header->data_size) +
+    if (!SameFile(s.file_info, p.file_info)) return Changed(record, path + " changed since it was loaded");
+    const std::string_view header(reinterpret_cast<const char*>(p.header_bytes.data()), p.header_bytes.size());
+    if (header != s.header_bytes) return BadRecord(record.name, s.file + ": its header is not the file's");
+    if (p.header.data_size != s.data_size)
+      return BadRecord(record.name, s.file + ": its header says " + std::to_string(p.header.data_size) +
                                         " data bytes, the record " + std::to_string(s.data_size));
+    if (p.expected && !XXH128_isEqual(*p.expected, s.checksum))
+      return Changed(record, mc.dir + "/" + std::string(kChecksumManifest) + " does not vouch for " + s.file);
     ResidentShard shard;
     shard.file = s.file;
-    shard.header = *header;
-    shard.file_info = *now;
+    shard.header = std::move(p.header);
+    shard.file_info = p.file_info;
     shard.checksum = s.checksum;
-    shard.header_bytes.resize(hb.size());
-    std::memcpy(shard.header_bytes.data(), hb.data(), hb.size());
+    shard.verified = p.expected.has_value();
+    shard.header_bytes = std::move(p.header_bytes);
     ASSIGN_OR_RETURN(shard.segment, store.Open(s.segment, s.data_size));
-    headers.push_back(std::move(header).value());
     model->bytes += s.data_size;
-    model->tensor_count += static_cast<std::uint32_t>(headers.back().tensors.size());
+    model->tensor_count += static_cast<std::uint32_t>(shard.header.tensors.size());
     model->shards.push_back(std::move(shard));
   }
-  RETURN_IF_ERROR(CheckShardSet(mc.dir, files, headers));
-  // The manifest as it is today, as a load would read it.
-  if (verify_manifest) {
-    ASSIGN_OR_RETURN(auto manifest, ReadManifest(mc.dir));
-    for (ResidentShard& sh : model->shards) {
-      if (!manifest) continue;
-      auto it = manifest->find(sh.file);
-      if (it == manifest->end() || !XXH128_isEqual(it->second, sh.checksum))
-        return Changed(record, mc.dir + "/" + std::string(kChecksumManifest) + " does not vouch for " + sh.file);
-      sh.verified = true;
-    }
-  }
-
-  // Hash header + segment data per shard, `threads` shards at a time.
-  enum : char { kUnhashed, kMatches, kDiffers };
-  std::vector<char> verdict(model->shards.size(), kUnhashed);
-  std::atomic<std::size_t> next{0};
-  auto work = [&] {
-    for (std::size_t i; (i = next.fetch_add(1)) < model->shards.size();) {
-      const ResidentShard& sh = model->shards[i];
-      XXH3_state_t* st = XXH3_createState();
-      if (st == nullptr) continue;  // stays kUnhashed
-      XXH3_128bits_reset(st);
-      XXH3_128bits_update(st, sh.header_bytes.data(), sh.header_bytes.size());
-      if (sh.segment.data_size() > 0) XXH3_128bits_update(st, sh.segment.data(), sh.segment.data_size());
-      verdict[i] = XXH128_isEqual(XXH3_128bits_digest(st), sh.checksum) ? kMatches : kDiffers;
-      XXH3_freeState(st);
-    }
-  };
-  {
-    std::vector<std::jthread> pool;
-    const unsigned n = std::max(1u, std::min<unsigned>(threads, static_cast<unsigned>(model->shards.size())));
-    for (unsigned t = 1; t < n; ++t) pool.emplace_back(work);
-    work();
-  }
-  for (std::size_t i = 0; i < verdict.size(); ++i)
-    if (verdict[i] == kUnhashed)
-      return ResourceExhausted("no memory for the hash state of " + model->shards[i].file, "adopt.no_memory");
-    else if (verdict[i] == kDiffers)
+  // Only segments whose bytes hash to the file's checksum are taken back.
+  ASSIGN_OR_RETURN(std::vector<XXH128_hash_t> sums, loader.Checksums(*model));
+  for (std::size_t i = 0; i < sums.size(); ++i)
+    if (!XXH128_isEqual(sums[i], model->shards[i].checksum))
       return DataLoss("model '" + mc.name + "': segment /" + model->shards[i].segment.name() + " does not hash to " +
                           model->shards[i].checksum_hex() + ", the checksum of " + model->shards[i].file,
                       "adopt.checksum_mismatch");
   return model;
 }
 
-std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& store, ModelTable& table, Cache& cache,
-                            Loads& loads) {
+std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& store, Loader& loader, ModelTable& table,
+                            Cache& cache, Loads& loads) {
   SegmentStore::Listing names = store.List();
   if (names.foreign > 0)
     spdlog::warn("{} names under /dev/shm/{}.* are not this daemon's own files; left alone", names.foreign,
@@ -182,7 +140,7 @@ std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& stor
                    Gib(bytes), Gib(cache.host_budget()));
       continue;
     }
-    auto r = Adopt(record, m.config, store, config.verify_checksums, config.loader_threads);
+    auto r = Adopt(record, m.config, loader, store);
     if (!r.ok()) {
       spdlog::warn("not adopting model '{}' of the previous instance: {}", record.model, r.status().ToString());
       continue;
@@ -300,8 +258,12 @@ void GpuFdStore::AdoptStored(ModelTable& table) {
     std::free(raw_names);
   }
   const bool serving = gpu_ != nullptr && gpu_->available() && mode_ == gpu::ExportMode::kVmm;
-  for (auto& [key, grp] : groups) {
-    const auto& [model, uuid, gen] = key;
+  for (auto& entry : groups) {
+    // Named, not structured bindings: clang 14 (scripts/thread-safety.sh) cannot capture those.
+    const std::string& model = std::get<0>(entry.first);
+    const std::string& uuid = std::get<1>(entry.first);
+    const std::uint64_t gen = std::get<2>(entry.first);
+    Group& grp = entry.second;
     const auto t0 = std::chrono::steady_clock::now();
     auto why_not = [&]() -> Status {
       ModelEntry* m = table.Find(model);

@@ -12,8 +12,9 @@
 // At start, the daemon holds the prefix lock, so whatever is under the prefix is its own dead
 // instance's (as PostgreSQL reasons about its shared memory). For every record whose model is
 // still in the catalog with the same directory, Adopt() checks that the shard files are those
-// that were read (stat() only, no data read), opens the segments, and hashes the header bytes
-// plus each segment's data: only a segment whose XXH3-128 equals the file's is taken back. The
+// that were read (the loader's plan step: the files opened and their headers read, no data),
+// opens the segments, and hashes the header bytes plus each segment's data on the loader's
+// reader pool: only a segment whose XXH3-128 equals the file's is taken back. The
 // daemon then removes every name under the prefix it did not adopt.
 //
 // GPU copies. Under systemd, each resident VMM copy's shard fds are handed to the service
@@ -44,22 +45,24 @@ namespace weightd {
 ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::uint64_t generation);
 
 // Takes back the segments of `record` for the catalog entry `mc`, with the store's segment mode
-// and group. FailedPrecondition "adopt.model_changed" when the catalog entry or the files differ
-// from the record (another directory, another shard set, a file with another size, mtime,
-// change time or identity), or, with `verify_manifest`, when the directory's manifest now
-// names another checksum or misses a shard; DataLoss "adopt.checksum_mismatch" when a segment's
-// bytes do not hash to the file's checksum; the errors of SegmentStore::Open otherwise. Hashes
-// up to `threads` shards at once.
-Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, const SegmentStore& store,
-                                             bool verify_manifest, unsigned threads);
+// and group (today's). The loader's plan step finds the files as a load would (their set,
+// identity, headers and today's manifest), and its reader pool hashes the segments.
+// FailedPrecondition "adopt.model_changed" when the catalog entry or the files differ from the
+// record (another directory, another shard set, a file that is not SameFile, one the plan
+// refuses), or when the directory's manifest (the loader verifying) names another checksum or
+// misses a shard; DataLoss "adopt.bad_record" when the record disagrees with the file's header;
+// DataLoss "adopt.checksum_mismatch" when a segment's bytes do not hash to the file's checksum;
+// the errors of SegmentStore::Open otherwise.
+Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, Loader& loader,
+                                             const SegmentStore& store);
 
 // At start, holding the prefix lock: adopts the host copies whose records, files and checksums
 // check out, within the host budget and model cap, by priority and then newest first, into the
 // model table (page-locking them through `loads`), and removes every other name of this user
 // under the prefix. Names that are not ours (another user's, or not a regular file) are never
 // opened. Returns how many models were adopted.
-std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& store, ModelTable& table, Cache& cache,
-                            Loads& loads);
+std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& store, Loader& loader, ModelTable& table,
+                            Cache& cache, Loads& loads);
 
 // A GPU copy's shard fds in systemd's fd store, under one name per shard:
 // "gpu.<device uuid>.<host generation>.<shard>.<model>". Dropping it removes them from the

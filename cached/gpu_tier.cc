@@ -8,6 +8,8 @@
 #include <chrono>
 #include <cstring>
 
+#include "thread_annotations.h"
+
 namespace weightd::gpu {
 
 namespace {
@@ -61,24 +63,24 @@ struct GpuCopy::State {
   explicit State(CudaApi* a) : api(a) {}
   CudaApi* const api;
 
-  std::mutex mu;  // guards everything below except the registrations
-  std::map<int, GpuDeviceStats> devices;
-  std::map<int, std::uint64_t> granularity;  // queried lazily: it may need a context
-  GpuTierStats totals;                        // .devices unused
+  Mutex mu;
+  std::map<int, GpuDeviceStats> devices GUARDED_BY(mu);
+  std::map<int, std::uint64_t> granularity GUARDED_BY(mu);  // queried lazily: it may need a context
+  GpuTierStats totals GUARDED_BY(mu);                        // .devices unused
 
   // Host registrations are process-wide and may be shared by concurrent copies of one shard
   // to several GPUs, so they are refcounted here. Registering takes ~50 ms/GiB; it runs under
   // reg_mu, which serializes concurrent materializations' registrations but nothing else.
   // TODO(perf): let the host tier keep hot segments registered across materializations.
-  std::mutex reg_mu;
+  Mutex reg_mu;
   struct Registration {
     std::uint64_t size = 0;
     int refs = 0;
   };
-  std::map<const void*, Registration> registrations;
+  std::map<const void*, Registration> registrations GUARDED_BY(reg_mu);
 
   bool Register(const void* base, std::uint64_t size, bool read_only_supported) {
-    std::lock_guard lock(reg_mu);
+    MutexLock lock(reg_mu);
     auto it = registrations.find(base);
     if (it != registrations.end()) {
       if (it->second.size != size) return false;
@@ -94,14 +96,14 @@ struct GpuCopy::State {
   }
 
   void Unregister(const void* base) {
-    std::lock_guard lock(reg_mu);
+    MutexLock lock(reg_mu);
     auto it = registrations.find(base);
     if (it == registrations.end() || --it->second.refs > 0) return;
     registrations.erase(it);
     Status s = api->HostUnregister(base);
     if (!s.ok()) {
       spdlog::warn("gpu tier: {}", s.ToString());
-      std::lock_guard l2(mu);
+      MutexLock l2(mu);
       ++totals.release_errors;
     }
   }
@@ -137,7 +139,7 @@ GpuCopy::~GpuCopy() {
       note(api->Free(sh.ptr));
     }
   }
-  std::lock_guard lock(state_->mu);
+  MutexLock lock(state_->mu);
   state_->totals.release_errors += errors;
   if (accounted_) {
     GpuDeviceStats& d = state_->devices[ordinal_];
@@ -221,6 +223,7 @@ GpuTier::GpuTier(CudaApi* api, MaterializeOptions options)
     return;
   }
   devices_ = std::move(found);
+  MutexLock lock(state_->mu);
   for (const DeviceInfo& d : devices_) state_->devices[d.ordinal] = GpuDeviceStats{d.ordinal, d.uuid, 0, 0};
 }
 
@@ -269,12 +272,12 @@ Result<int> GpuTier::ResolveDevice(std::string_view device) const {
 
 Result<std::uint64_t> GpuTier::Granularity(int ordinal) {
   {
-    std::lock_guard lock(state_->mu);
+    MutexLock lock(state_->mu);
     auto it = state_->granularity.find(ordinal);
     if (it != state_->granularity.end()) return it->second;
   }
   ASSIGN_OR_RETURN(std::uint64_t granularity, api_->AllocationGranularity(ordinal));
-  std::lock_guard lock(state_->mu);
+  MutexLock lock(state_->mu);
   state_->granularity[ordinal] = granularity;
   return granularity;
 }
@@ -353,7 +356,7 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
         if (p != nullptr) Note(api->HostFreePinned(p));
       for (const void* p : registered) state->Unregister(p);
       for (Stream s : streams) Note(api->StreamDestroy(s));
-      std::lock_guard lock(state->mu);
+      MutexLock lock(state->mu);
       state->totals.release_errors += errors;
     }
   } session{api_, state_.get(), {}, {}, {}, {}};
@@ -416,7 +419,7 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   for (Stream s : session.streams) RETURN_IF_ERROR(api_->StreamSynchronize(s));
   copy.copy_seconds_ = SecondsSince(t0);
 
-  std::lock_guard lock(state_->mu);
+  MutexLock lock(state_->mu);
   state_->totals.last_h2d_bytes = bytes;
   state_->totals.last_h2d_seconds = copy.copy_seconds_;
   state_->totals.last_h2d_gbps = copy.copy_seconds_ > 0 ? static_cast<double>(bytes) / copy.copy_seconds_ / 1e9 : 0;
@@ -452,7 +455,7 @@ Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<con
   if (s.ok()) s = Allocate(*copy, shards);
   if (s.ok()) s = CopyIn(*copy, shards, &staged, wait_ready);
   if (!s.ok()) copy.reset();  // frees what was allocated; takes state_->mu itself
-  std::lock_guard lock(state_->mu);
+  MutexLock lock(state_->mu);
   state_->totals.staged_shards += staged;
   if (!s.ok()) {
     ++state_->totals.materialize_failures;
@@ -505,7 +508,7 @@ Result<std::shared_ptr<GpuCopy>> GpuTier::Adopt(int ordinal, std::span<const int
     copy.reset();  // unmaps and releases what was imported
     return s.WithContext("adopting a copy of " + std::to_string(fds.size()) + " shards on " + Cuda(ordinal));
   }
-  std::lock_guard lock(state_->mu);
+  MutexLock lock(state_->mu);
   GpuDeviceStats& d = state_->devices[ordinal];
   d.resident_bytes += copy->allocated_bytes();
   ++d.copies;
@@ -526,7 +529,7 @@ Result<std::shared_ptr<const void>> GpuTier::PinHost(const void* ptr, std::uint6
 }
 
 GpuTierStats GpuTier::Stats() const {
-  std::lock_guard lock(state_->mu);
+  MutexLock lock(state_->mu);
   GpuTierStats out = state_->totals;
   out.devices.clear();
   for (const DeviceInfo& d : devices_) out.devices.push_back(state_->devices[d.ordinal]);

@@ -1,5 +1,33 @@
 #include "http.h"
 
+#include <chrono>
+#include <future>
+
+namespace weightd {
+
+Result<std::unique_ptr<HttpServer>> HttpServer::StartOnLoop(const std::string& listen, LoopPost post, Handler handler) {
+  return Start(listen, [post = std::move(post), handler = std::move(handler)](const std::string& path) {
+    auto reply = std::make_shared<std::promise<HttpResponse>>();
+    std::future<HttpResponse> answer = reply->get_future();
+    post([handler, path, reply] {
+      try {
+        reply->set_value(handler(path));
+      } catch (const std::exception& e) {
+        reply->set_value(HttpResponse{500, "text/plain", std::string("internal error: ") + e.what() + "\n"});
+      }
+    });
+    if (answer.wait_for(std::chrono::seconds(2)) != std::future_status::ready)
+      return HttpResponse{503, "text/plain", "the daemon's loop did not answer within 2 s\n"};
+    try {
+      return answer.get();
+    } catch (const std::future_error&) {
+      return HttpResponse{503, "text/plain", "the daemon is stopping\n"};
+    }
+  });
+}
+
+}  // namespace weightd
+
 #if WEIGHTD_WITH_HTTP
 
 #include <thread>

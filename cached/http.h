@@ -10,6 +10,7 @@
 #include <string>
 
 #include "status_macros.h"
+#include "thread_pool.h"
 
 namespace weightd {
 
@@ -26,6 +27,10 @@ class HttpServer {
   // Binds `listen` ("HOST:PORT", as ParseHttpListen takes it) and starts serving. Unavailable
   // "http.bind_failed" when the address cannot be bound.
   static Result<std::unique_ptr<HttpServer>> Start(const std::string& listen, Handler handler);
+  // The same, with `handler` run on the control loop: each request is handed to it with `post`,
+  // and the listener's thread waits for the answer. A loop that does not answer within 2 s is
+  // itself the health check's answer (503), and so is one that stops first.
+  static Result<std::unique_ptr<HttpServer>> StartOnLoop(const std::string& listen, LoopPost post, Handler handler);
   ~HttpServer();
 
   // Stops listening and joins the threads; idempotent.

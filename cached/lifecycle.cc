@@ -11,7 +11,7 @@
 namespace weightd {
 
 Lifecycle::Lifecycle(const DaemonConfig& config, const Clock* clock, Clock::TimePoint started, gid_t shm_gid,
-                     ModelTable& table, Cache& cache, Loads& loads, const LeaseTable& leases, const Loader& loader,
+                     ModelTable& table, Cache& cache, Loads& loads, const LeaseTable& leases, Loader& loader,
                      const SegmentStore& store,
                      gpu::GpuTier* gpu, GpuFdStore* fd_store, Counters& counters, ModelEvents& events, LoopPost post)
     : config_(config),
@@ -32,7 +32,7 @@ Lifecycle::Lifecycle(const DaemonConfig& config, const Clock* clock, Clock::Time
 
 void Lifecycle::Start() {
   ApplyCatalog(config_.models);
-  counters_.adopted_models += AdoptHostCopies(config_, store_, table_, cache_, loads_);
+  counters_.adopted_models += AdoptHostCopies(config_, store_, loader_, table_, cache_, loads_);
   if (fd_store_ != nullptr) fd_store_->AdoptStored(table_);
   for (auto& [name, m] : table_.models()) StartPreloads(m, true);
   if (!preloads_.empty()) events_.Notify("STATUS=preloading " + std::to_string(preloads_.size()) + " copies");

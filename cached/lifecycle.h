@@ -34,7 +34,7 @@ class Lifecycle {
   // daemon started (readiness is counted from it); `shm_gid`: the segments' group (auth.h's
   // CheckSegmentGroup on reload).
   Lifecycle(const DaemonConfig& config, const Clock* clock, Clock::TimePoint started, gid_t shm_gid, ModelTable& table,
-            Cache& cache, Loads& loads, const LeaseTable& leases, const Loader& loader, const SegmentStore& store,
+            Cache& cache, Loads& loads, const LeaseTable& leases, Loader& loader, const SegmentStore& store,
             gpu::GpuTier* gpu, GpuFdStore* fd_store, Counters& counters, ModelEvents& events, LoopPost post);
   ~Lifecycle() { Close(); }
 
@@ -75,7 +75,7 @@ class Lifecycle {
   Cache& cache_;
   Loads& loads_;
   const LeaseTable& leases_;
-  const Loader& loader_;
+  Loader& loader_;
   const SegmentStore& store_;
   gpu::GpuTier* const gpu_;
   GpuFdStore* const fd_store_;

@@ -8,6 +8,7 @@
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
+#include <latch>
 #include <map>
 #include <thread>
 
@@ -129,12 +130,12 @@ struct ShardFill {
   std::size_t chunks = 0;
   std::unique_ptr<XXH3_state_t, XxhStateFree> hash;
 
-  std::mutex mu;
-  std::vector<bool> done;      // guarded by mu: chunk finished
-  std::size_t next_gap = 0;    // guarded by mu: first unfinished chunk
-  std::uint64_t filled = 0;    // guarded by mu: contiguous prefix in the segment
-  std::uint64_t hashed = 0;    // guarded by mu: prefix fed to `hash`
-  bool hashing = false;        // guarded by mu: a thread owns `hash`
+  Mutex mu;
+  std::vector<bool> done GUARDED_BY(mu);      // chunk finished
+  std::size_t next_gap GUARDED_BY(mu) = 0;    // first unfinished chunk
+  std::uint64_t filled GUARDED_BY(mu) = 0;    // contiguous prefix in the segment
+  std::uint64_t hashed GUARDED_BY(mu) = 0;    // prefix fed to `hash`
+  bool hashing GUARDED_BY(mu) = false;        // a thread owns `hash`
 };
 
 }  // namespace
@@ -177,16 +178,22 @@ void ResidentModel::RemoveSegments() const {
 // ---- LoadProgress ----
 
 Result<std::shared_ptr<const ResidentModel>> LoadProgress::WaitSegments() const {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return model_ != nullptr || !error_.ok() || done_; });
+  MutexLock lock(mu_);
+  cv_.Wait([&] {
+    mu_.AssertHeld();
+    return model_ != nullptr || !error_.ok() || done_;
+  });
   if (model_ != nullptr) return model_;
   if (!error_.ok()) return error_;
   return Internal("load finished without publishing its segments", "loader.no_segments");
 }
 
 Status LoadProgress::WaitFilled(std::size_t shard, std::uint64_t end) const {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return model_ != nullptr || !error_.ok() || done_; });
+  MutexLock lock(mu_);
+  cv_.Wait([&] {
+    mu_.AssertHeld();
+    return model_ != nullptr || !error_.ok() || done_;
+  });
   if (model_ == nullptr) return error_.ok() ? Internal("load finished without publishing its segments") : error_;
   if (shard >= filled_.size())
     return InvalidArgument("shard " + std::to_string(shard) + " of a model with " + std::to_string(filled_.size()) +
@@ -194,56 +201,62 @@ Status LoadProgress::WaitFilled(std::size_t shard, std::uint64_t end) const {
   if (end > model_->shards[shard].segment.data_size())
     return InvalidArgument("bytes [0, " + std::to_string(end) + ") of shard " + std::to_string(shard) + ", which has " +
                            std::to_string(model_->shards[shard].segment.data_size()), "loader.bad_range");
-  cv_.wait(lock, [&] { return filled_[shard] >= end || !error_.ok() || done_; });
+  cv_.Wait([&] {
+    mu_.AssertHeld();
+    return filled_[shard] >= end || !error_.ok() || done_;
+  });
   if (filled_[shard] >= end) return Status::Ok();
   if (!error_.ok()) return error_;
   return Internal("load finished with shard " + std::to_string(shard) + " unfilled");
 }
 
 Status LoadProgress::Wait() const {
-  std::unique_lock lock(mu_);
-  cv_.wait(lock, [&] { return done_; });
+  MutexLock lock(mu_);
+  cv_.Wait([&] {
+    mu_.AssertHeld();
+    return done_;
+  });
   return error_;
 }
 
 std::uint64_t LoadProgress::filled(std::size_t shard) const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return shard < filled_.size() ? filled_[shard] : 0;
 }
 
 bool LoadProgress::done() const {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   return done_;
 }
 
 void LoadProgress::PublishSegments(std::shared_ptr<const ResidentModel> model) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (model_ != nullptr || done_) return;
   filled_.assign(model->shards.size(), 0);
   model_ = std::move(model);
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void LoadProgress::SetFilled(std::size_t shard, std::uint64_t end) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (shard >= filled_.size() || end <= filled_[shard]) return;
   filled_[shard] = end;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void LoadProgress::Finish() {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (done_) return;
   done_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 void LoadProgress::Fail(Status error) {
-  std::lock_guard lock(mu_);
+  MutexLock lock(mu_);
   if (done_) return;
   error_ = error.ok() ? Internal("load failed without an error") : std::move(error);
   done_ = true;
-  cv_.notify_all();
+  cv_.SignalAll();
 }
 
 // ---- FileIo ----
@@ -320,6 +333,11 @@ Result<std::shared_ptr<ResidentModel>> Loader::LoadHost(const ModelConfig& mc, s
   return Fill(std::move(plan), generation, cancel);
 }
 
+bool SameFile(const posix::FileInfo& was, const posix::FileInfo& now) {
+  return now.inode == was.inode && now.dev == was.dev && now.size == was.size && now.mtime_ns == was.mtime_ns &&
+         now.ctime_ns == was.ctime_ns;
+}
+
 Result<bool> Loader::Changed(const ResidentModel& model) {
   for (const ResidentShard& s : model.shards) {
     auto now = posix::StatPath(model.dir + "/" + s.file);
@@ -327,11 +345,35 @@ Result<bool> Loader::Changed(const ResidentModel& model) {
       if (now.status().code() == Code::kNotFound) return true;
       return now.status();
     }
-    const posix::FileInfo& was = s.file_info;
-    if (now->size != was.size || now->mtime_ns != was.mtime_ns || now->inode != was.inode || now->dev != was.dev)
-      return true;
+    if (!SameFile(s.file_info, *now)) return true;
   }
   return false;
+}
+
+Result<std::vector<XXH128_hash_t>> Loader::Checksums(const ResidentModel& model) {
+  const std::size_t n = model.shards.size();
+  std::vector<XXH128_hash_t> out(n);
+  std::vector<char> hashed(n, 0);
+  std::latch left(static_cast<std::ptrdiff_t>(n));
+  for (std::size_t i = 0; i < n; ++i) {
+    auto job = [&, i] {
+      const ResidentShard& sh = model.shards[i];
+      if (XXH3_state_t* st = XXH3_createState()) {
+        XXH3_128bits_reset(st);
+        XXH3_128bits_update(st, sh.header_bytes.data(), sh.header_bytes.size());
+        if (sh.segment.data_size() > 0) XXH3_128bits_update(st, sh.segment.data(), sh.segment.data_size());
+        out[i] = XXH3_128bits_digest(st);
+        hashed[i] = 1;
+        XXH3_freeState(st);
+      }
+      left.count_down();
+    };
+    if (!readers_.Submit(job)) job();  // the pool is closed: hash here
+  }
+  left.wait();
+  for (std::size_t i = 0; i < n; ++i)
+    if (!hashed[i]) return ResourceExhausted("no memory for the hash state of " + model.shards[i].file, "loader.no_memory");
+  return out;
 }
 
 struct Loader::FillState {
@@ -350,11 +392,11 @@ struct Loader::FillState {
   std::atomic<std::size_t> next{0};
   std::atomic<std::size_t> next_prefault{0};
   std::atomic<bool> failed{false};
-  std::mutex mu;
-  Status first_error;  // guarded by mu
+  Mutex mu;
+  Status first_error GUARDED_BY(mu);
 
   void Fail(Status s) {
-    std::lock_guard lock(mu);
+    MutexLock lock(mu);
     if (first_error.ok()) first_error = std::move(s);
     failed = true;
   }
@@ -434,7 +476,10 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
       }  // else: the filesystem has no O_DIRECT (tmpfs); read buffered.
     }
     sf->chunks = static_cast<std::size_t>((sf->data_size + fs.chunk_size - 1) / fs.chunk_size);
-    sf->done.assign(sf->chunks, false);
+    {
+      MutexLock lock(sf->mu);
+      sf->done.assign(sf->chunks, false);
+    }
     for (std::size_t c = 0; c < sf->chunks; ++c) {
       const std::uint64_t off = c * fs.chunk_size;
       fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf->data_size - off)});
@@ -447,8 +492,12 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
   for (std::size_t i = 0; i < fs.shards.size(); ++i) {
     ShardFill& sf = *fs.shards[i];
     ResidentShard& shard = model->shards[i];
-    if (sf.hashed != sf.data_size)
-      return fail(Internal(sf.path + ": hashed " + std::to_string(sf.hashed) + " of " + std::to_string(sf.data_size) +
+    const std::uint64_t hashed = [&] {
+      MutexLock lock(sf.mu);  // the readers are done; the lock only satisfies the analysis
+      return sf.hashed;
+    }();
+    if (hashed != sf.data_size)
+      return fail(Internal(sf.path + ": hashed " + std::to_string(hashed) + " of " + std::to_string(sf.data_size) +
                            " bytes", "loader.hash_incomplete"));
     shard.checksum = XXH3_128bits_digest(sf.hash.get());
     shard.header_bytes = std::move(plan.shards[i].header_bytes);
@@ -465,7 +514,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     // A file rewritten while we read it would give a mix of old and new bytes.
     auto now = posix::Stat(sf.fd, sf.path);
     if (!now.ok()) return fail(now.status());
-    if (now->size != shard.file_info.size || now->mtime_ns != shard.file_info.mtime_ns)
+    if (!SameFile(shard.file_info, *now))
       return fail(DataLoss(sf.path + " changed while it was being loaded", "loader.file_changed"));
   }
   cleanup.m = nullptr;
@@ -520,22 +569,26 @@ Status ReadChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t siz
 // newly contiguous bytes to the shard's hash unless another thread already does.
 void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
                const std::atomic<bool>& failed) {
-  std::unique_lock lock(sf.mu);
+  sf.mu.Lock();
   sf.done[index] = true;
   while (sf.next_gap < sf.chunks && sf.done[sf.next_gap]) ++sf.next_gap;
   sf.filled = std::min(sf.data_size, sf.next_gap * chunk_size);
   if (progress) progress->SetFilled(shard, sf.filled);
-  if (sf.hashing) return;
+  if (sf.hashing) {
+    sf.mu.Unlock();
+    return;
+  }
   sf.hashing = true;
   // Hash at most a chunk at a time, so that a failure elsewhere stops this thread soon.
   while (sf.hashed < sf.filled && !failed.load(std::memory_order_relaxed)) {
     const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + chunk_size);
-    lock.unlock();
+    sf.mu.Unlock();
     XXH3_128bits_update(sf.hash.get(), sf.dst + from, to - from);
-    lock.lock();
+    sf.mu.Lock();
     sf.hashed = to;
   }
   sf.hashing = false;
+  sf.mu.Unlock();
 }
 
 // Maps the segment pages of a chunk in before a reader writes them. MADV_POPULATE_WRITE does
@@ -563,9 +616,9 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
   if (fs.chunks.empty()) return Status::Ok();
 
   struct Done {
-    std::mutex mu;
-    std::condition_variable cv;
-    unsigned running = 0;  // guarded by mu
+    Mutex mu;
+    CondVar cv{&mu};
+    unsigned running GUARDED_BY(mu) = 0;
   } done;
   const std::uint64_t bounce_size = fs.chunk_size + 2 * kDirectAlign;
   std::atomic<bool> use_madvise{true};
@@ -592,8 +645,8 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       bytes_read_.fetch_add(c.size, std::memory_order_relaxed);
       ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed);
     }
-    std::lock_guard lock(done.mu);
-    if (--done.running == 0) done.cv.notify_all();
+    MutexLock lock(done.mu);
+    if (--done.running == 0) done.cv.SignalAll();
   };
 
   // Pre-faulters walk the chunks in the readers' order and skip what the readers have passed,
@@ -622,13 +675,13 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
 
   const unsigned n = static_cast<unsigned>(std::min<std::size_t>(readers_.size(), fs.chunks.size()));
   {
-    std::lock_guard lock(done.mu);
+    MutexLock lock(done.mu);
     done.running = n;
   }
   for (unsigned t = 0; t < n; ++t) {
     if (!readers_.Submit(work)) {
       {
-        std::lock_guard lock(done.mu);
+        MutexLock lock(done.mu);
         done.running -= (n - t);
       }
       fs.Fail(Unavailable("the daemon is shutting down", "loader.closed"));
@@ -636,13 +689,16 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
     }
   }
   {
-    std::unique_lock lock(done.mu);
-    done.cv.wait(lock, [&] { return done.running == 0; });
+    MutexLock lock(done.mu);
+    done.cv.Wait([&] {
+      done.mu.AssertHeld();
+      return done.running == 0;
+    });
   }
   // Readers are done; pre-faulters still walking would only waste time.
   fs.next_prefault.store(fs.chunks.size());
   prefaulters.clear();
-  std::lock_guard lock(fs.mu);
+  MutexLock lock(fs.mu);
   return fs.first_error;
 }
 

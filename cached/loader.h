@@ -42,9 +42,17 @@
 #include "posix.h"
 #include "safetensors.h"
 #include "segment_store.h"
+#include "thread_annotations.h"
 #include "thread_pool.h"
 
 namespace weightd {
+
+// Whether a model file is still the one that was read: the same identity (inode, device),
+// size, mtime and change time. The one rule for "has this file changed", used at the end of a
+// fill, by the periodic check of resident copies and by adoption. The change time is set by
+// the kernel on every write, so it catches a rewrite that keeps the size and mtime (rsync -t,
+// touch -r).
+bool SameFile(const posix::FileInfo& was, const posix::FileInfo& now);
 
 // The name of the checksum manifest in a model directory (xxh128sum's output format).
 inline constexpr std::string_view kChecksumManifest = "checksums.xxh128";
@@ -149,12 +157,12 @@ class LoadProgress {
   void Fail(Status error);
 
  private:
-  mutable std::mutex mu_;
-  mutable std::condition_variable cv_;
-  std::shared_ptr<const ResidentModel> model_;  // guarded by mu_
-  std::vector<std::uint64_t> filled_;           // guarded by mu_
-  bool done_ = false;                           // guarded by mu_
-  Status error_;                                // guarded by mu_
+  mutable Mutex mu_;
+  mutable CondVar cv_{&mu_};
+  std::shared_ptr<const ResidentModel> model_ GUARDED_BY(mu_);
+  std::vector<std::uint64_t> filled_ GUARDED_BY(mu_);
+  bool done_ GUARDED_BY(mu_) = false;
+  Status error_ GUARDED_BY(mu_);
 };
 
 // The file reads of a load, behind an interface so that tests can inject faults. Must be
@@ -218,9 +226,14 @@ class Loader {
   Result<std::shared_ptr<ResidentModel>> LoadHost(const ModelConfig& model, std::uint64_t generation,
                                                   const std::atomic<bool>& cancel);
 
-  // True if any shard file of `model` has another size, mtime or identity (inode, device) than
-  // when it was loaded, or is gone. Errors other than a missing file (EACCES, ...) are returned.
+  // True if any shard file of `model` is no longer the one that was read (SameFile), or is
+  // gone. Errors other than a missing file (EACCES, ...) are returned.
   static Result<bool> Changed(const ResidentModel& model);
+
+  // The XXH3-128 of each shard of `model` as its file has it (the shard's header bytes, then its
+  // segment's data), hashed on the reader pool. ResourceExhausted "loader.no_memory" when a hash
+  // state cannot be allocated.
+  Result<std::vector<XXH128_hash_t>> Checksums(const ResidentModel& model);
 
   // The segment name of a shard: "<prefix>.<model>.<generation>-<salt>.<index>" (SegmentStore).
   std::string SegmentName(const std::string& model, std::uint64_t generation, std::size_t shard) const {

@@ -10,8 +10,6 @@
 #include <cstring>
 #include <deque>
 #include <functional>
-#include <future>
-#include <mutex>
 
 #include <spdlog/spdlog.h>
 #include <systemd/sd-daemon.h>
@@ -31,6 +29,7 @@
 #include "segment_store.h"
 #include "sessions.h"
 #include "stats.h"
+#include "thread_annotations.h"
 
 namespace weightd {
 
@@ -110,8 +109,8 @@ struct Server::Impl final : ModelEvents {
   std::unique_ptr<HttpServer> http;
 
   // Shared with worker threads: the next steps they post to the loop (and HTTP requests).
-  std::mutex tasks_mu;
-  std::deque<std::function<void()>> tasks;  // guarded by tasks_mu
+  Mutex tasks_mu;
+  std::deque<std::function<void()>> tasks GUARDED_BY(tasks_mu);
   std::atomic<bool> stop_requested{false};
 
   Impl(DaemonConfig cfg, const Clock* c, gpu::GpuTier* g, MemoryProbe* mem, gid_t shm_group, gid_t gid,
@@ -149,7 +148,7 @@ struct Server::Impl final : ModelEvents {
 
   void Post(std::function<void()> task) {
     {
-      std::lock_guard lock(tasks_mu);
+      MutexLock lock(tasks_mu);
       tasks.push_back(std::move(task));
     }
     Wake();
@@ -240,25 +239,8 @@ Status Server::Impl::Init() {
   lifecycle.Start();
 
   if (!config.http_listen.empty()) {
-    auto h = HttpServer::Start(config.http_listen, [this](const std::string& path) {
-      auto reply = std::make_shared<std::promise<HttpResponse>>();
-      std::future<HttpResponse> answer = reply->get_future();
-      Post([this, path, reply] {
-        try {
-          reply->set_value(AnswerHttp(path));
-        } catch (const std::exception& e) {
-          reply->set_value(HttpResponse{500, "text/plain", std::string("internal error: ") + e.what() + "\n"});
-        }
-      });
-      // A loop that does not answer is itself the health check's answer.
-      if (answer.wait_for(std::chrono::seconds(2)) != std::future_status::ready)
-        return HttpResponse{503, "text/plain", "the daemon's loop did not answer within 2 s\n"};
-      try {
-        return answer.get();
-      } catch (const std::future_error&) {
-        return HttpResponse{503, "text/plain", "the daemon is stopping\n"};
-      }
-    });
+    auto h = HttpServer::StartOnLoop(config.http_listen, Poster(),
+                                     [this](const std::string& path) { return AnswerHttp(path); });
     if (!h.ok()) return h.status();
     http = std::move(h).value();
     spdlog::info("HTTP on {} (/healthz, /readyz, /metrics)", config.http_listen);
@@ -603,7 +585,7 @@ void Server::Impl::HandleEpoll() {
 void Server::Impl::HandleTasks() {
   std::deque<std::function<void()>> batch;
   {
-    std::lock_guard lock(tasks_mu);
+    MutexLock lock(tasks_mu);
     batch.swap(tasks);
   }
   if (batch.empty()) return;  // woken for something else (Stop)

@@ -16,21 +16,21 @@ ThreadPool::ThreadPool(unsigned threads, std::string name) {
 
 bool ThreadPool::Submit(std::function<void()> task) {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (closed_) return false;
     queue_.push_back(std::move(task));
   }
-  cv_.notify_one();
+  cv_.Signal();
   return true;
 }
 
 void ThreadPool::Close() {
   {
-    std::lock_guard lock(mu_);
+    MutexLock lock(mu_);
     if (closed_ && threads_.empty()) return;
     closed_ = true;
   }
-  cv_.notify_all();
+  cv_.SignalAll();
   for (auto& t : threads_)
     if (t.joinable()) t.join();
   threads_.clear();
@@ -40,8 +40,11 @@ void ThreadPool::Run() {
   for (;;) {
     std::function<void()> task;
     {
-      std::unique_lock lock(mu_);
-      cv_.wait(lock, [&] { return closed_ || !queue_.empty(); });
+      MutexLock lock(mu_);
+      cv_.Wait([&] {
+        mu_.AssertHeld();
+        return closed_ || !queue_.empty();
+      });
       if (queue_.empty()) return;  // closed and drained
       task = std::move(queue_.front());
       queue_.pop_front();

@@ -5,13 +5,13 @@
 // is queued behind them on the same pool.
 #pragma once
 
-#include <condition_variable>
 #include <deque>
 #include <functional>
-#include <mutex>
 #include <string>
 #include <thread>
 #include <vector>
+
+#include "thread_annotations.h"
 
 namespace weightd {
 
@@ -34,11 +34,11 @@ class ThreadPool {
  private:
   void Run();
 
-  std::mutex mu_;
-  std::condition_variable cv_;
-  std::deque<std::function<void()>> queue_;  // guarded by mu_
-  bool closed_ = false;                      // guarded by mu_
-  std::vector<std::thread> threads_;
+  Mutex mu_;
+  CondVar cv_{&mu_};
+  std::deque<std::function<void()>> queue_ GUARDED_BY(mu_);
+  bool closed_ GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;  // the constructor's and Close()'s
 };
 
 }  // namespace weightd

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # test.sh — installs what weightd needs (Debian 12), builds everything with -Werror into build/,
-# runs the whole test suite, checks the systemd files (scripts/check-systemd.sh), the Kubernetes
+# checks the daemon's lock annotations with clang (scripts/thread-safety.sh), runs the whole
+# test suite, checks the systemd files (scripts/check-systemd.sh), the Kubernetes
 # manifests, containers and a real systemd (scripts/k8s-check.sh, container-check.sh,
 # systemd-check.sh), runs the fuzzers (scripts/fuzz.sh) and the suite again under ASan + UBSan
 # (scripts/sanitize.sh). This is the README's test command and what CI runs (.ci/run).
@@ -32,6 +33,8 @@ cmake -S "$repo" -B "$BUILD_DIR" -DWEIGHTD_WERROR=ON -DWEIGHTD_BUILD_TESTS=ON -D
   -DPython_EXECUTABLE=/usr/bin/python3 -DWEIGHTD_WITH_PYTHON=ON
 echo "test: building with -j$JOBS"
 cmake --build "$BUILD_DIR" -j "$JOBS"
+echo "test: checking the lock annotations with clang (scripts/thread-safety.sh)"
+BUILD_DIR=$BUILD_DIR JOBS=$JOBS bash "$repo/scripts/thread-safety.sh"
 echo "test: running the test suite"
 # shellcheck disable=SC2086  # CTEST_ARGS is a list of arguments
 ctest --test-dir "$BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 300 ${CTEST_ARGS:-}

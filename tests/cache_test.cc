@@ -64,8 +64,7 @@ TEST_F(CacheTest, LowerPriorityIsEvictedFirstAndPinnedOrLeasedCopiesNever) {
   r.table.Find("pinned")->config.pin = true;
   r.table.Find("low")->config.priority = -1;
   LoadAll(r, {"pinned", "leased", "low"});
-  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
-  ASSERT_TRUE(r.leases.AddLease(*s, "leased", "cpu").ok());
+  r.Lease("leased");
   // Full: "high" evicts "low" (priority -1), though "pinned" is older.
   ASSERT_TRUE(r.Load("high"));
   EXPECT_EQ(HostState(r, "low"), ModelState::kAbsent);
@@ -94,8 +93,7 @@ TEST_F(CacheTest, IdleTtlEvictsUnleasedCopiesOnceTheirIdleTimeRunsOut) {
   Residency r(c);
   for (const char* n : {"idle", "leased"}) r.Add(WriteModel(n));
   LoadAll(r, {"idle", "leased"});
-  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
-  ASSERT_TRUE(r.leases.AddLease(*s, "leased", "cpu").ok());
+  r.Lease("leased");
   r.cache.Enforce(r.clock.Now() + 20s);
   EXPECT_EQ(HostState(r, "idle"), ModelState::kResident) << "20 s idle of 30";
   r.cache.Enforce(r.clock.Now() + 40s);
@@ -132,15 +130,14 @@ TEST_F(CacheTest, AdminEvictIsRefusedWhileLeasedOrLoadingAndDropsEveryTierOtherw
   ModelEntry& m = *r.table.Find("a");
   EXPECT_EQ(r.cache.Evict(m, "").reason(), "evict.loading");
   ASSERT_TRUE(r.PumpUntilGpu("a", 0, ModelState::kResident));
-  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
-  const std::uint64_t lease = *r.leases.AddLease(*s, "a", "cuda:0");
+  const std::uint64_t lease = r.Lease("a", "cuda:0");
   EXPECT_EQ(r.cache.Evict(m, "cuda:0").reason(), "evict.leased");
   // The host copy alone may go: the GPU lease holds only the GPU copy.
   ASSERT_TRUE(r.cache.Evict(m, "cpu").ok());
   EXPECT_FALSE(m.resident);
   EXPECT_EQ(m.gpus.count(0), 1u);
   EXPECT_FALSE(m.tensors.empty()) << "the GPU copy's leases still need the tensor index";
-  ASSERT_TRUE(r.leases.Release(*s, lease).ok());
+  ASSERT_TRUE(r.Release(lease).ok());
   ASSERT_TRUE(r.cache.Evict(m, "").ok());
   EXPECT_TRUE(m.gpus.empty());
   EXPECT_TRUE(m.tensors.empty());

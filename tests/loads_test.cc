@@ -103,15 +103,14 @@ TEST_F(LoadsTest, WaitsForRoomWhileALeaseHoldsItAndLoadsOnceTheLeaseEnds) {
   r.Add(WriteModel("a"));
   r.Add(WriteModel("b", 2));
   ASSERT_TRUE(r.Load("a"));
-  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
-  const std::uint64_t lease = *r.leases.AddLease(*s, "a", "cpu");
+  const std::uint64_t lease = r.Lease("a");
   r.Request("b");
   ASSERT_TRUE(r.PumpUntil([&] { return r.table.Find("b")->phase == Phase::kAdmitting; }));
   EXPECT_EQ(r.cache.waiting(), 1u);
   EXPECT_NE(r.table.Find("b")->waiting_for.find("host budget"), std::string::npos) << r.table.Find("b")->waiting_for;
   EXPECT_NE(r.table.Find("b")->waiting_for.find("1 lease"), std::string::npos) << r.table.Find("b")->waiting_for;
   // The lease ends: the loop retries, evicts a (least recently used, unleased now) and loads b.
-  ASSERT_TRUE(r.leases.Release(*s, lease).ok());
+  ASSERT_TRUE(r.Release(lease).ok());
   r.cache.RetrySoon();
   ASSERT_TRUE(r.PumpUntilHost("b", ModelState::kResident));
   EXPECT_EQ(r.table.Find("a")->state, ModelState::kAbsent);
@@ -124,8 +123,7 @@ TEST_F(LoadsTest, AdmissionThatWaitsPastItsTimeoutFailsWithBudgetExhausted) {
   r.Add(WriteModel("a"));
   r.Add(WriteModel("b", 2));
   ASSERT_TRUE(r.Load("a"));
-  Session* s = *r.leases.Open("rid", "test", PeerCred{1, 1, 1}, r.clock.Now());
-  ASSERT_TRUE(r.leases.AddLease(*s, "a", "cpu").ok());
+  r.Lease("a");
   r.Request("b");
   ASSERT_TRUE(r.PumpUntil([&] { return r.cache.waiting() == 1; }));
   r.clock.Advance(6s);

@@ -91,6 +91,14 @@ class Residency final : public ModelEvents {
     }
   }
 
+  // A client's lease on `model`'s copy on `device` ("cpu", "cuda:N"), as the server adds one
+  // when it grants an Acquire; the copy is not evictable while it lives.
+  std::uint64_t Lease(const std::string& model, const std::string& device = "cpu") {
+    Session* s = *leases.Open("rid", "test", PeerCred{1, 1, 1}, clock.Now());
+    return *leases.AddLease(*s, model, device);
+  }
+  Status Release(std::uint64_t lease) { return leases.Release(*leases.Find("rid"), lease).status(); }
+
   // Runs posted tasks, and the admission retries they call for, until `done` holds; false if it
   // does not within 10 s.
   bool PumpUntil(const std::function<bool()>& done) {
