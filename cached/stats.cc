@@ -6,7 +6,7 @@ proto::ModelStatus Report::StatusOf(const ModelEntry& m) const {
   proto::ModelStatus st;
   st.name = m.config.name;
   st.dir = m.config.dir;
-  st.state = static_cast<std::uint8_t>(m.state);
+  st.state = std::string(proto::ModelStateName(m.state));
   if (m.resident) {
     st.shards = static_cast<std::uint32_t>(m.resident->shards.size());
     st.tensors = m.resident->tensor_count;
@@ -22,25 +22,25 @@ proto::ModelStatus Report::StatusOf(const ModelEntry& m) const {
   st.waiting_for = m.waiting_for;
   for (const auto& [ordinal, g] : m.gpus)
     if (st.waiting_for.empty() && !g.waiting_for.empty()) st.waiting_for = CudaName(ordinal) + ": " + g.waiting_for;
-  st.pinned = m.config.pin ? 1 : 0;
+  st.pinned = m.config.pin;
   st.priority = m.config.priority;
   st.leases = s_.leases->LeasesOf(m.config.name);
   st.loads = m.loads;
   st.last_load_ms = m.last_load_ms;
   const auto now = s_.clock->Now();
-  st.last_used_ms_ago = m.last_used == Clock::TimePoint{} ? 0 : ToMs(now - m.last_used);
-  if (!m.last_error.ok()) st.last_error = proto::ToErrorReply(m.last_error);
+  st.idle_ms = m.last_used == Clock::TimePoint{} ? 0 : ToMs(now - m.last_used);
+  st.last_error = m.last_error;
   for (const auto& [ordinal, g] : m.gpus) {
     proto::GpuCopyStatus gs;
     gs.device = CudaName(ordinal);
     gs.uuid = s_.gpu->Devices().at(static_cast<std::size_t>(ordinal)).uuid;
-    gs.state = static_cast<std::uint8_t>(g.state);
+    gs.state = std::string(proto::ModelStateName(g.state));
     gs.bytes = g.copy ? g.copy->allocated_bytes() : 0;
     gs.leases = s_.leases->LeasesOf(m.config.name, gs.device);
     gs.copy_ms = g.copy_ms;
     gs.h2d_us = g.copy ? static_cast<std::uint64_t>(g.copy->copy_seconds() * 1e6) : 0;
-    if (!g.last_error.ok()) gs.last_error = proto::ToErrorReply(g.last_error);
-    gs.last_used_ms_ago = g.last_used == Clock::TimePoint{} ? 0 : ToMs(now - g.last_used);
+    gs.last_error = g.last_error;
+    gs.idle_ms = g.last_used == Clock::TimePoint{} ? 0 : ToMs(now - g.last_used);
     st.gpus.push_back(std::move(gs));
   }
   return st;
@@ -81,7 +81,7 @@ proto::DaemonStats Report::Stats() const {
   }
   st.host_budget_bytes = s_.cache->host_budget();
   st.host_total_bytes = s_.cache->host_total();
-  st.ready = life.ready() ? 1 : 0;
+  st.ready = life.ready();
   st.ready_ms = life.ready() ? ToMs(life.ready_at() - s_.started) : 0;
   st.metrics = Metrics();
   return st;

@@ -223,42 +223,6 @@ std::optional<int> ParseCudaOrdinal(std::string_view device) {
   return n;
 }
 
-GpuCopyInfo ToGpuCopyInfo(const proto::GpuCopyStatus& g) {
-  GpuCopyInfo out;
-  out.device = g.device;
-  out.uuid = g.uuid;
-  out.state = std::string(proto::ModelStateName(static_cast<proto::ModelState>(g.state)));
-  out.bytes = g.bytes;
-  out.leases = g.leases;
-  out.copy_ms = g.copy_ms;
-  out.h2d_us = g.h2d_us;
-  out.idle_ms = g.last_used_ms_ago;
-  if (g.last_error.code != 0) out.last_error = proto::FromErrorReply(g.last_error);
-  return out;
-}
-
-ModelInfo ToModelInfo(const proto::ModelStatus& s) {
-  ModelInfo m;
-  m.name = s.name;
-  m.dir = s.dir;
-  m.state = std::string(proto::ModelStateName(static_cast<proto::ModelState>(s.state)));
-  m.shards = s.shards;
-  m.tensors = s.tensors;
-  m.bytes = s.bytes;
-  m.resident_bytes = s.resident_bytes;
-  m.leases = s.leases;
-  m.loads = s.loads;
-  m.last_load_ms = s.last_load_ms;
-  m.idle_ms = s.last_used_ms_ago;
-  if (s.last_error.code != 0) m.last_error = proto::FromErrorReply(s.last_error);
-  for (const auto& g : s.gpus) m.gpus.push_back(ToGpuCopyInfo(g));
-  m.pinned = s.pinned != 0;
-  m.priority = s.priority;
-  m.loaded_bytes = s.loaded_bytes;
-  m.waiting_for = s.waiting_for;
-  return m;
-}
-
 // One device's context creation, shared by the Client's calls (ContextWarmup itself has one
 // owner thread).
 struct Warmup {
@@ -1064,10 +1028,7 @@ Result<std::vector<ModelInfo>> Client::List() {
   ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(proto::List{}, impl_->options.request_timeout));
   auto* list = std::get_if<proto::ModelList>(&body);
   if (list == nullptr) return UnexpectedReply(proto::List{}, body);
-  std::vector<ModelInfo> out;
-  out.reserve(list->models.size());
-  for (const auto& s : list->models) out.push_back(ToModelInfo(s));
-  return out;
+  return std::move(list->models);
 }
 
 Result<ModelInfo> Client::Status(std::string_view model) {
@@ -1076,7 +1037,7 @@ Result<ModelInfo> Client::Status(std::string_view model) {
   ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
   auto* s = std::get_if<proto::ModelStatus>(&body);
   if (s == nullptr) return UnexpectedReply(req, body);
-  return ToModelInfo(*s);
+  return std::move(*s);
 }
 
 Result<ModelInfo> Client::Load(std::string_view model) {
@@ -1085,7 +1046,7 @@ Result<ModelInfo> Client::Load(std::string_view model) {
   ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(req, impl_->options.request_timeout));
   auto* s = std::get_if<proto::ModelStatus>(&body);
   if (s == nullptr) return UnexpectedReply(req, body);
-  return ToModelInfo(*s);
+  return std::move(*s);
 }
 
 weightd::Status Client::Evict(std::string_view model, std::string_view device) {
@@ -1101,28 +1062,7 @@ Result<DaemonStats> Client::Stats() {
   ASSIGN_OR_RETURN(proto::ReplyBody body, impl_->Call(proto::Stats{}, impl_->options.request_timeout));
   auto* s = std::get_if<proto::DaemonStats>(&body);
   if (s == nullptr) return UnexpectedReply(proto::Stats{}, body);
-  DaemonStats d;
-  d.daemon_version = s->daemon_version;
-  d.uptime_ms = s->uptime_ms;
-  d.sessions = s->sessions;
-  d.leases = s->leases;
-  d.host_resident_bytes = s->host_resident_bytes;
-  d.bytes_read_from_disk = s->bytes_read_from_disk;
-  d.loads_ok = s->loads_ok;
-  d.loads_failed = s->loads_failed;
-  d.requests = s->requests;
-  d.malformed_requests = s->malformed_requests;
-  d.models.reserve(s->models.size());
-  for (const auto& m : s->models) d.models.push_back(ToModelInfo(m));
-  for (const auto& g : s->gpus)
-    d.gpus.push_back(GpuInfo{g.device, g.uuid, g.name, g.total_bytes, g.resident_bytes, g.copies, g.leases, g.budget_bytes});
-  d.gpu_unavailable = s->gpu_unavailable;
-  d.host_budget_bytes = s->host_budget_bytes;
-  d.host_total_bytes = s->host_total_bytes;
-  d.ready = s->ready != 0;
-  d.ready_ms = s->ready_ms;
-  d.metrics = s->metrics;
-  return d;
+  return std::move(*s);
 }
 
 }  // namespace weightd

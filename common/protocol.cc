@@ -117,23 +117,86 @@ template <class A> void serialize(A& ar, TensorRecord& m) {
 template <class A> void serialize(A& ar, Manifest& m) {
   ar(m.lease_id, m.model, m.device, m.model_dir, m.segments, m.tensors, m.gpu_export, m.fd_socket, m.fd_token);
 }
-template <class A> void serialize(A& ar, GpuCopyStatus& m) {
-  ar(m.device, m.uuid, m.state, m.bytes, m.leases, m.copy_ms, m.h2d_us, m.last_error, m.last_used_ms_ago);
+template <class A> void serialize(A& ar, ModelList& m) { ar(m.models); }
+template <class A> void serialize(A& ar, Reply& m) { ar(m.id, m.body); }
+
+}  // namespace weightd::proto
+
+namespace weightd {
+namespace {
+
+std::uint8_t StateByte(const std::string& name) {
+  if (name.empty()) return static_cast<std::uint8_t>(proto::ModelState::kAbsent);  // a default-made struct
+  auto s = proto::ParseModelState(name);
+  if (!s) throw cereal::Exception("no model state is called '" + name + "'");
+  return static_cast<std::uint8_t>(*s);
 }
-template <class A> void serialize(A& ar, GpuDeviceStatus& m) {
+
+std::string StateName(std::uint8_t b) {
+  if (b > static_cast<std::uint8_t>(proto::ModelState::kFailed)) throw cereal::Exception("unknown model state");
+  return std::string(proto::ModelStateName(static_cast<proto::ModelState>(b)));
+}
+
+std::uint8_t FlagByte(bool b) { return b ? 1 : 0; }
+
+bool Flag(std::uint8_t b) {
+  if (b > 1) throw cereal::Exception("a flag byte other than 0 or 1");
+  return b == 1;
+}
+
+// Every code byte and both strings as they came (an unknown code stays unknown, not Internal),
+// so that the status re-encodes to the same bytes.
+Status StatusOf(const proto::ErrorReply& e) { return Status(static_cast<Code>(e.code), e.message, e.reason); }
+
+}  // namespace
+
+template <class A> void save(A& ar, const GpuCopyInfo& m) {
+  const std::uint8_t state = StateByte(m.state);
+  const proto::ErrorReply error = proto::ToErrorReply(m.last_error);
+  ar(m.device, m.uuid, state, m.bytes, m.leases, m.copy_ms, m.h2d_us, error, m.idle_ms);
+}
+template <class A> void load(A& ar, GpuCopyInfo& m) {
+  std::uint8_t state = 0;
+  proto::ErrorReply error;
+  ar(m.device, m.uuid, state, m.bytes, m.leases, m.copy_ms, m.h2d_us, error, m.idle_ms);
+  m.state = StateName(state);
+  m.last_error = StatusOf(error);
+}
+template <class A> void save(A& ar, const ModelInfo& m) {
+  const std::uint8_t state = StateByte(m.state), pinned = FlagByte(m.pinned);
+  const proto::ErrorReply error = proto::ToErrorReply(m.last_error);
+  ar(m.name, m.dir, state, m.shards, m.tensors, m.bytes, m.resident_bytes, m.leases, m.loads, m.last_load_ms, m.idle_ms,
+     error, m.gpus, pinned, m.priority, m.loaded_bytes, m.waiting_for);
+}
+template <class A> void load(A& ar, ModelInfo& m) {
+  std::uint8_t state = 0, pinned = 0;
+  proto::ErrorReply error;
+  ar(m.name, m.dir, state, m.shards, m.tensors, m.bytes, m.resident_bytes, m.leases, m.loads, m.last_load_ms, m.idle_ms,
+     error, m.gpus, pinned, m.priority, m.loaded_bytes, m.waiting_for);
+  m.state = StateName(state);
+  m.last_error = StatusOf(error);
+  m.pinned = Flag(pinned);
+}
+template <class A> void serialize(A& ar, GpuInfo& m) {
   ar(m.device, m.uuid, m.name, m.total_bytes, m.resident_bytes, m.copies, m.leases, m.budget_bytes);
 }
-template <class A> void serialize(A& ar, ModelStatus& m) {
-  ar(m.name, m.dir, m.state, m.shards, m.tensors, m.bytes, m.resident_bytes, m.leases, m.loads,
-     m.last_load_ms, m.last_used_ms_ago, m.last_error, m.gpus, m.pinned, m.priority, m.loaded_bytes, m.waiting_for);
+template <class A> void save(A& ar, const DaemonStats& m) {
+  const std::uint8_t ready = FlagByte(m.ready);
+  ar(m.daemon_version, m.uptime_ms, m.sessions, m.leases, m.host_resident_bytes, m.bytes_read_from_disk, m.loads_ok,
+     m.loads_failed, m.requests, m.malformed_requests, m.models, m.gpus, m.gpu_unavailable, m.host_budget_bytes,
+     m.host_total_bytes, ready, m.ready_ms, m.metrics);
 }
-template <class A> void serialize(A& ar, ModelList& m) { ar(m.models); }
-template <class A> void serialize(A& ar, DaemonStats& m) {
-  ar(m.daemon_version, m.uptime_ms, m.sessions, m.leases, m.host_resident_bytes, m.bytes_read_from_disk,
-     m.loads_ok, m.loads_failed, m.requests, m.malformed_requests, m.models, m.gpus, m.gpu_unavailable,
-     m.host_budget_bytes, m.host_total_bytes, m.ready, m.ready_ms, m.metrics);
+template <class A> void load(A& ar, DaemonStats& m) {
+  std::uint8_t ready = 0;
+  ar(m.daemon_version, m.uptime_ms, m.sessions, m.leases, m.host_resident_bytes, m.bytes_read_from_disk, m.loads_ok,
+     m.loads_failed, m.requests, m.malformed_requests, m.models, m.gpus, m.gpu_unavailable, m.host_budget_bytes,
+     m.host_total_bytes, ready, m.ready_ms, m.metrics);
+  m.ready = Flag(ready);
 }
-template <class A> void serialize(A& ar, Reply& m) { ar(m.id, m.body); }
+
+}  // namespace weightd
+
+namespace weightd::proto {
 
 namespace {
 
@@ -191,6 +254,12 @@ std::string_view ModelStateName(ModelState s) {
     case ModelState::kFailed: return "failed";
   }
   return "unknown";
+}
+
+std::optional<ModelState> ParseModelState(std::string_view name) {
+  for (ModelState s : {ModelState::kAbsent, ModelState::kLoading, ModelState::kResident, ModelState::kFailed})
+    if (ModelStateName(s) == name) return s;
+  return std::nullopt;
 }
 
 std::string EncodeRequest(const Request& r, FrameVersion v) { return Encode(r, v); }

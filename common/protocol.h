@@ -23,6 +23,7 @@
 #include <variant>
 #include <vector>
 
+#include "weightd/client.h"
 #include "weightd/dtype.h"
 #include "status_macros.h"
 
@@ -137,78 +138,32 @@ struct Manifest {
 };
 
 enum class ModelState : std::uint8_t { kAbsent = 0, kLoading = 1, kResident = 2, kFailed = 3 };
+// "absent", "loading", "resident", "failed" (the `state` of the status structs).
 std::string_view ModelStateName(ModelState s);
+// The state of a name ModelStateName gives; nullopt for any other.
+std::optional<ModelState> ParseModelState(std::string_view name);
 
-// A model's copy on one GPU.
-struct GpuCopyStatus {
-  std::string device;                // "cuda:N" in the daemon's numbering
-  std::string uuid;
-  std::uint8_t state = 0;            // ModelState
-  std::uint64_t bytes = 0;           // device memory allocated for the copy
-  std::uint32_t leases = 0;          // live leases (imports) of this copy
-  std::uint64_t copy_ms = 0;         // the last materialization: allocation and copy
-  std::uint64_t h2d_us = 0;          // its host-to-device copies alone
-  ErrorReply last_error;             // code 0 unless the last materialization failed
-  std::uint64_t last_used_ms_ago = 0;
-};
-
-struct ModelStatus {
-  std::string name;
-  std::string dir;
-  std::uint8_t state = 0;  // ModelState
-  std::uint32_t shards = 0;
-  std::uint32_t tensors = 0;
-  std::uint64_t bytes = 0;           // total tensor data of the model (0 until its headers were read)
-  std::uint64_t resident_bytes = 0;  // bytes in the host tier now
-  std::uint32_t leases = 0;          // live leases
-  std::uint64_t loads = 0;           // completed host loads since start
-  std::uint64_t last_load_ms = 0;
-  std::uint64_t last_used_ms_ago = 0;
-  ErrorReply last_error;             // code 0 when the last load succeeded
-  std::vector<GpuCopyStatus> gpus;   // one per GPU the model is (being) copied to
-  // Policy and progress.
-  std::uint8_t pinned = 0;
-  std::int32_t priority = 0;
-  std::uint64_t loaded_bytes = 0;    // while loading: bytes read so far (of `bytes`)
-  std::string waiting_for;           // while a load waits for memory: which budget, and why
-};
+// The status replies carry the public structs of weightd/client.h, so that each field is
+// declared once; protocol.cc writes them in this layout (cereal binary, in this order):
+//   GpuCopyInfo:  device, uuid, state (u8, ModelState), bytes, leases, copy_ms, h2d_us,
+//                 last_error (an ErrorReply; code 0 when OK), idle_ms (u64, "last_used_ms_ago")
+//   ModelInfo:    name, dir, state (u8), shards, tensors, bytes, resident_bytes, leases, loads,
+//                 last_load_ms, idle_ms, last_error, gpus, pinned (u8 0/1), priority,
+//                 loaded_bytes, waiting_for
+//   GpuInfo:      device, uuid, name, total_bytes, resident_bytes, copies, leases, budget_bytes
+//   DaemonStats:  daemon_version, uptime_ms, sessions, leases, host_resident_bytes,
+//                 bytes_read_from_disk, loads_ok, loads_failed, requests, malformed_requests,
+//                 models, gpus, gpu_unavailable, host_budget_bytes, host_total_bytes,
+//                 ready (u8 0/1), ready_ms, metrics
+// A state byte outside ModelState, or a flag byte other than 0 and 1, is malformed: the wire
+// format stays canonical (every accepted message re-encodes to the same bytes).
+using GpuCopyStatus = weightd::GpuCopyInfo;
+using ModelStatus = weightd::ModelInfo;
+using GpuDeviceStatus = weightd::GpuInfo;
+using DaemonStats = weightd::DaemonStats;
 
 struct ModelList {
   std::vector<ModelStatus> models;
-};
-
-struct GpuDeviceStatus {
-  std::string device;  // "cuda:N"
-  std::string uuid;
-  std::string name;
-  std::uint64_t total_bytes = 0;
-  std::uint64_t resident_bytes = 0;  // device memory held by model copies
-  std::uint32_t copies = 0;
-  std::uint32_t leases = 0;          // live GPU leases on this device
-  std::uint64_t budget_bytes = 0;    // what model copies may hold on this device
-};
-
-struct DaemonStats {
-  std::string daemon_version;
-  std::uint64_t uptime_ms = 0;
-  std::uint32_t sessions = 0;
-  std::uint32_t leases = 0;
-  std::uint64_t host_resident_bytes = 0;
-  std::uint64_t bytes_read_from_disk = 0;
-  std::uint64_t loads_ok = 0;
-  std::uint64_t loads_failed = 0;
-  std::uint64_t requests = 0;
-  std::uint64_t malformed_requests = 0;
-  std::vector<ModelStatus> models;
-  std::vector<GpuDeviceStatus> gpus;  // empty when the daemon runs host-only
-  std::string gpu_unavailable;        // why, when it does
-  std::uint64_t host_budget_bytes = 0;
-  std::uint64_t host_total_bytes = 0;  // MemTotal
-  std::uint8_t ready = 0;              // every preload has finished
-  std::uint64_t ready_ms = 0;          // start to ready
-  // Every figure of /metrics, in the Prometheus text format, so that `weightctl stats` and a
-  // scrape always agree.
-  std::string metrics;
 };
 
 using ReplyBody =

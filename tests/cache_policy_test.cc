@@ -118,7 +118,7 @@ class CachePolicy : public ::testing::Test {
     return st ? *st : proto::DaemonStats{};
   }
   ModelState HostState(RawClient& c, const std::string& model) {
-    return static_cast<ModelState>(StatusOf(c, model).state);
+    return proto::ParseModelState(StatusOf(c, model).state).value_or(ModelState::kAbsent);
   }
   // Waits (real time) until `model`'s host state is `want`; the loop applies the policy every
   // 200 ms of fake time, at most every 250 ms of real time.

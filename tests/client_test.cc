@@ -760,7 +760,7 @@ TEST(Client, HeartbeatsContinueDuringALongCall) {
         if (std::holds_alternative<proto::Heartbeat>(r.body) && pending_load && ++beats_during_load == 3) {
           proto::ModelStatus s;
           s.name = "slow";
-          s.state = static_cast<std::uint8_t>(proto::ModelState::kResident);
+          s.state = "resident";
           self.load()->SendLater(Frame(*pending_load, s));
           pending_load.reset();
         }
@@ -861,14 +861,14 @@ TEST(Client, ConvertsModelStatusAndStats) {
     proto::ModelStatus s;
     s.name = "bert";
     s.dir = "/models/bert";
-    s.state = static_cast<std::uint8_t>(proto::ModelState::kFailed);
+    s.state = "failed";
     s.shards = 2;
     s.tensors = 10;
     s.bytes = 1000;
     s.resident_bytes = 0;
     s.loads = 3;
-    s.last_used_ms_ago = 1234;
-    s.last_error = proto::ErrorReply{static_cast<std::uint8_t>(Code::kDataLoss), "short read", "io.short_read"};
+    s.idle_ms = 1234;
+    s.last_error = Status(Code::kDataLoss, "short read", "io.short_read");
     if (std::holds_alternative<proto::List>(r.body)) return Frame(r.id, proto::ModelList{{s}});
     if (std::holds_alternative<proto::Stats>(r.body)) {
       proto::DaemonStats st;

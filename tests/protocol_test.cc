@@ -108,9 +108,9 @@ ModelStatus SomeModel() {
   ModelStatus m;
   m.name = "tiny";
   m.dir = "/srv/models/tiny";
-  m.state = 2;
-  m.last_error = ErrorReply{.code = 7, .message = "bad shard", .reason = "safetensors.overlap"};
-  m.gpus.push_back(GpuCopyStatus{.device = "cuda:0", .uuid = "GPU-0", .state = 2, .bytes = 1, .leases = 1,
+  m.state = "resident";
+  m.last_error = Status(Code::kDataLoss, "bad shard", "safetensors.overlap");
+  m.gpus.push_back(GpuCopyStatus{.device = "cuda:0", .uuid = "GPU-0", .state = "resident", .bytes = 1, .leases = 1,
                                  .copy_ms = 1, .h2d_us = 1, .last_error = {}});
   return m;
 }

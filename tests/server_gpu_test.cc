@@ -147,11 +147,11 @@ TEST_F(ServerGpu, AcquireLoadsHostTierThenCopiesAndFdsImportBitExact) {
   ExpectImportsMatchFiles(m, fds->fds);
 
   proto::ModelStatus st = StatusOfModel(c);
-  EXPECT_EQ(st.state, static_cast<std::uint8_t>(proto::ModelState::kResident));
+  EXPECT_EQ(st.state, "resident");
   EXPECT_EQ(st.loads, 1u);
   ASSERT_EQ(st.gpus.size(), 1u);
   EXPECT_EQ(st.gpus[0].device, "cuda:0");
-  EXPECT_EQ(st.gpus[0].state, static_cast<std::uint8_t>(proto::ModelState::kResident));
+  EXPECT_EQ(st.gpus[0].state, "resident");
   EXPECT_EQ(st.gpus[0].leases, 1u);
   EXPECT_EQ(st.gpus[0].bytes, fake_.allocated_bytes(0));
 
@@ -306,14 +306,14 @@ TEST_F(ServerGpu, DeviceOutOfMemoryFailsTheAcquireAndKeepsTheHostCopy) {
   EXPECT_EQ(fake_.counters().live_allocations, 0);  // nothing of the failed copy stays
   // The copy followed the disk reads, so its failure may be answered before the host load ends.
   proto::ModelStatus st = StatusOfModel(c);
-  for (int i = 0; i < 200 && st.state == static_cast<std::uint8_t>(proto::ModelState::kLoading); ++i) {
+  for (int i = 0; i < 200 && st.state == "loading"; ++i) {
     std::this_thread::sleep_for(10ms);
     st = StatusOfModel(c);
   }
-  EXPECT_EQ(st.state, static_cast<std::uint8_t>(proto::ModelState::kResident));
+  EXPECT_EQ(st.state, "resident");
   ASSERT_EQ(st.gpus.size(), 1u);
-  EXPECT_EQ(st.gpus[0].state, static_cast<std::uint8_t>(proto::ModelState::kFailed));
-  EXPECT_EQ(st.gpus[0].last_error.reason, "gpu.out_of_memory");
+  EXPECT_EQ(st.gpus[0].state, "failed");
+  EXPECT_EQ(st.gpus[0].last_error.reason(), "gpu.out_of_memory");
   // The next request tries again, from the host copy: no second disk load.
   fake_.FailAllocationAt(0);
   proto::Manifest m = AcquireManifest(c, GpuAcquire());
@@ -328,7 +328,7 @@ TEST_F(ServerGpu, BadDevicesAreTypedErrors) {
   EXPECT_EQ(ErrorOf(c.Call(proto::Acquire{"m", "GPU-00000000-0000-0000-0000-000000000000", {}})).reason(),
             "gpu.unknown_device");
   EXPECT_EQ(ErrorOf(c.Call(proto::Acquire{"m", "tpu:0", {}})).reason(), "gpu.bad_device");
-  EXPECT_EQ(StatusOfModel(c).state, static_cast<std::uint8_t>(proto::ModelState::kAbsent));  // nothing loaded
+  EXPECT_EQ(StatusOfModel(c).state, "absent");  // nothing loaded
 }
 
 TEST_F(ServerGpu, HostOnlyDaemonSaysNoDevice) {

@@ -48,7 +48,7 @@ proto::ModelStatus Model() {
   proto::ModelStatus m;
   m.name = "tiny";
   m.dir = "/srv/models/tiny";
-  m.state = static_cast<std::uint8_t>(proto::ModelState::kResident);
+  m.state = "resident";
   m.shards = 1;
   m.tensors = 2;
   m.bytes = 4096;
@@ -56,8 +56,8 @@ proto::ModelStatus Model() {
   m.leases = 1;
   m.loads = 1;
   m.last_load_ms = 3;
-  m.last_used_ms_ago = 10;
-  m.gpus.push_back(proto::GpuCopyStatus{.device = "cuda:0", .uuid = "GPU-0", .state = 2, .bytes = 4096,
+  m.idle_ms = 10;
+  m.gpus.push_back(proto::GpuCopyStatus{.device = "cuda:0", .uuid = "GPU-0", .state = "resident", .bytes = 4096,
                                         .leases = 1, .copy_ms = 1, .h2d_us = 90, .last_error = {}});
   return m;
 }
