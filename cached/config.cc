@@ -4,7 +4,10 @@
 #include <cctype>
 #include <charconv>
 #include <cmath>
+#include <cstdio>
+#include <cstdlib>
 #include <filesystem>
+#include <type_traits>
 #include <fstream>
 #include <sstream>
 
@@ -160,37 +163,202 @@ Status ModelTable(const toml::table& mt, const std::string& origin, ModelConfig*
   return Status::Ok();
 }
 
-Status CacheTable(const toml::table& t, const std::string& origin, CacheConfig* c) {
-  for (auto&& [key, node] : t) {
-    const std::string k(key.str());
-    const std::string qk = "cache." + k;
-    if (k == "host_budget") {
-      ASSIGN_OR_RETURN(c->host_budget, BudgetNode(node, qk, origin));
-    } else if (k == "gpu_budget") {
-      ASSIGN_OR_RETURN(c->gpu_budget, BudgetNode(node, qk, origin));
-    } else if (k == "host_idle_ttl") {
-      ASSIGN_OR_RETURN(c->host_idle_ttl, DurationNode(node, qk, origin));
-    } else if (k == "gpu_idle_ttl") {
-      ASSIGN_OR_RETURN(c->gpu_idle_ttl, DurationNode(node, qk, origin));
-    } else if (k == "host_pressure") {
-      ASSIGN_OR_RETURN(c->host_pressure, FractionNode(node, qk, origin));
-    } else if (k == "gpu_pressure") {
-      ASSIGN_OR_RETURN(c->gpu_pressure, FractionNode(node, qk, origin));
-    } else if (k == "max_host_models") {
-      ASSIGN_OR_RETURN(c->max_host_models, CountNode(node, qk, origin, 0, 1'000'000));
-    } else if (k == "max_gpu_models") {
-      ASSIGN_OR_RETURN(c->max_gpu_models, CountNode(node, qk, origin, 0, 1'000'000));
-    } else if (k == "admission_timeout") {
-      ASSIGN_OR_RETURN(c->admission_timeout, DurationNode(node, qk, origin));
-    } else if (k == "file_check_interval") {
-      ASSIGN_OR_RETURN(c->file_check_interval, DurationNode(node, qk, origin));
-    } else if (k == "pressure_interval") {
-      ASSIGN_OR_RETURN(c->pressure_interval, DurationNode(node, qk, origin));
-    } else {
-      return Invalid(origin, "unknown key '" + qk + "'");
+static_assert(std::is_same_v<mode_t, std::uint32_t>, "ConfigKey::Field holds shm_mode as std::uint32_t");
+
+#define WD_FIELD(f) [](DaemonConfig& c) -> ConfigKey::Field { return &c.f; }
+using K = ConfigKey::Kind;
+constexpr std::int64_t kMillion = 1'000'000;
+
+// In the order of config.h and README.md's example file.
+const ConfigKey kKeys[] = {
+    {"daemon", "socket", K::kString, WD_FIELD(socket), "the ZeroMQ endpoint to serve, ipc://PATH", "-s,--socket",
+     "ipc://PATH"},
+    {"daemon", "shm_prefix", K::kString, WD_FIELD(shm_prefix),
+     "prefix of shared-memory segment names; one daemon per prefix (default: weightd-<hash of the socket>)",
+     "--shm-prefix", "PREFIX"},
+    {"daemon", "shm_mode", K::kMode, WD_FIELD(shm_mode),
+     "mode of the segments, octal, applied exactly; group and other write bits are refused"},
+    {"daemon", "shm_group", K::kString, WD_FIELD(shm_group),
+     "the group owning the segments, a name or a gid (default: the daemon's own group)"},
+    {"daemon", "client_group", K::kString, WD_FIELD(client_group),
+     "who may connect: the group of the socket and every model's default ACL (default: the daemon's own group)"},
+    {"daemon", "admin_group", K::kString, WD_FIELD(admin_group),
+     "who may load, evict, read stats and acquire any model (default: none; root and the daemon's user always may)"},
+    {"daemon", "loader_threads", K::kCount, WD_FIELD(loader_threads), "threads reading shards from disk",
+     "--loader-threads", "N", {}, 1, 256},
+    {"daemon", "chunk_size", K::kSize, WD_FIELD(chunk_size), "bytes per read request, e.g. 16MiB (4 KiB to 1 GiB)",
+     "--chunk-size", "SIZE"},
+    {"daemon", "io", K::kString, WD_FIELD(io),
+     "how shards are read: buffered, direct (O_DIRECT) or auto (O_DIRECT for files not in the page cache)", "--io",
+     "MODE", "buffered|direct|auto"},
+    {"daemon", "prefault_threads", K::kCount, WD_FIELD(prefault_threads), "extra threads pre-faulting fresh segments",
+     {}, {}, {}, 0, 256},
+    {"daemon", "verify_checksums", K::kBool, WD_FIELD(verify_checksums),
+     "check a model directory's checksums.xxh128 when it has one"},
+    {"daemon", "heartbeat_interval", K::kDuration, WD_FIELD(heartbeat_interval), "how often clients send a heartbeat"},
+    {"daemon", "heartbeat_timeout", K::kDuration, WD_FIELD(heartbeat_timeout),
+     "end a silent client's session (and its leases) after this long, e.g. 10s", "--heartbeat-timeout", "DURATION"},
+    {"daemon", "max_leases_per_client", K::kCount, WD_FIELD(max_leases_per_client), "leases one session may hold", {},
+     {}, {}, 1, kMillion},
+    {"daemon", "max_sessions", K::kCount, WD_FIELD(max_sessions), "open sessions", {}, {}, {}, 1, kMillion},
+    {"daemon", "max_connections_per_user", K::kCount, WD_FIELD(max_connections_per_user),
+     "open control connections per peer uid; more are closed at once, before their handshake", {}, {}, {}, 1,
+     kMillion},
+    {"daemon", "max_sessions_per_user", K::kCount, WD_FIELD(max_sessions_per_user), "sessions per peer uid", {}, {},
+     {}, 1, kMillion},
+    {"daemon", "keep_segments_on_stop", K::kBool, WD_FIELD(keep_segments_on_stop),
+     "a clean stop leaves the resident host copies for the next start to adopt"},
+    {"daemon", "max_message_size", K::kSize, WD_FIELD(max_message_size),
+     "the largest request the control socket takes (ZMQ_MAXMSGSIZE)"},
+    {"daemon", "log_level", K::kString, WD_FIELD(log_level), "trace, debug, info, warn, error, critical or off",
+     "--log-level", "LEVEL"},
+    {"daemon", "http_listen", K::kString, WD_FIELD(http_listen),
+     "serve /healthz, /readyz and /metrics on this loopback HOST:PORT, e.g. 127.0.0.1:9464 (default: off)", "--http",
+     "HOST:PORT"},
+    {"gpu", "enabled", K::kBool, WD_FIELD(gpu_enabled), "serve GPU copies where CUDA devices are present", "--no-gpu",
+     {}, {}, 0, 0, "serve the host tier only, even where CUDA devices are present"},
+    {"gpu", "export", K::kString, WD_FIELD(gpu_export),
+     "how GPU copies are shared: vmm (fds over a Unix socket, read-only imports) or legacy (cudaIpcMemHandle_t, a "
+     "bearer token any local user may open)",
+     "--gpu-export", "MODE", "vmm|legacy"},
+    {"gpu", "fd_socket", K::kString, WD_FIELD(fd_socket),
+     "the Unix socket that passes fds to clients (default: the socket's path + .fds)"},
+    {"gpu", "pin_host", K::kBool, WD_FIELD(gpu_pin_host), "keep resident host copies page-locked for fast GPU copies"},
+    {"gpu", "fd_store", K::kBool, WD_FIELD(gpu_fd_store),
+     "under systemd, keep VMM copies' fds in its fd store, so that a restarted daemon takes them back"},
+    {"gpu", "allow_legacy_multi_tenant", K::kBool, WD_FIELD(gpu_legacy_multi_tenant),
+     "allow the legacy export with tenants (shm_group, client_group or an ACL set)"},
+    {"cache", "host_budget", K::kBudget, WD_FIELD(cache.host_budget),
+     "host memory model copies may hold: bytes (\"64GiB\") or a share of MemTotal (\"50%\")", "--host-budget",
+     "BUDGET"},
+    {"cache", "gpu_budget", K::kBudget, WD_FIELD(cache.gpu_budget),
+     "memory model copies may hold on each GPU: bytes or a share of its memory", "--gpu-budget", "BUDGET"},
+    {"cache", "host_idle_ttl", K::kDuration, WD_FIELD(cache.host_idle_ttl),
+     "unleased host copies idle this long are evicted (0: never)"},
+    {"cache", "gpu_idle_ttl", K::kDuration, WD_FIELD(cache.gpu_idle_ttl),
+     "unleased GPU copies idle this long are evicted (0: never)"},
+    {"cache", "host_pressure", K::kFraction, WD_FIELD(cache.host_pressure),
+     "evict unleased copies while more than this share of host memory is in use (0: off)"},
+    {"cache", "gpu_pressure", K::kFraction, WD_FIELD(cache.gpu_pressure),
+     "evict unleased copies while more than this share of a GPU's memory is in use (0: off)"},
+    {"cache", "max_host_models", K::kCount, WD_FIELD(cache.max_host_models), "host copies at most (0: no cap)", {}, {},
+     {}, 0, kMillion},
+    {"cache", "max_gpu_models", K::kCount, WD_FIELD(cache.max_gpu_models), "copies per GPU at most (0: no cap)", {}, {},
+     {}, 0, kMillion},
+    {"cache", "admission_timeout", K::kDuration, WD_FIELD(cache.admission_timeout),
+     "how long a load waits for room before it fails with ResourceExhausted"},
+    {"cache", "file_check_interval", K::kDuration, WD_FIELD(cache.file_check_interval),
+     "how often resident models' files are checked for changes (0: never)"},
+    {"cache", "pressure_interval", K::kDuration, WD_FIELD(cache.pressure_interval),
+     "how often memory is sampled for the pressure rule"},
+};
+#undef WD_FIELD
+
+const ConfigKey* FindKey(std::string_view table, std::string_view name) {
+  for (const ConfigKey& k : kKeys)
+    if (k.table == table && k.name == name) return &k;
+  return nullptr;
+}
+
+Result<std::uint32_t> ParseMode(const std::string& m) {
+  unsigned long v = 0;
+  auto [p, ec] = std::from_chars(m.data(), m.data() + m.size(), v, 8);
+  if (m.empty() || ec != std::errc() || p != m.data() + m.size() || v > 0777)
+    return InvalidArgument("must be an octal mode like \"0640\"", "config.invalid");
+  return static_cast<std::uint32_t>(v);
+}
+
+// Sets a key from its TOML value.
+Status ApplyKey(const ConfigKey& key, const toml::node& n, const std::string& origin, DaemonConfig* cfg) {
+  const std::string qk = std::string(key.table) + "." + std::string(key.name);
+  ConfigKey::Field f = key.field(*cfg);
+  switch (key.kind) {
+    case K::kString: {
+      ASSIGN_OR_RETURN(*std::get<std::string*>(f), StringNode(n, qk, origin));
+      break;
+    }
+    case K::kSize: {
+      ASSIGN_OR_RETURN(*std::get<std::uint64_t*>(f), SizeNode(n, qk, origin));
+      break;
+    }
+    case K::kCount: {
+      ASSIGN_OR_RETURN(*std::get<std::uint32_t*>(f), CountNode(n, qk, origin, static_cast<std::uint32_t>(key.min),
+                                                              static_cast<std::uint32_t>(key.max)));
+      break;
+    }
+    case K::kBool: {
+      ASSIGN_OR_RETURN(*std::get<bool*>(f), BoolNode(n, qk, origin));
+      break;
+    }
+    case K::kDuration: {
+      ASSIGN_OR_RETURN(*std::get<std::chrono::milliseconds*>(f), DurationNode(n, qk, origin));
+      break;
+    }
+    case K::kFraction: {
+      ASSIGN_OR_RETURN(*std::get<double*>(f), FractionNode(n, qk, origin));
+      break;
+    }
+    case K::kBudget: {
+      ASSIGN_OR_RETURN(*std::get<Budget*>(f), BudgetNode(n, qk, origin));
+      break;
+    }
+    case K::kMode: {
+      ASSIGN_OR_RETURN(std::string m, StringNode(n, qk, origin));
+      auto mode = ParseMode(m);
+      if (!mode.ok()) return Invalid(origin, qk + " " + mode.status().message());
+      *std::get<std::uint32_t*>(f) = *mode;
+      break;
     }
   }
   return Status::Ok();
+}
+
+// TOML text of values (ShowValue, ToToml).
+std::string Quote(std::string_view v) {
+  std::string out = "\"";
+  for (char c : v) {
+    if (c == '"' || c == '\\') {
+      out += '\\';
+      out += c;
+    } else if (static_cast<unsigned char>(c) < 0x20 || static_cast<unsigned char>(c) >= 0x7f) {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "\\u%04x", static_cast<unsigned>(static_cast<unsigned char>(c)));
+      out += buf;
+    } else {
+      out += c;
+    }
+  }
+  return out + "\"";
+}
+
+std::string ShowSize(std::uint64_t b) {
+  static constexpr std::pair<std::uint64_t, const char*> kUnits[] = {
+      {1ull << 40, "TiB"}, {1ull << 30, "GiB"}, {1ull << 20, "MiB"}, {1ull << 10, "KiB"}};
+  for (auto [unit, name] : kUnits)
+    if (b != 0 && b % unit == 0) return Quote(std::to_string(b / unit) + name);
+  return std::to_string(b);
+}
+
+std::string ShowDuration(std::chrono::milliseconds d) {
+  const std::int64_t ms = d.count();
+  if (ms == 0) return "0";
+  if (ms % 3'600'000 == 0) return Quote(std::to_string(ms / 3'600'000) + "h");
+  if (ms % 60'000 == 0) return Quote(std::to_string(ms / 60'000) + "m");
+  if (ms % 1000 == 0) return Quote(std::to_string(ms / 1000) + "s");
+  return Quote(std::to_string(ms) + "ms");
+}
+
+// A TOML float (never an integer, which a budget would read as bytes): the shortest text that
+// reads back as the same double.
+std::string ShowFraction(double v) {
+  char buf[32];
+  for (int precision = 1; precision <= 17; ++precision) {
+    std::snprintf(buf, sizeof buf, "%.*g", precision, v);
+    if (std::strtod(buf, nullptr) == v) break;
+  }
+  std::string s = buf;
+  if (s.find_first_of(".e") == std::string::npos) s += ".0";
+  return s;
 }
 
 }  // namespace
@@ -323,90 +491,16 @@ Status ApplyToml(const std::string& toml_text, const std::string& origin, Daemon
     if (k != "daemon" && k != "gpu" && k != "cache" && k != "models")
       return Invalid(origin, "unknown table or key '" + k + "' (expected [daemon], [gpu], [cache] and [models.NAME])");
   }
-  if (auto* d = root.get("daemon")) {
-    const toml::table* t = d->as_table();
-    if (t == nullptr) return Invalid(origin, "'daemon' must be a table");
-    for (auto&& [key, node] : *t) {
-      const std::string k(key.str());
-      const std::string qk = "daemon." + k;
-      if (k == "socket") {
-        ASSIGN_OR_RETURN(cfg->socket, StringNode(node, qk, origin));
-      } else if (k == "shm_prefix") {
-        ASSIGN_OR_RETURN(cfg->shm_prefix, StringNode(node, qk, origin));
-      } else if (k == "shm_mode") {
-        ASSIGN_OR_RETURN(std::string m, StringNode(node, qk, origin));
-        unsigned long v = 0;
-        auto [p, ec] = std::from_chars(m.data(), m.data() + m.size(), v, 8);
-        if (ec != std::errc() || p != m.data() + m.size() || v > 0777) return Invalid(origin, qk + " must be an octal mode like \"0640\"");
-        cfg->shm_mode = static_cast<mode_t>(v);
-      } else if (k == "shm_group") {
-        ASSIGN_OR_RETURN(cfg->shm_group, StringNode(node, qk, origin));
-      } else if (k == "client_group") {
-        ASSIGN_OR_RETURN(cfg->client_group, StringNode(node, qk, origin));
-      } else if (k == "admin_group") {
-        ASSIGN_OR_RETURN(cfg->admin_group, StringNode(node, qk, origin));
-      } else if (k == "loader_threads") {
-        ASSIGN_OR_RETURN(cfg->loader_threads, CountNode(node, qk, origin, 1, 256));
-      } else if (k == "chunk_size") {
-        ASSIGN_OR_RETURN(cfg->chunk_size, SizeNode(node, qk, origin));
-      } else if (k == "io") {
-        ASSIGN_OR_RETURN(cfg->io, StringNode(node, qk, origin));
-      } else if (k == "prefault_threads") {
-        ASSIGN_OR_RETURN(cfg->prefault_threads, CountNode(node, qk, origin, 0, 256));
-      } else if (k == "verify_checksums") {
-        ASSIGN_OR_RETURN(cfg->verify_checksums, BoolNode(node, qk, origin));
-      } else if (k == "heartbeat_interval") {
-        ASSIGN_OR_RETURN(cfg->heartbeat_interval, DurationNode(node, qk, origin));
-      } else if (k == "heartbeat_timeout") {
-        ASSIGN_OR_RETURN(cfg->heartbeat_timeout, DurationNode(node, qk, origin));
-      } else if (k == "max_leases_per_client") {
-        ASSIGN_OR_RETURN(cfg->max_leases_per_client, CountNode(node, qk, origin, 1, 1'000'000));
-      } else if (k == "max_sessions") {
-        ASSIGN_OR_RETURN(cfg->max_sessions, CountNode(node, qk, origin, 1, 1'000'000));
-      } else if (k == "max_connections_per_user") {
-        ASSIGN_OR_RETURN(cfg->max_connections_per_user, CountNode(node, qk, origin, 1, 1'000'000));
-      } else if (k == "max_sessions_per_user") {
-        ASSIGN_OR_RETURN(cfg->max_sessions_per_user, CountNode(node, qk, origin, 1, 1'000'000));
-      } else if (k == "keep_segments_on_stop") {
-        ASSIGN_OR_RETURN(cfg->keep_segments_on_stop, BoolNode(node, qk, origin));
-      } else if (k == "max_message_size") {
-        ASSIGN_OR_RETURN(cfg->max_message_size, SizeNode(node, qk, origin));
-      } else if (k == "log_level") {
-        ASSIGN_OR_RETURN(cfg->log_level, StringNode(node, qk, origin));
-      } else if (k == "http_listen") {
-        ASSIGN_OR_RETURN(cfg->http_listen, StringNode(node, qk, origin));
-      } else {
-        return Invalid(origin, "unknown key '" + qk + "'");
-      }
+  for (const char* table : {"daemon", "gpu", "cache"}) {
+    const toml::node* node = root.get(table);
+    if (node == nullptr) continue;
+    const toml::table* t = node->as_table();
+    if (t == nullptr) return Invalid(origin, "'" + std::string(table) + "' must be a table");
+    for (auto&& [key, value] : *t) {
+      const ConfigKey* k = FindKey(table, key.str());
+      if (k == nullptr) return Invalid(origin, "unknown key '" + std::string(table) + "." + std::string(key.str()) + "'");
+      RETURN_IF_ERROR(ApplyKey(*k, value, origin, cfg));
     }
-  }
-  if (auto* g = root.get("gpu")) {
-    const toml::table* t = g->as_table();
-    if (t == nullptr) return Invalid(origin, "'gpu' must be a table");
-    for (auto&& [key, node] : *t) {
-      const std::string k(key.str());
-      const std::string qk = "gpu." + k;
-      if (k == "enabled") {
-        ASSIGN_OR_RETURN(cfg->gpu_enabled, BoolNode(node, qk, origin));
-      } else if (k == "pin_host") {
-        ASSIGN_OR_RETURN(cfg->gpu_pin_host, BoolNode(node, qk, origin));
-      } else if (k == "fd_store") {
-        ASSIGN_OR_RETURN(cfg->gpu_fd_store, BoolNode(node, qk, origin));
-      } else if (k == "export") {
-        ASSIGN_OR_RETURN(cfg->gpu_export, StringNode(node, qk, origin));
-      } else if (k == "fd_socket") {
-        ASSIGN_OR_RETURN(cfg->fd_socket, StringNode(node, qk, origin));
-      } else if (k == "allow_legacy_multi_tenant") {
-        ASSIGN_OR_RETURN(cfg->gpu_legacy_multi_tenant, BoolNode(node, qk, origin));
-      } else {
-        return Invalid(origin, "unknown key '" + qk + "'");
-      }
-    }
-  }
-  if (auto* c = root.get("cache")) {
-    const toml::table* t = c->as_table();
-    if (t == nullptr) return Invalid(origin, "'cache' must be a table");
-    RETURN_IF_ERROR(CacheTable(*t, origin, &cfg->cache));
   }
   if (auto* m = root.get("models")) {
     const toml::table* t = m->as_table();
@@ -503,6 +597,95 @@ Status Finalize(DaemonConfig* cfg) {
     return InvalidArgument("gpu.fd_socket must be an absolute path of at most 107 characters, got '" + cfg->fd_socket + "'",
                            "config.bad_socket");
   return Status::Ok();
+}
+
+std::span<const ConfigKey> ConfigKeys() { return kKeys; }
+
+Status ApplyOption(const ConfigKey& key, const std::string& text, DaemonConfig* cfg) {
+  const std::string_view opt = key.option.substr(key.option.find("--") == std::string_view::npos ? 0 : key.option.find("--"));
+  const std::string context(opt);
+  ConfigKey::Field f = key.field(*cfg);
+  // Parses `text` with `parse` into the field, of type T; errors name the option.
+  auto set = [&]<class T>(std::type_identity<T>, auto parse) -> Status {
+    auto v = parse(text);
+    if (!v.ok()) return v.status().WithContext(context);
+    *std::get<T*>(f) = *v;
+    return Status::Ok();
+  };
+  switch (key.kind) {
+    case K::kString: *std::get<std::string*>(f) = text; return Status::Ok();
+    case K::kSize: return set(std::type_identity<std::uint64_t>{}, ParseSize);
+    case K::kCount: {
+      std::int64_t v = 0;
+      auto [p, ec] = std::from_chars(text.data(), text.data() + text.size(), v);
+      if (text.empty() || ec != std::errc() || p != text.data() + text.size() || v < key.min || v > key.max)
+        return InvalidArgument(context + ": must be an integer in [" + std::to_string(key.min) + ", " +
+                                   std::to_string(key.max) + "], got '" + text + "'",
+                               "config.invalid");
+      *std::get<std::uint32_t*>(f) = static_cast<std::uint32_t>(v);
+      return Status::Ok();
+    }
+    case K::kBool:
+      if (text != "true" && text != "false")
+        return InvalidArgument(context + ": must be true or false, got '" + text + "'", "config.invalid");
+      *std::get<bool*>(f) = text == "true";
+      return Status::Ok();
+    case K::kDuration: return set(std::type_identity<std::chrono::milliseconds>{}, ParseDuration);
+    case K::kFraction: return set(std::type_identity<double>{}, ParseFraction);
+    case K::kBudget: return set(std::type_identity<Budget>{}, ParseBudget);
+    case K::kMode: return set(std::type_identity<std::uint32_t>{}, ParseMode);
+  }
+  return Status::Ok();
+}
+
+std::string ShowValue(const ConfigKey& key, const DaemonConfig& cfg) {
+  ConfigKey::Field f = key.field(const_cast<DaemonConfig&>(cfg));  // read only
+  switch (key.kind) {
+    case K::kString: return Quote(*std::get<std::string*>(f));
+    case K::kSize: return ShowSize(*std::get<std::uint64_t*>(f));
+    case K::kCount: return std::to_string(*std::get<std::uint32_t*>(f));
+    case K::kBool: return *std::get<bool*>(f) ? "true" : "false";
+    case K::kDuration: return ShowDuration(*std::get<std::chrono::milliseconds*>(f));
+    case K::kFraction: return ShowFraction(*std::get<double*>(f));
+    case K::kBudget: {
+      const Budget& b = *std::get<Budget*>(f);
+      return b.fraction > 0 ? ShowFraction(b.fraction) : ShowSize(b.bytes);
+    }
+    case K::kMode: {
+      char buf[8];
+      std::snprintf(buf, sizeof buf, "%04o", static_cast<unsigned>(*std::get<std::uint32_t*>(f)));
+      return Quote(buf);
+    }
+  }
+  return {};
+}
+
+std::string ToToml(const DaemonConfig& cfg) {
+  std::string out;
+  std::string_view table;
+  for (const ConfigKey& k : kKeys) {
+    if (k.table != table) {
+      table = k.table;
+      out += (out.empty() ? "[" : "\n[") + std::string(table) + "]\n";
+    }
+    out += std::string(k.name) + " = " + ShowValue(k, cfg) + "\n";
+  }
+  auto list = [](const std::vector<std::string>& v) {
+    std::string s = "[";
+    for (std::size_t i = 0; i < v.size(); ++i) s += (i ? ", " : "") + Quote(v[i]);
+    return s + "]";
+  };
+  for (const ModelConfig& m : cfg.models) {
+    out += "\n[models." + Quote(m.name) + "]\npath = " + Quote(m.dir) + "\n";
+    if (m.pin) out += "pin = true\n";
+    if (m.priority != 0) out += "priority = " + std::to_string(m.priority) + "\n";
+    if (!m.preload.empty()) out += "preload = " + list(m.preload) + "\n";
+    if (m.host_idle_ttl) out += "host_idle_ttl = " + ShowDuration(*m.host_idle_ttl) + "\n";
+    if (m.gpu_idle_ttl) out += "gpu_idle_ttl = " + ShowDuration(*m.gpu_idle_ttl) + "\n";
+    if (!m.allow_users.empty()) out += "allow_users = " + list(m.allow_users) + "\n";
+    if (!m.allow_groups.empty()) out += "allow_groups = " + list(m.allow_groups) + "\n";
+  }
+  return out;
 }
 
 }  // namespace weightd

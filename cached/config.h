@@ -12,7 +12,10 @@
 #include <cstdint>
 #include <map>
 #include <optional>
+#include <span>
 #include <string>
+#include <string_view>
+#include <variant>
 #include <vector>
 
 #include "status_macros.h"
@@ -129,6 +132,46 @@ struct DaemonConfig {
   // The file these settings came from, if any (re-read on SIGHUP).
   std::optional<std::string> config_path;
 };
+
+// One key of the [daemon], [gpu] and [cache] tables, declared once: the TOML reader
+// (ApplyToml), weightd's command line (the keys that have an option), its --help and
+// --check-config (ToToml) all read ConfigKeys(). [models.NAME] tables have keys of their own.
+struct ConfigKey {
+  enum class Kind : std::uint8_t {
+    kString,    // a TOML string
+    kSize,      // bytes: an integer, or a string with a unit ("64MiB")
+    kCount,     // an integer in [min, max]
+    kBool,      // true or false
+    kDuration,  // milliseconds, or a string with a unit ("10s")
+    kFraction,  // in [0, 1]: 0.8 or "80%"
+    kBudget,    // bytes ("64GiB") or a share of the total ("50%", 0.5)
+    kMode,      // an octal string ("0640")
+  };
+  // The field the key sets, of the type `kind` says (kCount and kMode: std::uint32_t, which is
+  // what mode_t is).
+  using Field = std::variant<std::string*, std::uint64_t*, std::uint32_t*, bool*, std::chrono::milliseconds*, double*,
+                             Budget*>;
+
+  std::string_view table;  // "daemon", "gpu" or "cache"
+  std::string_view name;
+  Kind kind;
+  Field (*field)(DaemonConfig&);
+  std::string_view help;
+  std::string_view option = {};       // weightd's option ("-s,--socket"); empty: the file only
+  std::string_view value_name = {};   // the option's value in --help ("N", "SIZE")
+  std::string_view choices = {};      // "vmm|legacy": what the option takes (Finalize checks the file's)
+  std::int64_t min = 0, max = 0;      // kCount
+  std::string_view option_help = {};  // a kBool option: it sets false ("--no-gpu"), and says so
+};
+std::span<const ConfigKey> ConfigKeys();
+// Sets `key` from the text of its command-line option (a kBool option: "false"); errors name
+// the option and are those of the file's values.
+Status ApplyOption(const ConfigKey& key, const std::string& text, DaemonConfig* cfg);
+// The key's value in `cfg` as TOML ("\"buffered\"", "\"64MiB\"", 4, true, "\"10s\"").
+std::string ShowValue(const ConfigKey& key, const DaemonConfig& cfg);
+// The whole configuration as a TOML file that reads back as the same: every key of
+// ConfigKeys(), then the models (weightd --check-config).
+std::string ToToml(const DaemonConfig& cfg);
 
 // Validates a model name: 1-64 of [A-Za-z0-9._-], starting with a letter or digit.
 Status ValidateModelName(const std::string& name);

@@ -5,7 +5,8 @@
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
-#include <tuple>
+#include <memory>
+#include <string_view>
 
 #include <CLI/CLI.hpp>
 #include <spdlog/sinks/stdout_color_sinks.h>
@@ -41,34 +42,47 @@ int main(int argc, char** argv) {
   app.set_version_flag("--version", std::string("weightd ") + WEIGHTD_VERSION);
 
   std::string config_path;
-  std::string socket, prefix, log_level, chunk, heartbeat_timeout;
   std::vector<std::string> model_flags;
-  std::uint32_t loader_threads = 0;
-  bool check_only = false, no_gpu = false;
-  std::string gpu_export, http_listen, host_budget, gpu_budget, io;
+  bool check_only = false;
   app.add_option("-c,--config", config_path,
                  std::string("TOML config file (default: ") + weightd::kDefaultConfigPath + " if it exists)");
-  app.add_option("-s,--socket", socket, "ZeroMQ endpoint to serve, ipc://PATH (default: ipc:///run/weightd/weightd.sock)");
-  app.add_option("--shm-prefix", prefix,
-                 "prefix of shared-memory segment names (default: weightd-<hash of the socket>); one daemon per prefix");
   app.add_option("-m,--model", model_flags, "add a model: NAME=DIR (a directory of safetensors shards); repeatable")
       ->type_name("NAME=DIR");
-  app.add_option("--loader-threads", loader_threads, "threads reading shards from disk (default 4)")->check(CLI::Range(1, 256));
-  app.add_option("--chunk-size", chunk, "bytes per read request, e.g. 16MiB (default 64MiB)");
-  app.add_option("--heartbeat-timeout", heartbeat_timeout,
-                 "end a silent client's session (and its leases) after this long, e.g. 10s (default 10s)");
-  app.add_flag("--no-gpu", no_gpu, "serve the host tier only, even where CUDA devices are present");
-  app.add_option("--gpu-export", gpu_export,
-                 "how GPU copies are shared: vmm (fds over a Unix socket, read-only imports; default) or legacy "
-                 "(cudaIpcMemHandle_t, a bearer token any local user may open)")
-      ->check(CLI::IsMember({"vmm", "legacy"}));
-  app.add_option("--io", io, "how shards are read: buffered (default), direct (O_DIRECT) or auto (O_DIRECT for files not in the page cache)")
-      ->check(CLI::IsMember({"auto", "direct", "buffered"}));
-  app.add_option("--host-budget", host_budget, "host memory models may hold: bytes (\"64GiB\") or a share of RAM (\"50%\", the default)");
-  app.add_option("--gpu-budget", gpu_budget, "memory models may hold on each GPU: bytes or a share (\"80%\", the default)");
-  app.add_option("--http", http_listen, "serve /healthz, /readyz and /metrics on this loopback HOST:PORT, e.g. 127.0.0.1:9464");
-  app.add_option("--log-level", log_level, "trace, debug, info, warn, error or critical (default info)");
-  app.add_flag("--check-config", check_only, "validate the configuration, print the catalog, and exit");
+  // Every other option is a key of the file (config.h's ConfigKeys(), which --help lists too).
+  const auto keys = weightd::ConfigKeys();
+  const weightd::DaemonConfig defaults;
+  std::vector<std::string> option_text(keys.size());
+  std::unique_ptr<bool[]> option_set(new bool[keys.size()]());
+  std::string file_keys = "Keys of the configuration file, with their defaults (options override the file):\n";
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    const weightd::ConfigKey& k = keys[i];
+    const std::string shown = weightd::ShowValue(k, defaults);
+    file_keys += "  [" + std::string(k.table) + "] " + std::string(k.name) + " = " + shown + "\n      " +
+                 std::string(k.help) + "\n";
+    if (k.option.empty()) continue;
+    const std::string name(k.option);
+    if (!k.option_help.empty()) {
+      app.add_flag(name, option_set[i], std::string(k.option_help));
+      continue;
+    }
+    std::string help(k.help);
+    if (shown != "\"\"" && help.find("(default") == std::string::npos) help += " (default: " + shown + ")";
+    CLI::Option* opt = app.add_option(name, option_text[i], help);
+    if (!k.value_name.empty()) opt->type_name(std::string(k.value_name));
+    if (k.kind == weightd::ConfigKey::Kind::kCount) opt->check(CLI::Range(k.min, k.max));
+    if (!k.choices.empty()) {
+      std::vector<std::string> choices;
+      for (std::string_view rest = k.choices; !rest.empty();) {
+        const std::size_t bar = rest.find('|');
+        choices.emplace_back(rest.substr(0, bar));
+        rest = bar == std::string_view::npos ? std::string_view() : rest.substr(bar + 1);
+      }
+      opt->check(CLI::IsMember(choices));
+    }
+  }
+  app.add_flag("--check-config", check_only,
+               "validate the configuration, print it (the file's keys as TOML, then the models), and exit");
+  app.footer(file_keys);
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -86,30 +100,10 @@ int main(int argc, char** argv) {
   } else if (::access(weightd::kDefaultConfigPath, F_OK) == 0) {
     if (auto s = weightd::ApplyTomlFile(weightd::kDefaultConfigPath, &cfg); !s.ok()) return Fail(kExitConfig, s);
   }
-  if (!socket.empty()) cfg.socket = socket;
-  if (!prefix.empty()) cfg.shm_prefix = prefix;
-  if (loader_threads) cfg.loader_threads = loader_threads;
-  if (!log_level.empty()) cfg.log_level = log_level;
-  if (no_gpu) cfg.gpu_enabled = false;
-  if (!gpu_export.empty()) cfg.gpu_export = gpu_export;
-  if (!http_listen.empty()) cfg.http_listen = http_listen;
-  if (!io.empty()) cfg.io = io;
-  for (auto [text, budget, flag] : {std::tuple{&host_budget, &cfg.cache.host_budget, "--host-budget"},
-                                    std::tuple{&gpu_budget, &cfg.cache.gpu_budget, "--gpu-budget"}}) {
-    if (text->empty()) continue;
-    auto b = weightd::ParseBudget(*text);
-    if (!b.ok()) return Fail(kExitConfig, b.status().WithContext(flag));
-    *budget = *b;
-  }
-  if (!chunk.empty()) {
-    auto v = weightd::ParseSize(chunk);
-    if (!v.ok()) return Fail(kExitConfig, v.status().WithContext("--chunk-size"));
-    cfg.chunk_size = *v;
-  }
-  if (!heartbeat_timeout.empty()) {
-    auto v = weightd::ParseDuration(heartbeat_timeout);
-    if (!v.ok()) return Fail(kExitConfig, v.status().WithContext("--heartbeat-timeout"));
-    cfg.heartbeat_timeout = *v;
+  for (std::size_t i = 0; i < keys.size(); ++i) {
+    if (!option_set[i] && option_text[i].empty()) continue;
+    const std::string text = option_set[i] ? "false" : option_text[i];
+    if (auto st = weightd::ApplyOption(keys[i], text, &cfg); !st.ok()) return Fail(kExitConfig, st);
   }
   for (const auto& f : model_flags) {
     auto m = weightd::ParseModelFlag(f);
@@ -142,9 +136,7 @@ int main(int argc, char** argv) {
   spdlog::set_level(level);
 
   if (check_only) {
-    std::cout << "socket      " << cfg.socket << "\nshm prefix  " << cfg.shm_prefix << "\nmodels      "
-              << cfg.models.size() << "\n";
-    for (const auto& m : cfg.models) std::cout << "  " << m.name << " = " << m.dir << "\n";
+    std::cout << weightd::ToToml(cfg);
     return 0;
   }
   if (cfg.models.empty()) spdlog::warn("the catalog is empty: add models with --model NAME=DIR or a config file");

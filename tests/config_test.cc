@@ -3,6 +3,8 @@
 
 #include <gtest/gtest.h>
 
+#include <set>
+
 namespace weightd {
 namespace {
 
@@ -170,6 +172,98 @@ TEST(Config, ReadsThePerUserLimitsAndKeepSegmentsOnStop) {
   EXPECT_TRUE(cfg->keep_segments_on_stop);
   for (const char* bad : {"max_connections_per_user = 0", "max_sessions_per_user = -1", "max_sessions_per_user = 1.5"})
     EXPECT_EQ(Load(std::string("[daemon]\n") + bad + "\n").status().code(), Code::kInvalidArgument) << bad;
+}
+
+// --check-config prints the configuration as TOML; that text is a configuration file that
+// reads back as the same configuration, every key and every model.
+TEST(Config, CheckConfigTomlReadsBackAsTheSameConfiguration) {
+  auto cfg = Load(R"(
+[daemon]
+socket = "ipc:///tmp/w \"q\".sock"
+shm_mode = "0600"
+loader_threads = 7
+chunk_size = "16MiB"
+max_message_size = 5000
+io = "auto"
+verify_checksums = false
+heartbeat_interval = "250ms"
+heartbeat_timeout = "2m"
+http_listen = "127.0.0.1:9464"
+[gpu]
+enabled = false
+export = "legacy"
+[cache]
+host_budget = "64GiB"
+gpu_budget = 0.7
+host_idle_ttl = "1h"
+host_pressure = 0.9
+gpu_pressure = 1
+max_gpu_models = 3
+[models.a]
+path = "/m/a"
+[models."b.v2"]
+path = "/m/b"
+pin = true
+priority = -3
+preload = ["host", "cuda:0"]
+gpu_idle_ttl = "5m"
+allow_users = ["alice", "1001"]
+allow_groups = ["ml"]
+)");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  const std::string text = ToToml(*cfg);
+  auto again = Load(text);
+  ASSERT_TRUE(again.ok()) << again.status().ToString() << "\n" << text;
+  for (const ConfigKey& k : ConfigKeys())
+    EXPECT_EQ(ShowValue(k, *again), ShowValue(k, *cfg)) << k.table << "." << k.name;
+  EXPECT_EQ(again->models, cfg->models);
+  EXPECT_EQ(ToToml(*again), text);
+  EXPECT_NE(text.find("chunk_size = \"16MiB\"\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("gpu_budget = 0.7\n"), std::string::npos) << text;
+  EXPECT_NE(text.find("[models.\"b.v2\"]\n"), std::string::npos) << text;
+}
+
+// The table is the one list of keys: each is read from the file by its table and name, and
+// from its option (if any), with the file's checks.
+TEST(Config, EveryKeyIsDeclaredOnceAndItsOptionChecksItsValue) {
+  std::set<std::string> names, options;
+  for (const ConfigKey& k : ConfigKeys()) {
+    EXPECT_TRUE(names.insert(std::string(k.table) + "." + std::string(k.name)).second) << k.name;
+    EXPECT_FALSE(k.help.empty()) << k.name;
+    if (!k.option.empty()) {
+      EXPECT_TRUE(options.insert(std::string(k.option)).second) << k.option;
+    }
+  }
+  // A key is known in its own table only.
+  for (const ConfigKey& k : ConfigKeys()) {
+    const std::string other = k.table == "cache" ? "daemon" : "cache";
+    if (names.count(other + "." + std::string(k.name)) == 0) {
+      EXPECT_EQ(Load("[" + other + "]\n" + std::string(k.name) + " = 1\n").status().reason(), "config.invalid") << k.name;
+    }
+  }
+  auto find = [](std::string_view option) -> const ConfigKey& {
+    for (const ConfigKey& k : ConfigKeys())
+      if (k.option.find(option) != std::string_view::npos) return k;
+    ADD_FAILURE() << "no key has the option " << option;
+    return ConfigKeys().front();
+  };
+  DaemonConfig cfg;
+  ASSERT_TRUE(ApplyOption(find("--chunk-size"), "16MiB", &cfg).ok());
+  EXPECT_EQ(cfg.chunk_size, 16ull << 20);
+  Status bad = ApplyOption(find("--chunk-size"), "12 parsecs", &cfg);
+  EXPECT_EQ(bad.reason(), "config.bad_size");
+  EXPECT_NE(bad.message().find("--chunk-size"), std::string::npos) << bad.ToString();
+  EXPECT_EQ(ApplyOption(find("--loader-threads"), "0", &cfg).code(), Code::kInvalidArgument);
+  ASSERT_TRUE(ApplyOption(find("--loader-threads"), "12", &cfg).ok());
+  EXPECT_EQ(cfg.loader_threads, 12u);
+  ASSERT_TRUE(ApplyOption(find("--host-budget"), "25%", &cfg).ok());
+  EXPECT_DOUBLE_EQ(cfg.cache.host_budget.fraction, 0.25);
+  ASSERT_TRUE(ApplyOption(find("--heartbeat-timeout"), "3s", &cfg).ok());
+  EXPECT_EQ(cfg.heartbeat_timeout, std::chrono::seconds(3));
+  ASSERT_TRUE(ApplyOption(find("--no-gpu"), "false", &cfg).ok());
+  EXPECT_FALSE(cfg.gpu_enabled);
+  ASSERT_TRUE(ApplyOption(find("--socket"), "ipc:///tmp/x.sock", &cfg).ok());
+  EXPECT_EQ(cfg.socket, "ipc:///tmp/x.sock");
 }
 
 }  // namespace
