@@ -21,8 +21,11 @@ Modes:
   ctx DEVICE [--hold]           a CUDA context alone (its time and, held, its memory)
   disk MODE STREAMS BYTES FILE...  reads the first BYTES of the files (in order) with STREAMS
                                 threads; MODE direct (O_DIRECT) or buffered. Stdlib only.
-  wd-py SOCKET MODEL DEVICE     the Python package: import torch, weightd; context; acquire until
-                                every tensor is a torch tensor on DEVICE (t_torch includes weightd)
+  wd-py SOCKET MODEL DEVICE [--writable]
+                                the Python package: import torch, weightd; context; acquire until
+                                every tensor is a torch tensor on DEVICE (t_torch includes weightd);
+                                --writable: acquire(writable=True), on a GPU the private
+                                device-to-device copy, synchronized
   hf-make DIR GB                writes a LlamaForCausalLM of about GB gigabytes (bf16) with
                                 save_pretrained (sharded) into DIR
   hf-disk DIR DEVICE            transformers' from_pretrained(DIR) in bf16 onto DEVICE
@@ -268,16 +271,18 @@ def mode_disk(how, streams, limit, files):
           "gbps": state["bytes"] / dt / 1e9})
 
 
-def mode_wd_py(sock, model, device):
+def mode_wd_py(sock, model, device, writable=False):
     import torch
     import weightd
     t_torch = time.monotonic()
     t_ctx = make_context(torch, device)
     client = weightd.connect(sock)
-    lease = client.acquire(model, device=device)
+    lease = client.acquire(model, device=device, writable=writable)
     tensors = lease.tensors
     if device != "cpu":
         assert all(t.is_cuda for t in tensors.values())
+        # The private copy is queued on the current stream; the row ends when it is done.
+        torch.cuda.synchronize()
     t_ready = time.monotonic()
     emit({"t_main": T_MAIN, "t_torch": t_torch, "t_ctx": t_ctx, "t_ready": t_ready,
           "tensors": len(tensors), "bytes": nbytes(tensors), "attach_s": lease.attach_seconds})
@@ -358,7 +363,7 @@ def main(argv):
     elif m == "disk":
         mode_disk(a[0], int(a[1]), int(a[2]), a[3:])
     elif m == "wd-py":
-        mode_wd_py(a[0], a[1], a[2])
+        mode_wd_py(a[0], a[1], a[2], "--writable" in a[3:])
     elif m == "hf-make":
         mode_hf_make(a[0], a[1])
     elif m == "hf-disk":

@@ -51,6 +51,7 @@ ROW_LABELS = {
     "ex_attach_warm": "example: weightd -> 1st forward",
     "wd_py_gpu_warm": "weightd Python, GPU-warm (ctx first)",
     "wd_py_host_warm": "weightd Python, host-warm (shm -> GPU)",
+    "wd_py_gpu_private": "weightd Python, GPU-warm, writable copy",
     "hf_disk_cold": "transformers from_pretrained, cold",
     "hf_disk_warm": "transformers from_pretrained, warm",
     "hf_wd_gpu_warm": "weightd.transformers.from_pretrained, GPU-warm",
@@ -332,9 +333,9 @@ class Harness:
             raise RuntimeError("weightctl %s: %s" % (" ".join(args), (r.stderr or r.stdout).strip()[-300:]))
         return r.stdout
 
-    def py_cmd(self, model):
+    def py_cmd(self, model, extra=()):
         _, sock, _ = self.daemon
-        return [sys.executable, CHILD, "wd-py", sock, model, self.device]
+        return [sys.executable, CHILD, "wd-py", sock, model, self.device] + list(extra)
 
     def hf_rows(self, preset):
         """transformers: from_pretrained from disk (cold, warm) against weightd.transformers."""
@@ -538,7 +539,8 @@ class Harness:
                 self.weightctl("load", preset)
             self.measure(row, "%s-wd_host_warm" % preset, lambda: self.attach_cmd(preset, ctx), before=host_only)
             row["notes"].append("fresh daemon + `weightctl load` (host tier only) per rep")
-        if gpu and (self.want("wd_gpu_warm") or self.want("wd_gpu_warm_overlap") or self.want("ex_attach_warm")):
+        if gpu and any(self.want(rid) for rid in ("wd_gpu_warm", "wd_gpu_warm_overlap", "ex_attach_warm",
+                                                  "wd_py_gpu_warm", "wd_py_gpu_private")):
             try:
                 if not self.daemon:
                     self.start_daemon({preset: d})
@@ -546,7 +548,7 @@ class Harness:
                 if err:
                     raise RuntimeError(err)
             except Exception as e:  # noqa: BLE001
-                for rid in ("wd_gpu_warm", "wd_gpu_warm_overlap"):
+                for rid in ("wd_gpu_warm", "wd_gpu_warm_overlap", "wd_py_gpu_warm", "wd_py_gpu_private"):
                     if self.want(rid):
                         self.new_row(preset, rid)["skipped"] = "could not make the model GPU resident: %s" % e
                 return
@@ -560,6 +562,11 @@ class Harness:
                 row = self.new_row(preset, "wd_py_gpu_warm")
                 self.say("%s wd_py_gpu_warm" % preset)
                 self.measure(row, "%s-wd_py_gpu_warm" % preset, lambda: self.py_cmd(preset))
+            if self.want("wd_py_gpu_private"):
+                row = self.new_row(preset, "wd_py_gpu_private")
+                self.say("%s wd_py_gpu_private" % preset)
+                self.measure(row, "%s-wd_py_gpu_private" % preset, lambda: self.py_cmd(preset, ["--writable"]))
+                row["notes"].append("acquire(writable=True): attach + a device-to-device copy; GB/s = bytes / after ctx")
         if gpu and self.want("wd_py_host_warm"):
             row = self.new_row(preset, "wd_py_host_warm")
             self.say("%s wd_py_host_warm (a fresh daemon per rep, weightctl load)" % preset)
