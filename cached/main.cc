@@ -9,13 +9,13 @@
 #include <string_view>
 
 #include <CLI/CLI.hpp>
-#include <spdlog/sinks/stdout_color_sinks.h>
 #include <spdlog/spdlog.h>
 #include <systemd/sd-daemon.h>
 
 #include "config.h"
 #include "cuda_api.h"
 #include "gpu_tier.h"
+#include "log.h"
 #include "server.h"
 
 namespace {
@@ -89,10 +89,7 @@ int main(int argc, char** argv) {
     return app.exit(e);
   }
 
-  auto logger = spdlog::stderr_color_mt("weightd");
-  spdlog::set_default_logger(logger);
-  // journald adds its own timestamps.
-  spdlog::set_pattern(std::getenv("JOURNAL_STREAM") ? "%l: %v" : "[%Y-%m-%d %H:%M:%S.%e] [%^%l%$] %v");
+  weightd::SetUpLogging();
 
   weightd::DaemonConfig cfg;
   if (!config_path.empty()) {

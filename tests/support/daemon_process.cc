@@ -6,6 +6,7 @@
 #include <signal.h>
 #include <sys/mman.h>
 #include <sys/socket.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -175,6 +176,7 @@ Result<std::unique_ptr<DaemonProcess>> DaemonProcess::Start(const DaemonOptions&
   for (const auto& a : options.extra_args) args.push_back(a);
   d->args_ = std::move(args);
   d->ready_timeout_ = options.ready_timeout;
+  d->journal_stream_ = options.journal_stream;
   const std::string notify_path = d->dir_.file("notify.sock");
   int nfd = BindNotifySocket(notify_path);
   if (nfd < 0) return Internal("cannot bind the notify socket " + notify_path);
@@ -258,12 +260,18 @@ Status DaemonProcess::Launch() {
   // Everything the child needs is allocated here: between fork() and exec the child of a
   // threaded process may not allocate (another thread may have held the allocator's lock; under
   // ASan that hung the child).
+  // Appends, so that a restarted daemon's log follows its predecessor's.
+  posix::Fd log(::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
   std::vector<std::string> env;
   for (char** e = environ; *e != nullptr; ++e) {
     const std::string_view v(*e);
-    if (!v.starts_with("NOTIFY_SOCKET=") && !v.starts_with("LISTEN_")) env.emplace_back(v);
+    if (!v.starts_with("NOTIFY_SOCKET=") && !v.starts_with("LISTEN_") && !v.starts_with("JOURNAL_STREAM="))
+      env.emplace_back(v);
   }
   env.push_back("NOTIFY_SOCKET=" + dir_.file("notify.sock"));
+  struct stat log_stat;
+  if (journal_stream_ && log.valid() && ::fstat(log.get(), &log_stat) == 0)
+    env.push_back("JOURNAL_STREAM=" + std::to_string(log_stat.st_dev) + ":" + std::to_string(log_stat.st_ino));
   std::string listen_pid = "LISTEN_PID=";
   const std::size_t pid_at = listen_pid.size();
   if (!pass.empty()) {
@@ -279,8 +287,6 @@ Status DaemonProcess::Launch() {
   for (auto& a : args_) argv.push_back(a.data());
   argv.push_back(nullptr);
   std::vector<int> high(pass.size(), -1);
-  // Appends, so that a restarted daemon's log follows its predecessor's.
-  posix::Fd log(::open(log_path_.c_str(), O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0644));
 
   pid_t pid = ::fork();
   if (pid < 0) return Internal("fork failed");
@@ -347,6 +353,13 @@ int DaemonProcess::Signal(int sig) {
   ::waitpid(pid_, &status, 0);
   pid_ = -1;
   return status;
+}
+
+Result<Client> DaemonProcess::Connect(const std::string& client_name) const {
+  ClientOptions o;
+  o.endpoint = endpoint_;
+  o.client_name = client_name;
+  return Client::Connect(o);
 }
 
 std::string DaemonProcess::Weightctl(const std::vector<std::string>& args, int* exit_code) const {

@@ -78,6 +78,9 @@ struct DaemonOptions {
   std::string config_toml;                    // if not empty, written to a file and passed as --config
   std::vector<std::string> extra_args;
   std::chrono::milliseconds ready_timeout{std::chrono::seconds(20)};
+  // Play journald: announce the daemon's stderr (its log file) as a journal stream, as systemd
+  // does (JOURNAL_STREAM=<dev>:<inode> of that file).
+  bool journal_stream = false;
 };
 
 // The real weightd binary, on ipc://<tmp>/weightd.sock with segment prefix "wdtest-<pid>-<n>".
@@ -101,6 +104,8 @@ class DaemonProcess {
   Status Restart();
   // Sends `sig` and, for SIGTERM/SIGKILL/SIGINT, waits for exit. Returns the wait status.
   int Signal(int sig);
+  // A client of this daemon, named `client_name` in its logs.
+  Result<Client> Connect(const std::string& client_name = "test") const;
   // Runs `weightctl` against this daemon with the given arguments; returns its stdout and sets
   // *exit_code.
   std::string Weightctl(const std::vector<std::string>& args, int* exit_code) const;
@@ -120,6 +125,7 @@ class DaemonProcess {
   TempDir dir_;
   std::vector<std::string> args_;
   std::chrono::milliseconds ready_timeout_{0};
+  bool journal_stream_ = false;
   posix::Fd notify_;
   std::thread notify_thread_;
   std::atomic<bool> stop_{false};
