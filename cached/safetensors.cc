@@ -27,14 +27,14 @@ constexpr std::size_t kMaxQuoted = 96;  // names in messages are clipped: a host
 constexpr ParseError kAllParseErrors[] = {
     ParseError::kFileTooSmall,   ParseError::kHeaderTooLarge,  ParseError::kHeaderOutOfBounds,
     ParseError::kInvalidUtf8,    ParseError::kInvalidJson,     ParseError::kNotAnObject,
-    ParseError::kDuplicateKey,   ParseError::kBadTensorEntry,  ParseError::kUnknownDtype,
-    ParseError::kShapeOverflow,  ParseError::kSizeMismatch,    ParseError::kOffsetOutOfBounds,
-    ParseError::kOverlap,        ParseError::kGap,             ParseError::kTrailingData,
-    ParseError::kBadMetadata,
+    ParseError::kDuplicateKey,   ParseError::kBadTensorEntry,  ParseError::kUnsupportedDtype,
+    ParseError::kShapeOverflow,  ParseError::kPartialByte,     ParseError::kSizeMismatch,
+    ParseError::kOffsetOutOfBounds, ParseError::kOverlap,      ParseError::kGap,
+    ParseError::kTrailingData,   ParseError::kBadMetadata,
 };
 
 Status Fail(ParseError e, std::string message) {
-  return DataLoss("safetensors header: " + std::move(message), std::string(ParseErrorReason(e)));
+  return Status(ParseErrorCode(e), "safetensors header: " + std::move(message), std::string(ParseErrorReason(e)));
 }
 
 // 'name' with control and non-ASCII bytes escaped and long names clipped, for messages and logs.
@@ -55,6 +55,13 @@ std::string Quote(std::string_view s) {
   if (n < s.size()) out += "...(" + std::to_string(s.size()) + " bytes)";
   out += '\'';
   return out;
+}
+
+// "F64 F32 ... F6_E3M2", for the message that refuses a dtype name.
+std::string KnownDtypes() {
+  std::string s;
+  for (DType t : kAllDTypes) s += (s.empty() ? "" : " ") + std::string(DTypeName(t));
+  return s;
 }
 
 std::string ShapeString(const std::vector<std::int64_t>& shape) {
@@ -162,7 +169,9 @@ class SchemaHandler {
     switch (state_) {
       case State::kDtype: {
         const auto dt = DTypeFromName(v);
-        if (!dt) return Reject(ParseError::kUnknownDtype, "tensor " + Quote(entry_.name) + ": unknown dtype " + Quote(v));
+        if (!dt)
+          return Reject(ParseError::kUnsupportedDtype, "tensor " + Quote(entry_.name) + ": dtype " + Quote(v) +
+                                                           " is not one this weightd knows (" + KnownDtypes() + ")");
         entry_.dtype = *dt;
         state_ = State::kEntry;
         return true;
@@ -336,10 +345,13 @@ class SchemaHandler {
         if (!have) missing += missing.empty() ? field : std::string(", ") + field;
       return Reject(ParseError::kBadTensorEntry, name() + ": missing " + missing);
     }
-    std::uint64_t bytes = DTypeSize(entry_.dtype);
-    for (std::int64_t d : entry_.shape)
-      if (__builtin_mul_overflow(bytes, static_cast<std::uint64_t>(d), &bytes))
-        return Reject(ParseError::kShapeOverflow, name() + ":" + shape() + " overflows 64 bits");
+    // Dimensions are non-negative here: the SAX callbacks refused anything else.
+    const DTypeBytesResult size = DTypeBytes(entry_.dtype, entry_.shape);
+    if (size.error == DTypeBytesResult::Error::kPartialByte)
+      return Reject(ParseError::kPartialByte, name() + ":" + shape() + " holds " + std::to_string(DTypeBits(entry_.dtype)) +
+                                                  "-bit values that do not fill whole bytes");
+    if (!size.ok()) return Reject(ParseError::kShapeOverflow, name() + ":" + shape() + " overflows 64 bits");
+    const std::uint64_t bytes = size.bytes;
     if (entry_.begin > entry_.end)
       return Reject(ParseError::kOffsetOutOfBounds, name() + ":" + offsets() + " begin after end");
     if (entry_.end > data_size_)
@@ -402,8 +414,9 @@ std::string_view ParseErrorReason(ParseError e) {
     case ParseError::kNotAnObject: return "safetensors.not_an_object";
     case ParseError::kDuplicateKey: return "safetensors.duplicate_key";
     case ParseError::kBadTensorEntry: return "safetensors.bad_tensor_entry";
-    case ParseError::kUnknownDtype: return "safetensors.unknown_dtype";
+    case ParseError::kUnsupportedDtype: return "safetensors.unsupported_dtype";
     case ParseError::kShapeOverflow: return "safetensors.shape_overflow";
+    case ParseError::kPartialByte: return "safetensors.partial_byte";
     case ParseError::kSizeMismatch: return "safetensors.size_mismatch";
     case ParseError::kOffsetOutOfBounds: return "safetensors.offset_out_of_bounds";
     case ParseError::kOverlap: return "safetensors.overlap";
@@ -414,10 +427,15 @@ std::string_view ParseErrorReason(ParseError e) {
   return "safetensors.unknown";
 }
 
+Code ParseErrorCode(ParseError e) {
+  // A dtype name this build does not know says nothing about the file's integrity: a newer
+  // safetensors may have written it. Every other rule is broken only by a damaged or forged file.
+  return e == ParseError::kUnsupportedDtype ? Code::kInvalidArgument : Code::kDataLoss;
+}
+
 bool ParseErrorFromStatus(const Status& s, ParseError* out) {
-  if (s.code() != Code::kDataLoss) return false;
   for (ParseError e : kAllParseErrors) {
-    if (s.reason() == ParseErrorReason(e)) {
+    if (s.code() == ParseErrorCode(e) && s.reason() == ParseErrorReason(e)) {
       if (out != nullptr) *out = e;
       return true;
     }

@@ -10,12 +10,15 @@
 //     unescaping); it begins with '{' as the format requires (a byte-order mark or leading
 //     whitespace is kInvalidJson); trailing spaces (the usual padding) are allowed;
 //   - every entry other than "__metadata__" is an object (else kNotAnObject) with exactly
-//     "dtype", "shape" and "data_offsets"; dtype is a known name; shape is an array of
+//     "dtype", "shape" and "data_offsets"; dtype is one of the 22 names of weightd/dtype.h
+//     (any other is kUnsupportedDtype, InvalidArgument: a newer writer, not a damaged file,
+//     is its likely cause); shape is an array of
 //     non-negative integers; data_offsets is [begin, end] of non-negative integers with
 //     begin <= end (else kOffsetOutOfBounds). A negative number (even -0), a number written
 //     as a float (1.0, 1e3) or one above UINT64_MAX is kBadTensorEntry; a dimension above
 //     INT64_MAX is kShapeOverflow;
-//   - product(shape) * dtype size does not overflow 64 bits and equals end - begin;
+//   - product(shape) * dtype size does not overflow 64 bits and equals end - begin; values of
+//     a sub-byte dtype (F4, F6_*) fill whole bytes (else kPartialByte);
 //   - offsets lie inside the data section; sorted by begin, tensors tile [0, data size)
 //     with no overlap and no gap. Zero-size tensors (begin == end) are legal, several may
 //     share an offset, but they must sit on a tensor boundary (inside another tensor is
@@ -53,8 +56,9 @@ enum class ParseError {
   kNotAnObject,        // the header (or a tensor entry) is not a JSON object
   kDuplicateKey,
   kBadTensorEntry,     // missing, extra or mistyped fields in a tensor entry
-  kUnknownDtype,
+  kUnsupportedDtype,   // a dtype name not in weightd/dtype.h (InvalidArgument, not DataLoss)
   kShapeOverflow,      // product(shape) * dtype size overflows 64 bits
+  kPartialByte,        // sub-byte values (F4, F6_*) that end inside a byte
   kSizeMismatch,       // product(shape) * dtype size != end - begin
   kOffsetOutOfBounds,  // end beyond the data section, or begin > end
   kOverlap,
@@ -65,6 +69,8 @@ enum class ParseError {
 
 // "safetensors.duplicate_key" etc.
 std::string_view ParseErrorReason(ParseError e);
+// The Status code of each error: DataLoss, except InvalidArgument for kUnsupportedDtype.
+Code ParseErrorCode(ParseError e);
 // Recovers the ParseError from a Status made by this parser (false if it is not one).
 bool ParseErrorFromStatus(const Status& s, ParseError* out);
 
@@ -88,7 +94,8 @@ struct Header {
 };
 
 // Parses `header_json` (the N bytes after the length prefix) of a file of `file_size` bytes.
-// Errors are DataLoss with the reason of the rule that failed and a message naming the tensor.
+// Errors carry ParseErrorCode and the reason of the rule that failed, and a message naming
+// the tensor.
 Result<Header> ParseHeader(std::string_view header_json, std::uint64_t file_size);
 
 // Reads and parses the header of an open file (pread; the file offset is not used). N is

@@ -40,6 +40,9 @@ Status ValidateSpecs(const std::vector<TensorSpec>& tensors, const std::map<std:
     if (!names.insert(t.name).second) return BadSpec("duplicate tensor name '" + t.name + "'");
     for (std::int64_t d : t.shape)
       if (d < 0) return BadSpec("tensor '" + t.name + "' has negative dimension " + std::to_string(d));
+    if (DTypeBytes(t.dtype, t.shape).error == DTypeBytesResult::Error::kPartialByte)
+      return BadSpec("tensor '" + t.name + "' of " + std::string(DTypeName(t.dtype)) +
+                     " holds values that do not fill whole bytes");
     const std::uint64_t n = t.nbytes();
     if (n == std::numeric_limits<std::uint64_t>::max() || __builtin_add_overflow(total, n, &total))
       return BadSpec("size of tensor '" + t.name + "' overflows 64 bits");
@@ -113,13 +116,8 @@ class ChunkWriter {
 }  // namespace
 
 std::uint64_t TensorSpec::nbytes() const {
-  constexpr std::uint64_t kMax = std::numeric_limits<std::uint64_t>::max();
-  std::uint64_t n = DTypeSize(dtype);
-  for (std::int64_t d : shape) {
-    if (d < 0) return kMax;
-    if (__builtin_mul_overflow(n, static_cast<std::uint64_t>(d), &n)) return kMax;
-  }
-  return n;
+  const DTypeBytesResult r = DTypeBytes(dtype, shape);
+  return r.ok() ? r.bytes : std::numeric_limits<std::uint64_t>::max();
 }
 
 std::string BuildHeaderJson(const std::vector<TensorSpec>& tensors,

@@ -21,8 +21,9 @@ struct TensorSpec {
   std::string name;
   DType dtype;
   std::vector<std::int64_t> shape;
-  // product(shape) * DTypeSize(dtype). Saturates at UINT64_MAX when a dimension is negative or
-  // the product overflows, so a bad spec never looks small; WriteFile rejects such specs.
+  // DTypeBytes(dtype, shape). Saturates at UINT64_MAX when a dimension is negative, the size
+  // overflows or sub-byte values end inside a byte, so a bad spec never looks small; WriteFile
+  // rejects such specs.
   std::uint64_t nbytes() const;
 };
 
@@ -35,7 +36,7 @@ using FillFn = std::function<void(std::size_t index, std::uint64_t offset, std::
 // reusable buffer, so memory use does not grow with tensor size; `fill` is called with
 // chunks of at most a few MiB. Returns the number of bytes written (the file size).
 // Specs are checked first: InvalidArgument (reason "safetensors.bad_spec") for a negative
-// dimension, a size overflow, an empty or duplicate name, the name "__metadata__", or
+// dimension, a size overflow, sub-byte values that do not fill whole bytes, an empty or duplicate name, the name "__metadata__", or
 // invalid UTF-8 in a name or metadata. An exception thrown by `fill` becomes Internal.
 Result<std::uint64_t> WriteFile(const std::string& path, const std::vector<TensorSpec>& tensors,
                                 const FillFn& fill, const std::map<std::string, std::string>& metadata = {});

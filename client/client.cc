@@ -122,22 +122,22 @@ Status ValidateManifest(const proto::Manifest& m, bool gpu) {
     if (t.segment >= m.segments.size())
       return BadManifest(m.model, who() + " is in segment " + std::to_string(t.segment) + " of " +
                                       std::to_string(m.segments.size()));
-    std::uint64_t elements = 1;
-    for (std::int64_t d : t.shape) {
-      if (d < 0) return BadManifest(m.model, who() + " has negative dimension in shape " + ShapeString(t.shape));
-      auto ud = static_cast<std::uint64_t>(d);
-      if (ud != 0 && elements > std::numeric_limits<std::uint64_t>::max() / ud)
+    const auto dtype = static_cast<DType>(t.dtype);
+    const DTypeBytesResult size = DTypeBytes(dtype, t.shape);
+    switch (size.error) {
+      case DTypeBytesResult::Error::kNone: break;
+      case DTypeBytesResult::Error::kNegativeDimension:
+        return BadManifest(m.model, who() + " has negative dimension in shape " + ShapeString(t.shape));
+      case DTypeBytesResult::Error::kOverflow:
         return BadManifest(m.model, who() + " shape " + ShapeString(t.shape) + " overflows");
-      elements *= ud;
+      case DTypeBytesResult::Error::kPartialByte:
+        return BadManifest(m.model, who() + " shape " + ShapeString(t.shape) + " of " + std::string(DTypeName(dtype)) +
+                                        " does not fill whole bytes");
     }
-    const std::uint64_t esize = DTypeSize(static_cast<DType>(t.dtype));
-    if (elements > std::numeric_limits<std::uint64_t>::max() / esize)
-      return BadManifest(m.model, who() + " shape " + ShapeString(t.shape) + " overflows");
-    if (elements * esize != t.nbytes)
+    if (size.bytes != t.nbytes)
       return BadManifest(m.model, who() + " claims " + std::to_string(t.nbytes) + " bytes, but shape " +
-                                      ShapeString(t.shape) + " of " +
-                                      std::string(DTypeName(static_cast<DType>(t.dtype))) + " needs " +
-                                      std::to_string(elements * esize));
+                                      ShapeString(t.shape) + " of " + std::string(DTypeName(dtype)) + " needs " +
+                                      std::to_string(size.bytes));
     const auto& seg = m.segments[t.segment];
     if (t.offset > seg.data_size || t.nbytes > seg.data_size - t.offset)
       return BadManifest(m.model, who() + " at [" + std::to_string(t.offset) + ", +" + std::to_string(t.nbytes) +

@@ -30,7 +30,7 @@
 namespace weightd::proto {
 
 inline constexpr std::uint16_t kVersionMajor = 3;
-inline constexpr std::uint16_t kVersionMinor = 0;
+inline constexpr std::uint16_t kVersionMinor = 1;
 inline constexpr std::size_t kFrameHeaderSize = 8;
 // The largest reply a client accepts (its ZMQ_MAXMSGSIZE); the daemon never sends more.
 inline constexpr std::size_t kMaxReplyBytes = std::size_t{64} << 20;

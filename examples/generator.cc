@@ -138,12 +138,15 @@ bool EncodeConstant(DType t, double v, std::byte* out) {
       if (v != 0 && v != 1) return false;
       bits = static_cast<std::uint64_t>(v);
       break;
-    default:  // integers
+    case DType::kI64: case DType::kI32: case DType::kI16: case DType::kI8:
+    case DType::kU64: case DType::kU32: case DType::kU16: case DType::kU8:
       if (!integral) return false;
       bits = static_cast<std::uint64_t>(static_cast<std::int64_t>(v));
       break;
+    default:  // no preset uses the other types (some narrower than a byte)
+      return false;
   }
-  std::memcpy(out, &bits, DTypeSize(t));
+  std::memcpy(out, &bits, DTypeBits(t) / 8);
   return true;
 }
 
@@ -157,7 +160,7 @@ struct TensorPlan {
 // Fills bytes [offset, offset + out.size()) of a tensor. A pure function of its arguments,
 // for any offset (chunk boundaries need not fall on elements).
 void FillBytes(const TensorPlan& p, std::uint64_t offset, std::span<std::byte> out) {
-  const std::size_t es = DTypeSize(p.dtype);
+  const std::size_t es = DTypeBits(p.dtype) / 8;  // whole-byte types only: see Generate
   switch (p.rule.kind) {
     case InitRule::Kind::kConstant:
       if (p.rule.value == 0) {

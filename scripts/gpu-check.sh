@@ -22,6 +22,9 @@
 #                from one uid (as root; bench/README.md, weightd_bench_load)
 #   TEST_TIMEOUT seconds per test program (default 300)
 #   PY_TESTS     1 to run the Python package's tests (tests/python, CUDA cases on) (default 1)
+# Before the tests, the Python safetensors library writes a file of every dtype it can
+# (tests/data/dtypes/write_with_safetensors.py, step "stdtypes"); the tests read it from
+# $WEIGHTD_SAFETENSORS_LIBRARY_DIR.
 # Exit status: 0 when every step and every test program passed.
 set -euo pipefail
 # shellcheck disable=SC2317  # the step functions are invoked indirectly, through step()
@@ -186,6 +189,14 @@ build() {
 }
 
 # ---- 4. tests -----------------------------------------------------------------------------------
+# Files of every dtype written by the Python safetensors library itself (the peer users write
+# checkpoints with); tests/dtype_test.cc and tests/torch/shim_test.cc check them when
+# WEIGHTD_SAFETENSORS_LIBRARY_DIR names them, and skip those tests otherwise.
+write_safetensors_dtypes() {
+  rm -rf "$OUT/safetensors-dtypes"
+  python3 "$repo/tests/data/dtypes/write_with_safetensors.py" "$OUT/safetensors-dtypes"
+}
+
 run_tests() {
   local prog name rc log passed failed skipped
   local found=0 gpu_present=0
@@ -285,7 +296,11 @@ step deps extract_debs
 step configure configure
 [[ $last_rc -eq 0 ]] || exit 1
 step build build  # on failure, run whatever built; the table shows the build failure
-if [[ "$RUN_TESTS" == 1 ]]; then run_tests; fi
+if [[ "$RUN_TESTS" == 1 ]]; then
+  step stdtypes write_safetensors_dtypes
+  if [[ $last_rc -eq 0 ]]; then export WEIGHTD_SAFETENSORS_LIBRARY_DIR=$OUT/safetensors-dtypes; fi
+  run_tests
+fi
 if [[ "$PY_TESTS" == 1 ]]; then run_python_tests; fi
 if [[ "$BENCH" == 1 ]]; then run_benchmarks; fi
 exit $overall

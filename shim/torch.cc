@@ -18,6 +18,8 @@ namespace {
 #define WEIGHTD_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) || (TORCH_VERSION_MAJOR == (major) && TORCH_VERSION_MINOR >= (minor)))
 
+// The LibTorch dtype of each safetensors dtype, where the linked LibTorch has one. F4 maps to
+// float4_e2m1fn_x2, whose one element holds two values (see TorchShape).
 std::optional<at::ScalarType> ToScalarType(DType t) {
   switch (t) {
     case DType::kF64: return at::kDouble;
@@ -30,11 +32,18 @@ std::optional<at::ScalarType> ToScalarType(DType t) {
     case DType::kI8: return at::kChar;
     case DType::kU8: return at::kByte;
     case DType::kBool: return at::kBool;
+    case DType::kC64: return at::kComplexFloat;
 #if WEIGHTD_TORCH_AT_LEAST(2, 1)
     case DType::kF8E4M3: return at::ScalarType::Float8_e4m3fn;
     case DType::kF8E5M2: return at::ScalarType::Float8_e5m2;
 #else
     case DType::kF8E4M3: case DType::kF8E5M2: return std::nullopt;
+#endif
+#if WEIGHTD_TORCH_AT_LEAST(2, 2)
+    case DType::kF8E4M3Fnuz: return at::ScalarType::Float8_e4m3fnuz;
+    case DType::kF8E5M2Fnuz: return at::ScalarType::Float8_e5m2fnuz;
+#else
+    case DType::kF8E4M3Fnuz: case DType::kF8E5M2Fnuz: return std::nullopt;
 #endif
 #if WEIGHTD_TORCH_AT_LEAST(2, 3)
     case DType::kU16: return at::ScalarType::UInt16;
@@ -43,6 +52,18 @@ std::optional<at::ScalarType> ToScalarType(DType t) {
 #else
     case DType::kU16: case DType::kU32: case DType::kU64: return std::nullopt;
 #endif
+#if WEIGHTD_TORCH_AT_LEAST(2, 7)
+    case DType::kF8E8M0: return at::ScalarType::Float8_e8m0fnu;
+#else
+    case DType::kF8E8M0: return std::nullopt;
+#endif
+#if WEIGHTD_TORCH_AT_LEAST(2, 8)
+    case DType::kF4: return at::ScalarType::Float4_e2m1fn_x2;
+#else
+    case DType::kF4: return std::nullopt;
+#endif
+    // No LibTorch has an FP6 dtype (torchao keeps FP6 in uint8 tensors of its own layout).
+    case DType::kF6E2M3: case DType::kF6E3M2: return std::nullopt;
   }
   return std::nullopt;
 }
@@ -66,6 +87,21 @@ std::string Join(const std::vector<std::string>& v) {
   return s.empty() ? "(none)" : s;
 }
 
+// The tensor's shape in LibTorch: the file's, except for F4, whose LibTorch element packs two
+// values along the last dimension (as the safetensors library itself loads F4 into torch).
+std::vector<std::int64_t> TorchShape(const Lease& lease, const Tensor& t) {
+  if (t.dtype != DType::kF4) return t.shape;
+  if (t.shape.empty() || t.shape.back() % 2 != 0)
+    throw Error(InvalidArgument("tensor '" + t.name + "' of model '" + lease.model() + "' has dtype F4 and shape " +
+                                    ShapeString(t.shape) +
+                                    "; LibTorch's float4_e2m1fn_x2 packs two values along the last dimension, "
+                                    "which must therefore be even",
+                                "shim.unsupported_shape"));
+  std::vector<std::int64_t> shape = t.shape;
+  shape.back() /= 2;
+  return shape;
+}
+
 torch::Tensor MakeTensor(const Lease& lease, const Tensor& t) {
   auto scalar = ToScalarType(t.dtype);
   if (!scalar.has_value())
@@ -73,23 +109,24 @@ torch::Tensor MakeTensor(const Lease& lease, const Tensor& t) {
                                     std::string(DTypeName(t.dtype)) + ", which LibTorch " TORCH_VERSION
                                     " cannot represent",
                                 "shim.unsupported_dtype"));
+  const std::vector<std::int64_t> shape = TorchShape(lease, t);
   const torch::Device device = lease.cuda_device() >= 0
                                   ? torch::Device(torch::kCUDA, static_cast<c10::DeviceIndex>(lease.cuda_device()))
                                   : torch::Device(torch::kCPU);
   auto options = torch::TensorOptions().dtype(*scalar).device(device);
-  if (t.nbytes == 0) return torch::empty(t.shape, options);
+  if (t.nbytes == 0) return torch::empty(shape, options);
   void* data = const_cast<std::byte*>(t.data);
-  if (device.is_cuda() && reinterpret_cast<std::uintptr_t>(data) % DTypeSize(t.dtype) != 0) {
+  if (device.is_cuda() && reinterpret_cast<std::uintptr_t>(data) % c10::elementSize(*scalar) != 0) {
     // safetensors does not pad between tensors, so a tensor may start at an address that is
     // not a multiple of its element size. GPU kernels fault on such loads ("misaligned
     // address"), so this one tensor gets an aligned copy of its bytes (a byte-wise
     // device-to-device copy) instead of a view; it holds no reference to the lease.
     torch::Tensor bytes = torch::from_blob(data, {static_cast<std::int64_t>(t.nbytes)}, [lease](void*) {},
                                            torch::TensorOptions().dtype(torch::kByte).device(device));
-    return bytes.clone().view(*scalar).view(t.shape);
+    return bytes.clone().view(*scalar).view(shape);
   }
   // The deleter owns a copy of the lease: the mapping outlives every view of it.
-  return torch::from_blob(data, t.shape, [lease](void*) {}, options);
+  return torch::from_blob(data, shape, [lease](void*) {}, options);
 }
 
 }  // namespace

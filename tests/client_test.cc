@@ -335,7 +335,9 @@ TEST(Client, ReplyOfAnotherMajorVersionIsVersionMismatch) {
   ASSERT_FALSE(c.ok());
   EXPECT_EQ(c.status().code(), Code::kInvalidArgument) << c.status().ToString();
   EXPECT_EQ(c.status().reason(), "protocol.version_mismatch");
-  EXPECT_NE(c.status().message().find("peer speaks " + std::to_string(proto::kVersionMajor + 1) + ".0"), std::string::npos)
+  EXPECT_NE(c.status().message().find("peer speaks " + std::to_string(proto::kVersionMajor + 1) + "." +
+                                      std::to_string(proto::kVersionMinor)),
+            std::string::npos)
       << c.status().message();
 }
 
@@ -434,6 +436,17 @@ INSTANTIATE_TEST_SUITE_P(
         BadManifestCase{"negative_dim",
                         [](proto::Manifest& m) { m.tensors.push_back(Rec("w", DType::kF32, {-1, -4}, 0, 0, 16)); }},
         BadManifestCase{"unknown_dtype", [](proto::Manifest& m) { m.tensors[0].dtype = 99; }},
+        BadManifestCase{"dtype_past_the_last", [](proto::Manifest& m) { m.tensors[0].dtype = 23; }},
+        BadManifestCase{"partial_byte",
+                        [](proto::Manifest& m) {
+                          m.segments[0].size = m.segments[0].data_size = 4096;
+                          m.tensors.push_back(Rec("w", DType::kF4, {3}, 0, 0, 2));
+                        }},
+        BadManifestCase{"sub_byte_nbytes_lie",
+                        [](proto::Manifest& m) {
+                          m.segments[0].size = m.segments[0].data_size = 4096;
+                          m.tensors.push_back(Rec("w", DType::kF6E2M3, {8}, 0, 0, 8));  // needs 6
+                        }},
         BadManifestCase{"duplicate_name", [](proto::Manifest& m) { m.tensors.push_back(m.tensors[0]); }},
         BadManifestCase{"data_larger_than_segment", [](proto::Manifest& m) { m.segments[0].data_size = 8; }},
         BadManifestCase{"bad_shm_name",

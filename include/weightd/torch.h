@@ -17,8 +17,14 @@
 //    torch::NoGradGuard/InferenceMode, or ask for Options::private_copy.
 //  - Thread safety: functions may be called concurrently on different modules; binding the
 //    same module from two threads at once is a data race, as for any LibTorch module.
-//  - Builds against LibTorch 1.13 and 2.x. Dtypes LibTorch lacks (unsigned 16/32/64-bit
-//    before 2.3) raise InvalidArgument naming the tensor.
+//  - Builds against LibTorch 1.13 and 2.x. Each safetensors dtype becomes the LibTorch dtype
+//    of the same bits where the linked LibTorch has one: F8_E4M3/F8_E5M2 float8_e4m3fn/e5m2
+//    (2.1), F8_E4M3FNUZ/F8_E5M2FNUZ float8_*fnuz (2.2), U16/U32/U64 (2.3), F8_E8M0
+//    float8_e8m0fnu (2.7), F4 float4_e2m1fn_x2 (2.8; one element holds two values, so the last
+//    dimension is halved and must be even, else InvalidArgument "shim.unsupported_shape"),
+//    C64 complex64. F6_E2M3 and F6_E3M2 have none. A tensor whose dtype the linked LibTorch
+//    lacks raises InvalidArgument "shim.unsupported_dtype" naming the tensor, the model, the
+//    dtype and the LibTorch version; tensor_filter can leave such tensors out.
 #pragma once
 
 #include <map>

@@ -37,12 +37,9 @@ void CheckResult(const weightd::Result<Header>& r, std::uint64_t header_size, st
   for (const auto& t : h.tensors) {
     Check(t.begin == cursor);  // tensors tile the data section in order
     Check(t.begin <= t.end && t.end <= h.data_size);
-    std::uint64_t bytes = weightd::DTypeSize(t.dtype);
-    for (std::int64_t d : t.shape) {
-      Check(d >= 0);
-      Check(!__builtin_mul_overflow(bytes, static_cast<std::uint64_t>(d), &bytes));
-    }
-    Check(bytes == t.nbytes());
+    for (std::int64_t d : t.shape) Check(d >= 0);
+    const weightd::DTypeBytesResult bytes = weightd::DTypeBytes(t.dtype, t.shape);
+    Check(bytes.ok() && bytes.bytes == t.nbytes());
     cursor = t.end;
   }
   Check(cursor == h.data_size);

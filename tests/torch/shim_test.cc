@@ -1,9 +1,13 @@
 // The LibTorch shim. ShimBind: zero-copy binding of named tensors into a module's parameters
 // and buffers, and its refusals, with plain tensors (bind() does not care where memory comes
 // from). ShimLease: tensors of a real lease served by the weightd binary.
+#include <cmath>
 #include <cstring>
+#include <map>
 #include <optional>
 #include <span>
+#include <stdexcept>
+#include <string_view>
 
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
@@ -12,6 +16,7 @@
 
 #include "posix.h"
 #include "support/daemon_process.h"
+#include "support/dtype_files.h"
 #include "weightd/torch.h"
 
 namespace weightd {
@@ -224,15 +229,17 @@ class ShimLease : public ::testing::Test {
     ASSERT_TRUE(WriteTensors(models_.file("tiny"), Weights()).ok());
     ASSERT_TRUE(testing::WriteModel(models_.file("u16"), {{"w.u16", DType::kU16, {4}}, {"w.f32", DType::kF32, {2}}}, 5)
                     .ok());
+    // One tensor of every safetensors dtype, from a writer that is not weightd's.
+    auto w = testing::WriteIndependentDtypeModel(models_.file("all"));
+    ASSERT_TRUE(w.ok()) << w.status().ToString();
+    written_ = std::move(w).value();
     testing::DaemonOptions o;
-    o.models = {{"tiny", models_.file("tiny")}, {"u16", models_.file("u16")}};
+    o.models = {{"tiny", models_.file("tiny")}, {"u16", models_.file("u16")}, {"all", models_.file("all")}};
+    if (auto lib = testing::SafetensorsLibraryDir()) o.models["library"] = *lib;
     auto d = testing::DaemonProcess::Start(o);
     ASSERT_TRUE(d.ok()) << d.status().ToString();
     daemon_ = std::move(d).value();
-    ClientOptions co;
-    co.endpoint = daemon_->endpoint();
-    co.client_name = "shim_test";
-    auto c = Client::Connect(co);
+    auto c = daemon_->Connect("shim_test");
     ASSERT_TRUE(c.ok()) << c.status().ToString();
     client_.emplace(std::move(c).value());
   }
@@ -244,6 +251,7 @@ class ShimLease : public ::testing::Test {
   }
 
   testing::TempDir models_;
+  std::vector<testing::ExpectedTensor> written_;
   std::unique_ptr<testing::DaemonProcess> daemon_;
   std::optional<Client> client_;
 };
@@ -340,6 +348,168 @@ TEST_F(ShimLease, DtypeLibTorchLacksNamesTheTensor) {
   }
   EXPECT_EQ(Leases("u16"), 0u) << "the lease outlived the failed conversion";
 #endif
+}
+
+// ---- every safetensors dtype, from files weightd did not write -------------------------------
+
+// What each safetensors dtype must become in LibTorch, written down here independently of the
+// shim: the first LibTorch version with the dtype (99: none has it), its c10 name, and its
+// Python name (as the safetensors library's expected.json records it).
+struct TorchDtype {
+  std::string_view st;
+  int major, minor;
+  std::string_view c10, python;
+};
+constexpr TorchDtype kTorchDtypes[] = {
+    {"F64", 1, 0, "Double", "float64"},
+    {"F32", 1, 0, "Float", "float32"},
+    {"F16", 1, 0, "Half", "float16"},
+    {"BF16", 1, 0, "BFloat16", "bfloat16"},
+    {"I64", 1, 0, "Long", "int64"},
+    {"I32", 1, 0, "Int", "int32"},
+    {"I16", 1, 0, "Short", "int16"},
+    {"I8", 1, 0, "Char", "int8"},
+    {"U8", 1, 0, "Byte", "uint8"},
+    {"BOOL", 1, 0, "Bool", "bool"},
+    {"C64", 1, 0, "ComplexFloat", "complex64"},
+    {"F8_E4M3", 2, 1, "Float8_e4m3fn", "float8_e4m3fn"},
+    {"F8_E5M2", 2, 1, "Float8_e5m2", "float8_e5m2"},
+    {"F8_E4M3FNUZ", 2, 2, "Float8_e4m3fnuz", "float8_e4m3fnuz"},
+    {"F8_E5M2FNUZ", 2, 2, "Float8_e5m2fnuz", "float8_e5m2fnuz"},
+    {"U16", 2, 3, "UInt16", "uint16"},
+    {"U32", 2, 3, "UInt32", "uint32"},
+    {"U64", 2, 3, "UInt64", "uint64"},
+    {"F8_E8M0", 2, 7, "Float8_e8m0fnu", "float8_e8m0fnu"},
+    {"F4", 2, 8, "Float4_e2m1fn_x2", "float4_e2m1fn_x2"},
+    {"F6_E2M3", 99, 0, "", ""},
+    {"F6_E3M2", 99, 0, "", ""},
+};
+
+const TorchDtype& TorchDtypeOf(std::string_view st) {
+  for (const auto& d : kTorchDtypes)
+    if (d.st == st) return d;
+  throw std::runtime_error("no such dtype " + std::string(st));
+}
+
+bool LinkedTorchHas(const TorchDtype& d) {
+  return TORCH_VERSION_MAJOR > d.major || (TORCH_VERSION_MAJOR == d.major && TORCH_VERSION_MINOR >= d.minor);
+}
+
+// The tensor's bytes, as the process sees them through LibTorch. Viewed as bytes before the
+// copy to the host: LibTorch copies some of the narrow types (float4_e2m1fn_x2) on few devices.
+std::string BytesOf(const torch::Tensor& t) {
+  const torch::Tensor c = t.contiguous().flatten().view(torch::kByte).cpu();
+  return std::string(static_cast<const char*>(c.data_ptr()), static_cast<std::size_t>(c.numel()));
+}
+
+TEST_F(ShimLease, EachDtypeBecomesLibTorchsOwnOrFailsNamingTheDtypeAndVersion) {
+  ASSERT_EQ(written_.size(), 23u);  // 22 dtypes and an empty F4 tensor
+  for (const auto& e : written_) {
+    SCOPED_TRACE(e.name + " " + e.dtype + " with LibTorch " TORCH_VERSION);
+    const TorchDtype& want = TorchDtypeOf(e.dtype);
+    if (!LinkedTorchHas(want)) {
+      try {
+        shim::acquire(*client_, "all", torch::kCPU, {e.name});
+        ADD_FAILURE() << "acquired a tensor that this LibTorch cannot represent";
+      } catch (const Error& err) {
+        EXPECT_EQ(err.status().code(), Code::kInvalidArgument) << err.what();
+        EXPECT_EQ(err.status().reason(), "shim.unsupported_dtype") << err.what();
+        EXPECT_NE(err.status().message().find("'" + e.name + "'"), std::string::npos) << err.what();
+        EXPECT_NE(err.status().message().find("dtype " + e.dtype + ","), std::string::npos) << err.what();
+        EXPECT_NE(err.status().message().find("LibTorch " TORCH_VERSION), std::string::npos) << err.what();
+      }
+      EXPECT_EQ(Leases("all"), 0u) << "the lease outlived the failed conversion";
+      continue;
+    }
+    auto tensors = shim::acquire(*client_, "all", torch::kCPU, {e.name});
+    ASSERT_EQ(tensors.size(), 1u);
+    const torch::Tensor& t = tensors.at(e.name);
+    EXPECT_EQ(c10::toString(t.scalar_type()), want.c10);
+    std::vector<std::int64_t> shape = e.shape;
+    if (e.dtype == "F4") shape.back() /= 2;  // float4_e2m1fn_x2: two values an element
+    EXPECT_EQ(t.sizes().vec(), shape);
+    EXPECT_EQ(BytesOf(t), e.bytes);
+    // The numbers, where LibTorch can convert the type (not F4; not the unsigned shell types).
+    if (e.values.empty() || e.dtype == "F4" || e.dtype == "U16" || e.dtype == "U32" || e.dtype == "U64") continue;
+    torch::Tensor d = (t.is_complex() ? torch::view_as_real(t) : t).to(torch::kDouble).flatten().contiguous();
+    ASSERT_EQ(static_cast<std::size_t>(d.numel()), e.values.size());
+    for (std::size_t i = 0; i < e.values.size(); ++i) {
+      const double got = d[static_cast<std::int64_t>(i)].item<double>();
+      if (std::isnan(e.values[i])) {
+        EXPECT_TRUE(std::isnan(got)) << "element " << i << " is " << got;
+      } else {
+        EXPECT_EQ(got, e.values[i]) << "element " << i;
+      }
+    }
+  }
+}
+
+TEST_F(ShimLease, AModelWithADtypeLibTorchLacksFailsAloneAndItsOtherTensorsServe) {
+  std::vector<std::string> representable;
+  bool any_missing = false;
+  for (const auto& e : written_) {
+    if (LinkedTorchHas(TorchDtypeOf(e.dtype))) representable.push_back(e.name);
+    else any_missing = true;
+  }
+  ASSERT_TRUE(any_missing) << "no LibTorch has F6";
+  try {
+    shim::acquire(*client_, "all");
+    FAIL() << "the whole model was acquired";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.status().reason(), "shim.unsupported_dtype") << err.what();
+  }
+  EXPECT_EQ(Leases("all"), 0u);
+  auto tensors = shim::acquire(*client_, "all", torch::kCPU, representable);
+  EXPECT_EQ(tensors.size(), representable.size());
+  EXPECT_EQ(Leases("all"), 1u);
+}
+
+TEST_F(ShimLease, OddF4LastDimensionIsATypedError) {
+#if TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 8)
+  // [2, 3] F4 is 6 values, 3 whole bytes, but float4_e2m1fn_x2 cannot split a row of 3.
+  ASSERT_TRUE(testing::WriteModel(models_.file("odd"), {{"w", DType::kF4, {2, 3}}}, 3).ok());
+  testing::DaemonOptions o;
+  o.models = {{"odd", models_.file("odd")}};
+  auto d = testing::DaemonProcess::Start(o);
+  ASSERT_TRUE(d.ok()) << d.status().ToString();
+  auto c = (*d)->Connect();
+  ASSERT_TRUE(c.ok());
+  try {
+    shim::acquire(*c, "odd");
+    FAIL() << "an F4 tensor with an odd last dimension was acquired";
+  } catch (const Error& err) {
+    EXPECT_EQ(err.status().reason(), "shim.unsupported_shape") << err.what();
+    EXPECT_NE(err.status().message().find("[2, 3]"), std::string::npos) << err.what();
+  }
+#else
+  GTEST_SKIP() << "LibTorch " TORCH_VERSION " has no float4_e2m1fn_x2";
+#endif
+}
+
+// On the GPU machine scripts/gpu-check.sh has the Python safetensors library write torch
+// tensors of every dtype it can; served through the shim they must be those very tensors.
+TEST_F(ShimLease, SafetensorsLibraryFilesComeBackAsTheTorchTensorsWritten) {
+  const auto dir = testing::SafetensorsLibraryDir();
+  if (!dir) GTEST_SKIP() << "WEIGHTD_SAFETENSORS_LIBRARY_DIR is not set (scripts/gpu-check.sh sets it)";
+  auto expected = testing::ReadExpectedTensors(*dir);
+  ASSERT_TRUE(expected.ok()) << expected.status().ToString();
+  std::vector<torch::Device> devices = {torch::kCPU};
+  if (torch::cuda::is_available()) devices.emplace_back(torch::kCUDA, 0);
+  for (const torch::Device& device : devices) {
+    auto tensors = shim::acquire(*client_, "library", device);
+    ASSERT_EQ(tensors.size(), expected->size());
+    for (const auto& e : *expected) {
+      SCOPED_TRACE(e.name + " " + e.dtype + " on " + device.str());
+      const torch::Tensor& t = tensors.at(e.name);
+      std::string python;
+      for (const auto& d : kTorchDtypes)
+        if (d.c10 == c10::toString(t.scalar_type())) python = std::string(d.python);
+      EXPECT_EQ("torch." + python, e.torch_dtype);
+      EXPECT_EQ(t.sizes().vec(), e.torch_shape);
+      EXPECT_EQ(t.device(), device);
+      EXPECT_EQ(BytesOf(t), e.bytes);
+    }
+  }
 }
 
 }  // namespace

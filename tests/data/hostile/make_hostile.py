@@ -40,8 +40,10 @@ HOSTILE = {
     "bad_tensor_entry.negative": image('{"w":{"dtype":"U8","shape":[-1],"data_offsets":[0,1]}}', b"\x00"),
     "bad_tensor_entry.extra": image('{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,1],"x":0}}', b"\x00"),
     "bad_tensor_entry.huge": image('{"w":{"dtype":"U8","shape":[1],"data_offsets":[0,18446744073709551616]}}', b"\x00"),
-    "unknown_dtype": image('{"w":%s}' % entry("F128", "[1]", 0, 16), b"\x00" * 16),
+    "unsupported_dtype": image('{"w":%s}' % entry("F128", "[1]", 0, 16), b"\x00" * 16),
     "shape_overflow": image('{"w":%s}' % entry("F32", "[4294967296,4294967296]", 0, 0)),
+    "partial_byte": image('{"w":%s}' % entry("F4", "[3]", 0, 2), b"\x00" * 2),
+    "partial_byte.f6": image('{"w":%s}' % entry("F6_E2M3", "[2,3]", 0, 5), b"\x00" * 5),
     "size_mismatch": image('{"w":%s}' % entry("F32", "[2,2]", 0, 12), b"\x00" * 12),
     "offset_out_of_bounds": image('{"w":%s}' % entry("U8", "[64]", 0, 64), b"\x00" * 8),
     "offset_out_of_bounds.reversed": image('{"w":%s}' % entry("U8", "[4]", 8, 4), b"\x00" * 8),
@@ -57,6 +59,8 @@ VALID = {
         '{"__metadata__":{"format":"pt"},"b":%s,"a":%s}' % (entry("F32", "[2]", 8, 16), entry("BF16", "[2,2]", 0, 8)),
         bytes(range(16))),
     "valid.zero_size": image('{"z":%s,"s":%s}' % (entry("F16", "[0,3]", 0, 0), entry("F64", "[]", 0, 8)), b"\x01" * 8),
+    "valid.sub_byte": image('{"f4":%s,"f6":%s,"e8":%s}' % (entry("F4", "[2,3]", 0, 3), entry("F6_E3M2", "[4]", 3, 6),
+                                                           entry("F8_E8M0", "[2]", 6, 8)), bytes(range(8))),
 }
 
 
