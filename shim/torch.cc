@@ -2,6 +2,7 @@
 
 #include "weightd/torch.h"
 
+#include <torch/script.h>
 #include <torch/version.h>
 
 #include <algorithm>
@@ -10,6 +11,7 @@
 #include <set>
 #include <string>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 namespace weightd::shim {
@@ -173,7 +175,14 @@ TensorMap acquire(Client& client, std::string_view model, torch::Device device,
   return acquire(client, model, options);
 }
 
-BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict) {
+namespace {
+
+// A module's parameters and then its buffers, recursively, by dotted name.
+using NamedTensors = std::vector<std::pair<std::string, torch::Tensor>>;
+
+// bind() for either kind of module, given its named tensors.
+BindReport BindNamed(const NamedTensors& named, const std::string& module_name, const TensorMap& tensors,
+                     bool strict) {
   // Every check happens before the first set_data, so a throw leaves the module unchanged.
   // A tensor registered under several names (tied weights) is one slot: any of its names
   // binds it, and it is missing only when none is given.
@@ -190,10 +199,9 @@ BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict
     if (fresh) slots.push_back(Slot{t, {}});
     slots[it->second].names.push_back(name);
   };
-  for (const auto& item : module.named_parameters(/*recurse=*/true)) collect(item.key(), item.value());
-  for (const auto& item : module.named_buffers(/*recurse=*/true)) {
+  for (const auto& [name, t] : named) {
     // An undefined buffer (e.g. BatchNorm without running stats) has nothing to bind.
-    if (item.value().defined()) collect(item.key(), item.value());
+    if (t.defined()) collect(name, t);
   }
 
   struct Target {
@@ -233,7 +241,7 @@ BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict
                       (strict && (!report.missing.empty() || !report.unexpected.empty()));
   if (refuse) {
     throw Error(InvalidArgument("cannot bind " + std::to_string(tensors.size()) + " tensors into module " +
-                                    module.name() + ": missing: " + Join(report.missing) +
+                                    module_name + ": missing: " + Join(report.missing) +
                                     "; unexpected: " + Join(report.unexpected) +
                                     "; mismatched: " + Join(report.mismatched),
                                 "shim.bind_mismatch"));
@@ -245,6 +253,26 @@ BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict
     report.bound.push_back(std::move(t.name));
   }
   return report;
+}
+
+}  // namespace
+
+BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict) {
+  NamedTensors named;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) named.emplace_back(item.key(), item.value());
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) named.emplace_back(item.key(), item.value());
+  return BindNamed(named, module.name(), tensors, strict);
+}
+
+BindReport bind(torch::jit::Module& module, const TensorMap& tensors, bool strict) {
+  // A TorchScript module's parameters and buffers are tensor attributes of its object (and of
+  // its submodules' objects); set_data swaps the storage under each in place, so the methods
+  // compiled against those attributes read the lease's memory.
+  NamedTensors named;
+  for (const auto& item : module.named_parameters(/*recurse=*/true)) named.emplace_back(item.name, item.value);
+  for (const auto& item : module.named_buffers(/*recurse=*/true)) named.emplace_back(item.name, item.value);
+  return BindNamed(named, module.type()->name() ? module.type()->name()->qualifiedName() : std::string("(TorchScript)"),
+                   tensors, strict);
 }
 
 }  // namespace weightd::shim

@@ -37,6 +37,12 @@
 #include "weightd/client.h"
 #include "weightd/export.h"
 
+// TorchScript's module type, declared here so that programs that bind only torch::nn modules
+// need not compile <torch/script.h>; include it to bind a torch::jit::Module.
+namespace torch::jit {
+struct Module;
+}  // namespace torch::jit
+
 namespace weightd::shim {
 
 using TensorMap = std::map<std::string, torch::Tensor>;
@@ -78,5 +84,12 @@ struct BindReport {
 // nothing is changed; with strict=false the matching names are bound, mismatched ones throw
 // (a wrong shape is never silently skipped), and missing/unexpected ones are reported.
 WEIGHTD_API BindReport bind(torch::nn::Module& module, const TensorMap& tensors, bool strict = true);
+
+// The same for a TorchScript module (torch::jit::load, as LibTorch servers such as Triton's
+// PyTorch backend load models): its parameters and buffers, and those of its submodules, by
+// their dotted names (`named_parameters()`/`named_buffers()`), alias the given tensors, and its
+// methods compute with them. A frozen module (torch::jit::freeze) has folded its weights into
+// constants and has none to bind: strict mode then reports every tensor as unexpected.
+WEIGHTD_API BindReport bind(torch::jit::Module& module, const TensorMap& tensors, bool strict = true);
 
 }  // namespace weightd::shim

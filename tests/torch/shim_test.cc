@@ -11,6 +11,7 @@
 
 #include <gtest/gtest.h>
 #include <torch/cuda.h>
+#include <torch/script.h>
 #include <torch/torch.h>
 #include <torch/version.h>
 
@@ -186,6 +187,87 @@ TEST(ShimBind, NonStrictEmptyMapReportsEverythingMissing) {
   EXPECT_EQ(report.missing.size(), 7u);
 }
 
+// ---- TorchScript modules -----------------------------------------------------------------
+
+// TinyNet as TorchScript: made in C++ (Module::define compiles TorchScript source), with the
+// weights `w` (or, without them, constants that are none of Weights()), saved to `path` and
+// loaded back with torch::jit::load, as a LibTorch server loads a model.
+torch::jit::Module ScriptedTinyNet(const std::string& path, const std::optional<shim::TensorMap>& w = std::nullopt) {
+  auto init = [&](const std::string& name, const torch::Tensor& like) {
+    return w ? w->at(name).clone() : torch::full_like(like, 0.25);
+  };
+  const auto ref = Weights();
+  torch::jit::Module bn("__torch__.ScriptedBatchNorm");
+  bn.register_parameter("weight", init("bn.weight", ref.at("bn.weight")), false);
+  bn.register_parameter("bias", init("bn.bias", ref.at("bn.bias")), false);
+  bn.register_buffer("running_mean", init("bn.running_mean", ref.at("bn.running_mean")));
+  bn.register_buffer("running_var", init("bn.running_var", ref.at("bn.running_var")));
+  bn.register_buffer("num_batches_tracked", w ? w->at("bn.num_batches_tracked").clone() : torch::tensor(0, torch::kLong));
+  bn.define(R"(
+def forward(self, x):
+    return torch.batch_norm(x, self.weight, self.bias, self.running_mean, self.running_var, False, 0.1, 1e-05, True)
+)");
+  torch::jit::Module fc("__torch__.ScriptedLinear");
+  fc.register_parameter("weight", init("fc.weight", ref.at("fc.weight")), false);
+  fc.register_parameter("bias", init("fc.bias", ref.at("fc.bias")), false);
+  fc.define(R"(
+def forward(self, x):
+    return torch.linear(x, self.weight, self.bias)
+)");
+  torch::jit::Module net("__torch__.ScriptedTinyNet");
+  net.register_module("bn", bn);
+  net.register_module("fc", fc);
+  net.define(R"(
+def forward(self, x):
+    return self.fc.forward(torch.mean(self.bn.forward(x), [2, 3]))
+)");
+  net.save(path);
+  return torch::jit::load(path);
+}
+
+torch::Tensor Forward(torch::jit::Module& m, const torch::Tensor& x) { return m.forward({x}).toTensor(); }
+
+TEST(ShimBindScript, LoadedModuleComputesWithTheBoundTensorsWithoutCopying) {
+  testing::TempDir dir;
+  torch::jit::Module scripted = ScriptedTinyNet(dir.file("tiny.pt"));
+  auto w = Weights();
+  auto report = shim::bind(scripted, w);
+  EXPECT_EQ(report.bound.size(), w.size());
+  EXPECT_TRUE(report.missing.empty() && report.unexpected.empty() && report.mismatched.empty());
+  for (const auto& p : scripted.named_parameters()) EXPECT_EQ(p.value.data_ptr(), w.at(p.name).data_ptr()) << p.name;
+  for (const auto& b : scripted.named_buffers()) EXPECT_EQ(b.value.data_ptr(), w.at(b.name).data_ptr()) << b.name;
+  // The same network in torch::nn, given the same weights, computes the same.
+  TinyNet reference;
+  shim::bind(*reference, w);
+  reference->eval();
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({4, 3, 5, 5});
+  auto got = Forward(scripted, x), want = reference->forward(x);
+  EXPECT_TRUE(torch::equal(got, want)) << got << "\nvs\n" << want;
+}
+
+TEST(ShimBindScript, StrictErrorNamesTheScriptedModuleAndChangesNothing) {
+  testing::TempDir dir;
+  torch::jit::Module scripted = ScriptedTinyNet(dir.file("tiny.pt"));
+  std::map<std::string, const void*> before;
+  for (const auto& p : scripted.named_parameters()) before[p.name] = p.value.data_ptr();
+  auto w = Weights();
+  w.erase("fc.bias");
+  w["bn.weight"] = torch::zeros({4});
+  try {
+    shim::bind(scripted, w);
+    FAIL() << "bound a mismatched map";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.status().reason(), "shim.bind_mismatch");
+    EXPECT_NE(e.status().message().find("ScriptedTinyNet"), std::string::npos) << e.what();
+    EXPECT_NE(e.status().message().find("missing: fc.bias;"), std::string::npos) << e.what();
+    EXPECT_NE(e.status().message().find("mismatched: bn.weight: shape [4] F32 vs expected [3] F32"),
+              std::string::npos)
+        << e.what();
+  }
+  for (const auto& p : scripted.named_parameters()) EXPECT_EQ(p.value.data_ptr(), before.at(p.name)) << p.name;
+}
+
 // ---- tensors of real leases ----------------------------------------------------------------
 
 // Writes `tensors` (plain CPU tensors) as one safetensors file, byte for byte.
@@ -265,6 +347,24 @@ TEST_F(ShimLease, BoundModuleRunsOnTheDaemonsMemory) {
     EXPECT_FALSE(t.requires_grad()) << name;
   }
   ExpectBoundForwardMatches(tensors, expected, torch::kCPU);
+}
+
+TEST_F(ShimLease, ScriptedModuleOnTheDaemonsMemoryComputesWhatItsOwnWeightsCompute) {
+  // The model as its author saved it, with its own weights: what it computes is the reference.
+  torch::jit::Module own = ScriptedTinyNet(models_.file("own.pt"), Weights());
+  // The same file's module, its weights replaced by the lease's (the daemon serves Weights()).
+  torch::jit::Module served = torch::jit::load(models_.file("own.pt"));
+  auto tensors = shim::acquire(*client_, "tiny");
+  shim::bind(served, tensors);
+  for (const auto& p : served.named_parameters())
+    EXPECT_EQ(p.value.data_ptr(), tensors.at(p.name).data_ptr()) << p.name << " was copied";
+  for (const auto& b : served.named_buffers())
+    EXPECT_EQ(b.value.data_ptr(), tensors.at(b.name).data_ptr()) << b.name << " was copied";
+  tensors.clear();
+  EXPECT_EQ(Leases("tiny"), 1u) << "the bound module holds its lease";
+  torch::NoGradGuard no_grad;
+  auto x = torch::randn({2, 3, 4, 4});
+  EXPECT_TRUE(torch::equal(Forward(served, x), Forward(own, x)));
 }
 
 TEST_F(ShimLease, LeaseEndsWithItsLastTensor) {
