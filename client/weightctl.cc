@@ -487,7 +487,9 @@ int CmdAttach(const Globals& g, const std::string& name, const std::string& devi
   const double attach_ms = static_cast<double>(lease.attach_time().count()) / 1000;
   json out = {{"model", lease.model()},
               {"device", lease.device()},
-              {"lease_id", lease.id()},
+              // A string: ids are random 64-bit numbers, which jq and JavaScript would round
+              // as JSON numbers (exact only up to 2^53).
+              {"lease_id", std::to_string(lease.id())},
               {"attach_ms", attach_ms},
               {"tensors", lease.tensors().size()},
               {"shards", lease.shards().size()},
