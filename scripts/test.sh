@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # test.sh — installs what weightd needs (Debian 12), builds everything with -Werror into build/,
 # checks the daemon's lock annotations with clang (scripts/thread-safety.sh), runs the whole
-# test suite, checks the systemd files (scripts/check-systemd.sh), the Kubernetes
-# manifests, containers and a real systemd (scripts/k8s-check.sh, container-check.sh,
-# systemd-check.sh), runs the fuzzers (scripts/fuzz.sh) and the suite again under ASan + UBSan
+# test suite, checks the systemd files (scripts/check-systemd.sh), the installed package with a
+# downstream project (scripts/check-install.sh), the Kubernetes manifests, containers and a
+# real systemd (scripts/k8s-check.sh, container-check.sh, systemd-check.sh), runs the fuzzers
+# (scripts/fuzz.sh) and the suite again under ASan + UBSan
 # (scripts/sanitize.sh). This is the README's test command and what CI runs (.ci/run).
 # Idempotent: re-running rebuilds only what changed.
 #
@@ -40,6 +41,8 @@ echo "test: running the test suite"
 ctest --test-dir "$BUILD_DIR" -j "$JOBS" --output-on-failure --timeout 300 ${CTEST_ARGS:-}
 echo "test: checking the systemd unit, sysusers.d and tmpfiles.d as installed"
 BUILD_DIR=$BUILD_DIR bash "$repo/scripts/check-systemd.sh"
+echo "test: checking the installed package with a downstream project (scripts/check-install.sh)"
+BUILD_DIR=$BUILD_DIR JOBS=$JOBS bash "$repo/scripts/check-install.sh"
 if [[ ${SKIP_OPS:-0} == 1 ]]; then
   echo "test: SKIP_OPS=1: not running the operator checks"
 else
