@@ -29,8 +29,8 @@
 #      as alice's uid and the weightd gid) loops over attach, verify, forward: each time the
 #      unit is active again with a new PID, the new daemon adopted every resident model and
 #      read 0 bytes from disk (its metrics), and at the end the client reports 0 errors;
-#   8. the journal carries the daemon's lines at their priorities (needs issue 14's journald
-#      priorities; until those land the check is skipped with a message saying so);
+#   8. the journal carries the daemon's lines at their priorities (a failed preload at err,
+#      adoption lines at info: the daemon's "<N>" prefixes under journald);
 #   9. `systemd-analyze security weightd.service` on the running system: exposure <= MAX_EXPOSURE;
 #  10. `systemctl stop weightd` stops it cleanly; the container is powered off.
 #
@@ -280,14 +280,11 @@ adopted = [l for l in daemon if "adopted from the previous instance" in l.get("M
 if not failed or not adopted:
     print("systemd-check: journal: no failed-preload or adoption line from the daemon"); sys.exit(1)
 f = failed[0]
-if f.get("PRIORITY") == "6" and f["MESSAGE"].startswith(("error: ", "warning: ")):
-    print("systemd-check: SKIP journal priorities: the daemon writes its level as text "
-          "(\"%s...\") at priority 6; journald priorities are issue 14's work, not on this branch yet"
-          % f["MESSAGE"][:30])
-    sys.exit(0)
 bad = []
 if f.get("PRIORITY") != "3": bad.append("failed preload at priority %s, expected 3 (err)" % f.get("PRIORITY"))
 if any(l.get("PRIORITY") != "6" for l in adopted): bad.append("adoption lines not at priority 6 (info)")
+# journald strips the "<N>" prefix it reads; one left in a message means it was not read.
+if any(l.get("MESSAGE", "").startswith("<") for l in daemon): bad.append("a message still starts with its '<N>' prefix")
 for b in bad: print("systemd-check: journal: " + b)
 if bad: sys.exit(1)
 print("systemd-check: journal: failed preload at err (3), %d adoption lines at info (6)" % len(adopted))
