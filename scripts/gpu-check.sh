@@ -212,9 +212,11 @@ run_tests() {
     # GpuRealChild.* is the importer half of gpu_real_test; its parent tests start it.
     timeout --kill-after=10 "$TEST_TIMEOUT" "$prog" --gtest_output="xml:$OUT/xml/$name.xml" \
       --gtest_filter='-GpuRealChild.*:GpuE2EChild.*' >"$log" 2>&1 || rc=$?
-    passed=$(grep -oE '^\[  PASSED  \] [0-9]+' "$log" | grep -oE '[0-9]+$' || true)
-    failed=$(grep -oE '^\[  FAILED  \] [0-9]+ tests?, listed' "$log" | grep -oE '[0-9]+' || true)
-    skipped=$(grep -oE '^\[  SKIPPED \] [0-9]+ tests?, listed' "$log" | grep -oE '[0-9]+' || true)
+    # The last summary line is the program's own: a test that runs a child gtest (gpu_real_test)
+    # has the child's summaries earlier in the log.
+    passed=$(grep -oE '^\[  PASSED  \] [0-9]+' "$log" | grep -oE '[0-9]+$' | tail -1 || true)
+    failed=$(grep -oE '^\[  FAILED  \] [0-9]+ tests?, listed' "$log" | grep -oE '[0-9]+' | tail -1 || true)
+    skipped=$(grep -oE '^\[  SKIPPED \] [0-9]+ tests?, listed' "$log" | grep -oE '[0-9]+' | tail -1 || true)
     # On a machine with a GPU, a skipped GPU test means the GPU tier did not find it: a failure.
     if [[ $gpu_present -eq 1 && "$name" =~ gpu|cuda && ${skipped:-0} -gt 0 && $rc -eq 0 ]]; then
       rc=skip!

@@ -192,6 +192,7 @@ http_listen = "127.0.0.1:9464"
 [gpu]
 enabled = false
 export = "legacy"
+allow_legacy_multi_tenant = true
 [cache]
 host_budget = "64GiB"
 gpu_budget = 0.7
