@@ -32,6 +32,8 @@ Modes:
   hf-wd SOCKET MODEL DEVICE     weightd.transformers.from_pretrained(MODEL) onto DEVICE
   (hf-*: t_ready is the model ready to generate; a one-token generate checks it.)
 Errors: {"error": "..."} and exit status 1.
+WD_E2E_PROFILE=1 in the environment: the mode runs under cProfile, and the 30 most expensive
+calls (cumulative) go to stderr, which run.py keeps in the child's log.
 """
 import json
 import os
@@ -320,9 +322,17 @@ def hf_ready(torch, model, device, t_torch, t_ctx):
           "bytes": sum(p.numel() * p.element_size() for p in model.parameters())})
 
 
+def import_modeling(transformers):
+    """transformers imports a model's code lazily, on the first use of its class (seconds in
+    transformers 5). A server does that once; both hf rows do it before their clock starts, so
+    that they time building the model and loading its weights."""
+    transformers.LlamaForCausalLM  # noqa: B018 - the attribute access is the import
+
+
 def mode_hf_disk(d, device):
     import torch
     import transformers
+    import_modeling(transformers)
     t_torch = time.monotonic()
     t_ctx = make_context(torch, device)
     try:
@@ -336,6 +346,8 @@ def mode_hf_wd(sock, name, device):
     import torch
     import transformers
     import weightd
+    import weightd.transformers
+    import_modeling(transformers)
     t_torch = time.monotonic()
     t_ctx = make_context(torch, device)
     client = weightd.connect(sock)
@@ -374,9 +386,22 @@ def main(argv):
         raise SystemExit("unknown mode " + m)
 
 
+def profiled(argv):
+    import cProfile
+    import io
+    import pstats
+    prof = cProfile.Profile()
+    try:
+        prof.runcall(main, argv)
+    finally:
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(30)
+        sys.stderr.write(text.getvalue())
+
+
 if __name__ == "__main__":
     try:
-        main(sys.argv)
+        (profiled if os.environ.get("WD_E2E_PROFILE") == "1" else main)(sys.argv)
     except Exception as e:  # noqa: BLE001 - reported to the harness as a JSON error
         emit({"error": "%s: %r" % (sys.argv[1] if len(sys.argv) > 1 else "?", e)})
         sys.exit(1)
