@@ -238,8 +238,15 @@ run_tests() {
 }
 
 # ---- 4b. the Python package's tests, CUDA cases included -------------------------------------
+# unittest_count KEY SUMMARY: the number after KEY= in unittest's last line, or 0.
+unittest_count() {
+  local n
+  n=$(grep -oE "$1=[0-9]+" <<<"$2" | cut -d= -f2 || true)
+  echo "${n:-0}"
+}
+
 run_python_tests() {
-  local cls log rc passed failed skipped
+  local cls log rc passed failed skipped ran result
   if [[ ! -d "$BUILD_DIR/python/weightd" ]]; then
     summary_tests+=("python (package not built)|0|0|0|1")
     overall=1
@@ -251,9 +258,14 @@ run_python_tests() {
     log "test python $cls"
     (cd "$repo/tests/python" && WEIGHTD_TEST_GPU=1 PYTHONPATH="$BUILD_DIR/python" WEIGHTD_BIN="$BUILD_DIR/cached/weightd" \
       PYTHONDONTWRITEBYTECODE=1 timeout --kill-after=10 "$TEST_TIMEOUT" python3 -m unittest -v "$cls") >"$log" 2>&1 || rc=$?
-    passed=$(grep -cE '\.\.\. ok$' "$log" || true)
-    failed=$(grep -cE '\.\.\. (FAIL|ERROR)$' "$log" || true)
-    skipped=$(grep -cE '\.\.\. skipped' "$log" || true)
+    # unittest's own summary ("Ran N tests", then "OK (skipped=K)" or "FAILED (failures=F,
+    # errors=E, skipped=K)"), not its per-test lines: a test's output can split "... ok".
+    ran=$(grep -oE '^Ran [0-9]+ tests?' "$log" | grep -oE '[0-9]+' | tail -1 || true)
+    result=$(grep -E '^(OK|FAILED)' "$log" | tail -1 || true)
+    failed=$(( $(unittest_count failures "$result") + $(unittest_count errors "$result") ))
+    skipped=$(unittest_count skipped "$result")
+    passed=$(( ${ran:-0} - failed - skipped ))
+    if [[ -z $result && $rc == 0 ]]; then rc=1; fi  # no summary: the run died before it ended
     summary_tests+=("python:$cls|${passed:-0}|${failed:-0}|${skipped:-0}|$rc")
     grep -E '\.\.\. skipped' "$log" | sed "s/^/  python:$cls: /" >>"$OUT/skipped.txt" || true
     if [[ $rc != 0 ]]; then
