@@ -127,6 +127,8 @@ struct ShardFill {
   std::uint64_t data_offset = 0;
   std::uint64_t data_size = 0;
   std::byte* dst = nullptr;
+  int seg_fd = -1;             // the segment's fd, for FillMethod::kWrite
+  std::string segment;         // its name, for messages
   std::size_t chunks = 0;
   std::unique_ptr<XXH3_state_t, XxhStateFree> hash;
 
@@ -265,6 +267,10 @@ Result<posix::Fd> FileIo::Open(const std::string& path, int flags) { return posi
 
 Result<std::size_t> FileIo::Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {
   return posix::PreadUpTo(fd, out, offset, what);
+}
+
+Status FileIo::Pwrite(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what) {
+  return posix::PwriteFull(fd, in, offset, what);
 }
 
 // ---- Loader ----
@@ -435,7 +441,10 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     shard.file = p.file;
     shard.header = p.header;
     shard.file_info = p.file_info;
-    auto seg = store_->Create(SegmentName(plan.name, generation, i), p.header.data_size);
+    // A write fill allocates the pages as it writes them, and reports a full /dev/shm from the
+    // write; a map fill stores through the mapping and must have them reserved first.
+    auto seg = store_->Create(SegmentName(plan.name, generation, i), p.header.data_size,
+                              /*reserve=*/options_.fill == FillMethod::kMap);
     if (!seg.ok()) return fail(seg.status());
     shard.segment = std::move(seg).value();
     model->shards.push_back(std::move(shard));
@@ -455,6 +464,8 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     sf->data_offset = p.header.data_offset;
     sf->data_size = p.header.data_size;
     sf->dst = model->shards[i].segment.data();
+    sf->seg_fd = model->shards[i].segment.fd();
+    sf->segment = model->shards[i].segment.shm_path();
     sf->hash.reset(XXH3_createState());
     if (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
         XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR)
@@ -565,6 +576,48 @@ Status ReadChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t siz
   return Status::Ok();
 }
 
+// A failed write into a segment. A full /dev/shm is the error that a map fill's reservation
+// gives (HostSegment::Create), so callers see one code whichever fill method ran.
+Status SegmentWriteError(Status s) {
+  if (s.reason() == "errno.ENOSPC" || s.reason() == "errno.EDQUOT")
+    return ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
+  return s;
+}
+
+// Reads one chunk of a shard into `buf`, a piece at a time, and writes each piece into the
+// segment's fd (FillMethod::kWrite). `buf` holds `piece` + 2 * kDirectAlign bytes, aligned for
+// O_DIRECT: a direct read of a piece covers the aligned range around it.
+Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t size, std::byte* buf,
+                  std::uint64_t piece) {
+  for (std::uint64_t done = 0; done < size;) {
+    const std::uint64_t n = std::min(piece, size - done);
+    const std::uint64_t begin = sf.data_offset + off + done;
+    const std::byte* src = buf;
+    if (sf.direct.load(std::memory_order_relaxed)) {
+      const std::uint64_t a0 = AlignDown(begin, kDirectAlign);
+      const std::uint64_t a1 = posix::RoundUp(begin + n, kDirectAlign);
+      auto got = io.Pread(sf.direct_fd.get(), std::span(buf, a1 - a0), a0, sf.path);
+      if (!got.ok()) {
+        // Some filesystems accept O_DIRECT at open and refuse the read; read buffered instead.
+        if (got.status().reason() != "errno.EINVAL") return got.status();
+        sf.direct.store(false, std::memory_order_relaxed);
+        continue;
+      }
+      if (*got < begin + n - a0)
+        return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(a0 + *got), "io.short_read");
+      src = buf + (begin - a0);
+    } else {
+      ASSIGN_OR_RETURN(std::size_t got, io.Pread(sf.fd, std::span(buf, n), begin, sf.path));
+      if (got != n)
+        return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(begin + got), "io.short_read");
+    }
+    if (Status w = io.Pwrite(sf.seg_fd, std::span(src, n), off + done, sf.segment); !w.ok())
+      return SegmentWriteError(std::move(w));
+    done += n;
+  }
+  return Status::Ok();
+}
+
 // Marks chunk `index` done, moves the shard's watermark over finished chunks, and feeds the
 // newly contiguous bytes to the shard's hash unless another thread already does.
 void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
@@ -621,10 +674,20 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
     unsigned running GUARDED_BY(mu) = 0;
   } done;
   const std::uint64_t bounce_size = fs.chunk_size + 2 * kDirectAlign;
+  const bool write_fill = options_.fill == FillMethod::kWrite;
+  const std::uint64_t piece =
+      std::min(fs.chunk_size, posix::RoundUp(std::max<std::uint64_t>(options_.write_buffer, 1), kDirectAlign));
+  const std::uint64_t buffer_size = piece + 2 * kDirectAlign;
   std::atomic<bool> use_madvise{true};
 
   auto work = [&] {
     AlignedBuffer bounce;
+    if (write_fill) {
+      bounce.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectAlign, buffer_size)));
+      if (bounce == nullptr)
+        fs.Fail(ResourceExhausted("no memory for a " + std::to_string(buffer_size) + "-byte read buffer",
+                                  "loader.no_memory"));
+    }
     for (;;) {
       if (fs.failed.load(std::memory_order_relaxed)) break;
       if (cancel.load(std::memory_order_relaxed)) {
@@ -635,10 +698,16 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       if (i >= fs.chunks.size()) break;
       const FillState::Chunk& c = fs.chunks[i];
       ShardFill& sf = *fs.shards[c.shard];
-      // Populating the destination in one call costs about half of taking its page faults one
-      // by one inside pread or memcpy (docs/loading.md); a no-op where a pre-faulter was first.
-      Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
-      if (Status s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size); !s.ok()) {
+      Status s;
+      if (write_fill) {
+        s = WriteChunk(*io_, sf, c.offset, c.size, bounce.get(), piece);
+      } else {
+        // Populating the destination in one call costs about half of taking its page faults one
+        // by one inside pread or memcpy (docs/loading.md); a no-op where a pre-faulter was first.
+        Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
+        s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size);
+      }
+      if (!s.ok()) {
         fs.Fail(std::move(s));
         break;
       }
@@ -652,7 +721,9 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
   // Pre-faulters walk the chunks in the readers' order and skip what the readers have passed,
   // so the pages a reader is about to write are usually mapped already.
   std::vector<std::jthread> prefaulters;
-  const unsigned n_prefault = static_cast<unsigned>(std::min<std::size_t>(options_.prefault_threads, fs.chunks.size()));
+  // A write fill takes no page faults, so there is nothing to pre-fault.
+  const unsigned n_prefault =
+      write_fill ? 0u : static_cast<unsigned>(std::min<std::size_t>(options_.prefault_threads, fs.chunks.size()));
   for (unsigned t = 0; t < n_prefault; ++t) {
     prefaulters.emplace_back([&] {
       for (;;) {
