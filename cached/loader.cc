@@ -491,11 +491,23 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
       MutexLock lock(sf->mu);
       sf->done.assign(sf->chunks, false);
     }
-    for (std::size_t c = 0; c < sf->chunks; ++c) {
-      const std::uint64_t off = c * fs.chunk_size;
-      fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf->data_size - off)});
-    }
     fs.shards.push_back(std::move(sf));
+  }
+  // The readers take chunks round-robin over the shards (chunk 0 of every shard, then chunk 1,
+  // ...), not shard after shard. A write into a tmpfs file holds its inode lock, so readers
+  // writing the same shard take turns (perf on the VM: rwsem_spin_on_owner); spread over the
+  // shards, as many write at once as there are shards. Each shard's front chunk is also more
+  // often the one a reader holds, so its bytes are hashed from that reader's buffer. The GPU
+  // copy walks the chunks in the same order (GpuTier::Materialize).
+  for (std::size_t c = 0, left = fs.shards.size(); left > 0; ++c) {
+    left = 0;
+    for (std::size_t i = 0; i < fs.shards.size(); ++i) {
+      const ShardFill& sf = *fs.shards[i];
+      if (c >= sf.chunks) continue;
+      const std::uint64_t off = c * fs.chunk_size;
+      fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf.data_size - off)});
+      ++left;
+    }
   }
 
   if (Status s = ReadShards(fs, cancel); !s.ok()) return fail(s);
@@ -584,6 +596,24 @@ Status SegmentWriteError(Status s) {
   return s;
 }
 
+// Feeds bytes [at, at + n) of a shard's data section, which are in `src`, to the shard's hash if
+// they are the next ones it needs and no other thread hashes it. A write fill then hashes most
+// bytes while they are in the cache, and reads back from the segment only those of chunks that
+// finished out of order (ChunkDone).
+void HashInOrder(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uint64_t n) {
+  {
+    MutexLock lock(sf.mu);
+    if (sf.hashing || sf.hashed != at) return;
+    sf.hashing = true;
+  }
+  XXH3_128bits_update(sf.hash.get(), src, n);
+  MutexLock lock(sf.mu);
+  sf.hashed = at + n;
+  sf.hashing = false;
+  // The bytes after these belong to the chunk this thread is writing (it hashes its next piece
+  // itself) or to one already done, which this thread's own ChunkDone catches up on.
+}
+
 // Reads one chunk of a shard into `buf`, a piece at a time, and writes each piece into the
 // segment's fd (FillMethod::kWrite). `buf` holds `piece` + 2 * kDirectAlign bytes, aligned for
 // O_DIRECT: a direct read of a piece covers the aligned range around it.
@@ -613,15 +643,22 @@ Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t si
     }
     if (Status w = io.Pwrite(sf.seg_fd, std::span(src, n), off + done, sf.segment); !w.ok())
       return SegmentWriteError(std::move(w));
+    HashInOrder(sf, off + done, src, n);
     done += n;
   }
   return Status::Ok();
 }
 
 // Marks chunk `index` done, moves the shard's watermark over finished chunks, and feeds the
-// newly contiguous bytes to the shard's hash unless another thread already does.
-void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
-               const std::atomic<bool>& failed) {
+// newly contiguous bytes that are not hashed yet to the shard's hash unless another thread
+// already hashes it. With `buf` (a write fill: the reader's buffer, free between chunks, of
+// `piece` bytes or more), the bytes are read back from the segment's fd into it; else they are
+// hashed through the mapping. A write fill must not hash through the mapping: the daemon would
+// map every page of the segment one fault at a time (on the development VM a first touch of a
+// mapped page costs ~25 us, whether or not the page exists; docs/loading.md), where a pread
+// copies out of the same pages with no fault.
+Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
+                 const std::atomic<bool>& failed, std::byte* buf, std::uint64_t piece) {
   sf.mu.Lock();
   sf.done[index] = true;
   while (sf.next_gap < sf.chunks && sf.done[sf.next_gap]) ++sf.next_gap;
@@ -629,19 +666,35 @@ void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_
   if (progress) progress->SetFilled(shard, sf.filled);
   if (sf.hashing) {
     sf.mu.Unlock();
-    return;
+    return Status::Ok();
   }
   sf.hashing = true;
-  // Hash at most a chunk at a time, so that a failure elsewhere stops this thread soon.
+  Status status;
+  // Hash at most a chunk (or a buffer) at a time, so that a failure elsewhere stops this thread
+  // soon.
   while (sf.hashed < sf.filled && !failed.load(std::memory_order_relaxed)) {
-    const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + chunk_size);
+    const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + (buf ? piece : chunk_size));
     sf.mu.Unlock();
-    XXH3_128bits_update(sf.hash.get(), sf.dst + from, to - from);
+    if (buf != nullptr) {
+      auto got = posix::PreadUpTo(sf.seg_fd, std::span(buf, to - from), from, sf.segment);
+      if (!got.ok() || *got != to - from) {
+        status = got.ok() ? Internal(sf.segment + ": read back " + std::to_string(*got) + " of " +
+                                         std::to_string(to - from) + " bytes at " + std::to_string(from),
+                                     "loader.short_readback")
+                          : got.status();
+        sf.mu.Lock();
+        break;
+      }
+      XXH3_128bits_update(sf.hash.get(), buf, to - from);
+    } else {
+      XXH3_128bits_update(sf.hash.get(), sf.dst + from, to - from);
+    }
     sf.mu.Lock();
     sf.hashed = to;
   }
   sf.hashing = false;
   sf.mu.Unlock();
+  return status;
 }
 
 // Maps the segment pages of a chunk in before a reader writes them. MADV_POPULATE_WRITE does
@@ -712,7 +765,12 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
         break;
       }
       bytes_read_.fetch_add(c.size, std::memory_order_relaxed);
-      ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed);
+      if (Status h = ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed,
+                               write_fill ? bounce.get() : nullptr, piece);
+          !h.ok()) {
+        fs.Fail(std::move(h));
+        break;
+      }
     }
     MutexLock lock(done.mu);
     if (--done.running == 0) done.cv.SignalAll();
