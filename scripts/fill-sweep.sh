@@ -167,7 +167,8 @@ rm -rf "$run"
         m = med(a, n[key])
         split(key, p, " ")
         name = key == "cat" ? "cat > /dev/null" : "fill=" p[1] " threads=" p[2]
-        printf "%-22s %6d %10.2f %7.2f-%-8.2f %8s\n", name, n[key], m, a[1], a[n[key]], catm > 0 ? sprintf("%.2f", m / catm) : "-"
+        ratio = catm > 0 ? sprintf("%.2f", m / catm) : "-"
+        printf "%-22s %6d %10.2f %7.2f-%-8.2f %8s\n", name, n[key], m, a[1], a[n[key]], ratio
       }
     }' "$tsv"
 } | tee "$OUT/fill-sweep.txt"
