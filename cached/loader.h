@@ -208,16 +208,17 @@ struct LoaderOptions {
   mode_t shm_mode = 0640;
   std::uint32_t threads = 4;
   std::uint64_t chunk_size = 64ull << 20;  // rounded up to a multiple of 4096 for O_DIRECT
-  // Write fill by default: on the 2-core VM it was 2-3x the map fill from the page cache
-  // (docs/loading.md).
+  // Write fill by default: on the 2-core development VM it filled from the page cache 6-9x as
+  // fast as the map fill (docs/loading.md).
   FillMethod fill = FillMethod::kWrite;
   // kWrite: bytes per pread/pwrite pair, the size of each reader's private buffer (rounded up
-  // to 4096). Small enough to stay in a core's cache between the two copies.
+  // to 4096, at most a chunk). Small enough to stay in a core's cache between the two copies;
+  // 256 KiB to 4 MiB were within the noise of each other on the VM.
   std::uint64_t write_buffer = 1ull << 20;
   // Buffered by default: cold O_DIRECT reads were slower than buffered ones on both machines
   // measured (docs/loading.md), and the fill ran at the same speed either way.
   IoMode io = IoMode::kBuffered;
-  // Extra threads that pre-fault the fresh segment pages ahead of the readers
+  // FillMethod::kMap only: extra threads that pre-fault the fresh segment pages ahead of the readers
   // (MADV_POPULATE_WRITE, or a touch per page where the kernel lacks it). Each reader already
   // populates its own chunk before reading into it; on the 2-core development VM extra threads
   // only competed with the readers (docs/loading.md), so they are off by default.
