@@ -1,6 +1,6 @@
 // fill_bench.cc — host-tier fill against the raw read throughput of the same files, cold and
 // warm, all in one run. Also `cat` of the files and the copy limit (the same segments filled
-// by memcpy from memory).
+// by memcpy from memory, or by pwrite from a small buffer).
 //
 // The checkpoint is the reference DiT layout (270 BF16 tensors, 3 shards) scaled to
 // WEIGHTD_BENCH_FILL_BYTES (default 512MiB; "4GiB" etc. are accepted). Rows with cold:1
@@ -230,9 +230,58 @@ void BM_CopyToFreshShm(benchmark::State& state) {
 }
 BENCHMARK(BM_CopyToFreshShm)->ArgName("threads")->Arg(1)->Arg(2)->UseRealTime()->Unit(benchmark::kMillisecond);
 
+// The write fill's copy limit: a fresh segment, not reserved, filled by pwrite() of `buf_kib`
+// KiB pieces from one private, pre-touched buffer per thread (the page cache's side of a fill
+// left out), 16 MiB chunks spread over `threads` threads.
+void BM_WriteToFreshShm(benchmark::State& state) {
+  const auto threads = static_cast<unsigned>(state.range(0));
+  const std::uint64_t piece = static_cast<std::uint64_t>(state.range(1)) << 10;
+  const std::uint64_t bytes = g_env->data_bytes;
+  std::vector<std::vector<std::byte>> buffers(threads, std::vector<std::byte>(piece, std::byte{1}));
+  std::uint64_t generation = 0;
+  for (auto _ : state) {
+    const std::string name = g_env->shm_prefix + ".write." + std::to_string(generation++);
+    auto created = HostSegment::Create(name, bytes, 0600, static_cast<gid_t>(-1), /*reserve=*/false);
+    if (!created.ok()) {
+      state.SkipWithError(created.status().ToString().c_str());
+      break;
+    }
+    auto seg = std::make_unique<HostSegment>(std::move(created).value());
+    std::atomic<std::uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    auto work = [&](unsigned t) {
+      for (std::uint64_t off; (off = next.fetch_add(kChunk)) < bytes;) {
+        const std::uint64_t end = std::min(off + kChunk, bytes);
+        for (std::uint64_t p = off; p < end; p += piece)
+          if (!posix::PwriteFull(seg->fd(), std::span(buffers[t].data(), std::min(piece, end - p)), p, "bench").ok())
+            failed = true;
+      }
+    };
+    std::vector<std::thread> pool;
+    for (unsigned t = 1; t < threads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& t : pool) t.join();
+    state.PauseTiming();
+    (void)HostSegment::Remove(name);
+    seg.reset();
+    state.ResumeTiming();
+    if (failed) {
+      state.SkipWithError("a pwrite failed");
+      break;
+    }
+  }
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * bytes));
+}
+BENCHMARK(BM_WriteToFreshShm)
+    ->ArgNames({"threads", "buf_kib"})
+    ->ArgsProduct({{1, 2}, {256, 1024, 4096}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
 // The host tier's fill, as the daemon does it on a load: Loader::LoadHost (Plan and Fill) into
 // fresh segments, with `threads` readers, `chunk_mib` MiB chunks, I/O mode `io` (0 buffered,
-// 1 O_DIRECT, 2 auto) and `prefault` pre-faulting threads. Evicting the files (cold rows) and
+// 1 O_DIRECT, 2 auto), `prefault` pre-faulting threads, fill method `fill` (0 write, 1 map)
+// and, for write fills, a `buf_kib` KiB buffer per reader. Evicting the files (cold rows) and
 // freeing the segments of one iteration are left out of the timing.
 void BM_HostTierFill(benchmark::State& state) {
   static constexpr IoMode kModes[] = {IoMode::kBuffered, IoMode::kDirect, IoMode::kAuto};
@@ -244,6 +293,8 @@ void BM_HostTierFill(benchmark::State& state) {
   options.io = kModes[state.range(2)];
   options.prefault_threads = static_cast<std::uint32_t>(state.range(3));
   const bool cold = state.range(4) != 0;
+  options.fill = state.range(5) == 0 ? FillMethod::kWrite : FillMethod::kMap;
+  options.write_buffer = static_cast<std::uint64_t>(state.range(6)) << 10;
   Loader loader(options);
   const std::atomic<bool> cancel{false};
   std::uint64_t generation = 0;
@@ -266,15 +317,20 @@ void BM_HostTierFill(benchmark::State& state) {
   state.counters["cached_pct"] = cached_pct;
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * g_env->data_bytes));
 }
-// The default configuration (4 readers, 64 MiB, buffered, no pre-fault threads) first, then one
-// knob at a time around it.
+// The default configuration (4 readers on a machine of up to 4 cores, 64 MiB, buffered, write
+// fill with 1 MiB buffers) first, then one knob at a time around it; then the map fill (the
+// default before 2026-12-05) with the same knobs.
 void FillArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold"});
+  b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib"});
   for (int cold : {0, 1}) {
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold});
-    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold});
-    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024});
+    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024});
+    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024});
+    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024});
+    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024});
   }
 }
 BENCHMARK(BM_HostTierFill)->Apply(FillArgs)->UseRealTime()->Unit(benchmark::kMillisecond);
@@ -300,7 +356,7 @@ class RatioReporter : public benchmark::ConsoleReporter {
         if (!spread) cat_bps_ = std::max(cat_bps_, bps);
       } else if (name.rfind("BM_RawRead", 0) == 0) {
         if (!spread) raw_bps_[cold] = std::max(raw_bps_[cold], bps);
-      } else if (name.rfind("BM_CopyToFreshShm", 0) == 0) {
+      } else if (name.rfind("BM_CopyToFreshShm", 0) == 0 || name.rfind("BM_WriteToFreshShm", 0) == 0) {
         if (!spread) limit_bps_ = std::max(limit_bps_, bps);
       } else if (name.rfind("BM_HostTierFill", 0) == 0) {
         // bps is over tensor bytes; the target is over file bytes.

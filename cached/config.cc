@@ -1,5 +1,8 @@
 #include "config.h"
 
+#include <sched.h>
+#include <unistd.h>
+
 #include <algorithm>
 #include <cctype>
 #include <charconv>
@@ -16,6 +19,14 @@
 #include <xxhash.h>
 
 namespace weightd {
+
+std::uint32_t DefaultLoaderThreads() {
+  cpu_set_t set;
+  CPU_ZERO(&set);
+  long cpus = ::sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : ::sysconf(_SC_NPROCESSORS_ONLN);
+  return static_cast<std::uint32_t>(std::clamp<long>(cpus, 4, 16));
+}
+
 namespace {
 
 bool IsNameChar(char c) { return std::isalnum(static_cast<unsigned char>(c)) || c == '.' || c == '_' || c == '-'; }
@@ -184,13 +195,17 @@ const ConfigKey kKeys[] = {
      "who may connect: the group of the socket and every model's default ACL (default: the daemon's own group)"},
     {"daemon", "admin_group", K::kString, WD_FIELD(admin_group),
      "who may load, evict, read stats and acquire any model (default: none; root and the daemon's user always may)"},
-    {"daemon", "loader_threads", K::kCount, WD_FIELD(loader_threads), "threads reading shards from disk",
-     "--loader-threads", "N", {}, 1, 256},
+    {"daemon", "loader_threads", K::kCount, WD_FIELD(loader_threads),
+     "threads reading shards from disk (default: one per core, 4 to 16)", "--loader-threads", "N", {}, 1, 256},
     {"daemon", "chunk_size", K::kSize, WD_FIELD(chunk_size), "bytes per read request, e.g. 16MiB (4 KiB to 1 GiB)",
      "--chunk-size", "SIZE"},
     {"daemon", "io", K::kString, WD_FIELD(io),
      "how shards are read: buffered, direct (O_DIRECT) or auto (O_DIRECT for files not in the page cache)", "--io",
      "MODE", "buffered|direct|auto"},
+    {"daemon", "fill", K::kString, WD_FIELD(fill),
+     "how fresh segments are filled: write (pread into a buffer, pwrite into the segment) or map (pread into the "
+     "mapped segment)",
+     "--fill", "METHOD", "write|map"},
     {"daemon", "prefault_threads", K::kCount, WD_FIELD(prefault_threads), "extra threads pre-faulting fresh segments",
      {}, {}, {}, 0, 256},
     {"daemon", "verify_checksums", K::kBool, WD_FIELD(verify_checksums),
@@ -582,6 +597,8 @@ Status Finalize(DaemonConfig* cfg) {
                            "config.legacy_multi_tenant");
   if (cfg->io != "auto" && cfg->io != "direct" && cfg->io != "buffered")
     return InvalidArgument("daemon.io must be \"auto\", \"direct\" or \"buffered\", not \"" + cfg->io + "\"", "config.invalid");
+  if (cfg->fill != "write" && cfg->fill != "map")
+    return InvalidArgument("daemon.fill must be \"write\" or \"map\", not \"" + cfg->fill + "\"", "config.invalid");
   for (const Budget* b : {&cfg->cache.host_budget, &cfg->cache.gpu_budget})
     if (b->fraction < 0 || b->fraction > 1) return InvalidArgument("a budget's fraction must be in (0, 1]", "config.bad_budget");
   if (cfg->cache.pressure_interval.count() <= 0)

@@ -24,6 +24,10 @@ namespace weightd {
 
 inline constexpr const char* kDefaultConfigPath = "/etc/weightd/weightd.toml";
 
+// The default of [daemon] loader_threads: one per CPU this process may run on
+// (sched_getaffinity), at least 4 and at most 16 (docs/loading.md).
+std::uint32_t DefaultLoaderThreads();
+
 // A memory budget: a number of bytes, or a fraction of the tier's total (the host's MemTotal, a
 // GPU's memory), resolved when the total is known. Zero bytes with no fraction: no limit.
 struct Budget {
@@ -87,9 +91,10 @@ struct DaemonConfig {
   // Members may load, evict and read stats, and acquire any model (root and the daemon's own
   // uid always may). Empty: none.
   std::string admin_group;
-  std::uint32_t loader_threads = 4;
+  std::uint32_t loader_threads = DefaultLoaderThreads();
   std::uint64_t chunk_size = 64ull << 20;
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)
+  std::string fill = "write";            // "write" (pwrite into the segment's fd) or "map" (docs/loading.md)
   std::uint32_t prefault_threads = 0;    // extra threads pre-faulting fresh segments (docs/loading.md)
   bool verify_checksums = true;          // against a model directory's checksums.xxh128
   std::chrono::milliseconds heartbeat_interval{1000};

@@ -387,12 +387,18 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   auto t0 = Clock::now();
   std::uint64_t bytes = 0;
   std::size_t k = 0;
-  for (std::size_t i = 0; i < shards.size(); ++i) {
-    const HostShard& src = shards[i];
-    const GpuShard& dst = copy.shards_[i];
-    for (std::uint64_t off = 0; off < src.size; off += options_.chunk_bytes, ++k) {
+  // Chunks go round-robin over the shards (the first of each shard, then the second, ...), the
+  // order in which the loader fills them (Loader::Fill), so that a copy pipelined behind a load
+  // follows the fill rather than waiting for the whole of shard 0 first.
+  std::uint64_t longest = 0;
+  for (const HostShard& s : shards) longest = std::max(longest, s.size);
+  for (std::uint64_t off = 0; off < longest; off += options_.chunk_bytes) {
+    for (std::size_t i = 0; i < shards.size(); ++i) {
+      const HostShard& src = shards[i];
+      const GpuShard& dst = copy.shards_[i];
+      if (off >= src.size) continue;
       const std::uint64_t len = std::min(options_.chunk_bytes, src.size - off);
-      const std::size_t j = k % n_streams;
+      const std::size_t j = k++ % n_streams;
       Stream stream = session.streams[j];
       if (wait_ready) RETURN_IF_ERROR(wait_ready(i, off + len));
       Status st;

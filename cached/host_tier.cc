@@ -50,7 +50,10 @@ HostSegment HostSegment::Blank(const std::string& name, std::uint64_t data_size)
   return seg;
 }
 
-Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
+int HostSegment::fd() const { return impl_ ? impl_->shm.get_mapping_handle().handle : -1; }
+
+Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group,
+                                        bool reserve) {
   HostSegment seg = Blank(name, data_size);
   try {
     bip::permissions perm(static_cast<unsigned>(mode));
@@ -84,7 +87,7 @@ Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t d
     return discard(bad);
   // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
   // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.
-  if (seg.mapped_size_ > 0) {
+  if (reserve && seg.mapped_size_ > 0) {
     int fd = seg.impl_->shm.get_mapping_handle().handle;
     int err = ::posix_fallocate(fd, 0, static_cast<off_t>(seg.mapped_size_));
     if (err != 0) {

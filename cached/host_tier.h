@@ -33,8 +33,12 @@ class HostSegment {
   // is (gid_t)-1, owned by that group, sized RoundUp(data_size, page), mapped read-write into
   // the daemon. FailedPrecondition if the name exists; PermissionDenied "shm.chgrp_failed" if
   // the daemon may not give the segment to `group` (it must be a member, or have CAP_CHOWN).
+  // `reserve` commits every page now (posix_fallocate), so that a full /dev/shm is
+  // ResourceExhausted "shm.no_space" here rather than a SIGBUS on a later store through the
+  // mapping. A caller that fills the segment with write() through fd() may pass false: tmpfs
+  // allocates each page in the write, and a full /dev/shm is then ENOSPC from that write.
   static Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, mode_t mode,
-                                    gid_t group = static_cast<gid_t>(-1));
+                                    gid_t group = static_cast<gid_t>(-1), bool reserve = true);
 
   // Opens an existing segment "/<name>" that an earlier instance of this daemon created, for
   // re-adoption after a restart: it must be a regular object owned by this process's user and
@@ -50,6 +54,8 @@ class HostSegment {
   const std::string& name() const { return name_; }    // without the leading '/'
   std::string shm_path() const { return "/" + name_; }  // what shm_open() takes
   std::byte* data() const { return data_; }
+  // The daemon's read-write fd of the segment, owned by this object (-1 for a default one).
+  int fd() const;
   std::uint64_t data_size() const { return data_size_; }
   std::uint64_t mapped_size() const { return mapped_size_; }
 

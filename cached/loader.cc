@@ -127,6 +127,8 @@ struct ShardFill {
   std::uint64_t data_offset = 0;
   std::uint64_t data_size = 0;
   std::byte* dst = nullptr;
+  int seg_fd = -1;             // the segment's fd, for FillMethod::kWrite
+  std::string segment;         // its name, for messages
   std::size_t chunks = 0;
   std::unique_ptr<XXH3_state_t, XxhStateFree> hash;
 
@@ -265,6 +267,10 @@ Result<posix::Fd> FileIo::Open(const std::string& path, int flags) { return posi
 
 Result<std::size_t> FileIo::Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what) {
   return posix::PreadUpTo(fd, out, offset, what);
+}
+
+Status FileIo::Pwrite(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what) {
+  return posix::PwriteFull(fd, in, offset, what);
 }
 
 // ---- Loader ----
@@ -435,7 +441,10 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     shard.file = p.file;
     shard.header = p.header;
     shard.file_info = p.file_info;
-    auto seg = store_->Create(SegmentName(plan.name, generation, i), p.header.data_size);
+    // A write fill allocates the pages as it writes them, and reports a full /dev/shm from the
+    // write; a map fill stores through the mapping and must have them reserved first.
+    auto seg = store_->Create(SegmentName(plan.name, generation, i), p.header.data_size,
+                              /*reserve=*/options_.fill == FillMethod::kMap);
     if (!seg.ok()) return fail(seg.status());
     shard.segment = std::move(seg).value();
     model->shards.push_back(std::move(shard));
@@ -455,6 +464,8 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     sf->data_offset = p.header.data_offset;
     sf->data_size = p.header.data_size;
     sf->dst = model->shards[i].segment.data();
+    sf->seg_fd = model->shards[i].segment.fd();
+    sf->segment = model->shards[i].segment.shm_path();
     sf->hash.reset(XXH3_createState());
     if (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
         XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR)
@@ -480,11 +491,23 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
       MutexLock lock(sf->mu);
       sf->done.assign(sf->chunks, false);
     }
-    for (std::size_t c = 0; c < sf->chunks; ++c) {
-      const std::uint64_t off = c * fs.chunk_size;
-      fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf->data_size - off)});
-    }
     fs.shards.push_back(std::move(sf));
+  }
+  // The readers take chunks round-robin over the shards (chunk 0 of every shard, then chunk 1,
+  // ...), not shard after shard. A write into a tmpfs file holds its inode lock, so readers
+  // writing the same shard take turns (perf on the VM: rwsem_spin_on_owner); spread over the
+  // shards, as many write at once as there are shards. Each shard's front chunk is also more
+  // often the one a reader holds, so its bytes are hashed from that reader's buffer. The GPU
+  // copy walks the chunks in the same order (GpuTier::Materialize).
+  for (std::size_t c = 0, left = fs.shards.size(); left > 0; ++c) {
+    left = 0;
+    for (std::size_t i = 0; i < fs.shards.size(); ++i) {
+      const ShardFill& sf = *fs.shards[i];
+      if (c >= sf.chunks) continue;
+      const std::uint64_t off = c * fs.chunk_size;
+      fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf.data_size - off)});
+      ++left;
+    }
   }
 
   if (Status s = ReadShards(fs, cancel); !s.ok()) return fail(s);
@@ -565,10 +588,77 @@ Status ReadChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t siz
   return Status::Ok();
 }
 
+// A failed write into a segment. A full /dev/shm is the error that a map fill's reservation
+// gives (HostSegment::Create), so callers see one code whichever fill method ran.
+Status SegmentWriteError(Status s) {
+  if (s.reason() == "errno.ENOSPC" || s.reason() == "errno.EDQUOT")
+    return ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
+  return s;
+}
+
+// Feeds bytes [at, at + n) of a shard's data section, which are in `src`, to the shard's hash if
+// they are the next ones it needs and no other thread hashes it. A write fill then hashes most
+// bytes while they are in the cache, and reads back from the segment only those of chunks that
+// finished out of order (ChunkDone).
+void HashInOrder(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uint64_t n) {
+  {
+    MutexLock lock(sf.mu);
+    if (sf.hashing || sf.hashed != at) return;
+    sf.hashing = true;
+  }
+  XXH3_128bits_update(sf.hash.get(), src, n);
+  MutexLock lock(sf.mu);
+  sf.hashed = at + n;
+  sf.hashing = false;
+  // The bytes after these belong to the chunk this thread is writing (it hashes its next piece
+  // itself) or to one already done, which this thread's own ChunkDone catches up on.
+}
+
+// Reads one chunk of a shard into `buf`, a piece at a time, and writes each piece into the
+// segment's fd (FillMethod::kWrite). `buf` holds `piece` + 2 * kDirectAlign bytes, aligned for
+// O_DIRECT: a direct read of a piece covers the aligned range around it.
+Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t size, std::byte* buf,
+                  std::uint64_t piece) {
+  for (std::uint64_t done = 0; done < size;) {
+    const std::uint64_t n = std::min(piece, size - done);
+    const std::uint64_t begin = sf.data_offset + off + done;
+    const std::byte* src = buf;
+    if (sf.direct.load(std::memory_order_relaxed)) {
+      const std::uint64_t a0 = AlignDown(begin, kDirectAlign);
+      const std::uint64_t a1 = posix::RoundUp(begin + n, kDirectAlign);
+      auto got = io.Pread(sf.direct_fd.get(), std::span(buf, a1 - a0), a0, sf.path);
+      if (!got.ok()) {
+        // Some filesystems accept O_DIRECT at open and refuse the read; read buffered instead.
+        if (got.status().reason() != "errno.EINVAL") return got.status();
+        sf.direct.store(false, std::memory_order_relaxed);
+        continue;
+      }
+      if (*got < begin + n - a0)
+        return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(a0 + *got), "io.short_read");
+      src = buf + (begin - a0);
+    } else {
+      ASSIGN_OR_RETURN(std::size_t got, io.Pread(sf.fd, std::span(buf, n), begin, sf.path));
+      if (got != n)
+        return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(begin + got), "io.short_read");
+    }
+    if (Status w = io.Pwrite(sf.seg_fd, std::span(src, n), off + done, sf.segment); !w.ok())
+      return SegmentWriteError(std::move(w));
+    HashInOrder(sf, off + done, src, n);
+    done += n;
+  }
+  return Status::Ok();
+}
+
 // Marks chunk `index` done, moves the shard's watermark over finished chunks, and feeds the
-// newly contiguous bytes to the shard's hash unless another thread already does.
-void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
-               const std::atomic<bool>& failed) {
+// newly contiguous bytes that are not hashed yet to the shard's hash unless another thread
+// already hashes it. With `buf` (a write fill: the reader's buffer, free between chunks, of
+// `piece` bytes or more), the bytes are read back from the segment's fd into it; else they are
+// hashed through the mapping. A write fill must not hash through the mapping: the daemon would
+// map every page of the segment one fault at a time (on the development VM a first touch of a
+// mapped page costs ~25 us, whether or not the page exists; docs/loading.md), where a pread
+// copies out of the same pages with no fault.
+Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
+                 const std::atomic<bool>& failed, std::byte* buf, std::uint64_t piece) {
   sf.mu.Lock();
   sf.done[index] = true;
   while (sf.next_gap < sf.chunks && sf.done[sf.next_gap]) ++sf.next_gap;
@@ -576,19 +666,35 @@ void ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_
   if (progress) progress->SetFilled(shard, sf.filled);
   if (sf.hashing) {
     sf.mu.Unlock();
-    return;
+    return Status::Ok();
   }
   sf.hashing = true;
-  // Hash at most a chunk at a time, so that a failure elsewhere stops this thread soon.
+  Status status;
+  // Hash at most a chunk (or a buffer) at a time, so that a failure elsewhere stops this thread
+  // soon.
   while (sf.hashed < sf.filled && !failed.load(std::memory_order_relaxed)) {
-    const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + chunk_size);
+    const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + (buf ? piece : chunk_size));
     sf.mu.Unlock();
-    XXH3_128bits_update(sf.hash.get(), sf.dst + from, to - from);
+    if (buf != nullptr) {
+      auto got = posix::PreadUpTo(sf.seg_fd, std::span(buf, to - from), from, sf.segment);
+      if (!got.ok() || *got != to - from) {
+        status = got.ok() ? Internal(sf.segment + ": read back " + std::to_string(*got) + " of " +
+                                         std::to_string(to - from) + " bytes at " + std::to_string(from),
+                                     "loader.short_readback")
+                          : got.status();
+        sf.mu.Lock();
+        break;
+      }
+      XXH3_128bits_update(sf.hash.get(), buf, to - from);
+    } else {
+      XXH3_128bits_update(sf.hash.get(), sf.dst + from, to - from);
+    }
     sf.mu.Lock();
     sf.hashed = to;
   }
   sf.hashing = false;
   sf.mu.Unlock();
+  return status;
 }
 
 // Maps the segment pages of a chunk in before a reader writes them. MADV_POPULATE_WRITE does
@@ -621,10 +727,20 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
     unsigned running GUARDED_BY(mu) = 0;
   } done;
   const std::uint64_t bounce_size = fs.chunk_size + 2 * kDirectAlign;
+  const bool write_fill = options_.fill == FillMethod::kWrite;
+  const std::uint64_t piece =
+      std::min(fs.chunk_size, posix::RoundUp(std::max<std::uint64_t>(options_.write_buffer, 1), kDirectAlign));
+  const std::uint64_t buffer_size = piece + 2 * kDirectAlign;
   std::atomic<bool> use_madvise{true};
 
   auto work = [&] {
     AlignedBuffer bounce;
+    if (write_fill) {
+      bounce.reset(static_cast<std::byte*>(std::aligned_alloc(kDirectAlign, buffer_size)));
+      if (bounce == nullptr)
+        fs.Fail(ResourceExhausted("no memory for a " + std::to_string(buffer_size) + "-byte read buffer",
+                                  "loader.no_memory"));
+    }
     for (;;) {
       if (fs.failed.load(std::memory_order_relaxed)) break;
       if (cancel.load(std::memory_order_relaxed)) {
@@ -635,15 +751,26 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       if (i >= fs.chunks.size()) break;
       const FillState::Chunk& c = fs.chunks[i];
       ShardFill& sf = *fs.shards[c.shard];
-      // Populating the destination in one call costs about half of taking its page faults one
-      // by one inside pread or memcpy (docs/loading.md); a no-op where a pre-faulter was first.
-      Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
-      if (Status s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size); !s.ok()) {
+      Status s;
+      if (write_fill) {
+        s = WriteChunk(*io_, sf, c.offset, c.size, bounce.get(), piece);
+      } else {
+        // Populating the destination in one call costs about half of taking its page faults one
+        // by one inside pread or memcpy (docs/loading.md); a no-op where a pre-faulter was first.
+        Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
+        s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size);
+      }
+      if (!s.ok()) {
         fs.Fail(std::move(s));
         break;
       }
       bytes_read_.fetch_add(c.size, std::memory_order_relaxed);
-      ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed);
+      if (Status h = ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed,
+                               write_fill ? bounce.get() : nullptr, piece);
+          !h.ok()) {
+        fs.Fail(std::move(h));
+        break;
+      }
     }
     MutexLock lock(done.mu);
     if (--done.running == 0) done.cv.SignalAll();
@@ -652,7 +779,9 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
   // Pre-faulters walk the chunks in the readers' order and skip what the readers have passed,
   // so the pages a reader is about to write are usually mapped already.
   std::vector<std::jthread> prefaulters;
-  const unsigned n_prefault = static_cast<unsigned>(std::min<std::size_t>(options_.prefault_threads, fs.chunks.size()));
+  // A write fill takes no page faults, so there is nothing to pre-fault.
+  const unsigned n_prefault =
+      write_fill ? 0u : static_cast<unsigned>(std::min<std::size_t>(options_.prefault_threads, fs.chunks.size()));
   for (unsigned t = 0; t < n_prefault; ++t) {
     prefaulters.emplace_back([&] {
       for (;;) {

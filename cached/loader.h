@@ -11,8 +11,10 @@
 // the control loop. A failure removes every segment the load created (their names; mappings
 // that a LoadProgress consumer holds stay valid until it drops them).
 //
-// Reads: buffered preads straight into the segment, or O_DIRECT preads (LoaderOptions::io)
-// with a fallback to buffered reads where the filesystem refuses O_DIRECT (tmpfs, for one).
+// Reads: buffered or O_DIRECT preads (LoaderOptions::io), with a fallback to buffered reads
+// where the filesystem refuses O_DIRECT (tmpfs, for one); into a per-reader buffer that is then
+// pwritten into the segment (FillMethod::kWrite, the default), or straight into the mapped
+// segment (kMap).
 // docs/loading.md has the measurements behind the defaults and the manifest format.
 //
 // Thread safety: a Loader is thread-safe; any number of loads may run at once (they share the
@@ -165,8 +167,8 @@ class LoadProgress {
   Status error_ GUARDED_BY(mu_);
 };
 
-// The file reads of a load, behind an interface so that tests can inject faults. Must be
-// thread-safe: the reader pool calls it concurrently.
+// The file reads of a load and its writes into segments, behind an interface so that tests can
+// inject faults. Must be thread-safe: the reader pool calls it concurrently.
 class FileIo {
  public:
   virtual ~FileIo() = default;
@@ -175,12 +177,26 @@ class FileIo {
   virtual Result<posix::Fd> Open(const std::string& path, int flags);
   // Reads up to out.size() bytes at `offset`, short only at end of file (posix::PreadUpTo).
   virtual Result<std::size_t> Pread(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what);
+  // Writes all of `in` at `offset` of a segment's fd (FillMethod::kWrite; posix::PwriteFull).
+  virtual Status Pwrite(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what);
 };
 
 enum class IoMode {
   kBuffered,  // page-cache preads straight into the segment
   kDirect,    // O_DIRECT; buffered for a file whose filesystem refuses O_DIRECT (EINVAL)
   kAuto,      // O_DIRECT for a file that is not in the page cache, buffered for one that is
+};
+
+// How the bytes get into a fresh segment.
+enum class FillMethod {
+  // Each reader preads a piece of its chunk into a small private buffer and pwrites it into the
+  // segment's fd. tmpfs allocates the pages inside the write, in bulk, with no page fault; the
+  // segment is not reserved upfront, so a full /dev/shm is ENOSPC from a write
+  // (ResourceExhausted "shm.no_space", the load fails and removes its segments).
+  kWrite,
+  // The segment is reserved (posix_fallocate) and mapped; each reader populates its chunk's
+  // pages (MADV_POPULATE_WRITE) and preads straight into the mapping.
+  kMap,
 };
 
 struct LoaderOptions {
@@ -192,10 +208,17 @@ struct LoaderOptions {
   mode_t shm_mode = 0640;
   std::uint32_t threads = 4;
   std::uint64_t chunk_size = 64ull << 20;  // rounded up to a multiple of 4096 for O_DIRECT
+  // Write fill by default: on the 2-core development VM it filled from the page cache 6-9x as
+  // fast as the map fill (docs/loading.md).
+  FillMethod fill = FillMethod::kWrite;
+  // kWrite: bytes per pread/pwrite pair, the size of each reader's private buffer (rounded up
+  // to 4096, at most a chunk). Small enough to stay in a core's cache between the two copies;
+  // 256 KiB to 4 MiB were within the noise of each other on the VM.
+  std::uint64_t write_buffer = 1ull << 20;
   // Buffered by default: cold O_DIRECT reads were slower than buffered ones on both machines
   // measured (docs/loading.md), and the fill ran at the same speed either way.
   IoMode io = IoMode::kBuffered;
-  // Extra threads that pre-fault the fresh segment pages ahead of the readers
+  // FillMethod::kMap only: extra threads that pre-fault the fresh segment pages ahead of the readers
   // (MADV_POPULATE_WRITE, or a touch per page where the kernel lacks it). Each reader already
   // populates its own chunk before reading into it; on the 2-core development VM extra threads
   // only competed with the readers (docs/loading.md), so they are off by default.

@@ -102,9 +102,9 @@ std::string SegmentStore::RecordName(const std::string& model, std::uint64_t gen
 
 bool SegmentStore::IsRecordName(const std::string& name) { return name.ends_with(kRecordSuffix); }
 
-Result<HostSegment> SegmentStore::Create(const std::string& name, std::uint64_t data_size) const {
+Result<HostSegment> SegmentStore::Create(const std::string& name, std::uint64_t data_size, bool reserve) const {
   (void)HostSegment::Remove(name);
-  return HostSegment::Create(name, data_size, options_.mode, options_.group);
+  return HostSegment::Create(name, data_size, options_.mode, options_.group, reserve);
 }
 
 Result<HostSegment> SegmentStore::Open(const std::string& name, std::uint64_t data_size) const {

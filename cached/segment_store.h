@@ -70,8 +70,9 @@ class SegmentStore {
 
   // Creates segment `name` of `data_size` data bytes with the store's mode and group. A segment
   // of that name can only be a leftover of an earlier instance (the prefix is locked), so it is
-  // replaced; its old mappings stay valid. Errors as HostSegment::Create.
-  Result<HostSegment> Create(const std::string& name, std::uint64_t data_size) const;
+  // replaced; its old mappings stay valid. `reserve` as HostSegment::Create. Errors as
+  // HostSegment::Create.
+  Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, bool reserve = true) const;
   // Opens an earlier instance's segment for adoption, with today's mode and group. Errors as
   // HostSegment::Open.
   Result<HostSegment> Open(const std::string& name, std::uint64_t data_size) const;

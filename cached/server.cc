@@ -55,6 +55,7 @@ LoaderOptions LoaderOptionsOf(const DaemonConfig& c, const SegmentStore* store) 
   o.threads = c.loader_threads;
   o.chunk_size = c.chunk_size;
   o.io = c.io == "direct" ? IoMode::kDirect : c.io == "buffered" ? IoMode::kBuffered : IoMode::kAuto;
+  o.fill = c.fill == "map" ? FillMethod::kMap : FillMethod::kWrite;
   o.prefault_threads = c.prefault_threads;
   o.verify_manifest = c.verify_checksums;
   return o;
@@ -246,9 +247,9 @@ Status Server::Impl::Init() {
     spdlog::info("HTTP on {} (/healthz, /readyz, /metrics)", config.http_listen);
   }
   if (sd_watchdog_enabled(0, &watchdog_usec) <= 0) watchdog_usec = 0;
-  spdlog::info("weightd {} listening on {} (segment prefix '{}', {} models, {} loader threads, {} MiB chunks)",
+  spdlog::info("weightd {} listening on {} (segment prefix '{}', {} models, {} loader threads, {} MiB chunks, {} fill)",
                WEIGHTD_VERSION, config.socket, config.shm_prefix, lifecycle.catalog().models().size(),
-               config.loader_threads, config.chunk_size >> 20);
+               config.loader_threads, config.chunk_size >> 20, config.fill);
   return Status::Ok();
 }
 

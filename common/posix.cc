@@ -109,6 +109,20 @@ Status WriteFull(int fd, std::span<const std::byte> in, std::string_view what) {
   return Status::Ok();
 }
 
+Status PwriteFull(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what) {
+  std::size_t done = 0;
+  while (done < in.size()) {
+    ssize_t n = ::pwrite(fd, in.data() + done, in.size() - done, static_cast<off_t>(offset + done));
+    if (n < 0) {
+      if (errno == EINTR) continue;
+      return ErrnoStatus("pwrite(" + std::string(what) + ", " + std::to_string(in.size() - done) + " @ " +
+                         std::to_string(offset + done) + ")");
+    }
+    done += static_cast<std::size_t>(n);
+  }
+  return Status::Ok();
+}
+
 void Mapping::reset() {
   if (addr_ != nullptr && size_ > 0) ::munmap(addr_, size_);
   addr_ = nullptr;

@@ -70,6 +70,8 @@ Status PreadFull(int fd, std::span<std::byte> out, std::uint64_t offset, std::st
 Result<std::size_t> PreadUpTo(int fd, std::span<std::byte> out, std::uint64_t offset, std::string_view what);
 // Writes all of `in` at the current offset.
 Status WriteFull(int fd, std::span<const std::byte> in, std::string_view what);
+// Writes all of `in` at `offset` (pwrite, retried on EINTR and after a short write).
+Status PwriteFull(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what);
 
 // A private or shared memory mapping; munmap on destruction.
 class Mapping {

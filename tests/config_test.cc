@@ -185,6 +185,7 @@ loader_threads = 7
 chunk_size = "16MiB"
 max_message_size = 5000
 io = "auto"
+fill = "map"
 verify_checksums = false
 heartbeat_interval = "250ms"
 heartbeat_timeout = "2m"
@@ -220,8 +221,32 @@ allow_groups = ["ml"]
   EXPECT_EQ(again->models, cfg->models);
   EXPECT_EQ(ToToml(*again), text);
   EXPECT_NE(text.find("chunk_size = \"16MiB\"\n"), std::string::npos) << text;
+  EXPECT_EQ(again->fill, "map");
+  EXPECT_NE(text.find("fill = \"map\"\n"), std::string::npos) << text;
   EXPECT_NE(text.find("gpu_budget = 0.7\n"), std::string::npos) << text;
   EXPECT_NE(text.find("[models.\"b.v2\"]\n"), std::string::npos) << text;
+}
+
+// Fill defaults to write; "map" keeps the old path; anything else is refused. The reader pool
+// defaults to one thread per core, 4 to 16.
+TEST(Config, FillMethodAndLoaderThreadsDefaults) {
+  auto cfg = Load("");
+  ASSERT_TRUE(cfg.ok()) << cfg.status().ToString();
+  EXPECT_EQ(cfg->fill, "write");
+  EXPECT_EQ(cfg->loader_threads, DefaultLoaderThreads());
+  EXPECT_GE(cfg->loader_threads, 4u);
+  EXPECT_LE(cfg->loader_threads, 16u);
+  auto map = Load("[daemon]\nfill = \"map\"\n");
+  ASSERT_TRUE(map.ok()) << map.status().ToString();
+  EXPECT_EQ(map->fill, "map");
+  EXPECT_EQ(Load("[daemon]\nfill = \"mmap\"\n").status().reason(), "config.invalid");
+  DaemonConfig c;
+  const ConfigKey* key = nullptr;
+  for (const ConfigKey& k : ConfigKeys())
+    if (k.name == "fill") key = &k;
+  ASSERT_NE(key, nullptr);
+  ASSERT_TRUE(ApplyOption(*key, "map", &c).ok());
+  EXPECT_EQ(c.fill, "map");
 }
 
 // The table is the one list of keys: each is read from the file by its table and name, and

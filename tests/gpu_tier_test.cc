@@ -210,6 +210,29 @@ TEST(GpuTier, VmmCopyRoundsEachShardToGranularityAndCopiesEveryByte) {
   ExpectNothingLive(fake);
 }
 
+// A copy pipelined behind a load waits for its chunks in the order the loader fills them:
+// round-robin over the shards, so that it follows the fill (Loader::Fill).
+TEST(GpuTier, PipelinedCopyWaitsForChunksRoundRobinOverShards) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(3 * kChunk, 1), b(kChunk + 5, 2), c(0, 3), d(2 * kChunk - 1, 4);
+  std::vector<HostShard> shards{a.shard(), b.shard(), c.shard(), d.shard()};
+  std::vector<std::pair<std::size_t, std::uint64_t>> waits;
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm, [&](std::size_t shard, std::uint64_t end) {
+    waits.emplace_back(shard, end);
+    return Status::Ok();
+  });
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  const std::vector<std::pair<std::size_t, std::uint64_t>> want{
+      {0, kChunk}, {1, kChunk}, {3, kChunk}, {0, 2 * kChunk}, {1, kChunk + 5}, {3, 2 * kChunk - 1}, {0, 3 * kChunk}};
+  EXPECT_EQ(waits, want);
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 0), a));
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 1), b));
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 3), d));
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  ExpectNothingLive(fake);
+}
+
 TEST(GpuTier, FallsBackToPinnedStagingWhenRegistrationFails) {
   FakeCudaApi fake(TwoDevices(), kGranularity);
   fake.SetHostRegisterFails(true);

@@ -1,12 +1,15 @@
-// Tests of the loader: byte-exact fills across chunk boundaries in every I/O mode, the O_DIRECT
-// fallback, checksums against xxh128sum, the manifest, change detection, injected read errors,
+// Tests of the loader: byte-exact fills across chunk boundaries in every I/O mode and both fill
+// methods (write and map), a full /dev/shm during a write fill, the O_DIRECT fallback, checksums against xxh128sum, the manifest, change detection, injected read errors,
 // cancellation and LoadProgress. Files are a few KB and chunks 4096 bytes, so a "multi-chunk"
 // shard is tiny.
 #include "loader.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
+#include <sched.h>
+#include <sys/mount.h>
 #include <sys/stat.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <chrono>
@@ -136,6 +139,7 @@ struct FillCase {
   IoMode io;
   std::uint32_t threads;
   std::uint32_t prefault;
+  FillMethod fill;
 };
 
 std::string ModeName(IoMode m) {
@@ -150,6 +154,8 @@ TEST_P(ChunkBoundaries, FillsByteExactWithTheFileChecksum) {
   ASSERT_TRUE(WriteModelOfSize(dir, c.size).ok());
   LoaderOptions o = Options(c.threads, c.io);
   o.prefault_threads = c.prefault;
+  o.fill = c.fill;
+  o.write_buffer = 1000;  // rounded up to 4096: a piece per 4096-byte chunk
   Loader loader(o);
   auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
   ASSERT_TRUE(m.ok()) << m.status().ToString();
@@ -168,14 +174,17 @@ std::vector<FillCase> FillCases() {
   std::vector<FillCase> out;
   for (std::uint64_t size : {std::uint64_t{0}, std::uint64_t{1}, kChunk - 1, kChunk, kChunk + 1, 3 * kChunk + 777})
     for (IoMode io : {IoMode::kBuffered, IoMode::kDirect, IoMode::kAuto})
-      for (std::uint32_t threads : {1u, 3u}) out.push_back({size, io, threads, threads == 3 ? 2u : 0u});
+      for (std::uint32_t threads : {1u, 3u})
+        for (FillMethod fill : {FillMethod::kWrite, FillMethod::kMap})
+          out.push_back({size, io, threads, threads == 3 ? 2u : 0u, fill});
   return out;
 }
 
 INSTANTIATE_TEST_SUITE_P(Loader, ChunkBoundaries, ::testing::ValuesIn(FillCases()),
                          [](const ::testing::TestParamInfo<FillCase>& i) {
                            return "size" + std::to_string(i.param.size) + "_" + ModeName(i.param.io) + "_threads" +
-                                  std::to_string(i.param.threads) + "_prefault" + std::to_string(i.param.prefault);
+                                  std::to_string(i.param.threads) + "_prefault" + std::to_string(i.param.prefault) +
+                                  (i.param.fill == FillMethod::kWrite ? "_write" : "_map");
                          });
 
 TEST_F(Fixture, DirectModeUsesODirectWhereTheFilesystemSupportsIt) {
@@ -323,6 +332,176 @@ TEST_F(Fixture, LoadsEveryShardOfAShardedModel) {
   ASSERT_EQ((*m)->shards.size(), 3u);
   ExpectMatchesFile(**m);
   EXPECT_EQ(ListSegments(prefix).size(), 3u);
+}
+
+// ---- write fill against map fill ----
+
+// The bytes of every shard's segment, the page-rounded tail included.
+std::vector<std::vector<std::byte>> SegmentBytes(const ResidentModel& m) {
+  std::vector<std::vector<std::byte>> out;
+  for (const ResidentShard& s : m.shards)
+    out.emplace_back(s.segment.data(), s.segment.data() + s.segment.mapped_size());
+  return out;
+}
+
+TEST_F(Fixture, WriteFillAndMapFillMakeByteIdenticalSegments) {
+  // Several shards; the data sections start at offsets that are not multiples of 8 KiB, the
+  // chunks (16 KiB) hold several write pieces (4 KiB) and end mid-piece at each shard's end.
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {70001}}, {"b", DType::kBF16, {3, 9999}},
+                                              {"c", DType::kF32, {12345}}, {"d", DType::kU8, {1}}},
+                                         3, 11).ok());
+  for (IoMode io : {IoMode::kBuffered, IoMode::kDirect}) {
+    std::vector<std::vector<std::byte>> bytes[2];
+    std::vector<XXH128_hash_t> sums[2];
+    int k = 0;
+    for (FillMethod fill : {FillMethod::kWrite, FillMethod::kMap}) {
+      LoaderOptions o = Options(3, io);
+      o.chunk_size = 4 * kChunk;
+      o.write_buffer = kChunk;
+      o.fill = fill;
+      Loader loader(o);
+      auto m = loader.LoadHost({"s", dir}, static_cast<std::uint64_t>(k + 1), no_cancel);
+      ASSERT_TRUE(m.ok()) << m.status().ToString();
+      ASSERT_GE((*m)->shards.size(), 2u);
+      ExpectMatchesFile(**m);
+      bytes[k] = SegmentBytes(**m);
+      for (const ResidentShard& sh : (*m)->shards) sums[k].push_back(sh.checksum);
+      // Every page of a write-filled segment is allocated: none is left for a later SIGBUS.
+      for (const ResidentShard& sh : (*m)->shards) {
+        struct stat st {};
+        ASSERT_EQ(::fstat(sh.segment.fd(), &st), 0);
+        EXPECT_EQ(static_cast<std::uint64_t>(st.st_blocks) * 512, sh.segment.mapped_size()) << sh.file;
+      }
+      (*m)->RemoveSegments();
+      ++k;
+    }
+    ASSERT_EQ(bytes[0].size(), bytes[1].size());
+    for (std::size_t i = 0; i < bytes[0].size(); ++i) {
+      EXPECT_TRUE(bytes[0][i] == bytes[1][i]) << "shard " << i << ", " << ModeName(io);
+      EXPECT_TRUE(XXH128_isEqual(sums[0][i], sums[1][i])) << "shard " << i;
+    }
+  }
+}
+
+// Writes into segments fail with ENOSPC once `room` bytes have been written in all, as tmpfs
+// does when /dev/shm is full.
+class FullShmIo : public FileIo {
+ public:
+  explicit FullShmIo(std::uint64_t room) : room_(room) {}
+  Status Pwrite(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what) override {
+    if (written_.fetch_add(in.size()) + in.size() > room_) {
+      ++failures;
+      return posix::ErrnoStatus("pwrite(" + std::string(what) + ") [injected]", ENOSPC);
+    }
+    return FileIo::Pwrite(fd, in, offset, what);
+  }
+  std::atomic<int> failures{0};
+
+ private:
+  const std::uint64_t room_;
+  std::atomic<std::uint64_t> written_{0};
+};
+
+TEST_F(Fixture, FullShmDuringAWriteFillIsNoSpaceAndLeaksNoSegment) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {40000}}, {"b", DType::kU8, {40000}}}, 2, 3).ok());
+  // A model already resident stays whole.
+  const std::string other = tmp.file("o");
+  ASSERT_TRUE(WriteModelOfSize(other, 3 * kChunk + 5).ok());
+  Loader plain(Options());
+  auto kept = plain.LoadHost({"o", other}, 1, no_cancel);
+  ASSERT_TRUE(kept.ok()) << kept.status().ToString();
+
+  FullShmIo full(5 * kChunk);
+  LoaderOptions o = Options(3);
+  o.io_layer = &full;
+  Loader loader(o);
+  auto progress = std::make_shared<LoadProgress>();
+  auto plan = loader.Plan({"s", dir});
+  ASSERT_TRUE(plan.ok()) << plan.status().ToString();
+  auto m = loader.Fill(std::move(plan).value(), 2, no_cancel, progress);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().code(), Code::kResourceExhausted) << m.status().ToString();
+  EXPECT_EQ(m.status().reason(), "shm.no_space");
+  EXPECT_NE(m.status().message().find("[injected]"), std::string::npos) << m.status().ToString();
+  EXPECT_GE(full.failures.load(), 1);
+  EXPECT_EQ(progress->Wait().reason(), "shm.no_space");
+  // Only the resident model's segment is left, with its bytes.
+  EXPECT_EQ(ListSegments(prefix), std::vector<std::string>{(*kept)->shards[0].segment.name()});
+  ExpectMatchesFile(**kept);
+}
+
+// A real full /dev/shm: a child process mounts a 64 KiB tmpfs over /dev/shm in a private mount
+// namespace and loads a 256 KiB model with each fill method. Needs CAP_SYS_ADMIN (root, or a
+// user namespace the test can make); skipped where it has neither.
+TEST_F(Fixture, RealFullShmIsNoSpaceForBothFillMethods) {
+  const std::string dir = tmp.file("m");
+  ASSERT_TRUE(WriteModelOfSize(dir, 256 * 1024).ok());
+  if (dir.rfind("/dev/shm", 0) == 0) GTEST_SKIP() << "the temp dir is in /dev/shm";
+  int pipefd[2];
+  ASSERT_EQ(::pipe(pipefd), 0);
+  const pid_t pid = ::fork();
+  ASSERT_GE(pid, 0);
+  if (pid == 0) {
+    ::close(pipefd[0]);
+    auto say = [&](const std::string& line) { (void)!::write(pipefd[1], line.data(), line.size()); };
+    const uid_t uid = ::geteuid();
+    const gid_t gid = ::getegid();
+    if (::unshare(CLONE_NEWNS) != 0) {
+      // Not root: a user namespace where this uid is root, if the kernel allows one.
+      if (::unshare(CLONE_NEWUSER | CLONE_NEWNS) != 0) {
+        say("skip: unshare: " + std::string(std::strerror(errno)));
+        ::_exit(0);
+      }
+      auto put = [](const char* path, const std::string& text) {
+        int fd = ::open(path, O_WRONLY | O_CLOEXEC);
+        bool ok = fd >= 0 && ::write(fd, text.data(), text.size()) == static_cast<ssize_t>(text.size());
+        if (fd >= 0) ::close(fd);
+        return ok;
+      };
+      if (!put("/proc/self/setgroups", "deny") || !put("/proc/self/uid_map", "0 " + std::to_string(uid) + " 1") ||
+          !put("/proc/self/gid_map", "0 " + std::to_string(gid) + " 1")) {
+        say("skip: cannot map ids in a user namespace");
+        ::_exit(0);
+      }
+    }
+    if (::mount("none", "/", nullptr, MS_REC | MS_PRIVATE, nullptr) != 0 ||
+        ::mount("tmpfs", "/dev/shm", "tmpfs", 0, "size=64k,mode=1777") != 0) {
+      say("skip: mount: " + std::string(std::strerror(errno)));
+      ::_exit(0);
+    }
+    int bad = 0;
+    for (FillMethod fill : {FillMethod::kWrite, FillMethod::kMap}) {
+      LoaderOptions o = Options(2);
+      o.fill = fill;
+      Loader loader(o);
+      auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+      const std::string what = fill == FillMethod::kWrite ? "write" : "map";
+      if (m.ok()) {
+        say(what + ": loaded 256 KiB into a 64 KiB /dev/shm\n");
+        ++bad;
+      } else if (m.status().reason() != "shm.no_space" || m.status().code() != Code::kResourceExhausted) {
+        say(what + ": " + m.status().ToString() + "\n");
+        ++bad;
+      }
+      if (!ListSegments(prefix).empty()) {
+        say(what + ": segments left behind\n");
+        ++bad;
+      }
+    }
+    ::_exit(bad == 0 ? 0 : 1);
+  }
+  ::close(pipefd[1]);
+  std::string out;
+  char buf[512];
+  for (ssize_t n; (n = ::read(pipefd[0], buf, sizeof buf)) > 0;) out.append(buf, static_cast<std::size_t>(n));
+  ::close(pipefd[0]);
+  int status = 0;
+  ASSERT_EQ(::waitpid(pid, &status, 0), pid);
+  if (out.rfind("skip:", 0) == 0) GTEST_SKIP() << out;
+  ASSERT_TRUE(WIFEXITED(status)) << status;
+  EXPECT_EQ(WEXITSTATUS(status), 0) << out;
 }
 
 // ---- Plan ----
