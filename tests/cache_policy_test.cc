@@ -267,7 +267,7 @@ TEST_F(CachePolicy, NoRoomFailsWithResourceExhaustedNamingTheBudgetAndItsHolders
   EXPECT_EQ(s.code(), Code::kResourceExhausted) << s.ToString();
   EXPECT_EQ(s.reason(), "cache.budget_exhausted");
   EXPECT_NE(s.message().find("host budget"), std::string::npos) << s.message();
-  EXPECT_NE(s.message().find("a (16.0 KiB, 1 lease)"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("a (20.0 KiB, 1 lease)"), std::string::npos) << s.message();
   EXPECT_EQ(HostState(other, "a"), ModelState::kResident);
 }
 
