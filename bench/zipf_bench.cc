@@ -26,7 +26,15 @@
 //
 //   weightd_bench_zipf [--models 50] [--model-bytes 0] [--budget-models 10] [--requests 2000]
 //                      [--warmup 100] [--zipf-s 1.0] [--seed 1] [--clients 4]
+//                      [--trace zipf|scan] [--scan-every 200] [--eviction lfu|lru]
+//                      [--max-loads N] [--device cpu|cuda:N]
 //                      [--sample-every 50] [--work DIR] [--clean] [--json FILE]
+//
+// --trace scan inserts, after every --scan-every Zipf requests, one request for each model in
+// catalogue order (a batch job walking the catalogue): the pattern that flushes an LRU cache.
+// --device cuda:N acquires GPU copies: the daemon serves the GPU tier with a budget of
+// --budget-models models on that device (and the same host budget, which holds their sources);
+// the hit rates and the budget check are then the GPU tier's, from the daemon's stats.
 //
 // Exit status: 0 when the run completed and the budget held; 1 on a setup failure, a failed
 // request, or a budget exceeded (the figures are printed in every case).
@@ -62,6 +70,7 @@
 #include "generator.h"
 #include "models.h"
 #include "safetensors.h"
+#include "segment_store.h"
 #include "support/daemon_process.h"
 #include "weightd/client.h"
 
@@ -81,6 +90,11 @@ struct Options {
   std::uint64_t seed = 1;
   int clients = 4;
   int sample_every = 50;
+  std::string trace = "zipf";  // or "scan": the Zipf trace with a sequential scan of every model
+  int scan_every = 200;        // Zipf requests between two scans
+  std::string eviction;        // [cache] eviction; empty: the daemon's default
+  int max_loads = -1;          // [cache] max_loads; -1: the daemon's default
+  std::string device = "cpu";  // or "cuda:N": acquire GPU copies, budget the GPU tier
   std::string work;
   bool clean = false;
   std::string json;
@@ -104,20 +118,41 @@ bool CheckpointComplete(const std::string& dir) {
   return fs::exists(dir + "/" + example::kSingleFileName) || fs::exists(dir + "/" + example::kIndexFileName);
 }
 
-// The bytes the daemon charges to the host budget for one copy of the model in `dir`: each
-// shard's data section rounded up to a page, as the daemon sizes its segments (host_tier.h).
-// Computing the budget from the same rule is what makes "a budget of exactly N models" exact.
-Result<std::uint64_t> HostBytes(const std::string& dir) {
-  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
-  std::uint64_t total = 0;
-  int shards = 0;
+// The bytes the daemon charges to the host budget for one copy of the model `name` in `dir`:
+// SegmentStore::HostCharge, its segments rounded up to pages and its adoption record. The
+// record's size depends on the names it holds; those are given here their longest plausible
+// length (a larger pid, generation and instance number than the run will see), so that the
+// charge is never below the daemon's. Computing the budget from the same rule is what makes
+// "a budget of exactly N models" exact (to a page or two per model).
+Result<std::uint64_t> HostBytes(const std::string& name, const std::string& dir) {
+  ModelRecord r;
+  r.model = name;
+  r.dir = dir + std::string(256, '/');  // room for a longer, canonical spelling of it
+  const std::string tag = ".18446744073709551615-0123456789abcdef.";
   for (const auto& entry : fs::directory_iterator(dir)) {
     if (entry.path().extension() != ".safetensors") continue;
     ASSIGN_OR_RETURN(st::Header h, st::ReadHeaderFile(entry.path().string()));
-    total += (h.data_size + page - 1) / page * page;
-    ++shards;
+    ModelRecord::Shard sh;
+    sh.file = entry.path().filename().string();
+    sh.segment = "wdtest-4294967295-999999." + name + tag + std::to_string(r.shards.size());
+    sh.data_size = h.data_size;
+    sh.header_bytes.assign(h.data_offset, '\0');
+    r.shards.push_back(std::move(sh));
   }
-  if (shards == 0) return NotFound("no .safetensors file in " + dir);
+  if (r.shards.empty()) return NotFound("no .safetensors file in " + dir);
+  return SegmentStore::HostCharge(r);
+}
+
+// The device memory of a GPU copy of the model in `dir`: each shard rounded up to the 2 MiB
+// allocation granularity of the GPUs the daemon runs on (GpuTier::AllocationBytes).
+Result<std::uint64_t> GpuBytes(const std::string& dir) {
+  constexpr std::uint64_t kGranularity = 2ull << 20;
+  std::uint64_t total = 0;
+  for (const auto& entry : fs::directory_iterator(dir)) {
+    if (entry.path().extension() != ".safetensors") continue;
+    ASSIGN_OR_RETURN(st::Header h, st::ReadHeaderFile(entry.path().string()));
+    total += std::max<std::uint64_t>((h.data_size + kGranularity - 1) / kGranularity * kGranularity, kGranularity);
+  }
   return total;
 }
 
@@ -125,6 +160,7 @@ struct Catalogue {
   std::string root;                    // where the checkpoints are
   std::vector<std::string> dirs;       // by model index
   std::uint64_t host_bytes = 0;        // per model (the largest, should they differ)
+  std::uint64_t gpu_bytes = 0;         // per model, on a GPU
   std::uint64_t file_bytes_total = 0;  // on disk, all models
   int generated = 0;
   double generate_seconds = 0;
@@ -157,9 +193,12 @@ Result<Catalogue> PrepareCheckpoints(const Options& o) {
     ++c.generated;
   }
   c.generate_seconds = std::chrono::duration<double>(Clock::now() - t0).count();
-  for (const std::string& dir : c.dirs) {
-    ASSIGN_OR_RETURN(std::uint64_t b, HostBytes(dir));
+  for (int i = 0; i < o.models; ++i) {
+    const std::string& dir = c.dirs[static_cast<std::size_t>(i)];
+    ASSIGN_OR_RETURN(std::uint64_t b, HostBytes(ModelName(i), dir));
     c.host_bytes = std::max(c.host_bytes, b);
+    ASSIGN_OR_RETURN(std::uint64_t g, GpuBytes(dir));
+    c.gpu_bytes = std::max(c.gpu_bytes, g);
     for (const auto& entry : fs::directory_iterator(dir))
       if (entry.is_regular_file()) c.file_bytes_total += entry.file_size();
   }
@@ -193,6 +232,19 @@ std::vector<int> DrawTrace(const std::vector<double>& p, int count, std::uint64_
   for (int i = 0; i < count; ++i) {
     const double u = static_cast<double>(rng() >> 11) * 0x1.0p-53;
     out.push_back(static_cast<int>(std::upper_bound(cdf.begin(), cdf.end(), u) - cdf.begin()));
+  }
+  return out;
+}
+
+// The scan-heavy variant: after every `scan_every` requests of `zipf`, one request for each of
+// the `models` in catalogue order; `count` requests in all.
+std::vector<int> WithScans(const std::vector<int>& zipf, int models, int scan_every, std::size_t count) {
+  std::vector<int> out;
+  out.reserve(count);
+  for (std::size_t i = 0; out.size() < count && i < zipf.size(); ++i) {
+    out.push_back(zipf[i]);
+    if ((i + 1) % static_cast<std::size_t>(scan_every) == 0)
+      for (int m = 0; m < models && out.size() < count; ++m) out.push_back(m);
   }
   return out;
 }
@@ -273,16 +325,17 @@ struct Counters {
   double hits = 0, misses = 0, loads_ok = 0, loads_failed = 0, disk_bytes = 0;
   std::map<std::string, double> evictions;  // by reason
 
-  static Counters From(const std::string& metrics) {
+  // `tier`: "host" or "gpu", the tier the run acquires.
+  static Counters From(const std::string& metrics, const std::string& tier) {
     Counters c;
-    const std::map<std::string, std::string> host{{"tier", "host"}};
-    c.hits = Metric(metrics, "weightd_cache_hits_total", host).value_or(0);
-    c.misses = Metric(metrics, "weightd_cache_misses_total", host).value_or(0);
-    c.loads_ok = Metric(metrics, "weightd_loads_total", {{"tier", "host"}, {"result", "ok"}}).value_or(0);
-    c.loads_failed = Metric(metrics, "weightd_loads_total", {{"tier", "host"}, {"result", "error"}}).value_or(0);
+    const std::map<std::string, std::string> t{{"tier", tier}};
+    c.hits = Metric(metrics, "weightd_cache_hits_total", t).value_or(0);
+    c.misses = Metric(metrics, "weightd_cache_misses_total", t).value_or(0);
+    c.loads_ok = Metric(metrics, "weightd_loads_total", {{"tier", tier}, {"result", "ok"}}).value_or(0);
+    c.loads_failed = Metric(metrics, "weightd_loads_total", {{"tier", tier}, {"result", "error"}}).value_or(0);
     c.disk_bytes = Metric(metrics, "weightd_disk_read_bytes_total").value_or(0);
     for (const char* reason : {"lru", "ttl", "pressure", "admin", "changed"})
-      c.evictions[reason] = Metric(metrics, "weightd_evictions_total", {{"tier", "host"}, {"reason", reason}}).value_or(0);
+      c.evictions[reason] = Metric(metrics, "weightd_evictions_total", {{"tier", tier}, {"reason", reason}}).value_or(0);
     return c;
   }
   Counters operator-(const Counters& b) const {
@@ -334,7 +387,9 @@ std::uint64_t ShmBytes(const testing::DaemonProcess& d) {
 // two samples is still seen.
 class Sampler {
  public:
-  Sampler(const testing::DaemonProcess& d, ClientOptions co) : daemon_(d), co_(std::move(co)) {}
+  // `tier`, `device`: the labels of the tier whose bytes are sampled ("host", "cpu").
+  Sampler(const testing::DaemonProcess& d, ClientOptions co, std::string tier, std::string device)
+      : daemon_(d), co_(std::move(co)), tier_(std::move(tier)), device_(std::move(device)) {}
 
   Status Start() {
     ASSIGN_OR_RETURN(Client c, Client::Connect(co_));
@@ -402,9 +457,9 @@ class Sampler {
     }
     s.resident = st->host_resident_bytes;
     s.used = static_cast<std::uint64_t>(
-        Metric(st->metrics, "weightd_resident_bytes", {{"tier", "host"}, {"device", "cpu"}}).value_or(0));
+        Metric(st->metrics, "weightd_resident_bytes", {{"tier", tier_}, {"device", device_}}).value_or(0));
     s.models = static_cast<int>(
-        Metric(st->metrics, "weightd_resident_models", {{"tier", "host"}, {"device", "cpu"}}).value_or(0));
+        Metric(st->metrics, "weightd_resident_models", {{"tier", tier_}, {"device", device_}}).value_or(0));
     s.shm = ShmBytes(daemon_);
     shm_max_ = std::max(shm_max_, s.shm);
     used_max_ = std::max(used_max_, s.used);
@@ -413,6 +468,7 @@ class Sampler {
 
   const testing::DaemonProcess& daemon_;
   ClientOptions co_;
+  const std::string tier_, device_;
   std::optional<Client> client_;
   std::thread thread_;
   std::mutex mu_;
@@ -431,7 +487,11 @@ class Sampler {
 // from a shared index, so the order of issue is the trace's order. Each request is acquire,
 // a touch of the first and last byte of the first tensor (the mapping is real), and release.
 std::vector<Request> RunPhase(const std::vector<int>& trace, std::size_t from, std::size_t to, int clients,
-                              const ClientOptions& co, Sampler* sampler, int sample_every, bool measured) {
+                              const ClientOptions& co, const std::string& device, Sampler* sampler, int sample_every,
+                              bool measured) {
+  AcquireOptions ao;
+  ao.device = device;
+  const bool host = device == "cpu";
   std::vector<Request> out(to - from);
   std::atomic<std::size_t> next{from};
   std::atomic<int> done{0};
@@ -450,7 +510,7 @@ std::vector<Request> RunPhase(const std::vector<int>& trace, std::size_t from, s
           continue;
         }
         const auto t0 = Clock::now();
-        auto lease = client->Acquire(ModelName(r.model));
+        auto lease = client->Acquire(ModelName(r.model), ao);
         const auto t1 = Clock::now();
         r.acquire_us = std::chrono::duration<double, std::micro>(t1 - t0).count();
         if (!lease.ok()) {
@@ -458,10 +518,12 @@ std::vector<Request> RunPhase(const std::vector<int>& trace, std::size_t from, s
         } else if (lease->tensors().empty() || lease->tensors().front().data == nullptr) {
           r.error = "lease without mapped tensors";
         } else {
-          const Tensor& t = lease->tensors().front();
-          volatile std::byte sink = t.data[0];
-          sink = t.data[t.nbytes - 1];
-          (void)sink;
+          if (host) {  // a GPU lease's data is device memory
+            const Tensor& t = lease->tensors().front();
+            volatile std::byte sink = t.data[0];
+            sink = t.data[t.nbytes - 1];
+            (void)sink;
+          }
           const auto t2 = Clock::now();
           lease->release();  // the last copy: unmaps and waits for the daemon's answer
           r.release_us = std::chrono::duration<double, std::micro>(Clock::now() - t2).count();
@@ -489,22 +551,25 @@ struct Calibration {
   double cold_us = 0, warm_us = 0, threshold_us = 0;
 };
 
-Result<Calibration> Calibrate(Client& client, const std::string& model) {
+Result<Calibration> Calibrate(Client& client, const std::string& model, const std::string& device) {
+  AcquireOptions ao;
+  ao.device = device;
   Calibration cal;
   {
     const auto t0 = Clock::now();
-    ASSIGN_OR_RETURN(Lease lease, client.Acquire(model));
+    ASSIGN_OR_RETURN(Lease lease, client.Acquire(model, ao));
     cal.cold_us = std::chrono::duration<double, std::micro>(Clock::now() - t0).count();
   }
   std::vector<double> warm;
   for (int i = 0; i < 7; ++i) {
     const auto t0 = Clock::now();
-    ASSIGN_OR_RETURN(Lease lease, client.Acquire(model));
+    ASSIGN_OR_RETURN(Lease lease, client.Acquire(model, ao));
     warm.push_back(std::chrono::duration<double, std::micro>(Clock::now() - t0).count());
   }
   std::sort(warm.begin(), warm.end());
   cal.warm_us = warm[warm.size() / 2];
   cal.threshold_us = std::sqrt(cal.cold_us * cal.warm_us);
+  if (device != "cpu") RETURN_IF_ERROR(client.Evict(model, device));
   RETURN_IF_ERROR(client.Evict(model, "cpu"));
   return cal;
 }
@@ -556,8 +621,13 @@ std::string MachineLine() {
 }
 
 int Run(const Options& o) {
-  std::printf("weightd_bench_zipf: %d models, budget %d, %d+%d requests, Zipf s=%.3g, seed %llu, %d clients\n", o.models,
-              o.budget_models, o.warmup, o.requests, o.zipf_s, static_cast<unsigned long long>(o.seed), o.clients);
+  const bool gpu = o.device != "cpu";
+  const std::string tier = gpu ? "gpu" : "host";
+  std::printf("weightd_bench_zipf: %d models, budget %d, %d+%d requests, Zipf s=%.3g, seed %llu, %d clients, trace %s, "
+              "eviction %s, max_loads %s, device %s\n",
+              o.models, o.budget_models, o.warmup, o.requests, o.zipf_s, static_cast<unsigned long long>(o.seed),
+              o.clients, o.trace.c_str(), o.eviction.empty() ? "(default)" : o.eviction.c_str(),
+              o.max_loads < 0 ? "(default)" : std::to_string(o.max_loads).c_str(), o.device.c_str());
   std::printf("machine: %s\n", MachineLine().c_str());
 
   auto cat = PrepareCheckpoints(o);
@@ -571,6 +641,12 @@ int Run(const Options& o) {
               Mib(cat->file_bytes_total) / 1024.0);
   std::printf("host budget: %llu bytes (%.1f MiB) = %d models\n", static_cast<unsigned long long>(budget), Mib(budget),
               o.budget_models);
+  const std::uint64_t gpu_budget = cat->gpu_bytes * static_cast<std::uint64_t>(o.budget_models);
+  if (gpu)
+    std::printf("%s budget: %llu bytes (%.1f MiB) = %d models\n", o.device.c_str(),
+                static_cast<unsigned long long>(gpu_budget), Mib(gpu_budget), o.budget_models);
+  // The budget the run checks: the tier it acquires.
+  const std::uint64_t tier_budget = gpu ? gpu_budget : budget;
 
   // The theory, from the same distribution and trace.
   const std::vector<double> p = ZipfProbabilities(o.models, o.zipf_s);
@@ -578,7 +654,9 @@ int Run(const Options& o) {
   for (int k = 0; k < std::min(o.budget_models, o.models); ++k) top_mass += p[static_cast<std::size_t>(k)];
   const double che = CheLruHitRate(p, o.budget_models);
   const std::size_t total = static_cast<std::size_t>(o.warmup + o.requests);
-  const std::vector<int> trace = DrawTrace(p, static_cast<int>(total), o.seed);
+  const std::vector<int> trace = o.trace == "scan" ? WithScans(DrawTrace(p, static_cast<int>(total), o.seed), o.models,
+                                                               o.scan_every, total)
+                                                   : DrawTrace(p, static_cast<int>(total), o.seed);
   const int replay_hits = LruReplayHits(trace, static_cast<std::size_t>(o.warmup), total, o.budget_models);
   int trace_top = 0;
   for (std::size_t i = static_cast<std::size_t>(o.warmup); i < total; ++i) trace_top += trace[i] < o.budget_models;
@@ -588,7 +666,10 @@ int Run(const Options& o) {
   testing::DaemonOptions dopt;
   for (int i = 0; i < o.models; ++i) dopt.models[ModelName(i)] = cat->dirs[static_cast<std::size_t>(i)];
   dopt.config_toml = "[cache]\nhost_budget = \"" + std::to_string(budget) + "\"\nhost_idle_ttl = \"0\"\n";
-  dopt.extra_args = {"--no-gpu"};
+  if (!o.eviction.empty()) dopt.config_toml += "eviction = \"" + o.eviction + "\"\n";
+  if (o.max_loads >= 0) dopt.config_toml += "max_loads = " + std::to_string(o.max_loads) + "\n";
+  if (gpu) dopt.config_toml += "gpu_budget = \"" + std::to_string(gpu_budget) + "\"\ngpu_idle_ttl = \"0\"\n";
+  else dopt.extra_args = {"--no-gpu"};
   auto daemon = testing::DaemonProcess::Start(dopt);
   if (!daemon.ok()) {
     std::fprintf(stderr, "weightd_bench_zipf: daemon: %s\n", daemon.status().ToString().c_str());
@@ -603,7 +684,7 @@ int Run(const Options& o) {
     std::fprintf(stderr, "weightd_bench_zipf: connect: %s\n", control.status().ToString().c_str());
     return 1;
   }
-  auto cal = Calibrate(*control, ModelName(o.models - 1));
+  auto cal = Calibrate(*control, ModelName(o.models - 1), o.device);
   if (!cal.ok()) {
     std::fprintf(stderr, "weightd_bench_zipf: calibration: %s\n%s\n", cal.status().ToString().c_str(), d.Log().c_str());
     return 1;
@@ -612,13 +693,13 @@ int Run(const Options& o) {
               ModelName(o.models - 1).c_str(), Ms(cal->cold_us).c_str(), Ms(cal->warm_us).c_str(),
               Ms(cal->threshold_us).c_str());
 
-  Sampler sampler(d, co);
+  Sampler sampler(d, co, tier, gpu ? o.device : "cpu");
   if (Status s = sampler.Start(); !s.ok()) {
     std::fprintf(stderr, "weightd_bench_zipf: sampler: %s\n", s.ToString().c_str());
     return 1;
   }
   sampler.SetOrigin(Clock::now());
-  RunPhase(trace, 0, static_cast<std::size_t>(o.warmup), o.clients, co, &sampler, o.sample_every, false);
+  RunPhase(trace, 0, static_cast<std::size_t>(o.warmup), o.clients, co, o.device, &sampler, o.sample_every, false);
   auto before = control->Stats();
   if (!before.ok()) {
     std::fprintf(stderr, "weightd_bench_zipf: stats: %s\n", before.status().ToString().c_str());
@@ -628,7 +709,7 @@ int Run(const Options& o) {
   sampler.SetOrigin(t0);
   sampler.Request(0);
   std::vector<Request> reqs =
-      RunPhase(trace, static_cast<std::size_t>(o.warmup), total, o.clients, co, &sampler, o.sample_every, true);
+      RunPhase(trace, static_cast<std::size_t>(o.warmup), total, o.clients, co, o.device, &sampler, o.sample_every, true);
   const double wall_s = std::chrono::duration<double>(Clock::now() - t0).count();
   sampler.Stop();
   sampler.SampleAfterStop(o.requests);
@@ -637,7 +718,7 @@ int Run(const Options& o) {
     std::fprintf(stderr, "weightd_bench_zipf: stats: %s\n", after.status().ToString().c_str());
     return 1;
   }
-  const Counters dc = Counters::From(after->metrics) - Counters::From(before->metrics);
+  const Counters dc = Counters::From(after->metrics, tier) - Counters::From(before->metrics, tier);
   const bool daemon_alive = d.running();
 
   // Client-side figures.
@@ -660,7 +741,9 @@ int Run(const Options& o) {
   const double client_rate = all.empty() ? std::nan("") : static_cast<double>(hit_t.size()) / static_cast<double>(all.size());
 
   // Resident bytes over time, compact: one line per sample.
-  std::printf("\nhost tier over the measured requests (budget %.1f MiB; used = resident + loads in flight):\n", Mib(budget));
+  std::printf("\n%s tier over the measured requests (budget %.1f MiB; used = resident + loads in flight; shm: the host "
+              "tier's /dev/shm, budget %.1f MiB):\n",
+              tier.c_str(), Mib(tier_budget), Mib(budget));
   std::printf("%8s %9s %9s %9s %7s %9s\n", "request", "t_s", "used_MiB", "res_MiB", "models", "shm_MiB");
   for (const Sample& s : sampler.samples()) {
     if (s.done < 0) continue;
@@ -668,7 +751,7 @@ int Run(const Options& o) {
                 Mib(s.shm));
   }
   const std::uint64_t used_max = sampler.used_max(), shm_max = sampler.shm_max();
-  const bool budget_held = used_max <= budget && shm_max <= budget;
+  const bool budget_held = used_max <= tier_budget && shm_max <= budget;
   std::printf("samples: %zu (every %d requests, warmup included in the maxima); /dev/shm polls: %d\n",
               sampler.samples().size(), o.sample_every, sampler.polls());
   if (!sampler.error().empty()) std::printf("sampler error: %s\n", sampler.error().c_str());
@@ -679,8 +762,12 @@ int Run(const Options& o) {
     std::snprintf(buf, sizeof buf, "%.1f %%", 100 * x);
     return std::string(buf);
   };
-  std::printf("\n== summary: %d models x %.1f MiB, host budget %d models (%.1f MiB), Zipf s=%.3g, %d requests, %d clients ==\n",
-              o.models, Mib(cat->host_bytes), o.budget_models, Mib(budget), o.zipf_s, o.requests, o.clients);
+  std::printf("\n== summary: %d models x %.1f MiB, %s budget %d models (%.1f MiB), Zipf s=%.3g%s, %d requests, %d clients, "
+              "eviction %s, max_loads %s ==\n",
+              o.models, Mib(cat->host_bytes), o.device.c_str(), o.budget_models, Mib(tier_budget), o.zipf_s,
+              o.trace == "scan" ? " with scans" : "", o.requests, o.clients,
+              o.eviction.empty() ? "(default)" : o.eviction.c_str(),
+              o.max_loads < 0 ? "(default)" : std::to_string(o.max_loads).c_str());
   std::printf("%-44s %s\n", "hit rate, daemon counters", pct(daemon_rate).c_str());
   std::printf("%-44s %.0f hits, %.0f misses\n", "", dc.hits, dc.misses);
   std::printf("%-44s %s (threshold %s ms)\n", "hit rate, client latency classification", pct(client_rate).c_str(),
@@ -701,8 +788,13 @@ int Run(const Options& o) {
   std::printf("%-44s lru %.0f, ttl %.0f, pressure %.0f, admin %.0f, changed %.0f\n", "evictions by reason",
               dc.evictions.at("lru"), dc.evictions.at("ttl"), dc.evictions.at("pressure"), dc.evictions.at("admin"),
               dc.evictions.at("changed"));
-  std::printf("%-44s used %.1f MiB, /dev/shm %.1f MiB, budget %.1f MiB: %s\n", "max host bytes", Mib(used_max),
-              Mib(shm_max), Mib(budget), budget_held ? "within the budget" : "BUDGET EXCEEDED");
+  if (gpu)
+    std::printf("%-44s used %.1f MiB, budget %.1f MiB; /dev/shm %.1f MiB, host budget %.1f MiB: %s\n",
+                ("max " + o.device + " bytes").c_str(), Mib(used_max), Mib(tier_budget), Mib(shm_max), Mib(budget),
+                budget_held ? "within the budgets" : "BUDGET EXCEEDED");
+  else
+    std::printf("%-44s used %.1f MiB, /dev/shm %.1f MiB, budget %.1f MiB: %s\n", "max host bytes", Mib(used_max),
+                Mib(shm_max), Mib(budget), budget_held ? "within the budget" : "BUDGET EXCEEDED");
   std::printf("%-44s %.1f s, %.1f requests/s; %d failed%s%s\n", "wall time (measured requests)", wall_s,
               n_req / wall_s, failed, failed ? ": " : "", first_error.c_str());
   if (!daemon_alive) std::printf("the daemon died during the run:\n%s\n", d.Log().c_str());
@@ -712,9 +804,12 @@ int Run(const Options& o) {
     j["machine"] = MachineLine();
     j["options"] = {{"models", o.models},   {"model_bytes", o.model_bytes}, {"budget_models", o.budget_models},
                     {"requests", o.requests}, {"warmup", o.warmup},       {"zipf_s", o.zipf_s},
-                    {"seed", o.seed},         {"clients", o.clients},     {"sample_every", o.sample_every}};
+                    {"seed", o.seed},         {"clients", o.clients},     {"sample_every", o.sample_every},
+                    {"trace", o.trace},       {"scan_every", o.scan_every}, {"eviction", o.eviction},
+                    {"max_loads", o.max_loads}, {"device", o.device}};
     j["model_host_bytes"] = cat->host_bytes;
     j["budget_bytes"] = budget;
+    j["gpu_budget_bytes"] = gpu ? gpu_budget : 0;
     j["calibration"] = {{"cold_us", cal->cold_us}, {"warm_us", cal->warm_us}, {"threshold_us", cal->threshold_us}};
     j["hit_rate"] = {{"daemon", daemon_rate},       {"client_latency", client_rate}, {"lru_replay", replay_hits / n_req},
                      {"che_lru", che},             {"top_mass", top_mass},          {"trace_top_share", trace_top / n_req}};
@@ -770,10 +865,26 @@ int main(int argc, char** argv) {
   app.add_option("--sample-every", o.sample_every, "sample the host tier every N requests")
       ->capture_default_str()
       ->check(CLI::Range(1, 100'000'000));
+  app.add_option("--trace", o.trace, "zipf, or scan: the Zipf trace with a scan of every model every --scan-every requests")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"zipf", "scan"}));
+  app.add_option("--scan-every", o.scan_every, "Zipf requests between two scans (--trace scan)")
+      ->capture_default_str()
+      ->check(CLI::Range(1, 100'000'000));
+  app.add_option("--eviction", o.eviction, "the daemon's [cache] eviction (default: its default, lfu)")
+      ->check(CLI::IsMember({"lfu", "lru"}));
+  app.add_option("--max-loads", o.max_loads, "the daemon's [cache] max_loads, 0: no bound (default: its default, 2)")
+      ->check(CLI::Range(0, 1'000'000));
+  app.add_option("--device", o.device, "cpu, or cuda:N: acquire GPU copies and check the GPU budget")
+      ->capture_default_str();
   app.add_option("--work", o.work, "where checkpoints are written once and reused")->capture_default_str();
   app.add_flag("--clean", o.clean, "remove this run's checkpoints at the end");
   app.add_option("--json", o.json, "write the figures, the time series and every request here");
   CLI11_PARSE(app, argc, argv);
+  if (o.device != "cpu" && !o.device.starts_with("cuda:")) {
+    std::fprintf(stderr, "weightd_bench_zipf: --device: cpu or cuda:N, not '%s'\n", o.device.c_str());
+    return 2;
+  }
   if (!model_bytes.empty()) {
     auto b = weightd::ParseSize(model_bytes);
     if (!b.ok() || *b == 0) {

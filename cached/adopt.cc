@@ -52,6 +52,25 @@ ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::u
   return r;
 }
 
+ModelRecord PlannedRecord(const LoadPlan& plan, const SegmentStore& store, const std::string& model,
+                          std::uint64_t generation) {
+  ModelRecord r;
+  r.name = store.RecordName(model, generation);
+  r.model = model;
+  r.dir = plan.dir;
+  r.generation = generation;
+  for (std::size_t i = 0; i < plan.shards.size(); ++i) {
+    const PlannedShard& p = plan.shards[i];
+    ModelRecord::Shard s;
+    s.file = p.file;
+    s.segment = store.SegmentName(model, generation, i);
+    s.data_size = p.header.data_size;
+    s.header_bytes.assign(reinterpret_cast<const char*>(p.header_bytes.data()), p.header_bytes.size());
+    r.shards.push_back(std::move(s));
+  }
+  return r;
+}
+
 Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const ModelConfig& mc, Loader& loader,
                                              const SegmentStore& store) {
   if (record.model != mc.name || record.dir != mc.dir)
@@ -69,6 +88,7 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
   model->name = mc.name;
   model->dir = mc.dir;
   model->record = record.name;
+  model->record_bytes = SegmentStore::RecordBytes(record);
   for (std::size_t i = 0; i < record.shards.size(); ++i) {
     const ModelRecord::Shard& s = record.shards[i];
     PlannedShard& p = plan->shards[i];
@@ -133,8 +153,7 @@ std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& stor
     ModelEntry& m = *table.Find(record.model);
     if (m.resident) continue;  // a newer record of the model was adopted
     const auto t0 = std::chrono::steady_clock::now();
-    std::uint64_t bytes = 0;
-    for (const auto& sh : record.shards) bytes += posix::RoundUp(sh.data_size, posix::PageSize());
+    const std::uint64_t bytes = SegmentStore::HostCharge(record);
     if (!cache.HasRoomForHost(bytes)) {
       spdlog::info("not adopting model '{}' ({}): no room under the host budget {} or max_host_models", record.model,
                    Gib(bytes), Gib(cache.host_budget()));

@@ -43,6 +43,11 @@ namespace weightd {
 
 // The record of a completed host copy, to be written as `name` (SegmentStore::RecordName).
 ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::uint64_t generation);
+// The record a load of `plan` (generation `generation`) will write once filled, without the
+// checksums and file identities (fixed-width): what SegmentStore::HostCharge needs before the
+// fill.
+ModelRecord PlannedRecord(const LoadPlan& plan, const SegmentStore& store, const std::string& model,
+                          std::uint64_t generation);
 
 // Takes back the segments of `record` for the catalog entry `mc`, with the store's segment mode
 // and group (today's). The loader's plan step finds the files as a load would (their set,

@@ -5,6 +5,7 @@
 #include <algorithm>
 #include <cstdio>
 #include <cstring>
+#include <set>
 
 #include <spdlog/spdlog.h>
 
@@ -85,6 +86,7 @@ std::vector<policy::Copy> Cache::HostCopies(const ModelEntry* except, std::vecto
     c.priority = m.config.priority;
     c.last_used = m.last_used;
     c.idle_ttl = m.config.host_idle_ttl.value_or(config_.host_idle_ttl);
+    c.frequency = Frequency(name, -1);
     out.push_back(std::move(c));
     owners->push_back(&m);
   }
@@ -104,6 +106,7 @@ std::vector<policy::Copy> Cache::GpuCopies(int ordinal, const ModelEntry* except
     c.priority = m.config.priority;
     c.last_used = g->second.last_used;
     c.idle_ttl = m.config.gpu_idle_ttl.value_or(config_.gpu_idle_ttl);
+    c.frequency = Frequency(name, ordinal);
     out.push_back(std::move(c));
     owners->push_back(&m);
   }
@@ -125,7 +128,57 @@ std::string Cache::Holders(const std::vector<policy::Copy>& copies, int ordinal)
   return out.empty() ? "nothing evictable" : out;
 }
 
+void Cache::RecordAccess(const std::string& model, int ordinal) {
+  if (!lfu()) return;
+  // TinyLFU's sample: ten times the entries the cache holds; the catalog bounds what it can hold.
+  const std::uint64_t period = std::max<std::uint64_t>(64, 10 * table_.models().size());
+  for (int tier : {ordinal, -1}) {
+    policy::Frequency& f = frequency_[tier];
+    f.set_period(period);
+    f.Record(model);
+    if (tier == -1) break;
+  }
+}
+
+std::uint32_t Cache::Frequency(const std::string& model, int ordinal) const {
+  auto it = frequency_.find(ordinal);
+  return it == frequency_.end() ? 0 : it->second.Count(model);
+}
+
+std::size_t Cache::LoadsInFlight(int ordinal) const {
+  std::size_t n = 0;
+  for (const auto& [name, m] : table_.models()) {
+    if (ordinal < 0) {
+      n += m.host_reserved > 0 ? 1 : 0;
+    } else if (auto g = m.gpus.find(ordinal); g != m.gpus.end()) {
+      n += g->second.reserved > 0 ? 1 : 0;
+    }
+  }
+  return n;
+}
+
+bool Cache::HasLoadSlot(int ordinal, std::string* waiting_for) const {
+  if (config_.max_loads == 0) return true;
+  const std::size_t n = LoadsInFlight(ordinal);
+  if (n < config_.max_loads) return true;
+  *waiting_for = "waits for a load slot: " + std::to_string(n) + " loads " + (ordinal < 0 ? "of the host tier" : "to " + CudaName(ordinal)) +
+                 " in flight, the most at once (max_loads " + std::to_string(config_.max_loads) + ")";
+  return false;
+}
+
+Cache::Verdict Cache::Arrive(ModelEntry& m, int ordinal, Status* error) {
+  std::size_t ahead = 0;
+  for (const Ticket& t : admissions_) ahead += t.ordinal == ordinal ? 1 : 0;
+  Verdict v = Verdict::kQueued;
+  std::string& waiting_for = ordinal < 0 ? m.waiting_for : m.gpus.at(ordinal).waiting_for;
+  if (ahead > 0) waiting_for = "queued behind " + std::to_string(ahead) + " earlier loads";
+  else v = ordinal < 0 ? AdmitHost(m, error) : AdmitGpu(m, ordinal, error);
+  if (v == Verdict::kWaiting || v == Verdict::kQueued) Queue(m.config.name, ordinal);
+  return v;
+}
+
 Cache::Verdict Cache::AdmitHost(ModelEntry& m, Status* error) {
+  if (!HasLoadSlot(-1, &m.waiting_for)) return Verdict::kQueued;
   std::vector<ModelEntry*> owners;
   std::vector<policy::Copy> copies = HostCopies(&m, &owners);
   const std::size_t cap = config_.max_host_models;
@@ -156,6 +209,7 @@ Cache::Verdict Cache::AdmitHost(ModelEntry& m, Status* error) {
 
 Cache::Verdict Cache::AdmitGpu(ModelEntry& m, int ordinal, Status* error) {
   GpuEntry& g = m.gpus.at(ordinal);
+  if (!HasLoadSlot(ordinal, &g.waiting_for)) return Verdict::kQueued;
   const std::uint64_t need = gpu_->AllocationBytes(ordinal, m.shard_sizes);
   const std::uint64_t budget = gpu_budget_.at(ordinal);
   std::vector<ModelEntry*> owners;
@@ -192,39 +246,48 @@ void Cache::Forget(const std::string& model) {
 }
 
 void Cache::Retry(Clock::TimePoint now, const Decided& decided) {
+  // Tiers whose earlier copy still waits: the later ones keep their place behind it (FIFO), and
+  // their admission timeout waits with them.
+  std::set<int> blocked;
   // By index: acting on a decision may queue another copy (a GPU copy that waited for this host
   // copy's fill), which is then retried in this same pass.
   for (std::size_t i = 0; i < admissions_.size();) {
     const Ticket t = admissions_[i];
     ModelEntry* m = table_.Find(t.model);
     bool waiting = false;
-    if (m != nullptr && t.ordinal < 0 && m->phase == Phase::kAdmitting) {
+    // The copy's admission state, if it still wants admission.
+    Phase* phase = nullptr;
+    Clock::TimePoint* deadline = nullptr;
+    std::string* waiting_for = nullptr;
+    if (m != nullptr && t.ordinal < 0) {
+      phase = &m->phase;
+      deadline = &m->admission_deadline;
+      waiting_for = &m->waiting_for;
+    } else if (m != nullptr) {
+      if (auto g = m->gpus.find(t.ordinal); g != m->gpus.end()) {
+        phase = &g->second.phase;
+        deadline = &g->second.admission_deadline;
+        waiting_for = &g->second.waiting_for;
+      }
+    }
+    if (phase != nullptr && *phase == Phase::kAdmitting) {
       Status error;
-      Verdict v = AdmitHost(*m, &error);
-      if (v == Verdict::kWaiting && now >= m->admission_deadline) {
+      Verdict v = Verdict::kQueued;
+      if (blocked.count(t.ordinal) == 0) v = t.ordinal < 0 ? AdmitHost(*m, &error) : AdmitGpu(*m, t.ordinal, &error);
+      else if (!waiting_for->starts_with("queued behind")) *waiting_for = "queued behind earlier loads";
+      if (v == Verdict::kQueued) {
+        *deadline = now + config_.admission_timeout;
+      } else if (v == Verdict::kWaiting && now >= *deadline) {
         v = Verdict::kRefused;
+        const std::string where = t.ordinal < 0 ? "" : " on " + CudaName(t.ordinal);
         error = ResourceExhausted("model '" + m->config.name + "' waited " +
-                                      std::to_string(config_.admission_timeout.count()) + " ms for room: it " +
-                                      m->waiting_for,
+                                      std::to_string(config_.admission_timeout.count()) + " ms for room" + where +
+                                      ": it " + *waiting_for,
                                   "cache.budget_exhausted");
       }
-      waiting = v == Verdict::kWaiting;
-      if (!waiting) decided(*m, -1, v, error);
-    } else if (m != nullptr && t.ordinal >= 0) {
-      auto g = m->gpus.find(t.ordinal);
-      if (g != m->gpus.end() && g->second.phase == Phase::kAdmitting) {
-        Status error;
-        Verdict v = AdmitGpu(*m, t.ordinal, &error);
-        if (v == Verdict::kWaiting && now >= g->second.admission_deadline) {
-          v = Verdict::kRefused;
-          error = ResourceExhausted("model '" + m->config.name + "' waited " +
-                                        std::to_string(config_.admission_timeout.count()) + " ms for room on " +
-                                        CudaName(t.ordinal) + ": it " + g->second.waiting_for,
-                                    "cache.budget_exhausted");
-        }
-        waiting = v == Verdict::kWaiting;
-        if (!waiting) decided(*m, t.ordinal, v, error);
-      }
+      waiting = v == Verdict::kWaiting || v == Verdict::kQueued;
+      if (waiting) blocked.insert(t.ordinal);
+      else decided(*m, t.ordinal, v, error);
     }
     if (waiting) ++i;
     else admissions_.erase(admissions_.begin() + static_cast<std::ptrdiff_t>(i));

@@ -3,6 +3,12 @@
 // eviction by idle TTL and by memory pressure. policy.h decides over snapshots; this module
 // builds the snapshots from the model table and the lease table, and acts on the decisions.
 //
+// Loads in flight are bounded per tier ([cache] max_loads): a copy ready for admission while
+// that many loads of its tier hold budget, or while earlier copies of its tier wait, queues
+// behind them (FIFO) and reserves nothing until its turn; its admission timeout starts then.
+// Under "lfu" eviction the cache keeps each tier's access counts (policy::Frequency), fed by
+// RecordAccess.
+//
 // Threading: owned by the control loop and not thread-safe.
 #pragma once
 
@@ -66,7 +72,8 @@ class Cache {
 
   enum class Verdict {
     kAdmitted,  // room was made (victims evicted) and reserved: start the copy
-    kWaiting,   // not now: `waiting_for` says what it waits for
+    kWaiting,   // not now: `waiting_for` says what it waits for (room; the timeout runs)
+    kQueued,    // not yet: a load slot, or its turn behind earlier copies (the timeout waits)
     kRefused,   // never, or not in time: fail the copy with the error
   };
   // Admission of `m`'s host copy (m.host_bytes, planned): evicts what the policy allows and
@@ -75,6 +82,18 @@ class Cache {
   Verdict AdmitHost(ModelEntry& m, Status* error);
   // The same for its copy on GPU `ordinal` (g.reserved, g.waiting_for).
   Verdict AdmitGpu(ModelEntry& m, int ordinal, Status* error);
+  // A copy (`ordinal` -1: the host copy) is ready for admission: admitted as AdmitHost/AdmitGpu
+  // would if no earlier copy of its tier waits, else queued behind them. A copy that waits or is
+  // queued is in the queue (Queue) on return.
+  Verdict Arrive(ModelEntry& m, int ordinal, Status* error);
+
+  // An Acquire of `model` on tier `ordinal` (-1: the host), hit or miss: the access counts of
+  // "lfu" eviction. A GPU acquire counts for the host copy too, its source.
+  void RecordAccess(const std::string& model, int ordinal);
+  // The model's access count in the tier (0 under "lru").
+  std::uint32_t Frequency(const std::string& model, int ordinal) const;
+  // Loads of the tier that hold budget now (admitted, not finished).
+  std::size_t LoadsInFlight(int ordinal) const;
 
   // Something may have made room (a lease ended, a copy failed or was freed): the loop retries
   // the waiting copies before it sleeps again.
@@ -107,6 +126,9 @@ class Cache {
   // "a (3.0 GiB, 2 leases), b (4.5 GiB, pinned)": what holds a tier that cannot make room.
   std::string Holders(const std::vector<policy::Copy>& copies, int ordinal) const;
   bool gpu_available() const { return gpu_ != nullptr && gpu_->available(); }
+  bool lfu() const { return config_.eviction != "lru"; }
+  // A free slot for one more load of the tier; else sets `waiting_for` and says no.
+  bool HasLoadSlot(int ordinal, std::string* waiting_for) const;
 
   const CacheConfig config_;
   ModelTable& table_;
@@ -122,6 +144,7 @@ class Cache {
     int ordinal;  // -1: the host copy
   };
   std::deque<Ticket> admissions_;  // copies waiting for room, oldest first
+  std::map<int, policy::Frequency> frequency_;  // by tier: -1 the host, else the GPU's ordinal
   bool retry_ = false;
   Clock::TimePoint last_pressure_check_{};
 };

@@ -266,6 +266,11 @@ const ConfigKey kKeys[] = {
      "how often resident models' files are checked for changes (0: never)"},
     {"cache", "pressure_interval", K::kDuration, WD_FIELD(cache.pressure_interval),
      "how often memory is sampled for the pressure rule"},
+    {"cache", "max_loads", K::kCount, WD_FIELD(cache.max_loads),
+     "loads that hold budget at once, per tier; more misses queue, oldest first (0: no bound)", {}, {}, {}, 0,
+     kMillion},
+    {"cache", "eviction", K::kString, WD_FIELD(cache.eviction),
+     "which unleased copy goes first: lfu (least frequently used, counts that decay) or lru (least recently used)"},
 };
 #undef WD_FIELD
 
@@ -601,6 +606,9 @@ Status Finalize(DaemonConfig* cfg) {
     return InvalidArgument("daemon.fill must be \"write\" or \"map\", not \"" + cfg->fill + "\"", "config.invalid");
   for (const Budget* b : {&cfg->cache.host_budget, &cfg->cache.gpu_budget})
     if (b->fraction < 0 || b->fraction > 1) return InvalidArgument("a budget's fraction must be in (0, 1]", "config.bad_budget");
+  if (cfg->cache.eviction != "lfu" && cfg->cache.eviction != "lru")
+    return InvalidArgument("cache.eviction must be \"lfu\" or \"lru\", not \"" + cfg->cache.eviction + "\"",
+                           "config.invalid");
   if (cfg->cache.pressure_interval.count() <= 0)
     return InvalidArgument("cache.pressure_interval must be positive", "config.invalid");
   if (cfg->fd_socket.empty()) {

@@ -73,6 +73,12 @@ struct CacheConfig {
   std::chrono::milliseconds file_check_interval{5'000};
   // How often the pressure rule samples memory.
   std::chrono::milliseconds pressure_interval{1'000};
+  // Loads that hold budget at once, per tier (the host; each GPU); further misses queue, oldest
+  // first, and reserve only when they start. 0: no bound.
+  std::uint32_t max_loads = 2;
+  // Which unleased copy admission evicts first (after priority): "lfu", the least frequently
+  // used (access counts that decay, TinyLFU-style; least recently used among equals), or "lru".
+  std::string eviction = "lfu";
 };
 
 struct DaemonConfig {

@@ -90,6 +90,7 @@ struct ResidentModel {
   std::uint32_t tensor_count = 0;
   // The name of its adoption record (adopt.h) once the server wrote one; empty before.
   std::string record;
+  std::uint64_t record_bytes = 0;  // its size in /dev/shm (SegmentStore::RecordBytes)
 
   // Unlinks the record, then the segment names (the daemon's own mappings go with the object).
   void RemoveSegments() const;

@@ -106,19 +106,16 @@ void Loads::OnPlanned(const std::string& model, std::uint64_t generation, Result
   }
   m.plan = std::make_shared<LoadPlan>(std::move(plan).value());
   m.plan_ms = ms;
-  m.host_bytes = 0;
   m.shard_sizes.clear();
-  for (const PlannedShard& sh : m.plan->shards) {
-    m.host_bytes += posix::RoundUp(sh.header.data_size, posix::PageSize());
-    m.shard_sizes.push_back(sh.header.data_size);
-  }
+  for (const PlannedShard& sh : m.plan->shards) m.shard_sizes.push_back(sh.header.data_size);
+  // The segments and the adoption record the copy will leave in /dev/shm.
+  m.host_bytes = SegmentStore::HostCharge(PlannedRecord(*m.plan, store_, m.config.name, m.generation));
   m.phase = Phase::kAdmitting;
   m.admission_deadline = clock_->Now() + options_.admission_timeout;
   Status error;
-  if (Act(m, -1, cache_.AdmitHost(m, &error), error) == Cache::Verdict::kWaiting) {
-    spdlog::info("model '{}' waits for room: {}", m.config.name, m.waiting_for);
-    cache_.Queue(m.config.name, -1);
-  }
+  if (const Cache::Verdict v = Act(m, -1, cache_.Arrive(m, -1, &error), error);
+      v == Cache::Verdict::kWaiting || v == Cache::Verdict::kQueued)
+    spdlog::info("model '{}' waits: {}", m.config.name, m.waiting_for);
 }
 
 // Phase 3 of a host load: the data, read into fresh segments by the loader's readers. GPU
@@ -220,9 +217,10 @@ void Loads::OnFilled(const std::string& model, std::uint64_t generation, Result<
   m.last_error = Status::Ok();
   // The index StartFill built from the plan already describes these segments.
   ModelRecord record = RecordOf(*r, store_.RecordName(m.config.name, m.generation), m.generation);
-  if (Status s = store_.WriteRecord(record); s.ok())
+  if (Status s = store_.WriteRecord(record); s.ok()) {
     r->record = record.name;
-  else
+    r->record_bytes = SegmentStore::RecordBytes(record);
+  } else
     spdlog::warn("model '{}': no adoption record ({}); after a crash it is read from disk again", m.config.name,
                  s.ToString());
   table_.InstallHost(m, std::move(r));
@@ -316,10 +314,9 @@ void Loads::MaybeStartGpu(ModelEntry& m, int ordinal) {
   g.pipelined = !(m.state == ModelState::kResident && m.resident);  // see StartGpuLoad
   g.admission_deadline = clock_->Now() + options_.admission_timeout;
   Status error;
-  if (Act(m, ordinal, cache_.AdmitGpu(m, ordinal, &error), error) == Cache::Verdict::kWaiting) {
-    spdlog::info("model '{}' waits for room on {}: {}", m.config.name, CudaName(ordinal), g.waiting_for);
-    cache_.Queue(m.config.name, ordinal);
-  }
+  if (const Cache::Verdict v = Act(m, ordinal, cache_.Arrive(m, ordinal, &error), error);
+      v == Cache::Verdict::kWaiting || v == Cache::Verdict::kQueued)
+    spdlog::info("model '{}' waits on {}: {}", m.config.name, CudaName(ordinal), g.waiting_for);
 }
 
 void Loads::StartGpuLoad(ModelEntry& m, int ordinal) {

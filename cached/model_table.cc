@@ -225,8 +225,10 @@ void ModelTable::Dispose(std::shared_ptr<const ResidentModel> host, std::vector<
                          bool unlink, std::vector<std::shared_ptr<gpu::GpuCopy>> gpu_copies) {
   // Until the reaper has freed them, the budgets count these bytes (cache.h).
   std::uint64_t host_bytes = 0;
-  if (host && unlink)
+  if (host && unlink) {
     for (const ResidentShard& sh : host->shards) host_bytes += sh.segment.mapped_size();
+    if (!host->record.empty()) host_bytes += posix::RoundUp(host->record_bytes, posix::PageSize());
+  }
   std::vector<std::pair<int, std::uint64_t>> gpu_bytes;
   for (const auto& c : gpu_copies) gpu_bytes.emplace_back(c->ordinal(), c->allocated_bytes());
   reaping_host_ += host_bytes;

@@ -106,7 +106,7 @@ struct ModelEntry {
   std::shared_ptr<LoadProgress> progress;
   std::uint64_t plan_ms = 0;
   std::uint64_t host_reserved = 0;  // budget bytes held for the fill in flight
-  std::uint64_t host_bytes = 0;     // of the copy, page-rounded: what it takes from the budget
+  std::uint64_t host_bytes = 0;     // SegmentStore::HostCharge of the copy: what it takes from the budget
   std::vector<std::uint64_t> shard_sizes;  // data bytes per shard (known once planned)
   Clock::TimePoint admission_deadline{};
   std::string waiting_for;

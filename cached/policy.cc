@@ -16,6 +16,31 @@ std::string_view ReasonName(EvictReason r) {
   return "unknown";
 }
 
+void Frequency::Record(const std::string& name) {
+  std::uint32_t& n = counts_[name];
+  if (n < std::numeric_limits<std::uint32_t>::max()) ++n;
+  if (++since_halving_ >= period_) Halve();
+  if (counts_.size() > max_names_) {
+    // Forget the least counted other name (a linear scan, only past the bound).
+    auto victim = counts_.end();
+    for (auto it = counts_.begin(); it != counts_.end(); ++it)
+      if (it->first != name && (victim == counts_.end() || it->second < victim->second)) victim = it;
+    if (victim != counts_.end()) counts_.erase(victim);
+  }
+}
+
+std::uint32_t Frequency::Count(const std::string& name) const {
+  auto it = counts_.find(name);
+  return it == counts_.end() ? 0 : it->second;
+}
+
+void Frequency::Halve() {
+  since_halving_ = 0;
+  ++halvings_;
+  for (auto& [name, n] : counts_) n /= 2;
+  std::erase_if(counts_, [](const auto& kv) { return kv.second == 0; });
+}
+
 std::vector<std::size_t> Expired(std::span<const Copy> copies, Clock::TimePoint now) {
   std::vector<std::size_t> out;
   for (std::size_t i = 0; i < copies.size(); ++i) {
@@ -34,6 +59,7 @@ std::vector<std::size_t> EvictionOrder(std::span<const Copy> copies, std::int32_
     const Copy& x = copies[a];
     const Copy& y = copies[b];
     if (x.priority != y.priority) return x.priority < y.priority;
+    if (x.frequency != y.frequency) return x.frequency < y.frequency;
     if (x.last_used != y.last_used) return x.last_used < y.last_used;
     return x.model < y.model;
   });

@@ -4,16 +4,18 @@
 // comes in as an argument, so tests drive them with any clock. The server builds the snapshot,
 // applies the decisions, and owns the accounting of what is resident and reserved.
 //
-// The order of eviction is the same for every reason: lower `priority` first, then least
-// recently used. A copy is a candidate only when `evictable` (resident, no lease on it, not
+// The order of eviction is the same for every reason: lower `priority` first, then the lowest
+// access `frequency` (0 for every copy under plain LRU), then least recently used. A copy is a candidate only when `evictable` (resident, no lease on it, not
 // loading, not pinned); pinned models are evicted by an administrator only.
 #pragma once
 
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <span>
 #include <string>
 #include <string_view>
+#include <unordered_map>
 #include <vector>
 
 #include "clock.h"
@@ -32,6 +34,35 @@ struct Copy {
   std::int32_t priority = 0;
   Clock::TimePoint last_used{};
   std::chrono::milliseconds idle_ttl{0};  // 0: no TTL
+  std::uint32_t frequency = 0;            // Frequency::Count of the model in this tier (LFU)
+};
+
+// The access counts of a frequency-aware eviction (TinyLFU's "frequency histogram", W. Einziger
+// et al. 2017; exact counts rather than a sketch, since the names are the catalog's). Every
+// `period` recorded accesses each count is halved and names whose count reaches 0 are
+// forgotten, so that popularity that has passed fades. Counts outlive evictions: a model
+// evicted and asked for again comes back with its history. At most `max_names` names are
+// remembered: past that, the least counted one is forgotten.
+class Frequency {
+ public:
+  explicit Frequency(std::uint64_t period = 1000, std::size_t max_names = 100'000)
+      : period_(std::max<std::uint64_t>(period, 1)), max_names_(std::max<std::size_t>(max_names, 1)) {}
+  void Record(const std::string& name);
+  std::uint32_t Count(const std::string& name) const;
+  // TinyLFU's sample size: ten times the entries the cache holds. Taken at the next Record.
+  void set_period(std::uint64_t period) { period_ = std::max<std::uint64_t>(period, 1); }
+  std::uint64_t period() const { return period_; }
+  std::size_t names() const { return counts_.size(); }
+  std::uint64_t halvings() const { return halvings_; }
+
+ private:
+  void Halve();
+
+  std::uint64_t period_;
+  std::size_t max_names_;
+  std::uint64_t since_halving_ = 0;
+  std::uint64_t halvings_ = 0;
+  std::unordered_map<std::string, std::uint32_t> counts_;
 };
 
 // Indexes of the evictable copies whose idle TTL has run out at `now`.

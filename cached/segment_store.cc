@@ -46,6 +46,23 @@ void Serialize(Archive& ar, ModelRecord& r) {
        s.file_info.dev, s.checksum.high64, s.checksum.low64, s.header_bytes);
 }
 
+// A record as it is written: its frame, then the payload.
+std::string EncodeRecord(const ModelRecord& record) {
+  std::ostringstream os;
+  {
+    cereal::BinaryOutputArchive ar(os);
+    Serialize(ar, const_cast<ModelRecord&>(record));  // saving does not modify
+  }
+  const std::string payload = os.str();
+  Frame f;
+  std::memcpy(f.magic, kRecordMagic, sizeof kRecordMagic);
+  f.size = payload.size();
+  f.hash = XXH64(payload.data(), payload.size(), 0);
+  std::string bytes(reinterpret_cast<const char*>(&f), sizeof f);
+  bytes += payload;
+  return bytes;
+}
+
 Status BadRecord(const std::string& name, const std::string& why) {
   return DataLoss("adoption record /" + name + ": " + why, "adopt.bad_record");
 }
@@ -122,19 +139,17 @@ Result<posix::Fd> SegmentStore::OpenReadOnly(const std::string& name) const {
   }
 }
 
+std::uint64_t SegmentStore::RecordBytes(const ModelRecord& record) { return EncodeRecord(record).size(); }
+
+std::uint64_t SegmentStore::HostCharge(const ModelRecord& record) {
+  const std::uint64_t page = posix::PageSize();
+  std::uint64_t charge = posix::RoundUp(RecordBytes(record), page);
+  for (const ModelRecord::Shard& s : record.shards) charge += posix::RoundUp(s.data_size, page);
+  return charge;
+}
+
 Status SegmentStore::WriteRecord(const ModelRecord& record) const {
-  std::ostringstream os;
-  {
-    cereal::BinaryOutputArchive ar(os);
-    Serialize(ar, const_cast<ModelRecord&>(record));  // saving does not modify
-  }
-  const std::string payload = os.str();
-  Frame f;
-  std::memcpy(f.magic, kRecordMagic, sizeof kRecordMagic);
-  f.size = payload.size();
-  f.hash = XXH64(payload.data(), payload.size(), 0);
-  std::string bytes(reinterpret_cast<const char*>(&f), sizeof f);
-  bytes += payload;
+  const std::string bytes = EncodeRecord(record);
 
   const std::string what = "adoption record /" + record.name;
   (void)HostSegment::Remove(record.name);  // a leftover of a dead instance (we hold the prefix)

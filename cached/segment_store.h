@@ -88,6 +88,15 @@ class SegmentStore {
   // corrupt or foreign one.
   Result<ModelRecord> ReadRecord(const std::string& name) const;
 
+  // The bytes WriteRecord writes for `record`. They depend only on its names and header bytes
+  // (every other field is fixed-width), so a record built from a load's plan, before any data is
+  // read, has the size the written one will have.
+  static std::uint64_t RecordBytes(const ModelRecord& record);
+  // What a host copy described by `record` takes from /dev/shm, and so from the host budget:
+  // each segment rounded up to whole pages (tmpfs allocates pages; HostSegment sizes them so),
+  // plus its adoption record, also in whole pages.
+  static std::uint64_t HostCharge(const ModelRecord& record);
+
   // What is under the prefix now (the lock aside): the names that are this user's regular files
   // (ours, or an earlier instance's), and how many others there are, which are never opened.
   struct Listing {

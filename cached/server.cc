@@ -425,6 +425,7 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
                                                 " loads; wait for their answers first",
                                             "limits.pending");
   Waiter w{Waiter::kAcquire, s.routing_id, req, s.id, m, ordinal};
+  cache.RecordAccess(m.model, ordinal);
   if (ordinal < 0) {
     if (e->state == ModelState::kResident) {
       ++counters.host.hits;

@@ -20,6 +20,10 @@
 #   LOAD_BENCH   1 to run the control-plane load benchmark with BENCH=1 (default 1): 64 client
 #                processes acquiring and releasing resident models, 10,000 connection attempts
 #                from one uid (as root; bench/README.md, weightd_bench_load)
+#   ZIPF_BENCH   1 to run weightd_bench_zipf with BENCH=1 (default 0): 50 classifier-sized models,
+#                a budget of 10, Zipf s=1, 2,000 requests from 16 clients, once per device of
+#                ZIPF_DEVICES (default cuda:0; e.g. "cpu cuda:0"), with ZIPF_ARGS appended (e.g.
+#                "--eviction lru", "--max-loads 0", "--requests 1000"); its figures go in the table
 #   TEST_TIMEOUT seconds per test program (default 300)
 #   PY_TESTS     1 to run the Python package's tests (tests/python, CUDA cases on) (default 1)
 # Before the tests, the Python safetensors library writes a file of every dtype it can
@@ -40,6 +44,9 @@ RUN_TESTS=${RUN_TESTS:-1}
 BENCH=${BENCH:-1}
 BENCH_FILTER=${BENCH_FILTER:-gpu|cuda}
 LOAD_BENCH=${LOAD_BENCH:-1}
+ZIPF_BENCH=${ZIPF_BENCH:-0}
+ZIPF_DEVICES=${ZIPF_DEVICES:-cuda:0}
+ZIPF_ARGS=${ZIPF_ARGS:-}
 TEST_TIMEOUT=${TEST_TIMEOUT:-300}
 PY_TESTS=${PY_TESTS:-1}
 ARCH_LIB=usr/lib/x86_64-linux-gnu
@@ -300,6 +307,32 @@ run_benchmarks() {
       >"$OUT/bench/weightd_bench_load.txt" 2>&1 || rc=$?
     summary_steps+=("bench:load|$([[ $rc -eq 0 ]] && echo ok || echo "FAIL(rc=$rc)")|-|bench/weightd_bench_load.txt")
     [[ $rc -eq 0 ]] || overall=1
+  fi
+  # Many models, one budget (issue 17): the hit rate, time-to-tensors and the budget (host
+  # /dev/shm, and the GPU tier's from the daemon's stats) under 16 concurrent clients.
+  local zipf=$BUILD_DIR/bench/weightd_bench_zipf dev tag txt note
+  if [[ "$ZIPF_BENCH" == 1 && -x "$zipf" ]]; then
+    for dev in $ZIPF_DEVICES; do
+      tag=zipf-${dev//:/}
+      txt=$OUT/bench/weightd_bench_$tag.txt
+      rc=0
+      log "bench weightd_bench_zipf --device $dev $ZIPF_ARGS"
+      # shellcheck disable=SC2086  # ZIPF_ARGS is a list of arguments
+      "$zipf" --device "$dev" --clients 16 --work "${TMPDIR:-/tmp}/weightd-bench-zipf" \
+        --json "$OUT/bench/weightd_bench_$tag.json" $ZIPF_ARGS >"$txt" 2>&1 || rc=$?
+      # The figures: hit rate (daemon), LRU replay, p50/p99, lone cold acquire, throughput, budget.
+      note=$(awk '
+        /^calibration/ { for (i = 1; i <= NF; i++) if ($i == "cold") cold = $(i + 2) }
+        /^hit rate, daemon counters/ { hit = $(NF - 1) }
+        /^hit rate, sequential LRU replay/ { lru = $(NF - 1) }
+        /^time-to-tensors, all/ { p50 = $4; p99 = $8 }
+        /^wall time/ { rps = $(NF - 3) }
+        /^max .* bytes/ { budget = ($0 ~ /EXCEEDED/) ? "EXCEEDED" : "held" }
+        END { printf "hit %s%% (LRU %s%%) p50 %s p99 %s ms cold %s ms %s req/s budget %s", hit, lru, p50, p99, cold, rps, budget }
+      ' "$txt" 2>/dev/null || true)
+      summary_steps+=("bench:$tag|$([[ $rc -eq 0 ]] && echo ok || echo "FAIL(rc=$rc)")|-|$note")
+      [[ $rc -eq 0 ]] || overall=1
+    done
   fi
 }
 

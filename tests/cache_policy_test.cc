@@ -56,7 +56,9 @@ class FakeMemory final : public MemoryProbe {
 
 constexpr std::uint64_t kPage = 4096;
 // Each model: one shard of exactly 4 pages of data (a single F32 tensor of 4096 elements).
-constexpr std::uint64_t kModelBytes = 4 * kPage;
+constexpr std::uint64_t kDataBytes = 4 * kPage;
+// What one copy takes from the host budget: its segment and a page for its adoption record.
+constexpr std::uint64_t kModelBytes = kDataBytes + kPage;
 
 class CachePolicy : public ::testing::Test {
  protected:
@@ -265,7 +267,7 @@ TEST_F(CachePolicy, NoRoomFailsWithResourceExhaustedNamingTheBudgetAndItsHolders
   EXPECT_EQ(s.code(), Code::kResourceExhausted) << s.ToString();
   EXPECT_EQ(s.reason(), "cache.budget_exhausted");
   EXPECT_NE(s.message().find("host budget"), std::string::npos) << s.message();
-  EXPECT_NE(s.message().find("a (16.0 KiB, 1 lease)"), std::string::npos) << s.message();
+  EXPECT_NE(s.message().find("a (20.0 KiB, 1 lease)"), std::string::npos) << s.message();
   EXPECT_EQ(HostState(other, "a"), ModelState::kResident);
 }
 
@@ -471,7 +473,7 @@ TEST_F(CachePolicy, MetricsEndpointReportsAKnownSequence) {
     return std::regex_search(text, m, re) ? std::stod(m[2]) : -1.0;
   };
   EXPECT_EQ(value(R"(weightd_loads_total{tier="host",result="ok"})"), 1);
-  EXPECT_EQ(value(R"(weightd_load_bytes_total{tier="host"})"), kModelBytes);
+  EXPECT_EQ(value(R"(weightd_load_bytes_total{tier="host"})"), kDataBytes);
   EXPECT_EQ(value(R"(weightd_load_duration_seconds_count{tier="host"})"), 1);
   EXPECT_EQ(value(R"(weightd_cache_hits_total{tier="host"})"), 1);
   EXPECT_EQ(value(R"(weightd_cache_misses_total{tier="host"})"), 1);

@@ -16,7 +16,9 @@ using testing::Residency;
 using testing::TempDir;
 
 constexpr std::uint64_t kPage = 4096;
-constexpr std::uint64_t kModelBytes = 4 * kPage;  // one F32 tensor of 64x64
+constexpr std::uint64_t kDataBytes = 4 * kPage;  // one F32 tensor of 64x64
+// What one copy takes from the host budget: its segment and a page for its adoption record.
+constexpr std::uint64_t kModelBytes = kDataBytes + kPage;
 
 class CacheTest : public ::testing::Test {
  protected:
@@ -56,6 +58,57 @@ TEST_F(CacheTest, AdmissionEvictsTheLeastRecentlyUsedCopy) {
   EXPECT_EQ(HostState(r, "b"), ModelState::kAbsent);
   EXPECT_EQ(r.counters.host.evictions["lru"], 1u);
   EXPECT_LE(r.table.HostUsed(), 2 * kModelBytes);
+}
+
+// Frequency-aware eviction: a model asked for often stays, even when it is the least recently
+// used; under "lru" the same sequence evicts it.
+TEST_F(CacheTest, LfuEvictsTheLeastFrequentlyUsedCopyAndLruTheLeastRecent) {
+  for (const char* eviction : {"lfu", "lru"}) {
+    SCOPED_TRACE(eviction);
+    CacheConfig c = Config(2);
+    c.eviction = eviction;
+    Residency r(c);
+    for (const char* n : {"a", "b", "c"}) r.Add(WriteModel(n));
+    for (int i = 0; i < 5; ++i) r.cache.RecordAccess("a", -1);  // five acquires of a
+    LoadAll(r, {"a", "b"});  // b is the most recent
+    r.cache.RecordAccess("b", -1);
+    r.cache.RecordAccess("c", -1);
+    ASSERT_TRUE(r.Load("c"));
+    if (std::string(eviction) == "lfu") {
+      EXPECT_EQ(r.cache.Frequency("a", -1), 5u);
+      EXPECT_EQ(HostState(r, "a"), ModelState::kResident);
+      EXPECT_EQ(HostState(r, "b"), ModelState::kAbsent);
+    } else {
+      EXPECT_EQ(r.cache.Frequency("a", -1), 0u) << "no counts are kept under lru";
+      EXPECT_EQ(HostState(r, "a"), ModelState::kAbsent);
+      EXPECT_EQ(HostState(r, "b"), ModelState::kResident);
+    }
+    EXPECT_EQ(r.counters.host.evictions["lru"], 1u);
+  }
+}
+
+// The counts outlive an eviction: a popular model that was evicted (it was leased-out of the way,
+// say) comes back with its history, and a one-off is the next victim.
+TEST_F(CacheTest, LfuRemembersEvictedModelsAndNeverEvictsALeasedCopy) {
+  Residency r(Config(2));
+  for (const char* n : {"a", "b", "c", "d"}) r.Add(WriteModel(n));
+  for (int i = 0; i < 4; ++i) r.cache.RecordAccess("a", -1);
+  LoadAll(r, {"a", "b"});
+  ASSERT_TRUE(r.cache.Evict(*r.table.Find("a"), "cpu").ok());
+  EXPECT_EQ(r.cache.Frequency("a", -1), 4u);
+  ASSERT_TRUE(r.Load("c"));                   // room without evicting b
+  r.cache.RecordAccess("c", -1);
+  r.cache.RecordAccess("c", -1);              // c: 2, b: 0
+  const std::uint64_t lease = r.Lease("b");  // the least frequent, but leased
+  ASSERT_TRUE(r.Load("a"));
+  EXPECT_EQ(HostState(r, "b"), ModelState::kResident) << "a leased copy is never a victim";
+  EXPECT_EQ(HostState(r, "c"), ModelState::kAbsent);
+  ASSERT_TRUE(r.Release(lease).ok());
+  r.clock.Advance(1s);
+  r.table.Touch("b", "cpu", r.clock.Now());  // b is the most recent: LRU would evict a
+  ASSERT_TRUE(r.Load("d"));
+  EXPECT_EQ(HostState(r, "a"), ModelState::kResident) << "a's count came back with it";
+  EXPECT_EQ(HostState(r, "b"), ModelState::kAbsent);
 }
 
 TEST_F(CacheTest, LowerPriorityIsEvictedFirstAndPinnedOrLeasedCopiesNever) {

@@ -2,8 +2,11 @@
 // (loads.h), driven directly with real model files, a fake clock and, for GPU copies, the fake
 // CUDA API. The test plays the control loop (support/residency.h).
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 
 #include <fstream>
+
+#include "adopt.h"
 
 #include "support/daemon_process.h"
 #include "support/fake_cuda.h"
@@ -19,7 +22,9 @@ using testing::TempDir;
 
 constexpr std::uint64_t kPage = 4096;
 // Each model: one shard of exactly 4 pages of data (a single F32 tensor of 4096 elements).
-constexpr std::uint64_t kModelBytes = 4 * kPage;
+constexpr std::uint64_t kDataBytes = 4 * kPage;
+// What one copy takes from the host budget: its segment and a page for its adoption record.
+constexpr std::uint64_t kModelBytes = kDataBytes + kPage;
 
 class LoadsTest : public ::testing::Test {
  protected:
@@ -65,6 +70,97 @@ TEST_F(LoadsTest, HostLoadGoesThroughPlanAdmitFillToResidentAndAnswersEveryWaite
   // One segment and its adoption record.
   EXPECT_EQ(r.ShmNames().size(), 2u);
   EXPECT_FALSE(m.resident->record.empty());
+}
+
+// The budget counts everything a copy leaves in /dev/shm: its segments in whole pages and its
+// adoption record. A budget of two copies' data alone holds only one copy.
+TEST_F(LoadsTest, HostChargeIsWhatTheCopyTakesInDevShmRecordIncluded) {
+  CacheConfig c = Budget(0);
+  c.host_budget = weightd::Budget{2 * kDataBytes, 0};
+  Residency r(c);
+  r.Add(WriteModel("a"));
+  r.Add(WriteModel("b", 2));
+  ASSERT_TRUE(r.Load("a"));
+  std::uint64_t shm = 0;
+  for (const std::string& name : r.ShmNames()) {
+    struct stat sb;
+    ASSERT_EQ(::stat(("/dev/shm/" + name).c_str(), &sb), 0) << name;
+    shm += posix::RoundUp(static_cast<std::uint64_t>(sb.st_size), kPage);
+  }
+  const ModelEntry& a = *r.table.Find("a");
+  EXPECT_EQ(a.host_bytes, shm) << "the charge is what /dev/shm holds, in pages";
+  EXPECT_EQ(a.host_bytes, SegmentStore::HostCharge(RecordOf(*a.resident, a.resident->record, a.generation)));
+  EXPECT_GT(a.host_bytes, kDataBytes);
+  ASSERT_TRUE(r.Load("b"));
+  EXPECT_EQ(r.table.Find("a")->state, ModelState::kAbsent) << "a and b do not both fit";
+  EXPECT_LE(r.table.HostUsed(), 2 * kDataBytes);
+  EXPECT_EQ(r.counters.host.evictions["lru"], 1u);
+}
+
+// max_loads: at most that many loads hold budget at once; the rest queue in arrival order,
+// reserve nothing until they start, and their admission timeout does not run while they queue.
+TEST_F(LoadsTest, LoadsInFlightAreBoundedAndTheRestQueueInArrivalOrder) {
+  CacheConfig c = Budget(8);
+  c.max_loads = 1;
+  Residency r(c);
+  const std::vector<std::string> names{"a", "b", "c", "d"};
+  for (std::size_t i = 0; i < names.size(); ++i) r.Add(WriteModel(names[i], i + 1));
+  // One at a time, each until planned, so that they reach admission in this order (plans run
+  // on a pool and may finish in any order).
+  for (const auto& n : names) {
+    r.Request(n);
+    ASSERT_TRUE(r.PumpUntil([&] { return r.table.Find(n)->phase != Phase::kPlanning; })) << n;
+  }
+  const bool b_loading = r.table.Find("b")->state == ModelState::kLoading;
+  if (b_loading) r.Request("b");  // joins b's load
+  std::size_t most = 0;
+  bool saw_queue = false;
+  ASSERT_TRUE(r.PumpUntil([&] {
+    std::size_t reserving = 0;
+    for (const auto& n : names) reserving += r.table.Find(n)->host_reserved > 0 ? 1 : 0;
+    most = std::max(most, reserving);
+    EXPECT_EQ(reserving, r.cache.LoadsInFlight(-1));
+    for (const auto& n : names) {
+      const ModelEntry& m = *r.table.Find(n);
+      if (m.phase == Phase::kAdmitting) {
+        saw_queue = true;
+        EXPECT_EQ(m.host_reserved, 0u) << n << " reserves nothing while it queues";
+        EXPECT_TRUE(m.waiting_for.find("load slot") != std::string::npos ||
+                    m.waiting_for.find("queued behind") != std::string::npos)
+            << m.waiting_for;
+        r.clock.Advance(2s);  // queueing for a slot does not count against the 5 s timeout
+      }
+    }
+    return r.answers.size() == names.size();
+  }));
+  EXPECT_EQ(most, 1u);
+  EXPECT_TRUE(saw_queue);
+  ASSERT_EQ(r.answers.size(), names.size());
+  for (std::size_t i = 0; i < names.size(); ++i) {
+    EXPECT_EQ(r.answers[i].model, names[i]) << "served in arrival order";
+    EXPECT_EQ(r.answers[i].state, ModelState::kResident) << r.answers[i].error.ToString();
+  }
+  if (b_loading) {
+    EXPECT_EQ(r.answers[1].waiters, 2u) << "the second request joined b's load";
+  }
+  EXPECT_EQ(r.counters.host.loads_ok, names.size());
+  EXPECT_EQ(r.cache.waiting(), 0u);
+}
+
+// max_loads = 0: no bound, no miss queues for a slot (the behaviour before the bound).
+TEST_F(LoadsTest, UnboundedLoadsNeverQueueForASlot) {
+  CacheConfig c = Budget(8);
+  c.max_loads = 0;
+  Residency r(c);
+  for (const char* n : {"a", "b", "c"}) {
+    r.Add(WriteModel(n));
+    r.Request(n);
+  }
+  ASSERT_TRUE(r.PumpUntil([&] {
+    EXPECT_EQ(r.cache.waiting(), 0u);
+    return r.answers.size() == 3;
+  }));
+  for (const auto& a : r.answers) EXPECT_EQ(a.state, ModelState::kResident);
 }
 
 TEST_F(LoadsTest, FailedLoadAnswersItsWaitersAndCountsTheReason) {

@@ -67,6 +67,47 @@ TEST(Policy, TheWarmPoolCapCountsCopies) {
   EXPECT_EQ(a.victims, (std::vector<std::size_t>{1}));
 }
 
+TEST(Policy, TheLeastFrequentlyUsedGoesFirstAndRecencyBreaksTies) {
+  std::vector<Copy> copies{C("hot", 10, 1), C("cold", 10, 3), C("warm", 10, 2), C("cold2", 10, 4)};
+  copies[0].frequency = 9;
+  copies[1].frequency = 1;
+  copies[2].frequency = 5;
+  copies[3].frequency = 1;
+  // hot is the least recently used, but the most frequently: it goes last.
+  EXPECT_EQ(EvictionOrder(copies, 0), (std::vector<std::size_t>{1, 3, 2, 0}));
+  Admission a = Admit(copies, 40, 4, 10, 0, 40, 0);
+  ASSERT_TRUE(a.fits);
+  EXPECT_EQ(a.victims, std::vector<std::size_t>{1});
+  // Priority still comes first.
+  copies[0].priority = -1;
+  EXPECT_EQ(EvictionOrder(copies, 0).front(), 0u);
+}
+
+TEST(Frequency, CountsHalveEveryPeriodAndForgetNamesThatReachZero) {
+  Frequency f(/*period=*/10);
+  for (int i = 0; i < 6; ++i) f.Record("a");
+  for (int i = 0; i < 3; ++i) f.Record("b");
+  EXPECT_EQ(f.Count("a"), 6u);
+  EXPECT_EQ(f.Count("b"), 3u);
+  EXPECT_EQ(f.Count("never"), 0u);
+  f.Record("c");  // the 10th access: every count is halved
+  EXPECT_EQ(f.halvings(), 1u);
+  EXPECT_EQ(f.Count("a"), 3u);
+  EXPECT_EQ(f.Count("b"), 1u);
+  EXPECT_EQ(f.Count("c"), 0u);
+  EXPECT_EQ(f.names(), 2u) << "c's count reached 0: forgotten";
+}
+
+TEST(Frequency, RemembersAtMostMaxNames) {
+  Frequency f(/*period=*/1'000'000, /*max_names=*/4);
+  for (int i = 0; i < 100; ++i) f.Record("n" + std::to_string(i));
+  EXPECT_LE(f.names(), 4u);
+  for (int i = 0; i < 8; ++i) f.Record("hot");
+  for (int i = 0; i < 100; ++i) f.Record("m" + std::to_string(i));
+  EXPECT_LE(f.names(), 4u);
+  EXPECT_GT(f.Count("hot"), 0u) << "a hot name outlives the one-offs";
+}
+
 TEST(Policy, ExpiredHonoursEachCopysTtl) {
   std::vector<Copy> copies{C("a", 1, 0), C("b", 1, 0), C("c", 1, 0, false), C("d", 1, 0)};
   copies[0].idle_ttl = 10s;

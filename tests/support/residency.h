@@ -82,6 +82,7 @@ class Residency final : public ModelEvents {
   void Request(const std::string& model, int ordinal = -1) {
     ModelEntry& m = *table.Find(model);
     Waiter w{Waiter::kAcquire, "rid", ++next_request_, 1, proto::Acquire{model, "cpu", {}}, ordinal};
+    cache.RecordAccess(model, ordinal);
     if (ordinal < 0) {
       m.waiters.push_back(std::move(w));
       if (m.state != ModelState::kLoading) loads.StartLoad(m);
