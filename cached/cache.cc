@@ -168,7 +168,7 @@ bool Cache::HasLoadSlot(int ordinal, std::string* waiting_for) const {
 
 Cache::Verdict Cache::Arrive(ModelEntry& m, int ordinal, Status* error) {
   std::size_t ahead = 0;
-  for (const Ticket& t : admissions_) ahead += t.ordinal == ordinal ? 1 : 0;
+  for (const Ticket& t : admissions_) ahead += t.ordinal == ordinal && Find(t).model != nullptr ? 1 : 0;
   Verdict v = Verdict::kQueued;
   std::string& waiting_for = ordinal < 0 ? m.waiting_for : m.gpus.at(ordinal).waiting_for;
   if (ahead > 0) waiting_for = "queued behind " + std::to_string(ahead) + " earlier loads";
@@ -239,7 +239,21 @@ Cache::Verdict Cache::AdmitGpu(ModelEntry& m, int ordinal, Status* error) {
   return Verdict::kAdmitted;
 }
 
-void Cache::Queue(const std::string& model, int ordinal) { admissions_.push_back(Ticket{model, ordinal}); }
+void Cache::Queue(const std::string& model, int ordinal) {
+  // One ticket per copy: a second one would wait behind the first and hold its tier forever.
+  if (std::ranges::find(admissions_, Ticket{model, ordinal}) == admissions_.end())
+    admissions_.push_back(Ticket{model, ordinal});
+}
+
+Cache::Pending Cache::Find(const Ticket& t) {
+  ModelEntry* m = table_.Find(t.model);
+  if (m == nullptr) return {};
+  if (t.ordinal < 0)
+    return m->phase == Phase::kAdmitting ? Pending{m, &m->admission_deadline, &m->waiting_for} : Pending{};
+  auto g = m->gpus.find(t.ordinal);
+  if (g == m->gpus.end() || g->second.phase != Phase::kAdmitting) return {};
+  return Pending{m, &g->second.admission_deadline, &g->second.waiting_for};
+}
 
 void Cache::Forget(const std::string& model) {
   std::erase_if(admissions_, [&](const Ticket& t) { return t.model == model; });
@@ -253,24 +267,8 @@ void Cache::Retry(Clock::TimePoint now, const Decided& decided) {
   // copy's fill), which is then retried in this same pass.
   for (std::size_t i = 0; i < admissions_.size();) {
     const Ticket t = admissions_[i];
-    ModelEntry* m = table_.Find(t.model);
     bool waiting = false;
-    // The copy's admission state, if it still wants admission.
-    Phase* phase = nullptr;
-    Clock::TimePoint* deadline = nullptr;
-    std::string* waiting_for = nullptr;
-    if (m != nullptr && t.ordinal < 0) {
-      phase = &m->phase;
-      deadline = &m->admission_deadline;
-      waiting_for = &m->waiting_for;
-    } else if (m != nullptr) {
-      if (auto g = m->gpus.find(t.ordinal); g != m->gpus.end()) {
-        phase = &g->second.phase;
-        deadline = &g->second.admission_deadline;
-        waiting_for = &g->second.waiting_for;
-      }
-    }
-    if (phase != nullptr && *phase == Phase::kAdmitting) {
+    if (const auto [m, deadline, waiting_for] = Find(t); m != nullptr) {
       Status error;
       Verdict v = Verdict::kQueued;
       if (blocked.count(t.ordinal) == 0) v = t.ordinal < 0 ? AdmitHost(*m, &error) : AdmitGpu(*m, t.ordinal, &error);
@@ -286,8 +284,14 @@ void Cache::Retry(Clock::TimePoint now, const Decided& decided) {
                                   "cache.budget_exhausted");
       }
       waiting = v == Verdict::kWaiting || v == Verdict::kQueued;
-      if (waiting) blocked.insert(t.ordinal);
-      else decided(*m, t.ordinal, v, error);
+      if (waiting) {
+        blocked.insert(t.ordinal);
+      } else {
+        // The ticket goes before `decided` acts, which may queue this very copy again.
+        admissions_.erase(admissions_.begin() + static_cast<std::ptrdiff_t>(i));
+        decided(*m, t.ordinal, v, error);
+        continue;
+      }
     }
     if (waiting) ++i;
     else admissions_.erase(admissions_.begin() + static_cast<std::ptrdiff_t>(i));

@@ -142,7 +142,16 @@ class Cache {
   struct Ticket {
     std::string model;
     int ordinal;  // -1: the host copy
+    bool operator==(const Ticket&) const = default;
   };
+  // The admission state of a ticket's copy; all null when the copy no longer waits for
+  // admission (its load failed, was cancelled or dropped): such a ticket is stale.
+  struct Pending {
+    ModelEntry* model = nullptr;
+    Clock::TimePoint* deadline = nullptr;
+    std::string* waiting_for = nullptr;
+  };
+  Pending Find(const Ticket& t);
   std::deque<Ticket> admissions_;  // copies waiting for room, oldest first
   std::map<int, policy::Frequency> frequency_;  // by tier: -1 the host, else the GPU's ordinal
   bool retry_ = false;

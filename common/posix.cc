@@ -113,8 +113,9 @@ Status PwriteFull(int fd, std::span<const std::byte> in, std::uint64_t offset, s
   std::size_t done = 0;
   while (done < in.size()) {
     ssize_t n = ::pwrite(fd, in.data() + done, in.size() - done, static_cast<off_t>(offset + done));
-    if (n < 0) {
-      if (errno == EINTR) continue;
+    if (n == 0) errno = EIO;  // no progress and no error: retrying would spin
+    if (n <= 0) {
+      if (n < 0 && errno == EINTR) continue;
       return ErrnoStatus("pwrite(" + std::string(what) + ", " + std::to_string(in.size() - done) + " @ " +
                          std::to_string(offset + done) + ")");
     }

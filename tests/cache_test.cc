@@ -111,6 +111,32 @@ TEST_F(CacheTest, LfuRemembersEvictedModelsAndNeverEvictsALeasedCopy) {
   EXPECT_EQ(HostState(r, "b"), ModelState::kAbsent);
 }
 
+// A ticket whose copy no longer waits (its load failed or was dropped after it queued) stays
+// in the queue until the next retry: it must not make a new arrival queue behind it, and a copy
+// queued twice has one ticket (a second would wait behind the first and hold the tier).
+TEST_F(CacheTest, StaleOrRepeatedTicketsNeitherQueueArrivalsNorHoldTheTier) {
+  CacheConfig c = Config(2);
+  c.max_loads = 1;
+  Residency r(c);
+  for (const char* n : {"a", "b"}) r.Add(WriteModel(n));
+  r.cache.Queue("a", -1);  // a is idle: the ticket is stale
+  r.cache.Queue("a", -1);
+  EXPECT_EQ(r.cache.waiting(), 1u) << "one ticket per copy";
+  ModelEntry& b = *r.table.Find("b");
+  b.phase = Phase::kAdmitting;
+  b.host_bytes = kModelBytes;
+  Status error;
+  EXPECT_EQ(r.cache.Arrive(b, -1, &error), Cache::Verdict::kAdmitted) << b.waiting_for;
+  EXPECT_EQ(b.host_reserved, kModelBytes);
+  EXPECT_EQ(r.cache.waiting(), 1u) << "an admitted copy takes no ticket";
+  b.host_reserved = 0;  // b never loads
+  b.phase = Phase::kIdle;
+  r.cache.Retry(r.clock.Now(), [](ModelEntry& m, int, Cache::Verdict, const Status&) {
+    ADD_FAILURE() << m.config.name << " decided: nothing waits";
+  });
+  EXPECT_EQ(r.cache.waiting(), 0u) << "the retry drops the stale ticket";
+}
+
 TEST_F(CacheTest, LowerPriorityIsEvictedFirstAndPinnedOrLeasedCopiesNever) {
   Residency r(Config(3));
   for (const char* n : {"pinned", "leased", "low", "high", "new"}) r.Add(WriteModel(n));
