@@ -173,7 +173,7 @@ Cache::Verdict Cache::Arrive(ModelEntry& m, int ordinal, Status* error) {
   std::string& waiting_for = ordinal < 0 ? m.waiting_for : m.gpus.at(ordinal).waiting_for;
   if (ahead > 0) waiting_for = "queued behind " + std::to_string(ahead) + " earlier loads";
   else v = ordinal < 0 ? AdmitHost(m, error) : AdmitGpu(m, ordinal, error);
-  if (v == Verdict::kWaiting || v == Verdict::kQueued) Queue(m.config.name, ordinal);
+  if (v == Verdict::kWaiting || v == Verdict::kQueued) Queue(m.config.name, ordinal, v == Verdict::kWaiting);
   return v;
 }
 
@@ -239,10 +239,10 @@ Cache::Verdict Cache::AdmitGpu(ModelEntry& m, int ordinal, Status* error) {
   return Verdict::kAdmitted;
 }
 
-void Cache::Queue(const std::string& model, int ordinal) {
+void Cache::Queue(const std::string& model, int ordinal, bool turn) {
   // One ticket per copy: a second one would wait behind the first and hold its tier forever.
-  if (std::ranges::find(admissions_, Ticket{model, ordinal}) == admissions_.end())
-    admissions_.push_back(Ticket{model, ordinal});
+  if (std::ranges::none_of(admissions_, [&](const Ticket& t) { return t.model == model && t.ordinal == ordinal; }))
+    admissions_.push_back(Ticket{model, ordinal, turn});
 }
 
 Cache::Pending Cache::Find(const Ticket& t) {
@@ -273,8 +273,9 @@ void Cache::Retry(Clock::TimePoint now, const Decided& decided) {
       Verdict v = Verdict::kQueued;
       if (blocked.count(t.ordinal) == 0) v = t.ordinal < 0 ? AdmitHost(*m, &error) : AdmitGpu(*m, t.ordinal, &error);
       else if (!waiting_for->starts_with("queued behind")) *waiting_for = "queued behind earlier loads";
-      if (v == Verdict::kQueued) {
+      if (v == Verdict::kQueued || (v == Verdict::kWaiting && !t.turn)) {
         *deadline = now + config_.admission_timeout;
+        admissions_[i].turn = v == Verdict::kWaiting;
       } else if (v == Verdict::kWaiting && now >= *deadline) {
         v = Verdict::kRefused;
         const std::string where = t.ordinal < 0 ? "" : " on " + CudaName(t.ordinal);

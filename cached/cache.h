@@ -100,8 +100,9 @@ class Cache {
   void RetrySoon() { retry_ = true; }
   bool TakeRetry() { return std::exchange(retry_, false); }
 
-  // Copies that wait for room, oldest first; `ordinal` -1 is the host copy.
-  void Queue(const std::string& model, int ordinal);
+  // Copies that wait for room, oldest first; `ordinal` -1 is the host copy. `turn`: the copy
+  // waits at the head of its tier (its admission timeout runs), not behind earlier copies.
+  void Queue(const std::string& model, int ordinal, bool turn = false);
   void Forget(const std::string& model);
   std::size_t waiting() const { return admissions_.size(); }
   // Admits the queued copies again, oldest first, each as AdmitHost/AdmitGpu would; a copy that
@@ -142,7 +143,9 @@ class Cache {
   struct Ticket {
     std::string model;
     int ordinal;  // -1: the host copy
-    bool operator==(const Ticket&) const = default;
+    // It has waited for room at the head of its tier since its deadline was last set; a copy
+    // that reaches the head gets a whole admission timeout from then.
+    bool turn = false;
   };
   // The admission state of a ticket's copy; all null when the copy no longer waits for
   // admission (its load failed, was cancelled or dropped): such a ticket is stale.

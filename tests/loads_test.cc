@@ -147,6 +147,42 @@ TEST_F(LoadsTest, LoadsInFlightAreBoundedAndTheRestQueueInArrivalOrder) {
   EXPECT_EQ(r.cache.waiting(), 0u);
 }
 
+// A queued copy's admission timeout starts at its turn: the head of the queue, waiting for
+// room that a lease holds, is refused at its deadline; the copy behind it, queued as long, is
+// not refused with it, and gets a whole timeout of its own.
+TEST_F(LoadsTest, AQueuedCopysAdmissionTimeoutStartsAtItsTurn) {
+  CacheConfig c = Budget(1);
+  c.max_loads = 1;
+  Residency r(c);
+  const std::vector<std::string> names{"a", "b", "c"};
+  for (std::size_t i = 0; i < names.size(); ++i) r.Add(WriteModel(names[i], i + 1));
+  ASSERT_TRUE(r.Load("a"));
+  const std::uint64_t lease = r.Lease("a");  // the budget holds a alone, and a is leased
+  for (const char* n : {"b", "c"}) {
+    r.Request(n);
+    ASSERT_TRUE(r.PumpUntil([&] { return r.table.Find(n)->phase == Phase::kAdmitting; })) << n;
+  }
+  EXPECT_NE(r.table.Find("b")->waiting_for.find("held by a"), std::string::npos) << r.table.Find("b")->waiting_for;
+  EXPECT_NE(r.table.Find("c")->waiting_for.find("queued behind"), std::string::npos) << r.table.Find("c")->waiting_for;
+
+  r.clock.Advance(6s);  // past the 5 s timeout, for b and for c alike
+  r.loads.RetryAdmissions(r.clock.Now());
+  ASSERT_EQ(r.answers.size(), 1u);
+  EXPECT_EQ(r.answers[0].model, "b");
+  EXPECT_EQ(r.answers[0].error.reason(), "cache.budget_exhausted") << r.answers[0].error.ToString();
+  r.loads.RetryAdmissions(r.clock.Now());
+  EXPECT_EQ(r.answers.size(), 1u) << "c's timeout started when b left the head of the queue";
+  EXPECT_EQ(r.table.Find("c")->phase, Phase::kAdmitting);
+
+  r.clock.Advance(6s);
+  r.loads.RetryAdmissions(r.clock.Now());
+  ASSERT_EQ(r.answers.size(), 2u);
+  EXPECT_EQ(r.answers[1].model, "c");
+  EXPECT_EQ(r.answers[1].error.reason(), "cache.budget_exhausted") << r.answers[1].error.ToString();
+  EXPECT_EQ(r.cache.waiting(), 0u);
+  EXPECT_TRUE(r.Release(lease).ok());
+}
+
 // max_loads = 0: no bound, no miss queues for a slot (the behaviour before the bound).
 TEST_F(LoadsTest, UnboundedLoadsNeverQueueForASlot) {
   CacheConfig c = Budget(8);
