@@ -117,6 +117,13 @@ class Residency final : public ModelEvents {
       cache.RetrySoon();  // as the server does after every batch
     }
   }
+  // Waits, running nothing, until at least `n` posted tasks wait for the "loop"; false if they
+  // do not within 10 s. Lets a test line up worker results and run them in one batch, in the
+  // order they were posted.
+  bool WaitForTasks(std::size_t n) {
+    std::unique_lock lock(mu_);
+    return cv_.wait_for(lock, std::chrono::seconds(10), [&] { return tasks_.size() >= n; });
+  }
   bool PumpUntilHost(const std::string& model, ModelState state) {
     return PumpUntil([&] { return table.Find(model)->state == state && table.Find(model)->phase == Phase::kIdle; });
   }
