@@ -239,6 +239,8 @@ const ConfigKey kKeys[] = {
     {"gpu", "fd_socket", K::kString, WD_FIELD(fd_socket),
      "the Unix socket that passes fds to clients (default: the socket's path + .fds)"},
     {"gpu", "pin_host", K::kBool, WD_FIELD(gpu_pin_host), "keep resident host copies page-locked for fast GPU copies"},
+    {"gpu", "peer_copy", K::kBool, WD_FIELD(gpu_peer_copy),
+     "make a model's copy on a second GPU from the first GPU's copy (NVLink/PCIe peer access) instead of host memory"},
     {"gpu", "fd_store", K::kBool, WD_FIELD(gpu_fd_store),
      "under systemd, keep VMM copies' fds in its fd store, so that a restarted daemon takes them back"},
     {"gpu", "allow_legacy_multi_tenant", K::kBool, WD_FIELD(gpu_legacy_multi_tenant),

@@ -130,6 +130,9 @@ struct DaemonConfig {
   bool gpu_legacy_multi_tenant = false;
   // Keep resident host copies page-locked, so that host-to-GPU copies run at PCIe speed.
   bool gpu_pin_host = true;
+  // Copy a model to a GPU from its copy on another GPU, where the pair has peer access (VMM
+  // copies only); the host copy is the source otherwise, and when a peer copy fails.
+  bool gpu_peer_copy = true;
   // Under systemd, hand each resident VMM copy's fds to its file-descriptor store (FDSTORE=1),
   // so that the next instance after a crash takes the copy back (README.md, "Crash safety").
   bool gpu_fd_store = true;

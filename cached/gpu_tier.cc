@@ -223,6 +223,18 @@ GpuTier::GpuTier(CudaApi* api, MaterializeOptions options)
     return;
   }
   devices_ = std::move(found);
+  // Which device can read which (row: the reader). A failed query reads as "no": the copy then
+  // goes through host memory, as it would without the peer.
+  const std::size_t n = devices_.size();
+  peer_.assign(n * n, false);
+  for (std::size_t to = 0; to < n; ++to)
+    for (std::size_t from = 0; from < n; ++from) {
+      if (to == from) continue;
+      auto can = api_->CanAccessPeer(static_cast<int>(to), static_cast<int>(from));
+      if (!can.ok()) spdlog::warn("gpu tier: {}", can.status().ToString());
+      peer_[to * n + from] = can.ok() && *can;
+      if (peer_[to * n + from]) spdlog::info("gpu tier: {} reads {}'s memory directly (peer copies)", Cuda(static_cast<int>(to)), Cuda(static_cast<int>(from)));
+    }
   MutexLock lock(state_->mu);
   for (const DeviceInfo& d : devices_) state_->devices[d.ordinal] = GpuDeviceStats{d.ordinal, d.uuid, 0, 0};
 }
@@ -292,20 +304,20 @@ Status GpuTier::MapVmmShard(GpuShard& s, std::uint8_t& progress, int ordinal, st
   return api_->SetAccess(s.ptr, s.alloc_size, ordinal, Access::kReadWrite);
 }
 
-Status GpuTier::Allocate(GpuCopy& copy, std::span<const HostShard> shards) {
+Status GpuTier::Allocate(GpuCopy& copy, std::span<const std::uint64_t> sizes) {
   const int ordinal = copy.ordinal_;
   std::uint64_t granularity = 0;
   if (copy.mode_ == ExportMode::kVmm) {
     ASSIGN_OR_RETURN(granularity, Granularity(ordinal));
   }
-  copy.shards_.reserve(shards.size());
-  copy.progress_.reserve(shards.size());
-  for (std::size_t i = 0; i < shards.size(); ++i) {
+  copy.shards_.reserve(sizes.size());
+  copy.progress_.reserve(sizes.size());
+  for (std::size_t i = 0; i < sizes.size(); ++i) {
     copy.shards_.push_back(GpuShard{});
     copy.progress_.push_back(kNothing);
     GpuShard& s = copy.shards_.back();
     std::uint8_t& progress = copy.progress_.back();
-    s.data_size = shards[i].size;
+    s.data_size = sizes[i];
     const std::string what = "shard " + std::to_string(i) + " (" + std::to_string(s.data_size) + " bytes)";
     if (copy.mode_ == ExportMode::kVmm) {
       // An empty shard still gets one granule so that every shard exports as one fd.
@@ -330,36 +342,47 @@ Status GpuTier::Allocate(GpuCopy& copy, std::span<const HostShard> shards) {
   return Status::Ok();
 }
 
+// Everything a copy borrows while queued work may still read it. The destructor waits for
+// the streams before it frees staging buffers or unregisters host memory, on success and on
+// every error path alike.
+struct GpuTier::CopySession {
+  CudaApi* api;
+  GpuCopy::State* state;
+  std::vector<Stream> streams;
+  std::vector<void*> staging;
+  std::vector<bool> staging_busy;
+  std::vector<const void*> registered;
+  std::uint64_t errors = 0;
+
+  void Note(const Status& s) {
+    if (!s.ok()) {
+      ++errors;
+      spdlog::warn("gpu tier: cleaning up a copy: {}", s.ToString());
+    }
+  }
+  // `n` streams on the current device.
+  Status OpenStreams(int n) {
+    for (int i = 0; i < n; ++i) {
+      auto s = api->StreamCreate();
+      if (!s.ok()) return s.status();
+      streams.push_back(*s);
+    }
+    return Status::Ok();
+  }
+  ~CopySession() {
+    for (Stream s : streams) Note(api->StreamSynchronize(s));
+    for (void* p : staging)
+      if (p != nullptr) Note(api->HostFreePinned(p));
+    for (const void* p : registered) state->Unregister(p);
+    for (Stream s : streams) Note(api->StreamDestroy(s));
+    MutexLock lock(state->mu);
+    state->totals.release_errors += errors;
+  }
+};
+
 Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged,
                        const WaitReadyFn& wait_ready) {
-  // Everything a copy borrows while queued work may still read it. The destructor waits for
-  // the streams before it frees staging buffers or unregisters host memory, on success and on
-  // every error path alike.
-  struct Session {
-    CudaApi* api;
-    GpuCopy::State* state;
-    std::vector<Stream> streams;
-    std::vector<void*> staging;
-    std::vector<bool> staging_busy;
-    std::vector<const void*> registered;
-    std::uint64_t errors = 0;
-
-    void Note(const Status& s) {
-      if (!s.ok()) {
-        ++errors;
-        spdlog::warn("gpu tier: cleaning up a copy: {}", s.ToString());
-      }
-    }
-    ~Session() {
-      for (Stream s : streams) Note(api->StreamSynchronize(s));
-      for (void* p : staging)
-        if (p != nullptr) Note(api->HostFreePinned(p));
-      for (const void* p : registered) state->Unregister(p);
-      for (Stream s : streams) Note(api->StreamDestroy(s));
-      MutexLock lock(state->mu);
-      state->totals.release_errors += errors;
-    }
-  } session{api_, state_.get(), {}, {}, {}, {}};
+  CopySession session{api_, state_.get(), {}, {}, {}, {}};
 
   const bool ro = devices_[static_cast<std::size_t>(copy.ordinal_)].host_register_read_only;
   std::vector<bool> direct(shards.size(), false);
@@ -375,11 +398,7 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
     }
   }
 
-  for (int i = 0; i < options_.streams; ++i) {
-    auto s = api_->StreamCreate();
-    if (!s.ok()) return s.status();
-    session.streams.push_back(*s);
-  }
+  RETURN_IF_ERROR(session.OpenStreams(options_.streams));
   const std::size_t n_streams = session.streams.size();
   session.staging.assign(n_streams, nullptr);
   session.staging_busy.assign(n_streams, false);
@@ -456,24 +475,93 @@ Result<std::shared_ptr<GpuCopy>> GpuTier::Materialize(int ordinal, std::span<con
   }
 
   std::shared_ptr<GpuCopy> copy(new GpuCopy(state_, ordinal, dev.uuid, mode));
+  std::vector<std::uint64_t> sizes;
+  for (const HostShard& sh : shards) sizes.push_back(sh.size);
   std::uint64_t staged = 0;
   Status s = api_->SetDevice(ordinal);
-  if (s.ok()) s = Allocate(*copy, shards);
+  if (s.ok()) s = Allocate(*copy, sizes);
   if (s.ok()) s = CopyIn(*copy, shards, &staged, wait_ready);
+  {
+    MutexLock lock(state_->mu);
+    state_->totals.staged_shards += staged;
+  }
+  return Settle(std::move(copy), s,
+                "materializing " + std::to_string(shards.size()) + " shards (" + std::to_string(total) + " bytes) on " +
+                    Cuda(ordinal) + " (" + dev.uuid + ", " + std::string(ExportModeName(mode)) + ")");
+}
+
+Result<std::shared_ptr<GpuCopy>> GpuTier::Settle(std::shared_ptr<GpuCopy> copy, const Status& s, const std::string& what) {
   if (!s.ok()) copy.reset();  // frees what was allocated; takes state_->mu itself
   MutexLock lock(state_->mu);
-  state_->totals.staged_shards += staged;
   if (!s.ok()) {
     ++state_->totals.materialize_failures;
-    return s.WithContext("materializing " + std::to_string(shards.size()) + " shards (" + std::to_string(total) +
-                         " bytes) on " + Cuda(ordinal) + " (" + dev.uuid + ", " + std::string(ExportModeName(mode)) + ")");
+    return s.WithContext(what);
   }
   ++state_->totals.materializations;
-  GpuDeviceStats& d = state_->devices[ordinal];
+  if (copy->source_ >= 0) {
+    ++state_->totals.peer_copies;
+    state_->totals.last_peer_bytes = 0;
+    for (const GpuShard& sh : copy->shards_) state_->totals.last_peer_bytes += sh.data_size;
+    state_->totals.last_peer_seconds = copy->copy_seconds_;
+    state_->totals.last_peer_gbps = copy->copy_seconds_ > 0
+                                        ? static_cast<double>(state_->totals.last_peer_bytes) / copy->copy_seconds_ / 1e9
+                                        : 0;
+  }
+  GpuDeviceStats& d = state_->devices[copy->ordinal_];
   d.resident_bytes += copy->allocated_bytes();
   ++d.copies;
   copy->accounted_ = true;
   return copy;
+}
+
+bool GpuTier::CanCopyPeer(int from, int to) const {
+  const auto n = static_cast<int>(devices_.size());
+  if (from < 0 || to < 0 || from >= n || to >= n || from == to) return false;
+  return peer_[static_cast<std::size_t>(to) * devices_.size() + static_cast<std::size_t>(from)];
+}
+
+Result<std::shared_ptr<GpuCopy>> GpuTier::MaterializeFromPeer(int ordinal, const GpuCopy& source) {
+  RETURN_IF_ERROR(CheckOrdinal(ordinal));
+  const DeviceInfo& dev = devices_[static_cast<std::size_t>(ordinal)];
+  const std::string what = "copying " + std::to_string(source.shards_.size()) + " shards from " +
+                           Cuda(source.ordinal_) + " to " + Cuda(ordinal) + " (" + dev.uuid + ")";
+  if (source.mode_ != ExportMode::kVmm || !dev.vmm_posix_fd)
+    return FailedPrecondition(what + ": a peer copy needs VMM memory on both GPUs", "gpu.no_peer_copy");
+  if (!CanCopyPeer(source.ordinal_, ordinal))
+    return FailedPrecondition(what + ": " + Cuda(ordinal) + " cannot access " + Cuda(source.ordinal_) + "'s memory",
+                              "gpu.no_peer_copy");
+  std::shared_ptr<GpuCopy> copy(new GpuCopy(state_, ordinal, dev.uuid, ExportMode::kVmm));
+  copy->source_ = source.ordinal_;
+  std::vector<std::uint64_t> sizes;
+  for (const GpuShard& sh : source.shards_) sizes.push_back(sh.data_size);
+  Status s = api_->SetDevice(ordinal);
+  if (s.ok()) s = Allocate(*copy, sizes);
+  if (s.ok()) s = CopyFromPeer(*copy, source);
+  return Settle(std::move(copy), s, what);
+}
+
+// The source's shards are made readable by the copy's device (a grant that stays with the
+// source's mapping, for later copies), then copied chunk by chunk over the streams of the
+// copy's device, which pulls them over NVLink or PCIe.
+Status GpuTier::CopyFromPeer(GpuCopy& copy, const GpuCopy& source) {
+  for (const GpuShard& sh : source.shards_)
+    RETURN_IF_ERROR(api_->SetAccess(sh.ptr, sh.alloc_size, copy.ordinal_, Access::kRead).WithContext("peer access"));
+  CopySession session{api_, state_.get(), {}, {}, {}, {}};
+  RETURN_IF_ERROR(session.OpenStreams(options_.streams));
+  const auto t0 = Clock::now();
+  std::size_t k = 0;
+  for (std::size_t i = 0; i < source.shards_.size(); ++i) {
+    const GpuShard& src = source.shards_[i];
+    for (std::uint64_t off = 0; off < src.data_size; off += options_.chunk_bytes) {
+      const std::uint64_t len = std::min(options_.chunk_bytes, src.data_size - off);
+      Stream stream = session.streams[k++ % session.streams.size()];
+      RETURN_IF_ERROR(api_->CopyDeviceToDeviceAsync(copy.shards_[i].ptr + off, src.ptr + off, len, stream)
+                          .WithContext("shard " + std::to_string(i) + " at offset " + std::to_string(off)));
+    }
+  }
+  for (Stream st : session.streams) RETURN_IF_ERROR(api_->StreamSynchronize(st));
+  copy.copy_seconds_ = SecondsSince(t0);
+  return Status::Ok();
 }
 
 Result<std::shared_ptr<GpuCopy>> GpuTier::Adopt(int ordinal, std::span<const int> fds,

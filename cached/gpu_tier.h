@@ -79,8 +79,10 @@ class GpuCopy {
   ExportMode mode() const { return mode_; }
   const std::vector<GpuShard>& shards() const { return shards_; }
   std::uint64_t allocated_bytes() const;
-  // Seconds and bytes of the host-to-device copy that filled this copy.
+  // Seconds of the copy that filled this copy (host-to-device, or from the peer).
   double copy_seconds() const { return copy_seconds_; }
+  // The GPU whose copy this one was copied from (MaterializeFromPeer); -1: from host memory.
+  int copied_from() const { return source_; }
 
   // VMM: one fresh close-on-exec fd per shard, in shard order, for one client. FailedPrecondition
   // "gpu.wrong_export_mode" for a legacy copy.
@@ -105,6 +107,7 @@ class GpuCopy {
   std::vector<std::uint8_t> progress_;  // per shard: how far set-up got, for the destructor
   bool accounted_ = false;
   double copy_seconds_ = 0;
+  int source_ = -1;
 };
 
 struct GpuDeviceStats {
@@ -123,6 +126,10 @@ struct GpuTierStats {
   std::uint64_t last_h2d_bytes = 0;
   double last_h2d_seconds = 0;
   double last_h2d_gbps = 0;                   // bytes / seconds / 1e9 of the last materialize
+  std::uint64_t peer_copies = 0;              // completed copies made from another GPU's copy
+  std::uint64_t last_peer_bytes = 0;
+  double last_peer_seconds = 0;
+  double last_peer_gbps = 0;
 };
 
 class GpuTier {
@@ -153,6 +160,16 @@ class GpuTier {
   Result<std::shared_ptr<GpuCopy>> Materialize(int ordinal, std::span<const HostShard> shards, ExportMode mode,
                                                const WaitReadyFn& wait_ready = {});
 
+  // Whether a copy on `to` can be made from one on `from` GPU-to-GPU: `to` can access
+  // `from`'s memory (cudaDeviceCanAccessPeer, asked once at construction).
+  bool CanCopyPeer(int from, int to) const;
+  // A VMM copy on `ordinal` of `source` (a VMM copy on another GPU), copied device to device:
+  // `ordinal` is granted read access to the source's shards and pulls them over NVLink or PCIe.
+  // FailedPrecondition "gpu.no_peer_copy" when the pair cannot (no peer access, a legacy
+  // copy), and the errors of Materialize otherwise; nothing stays allocated after a failure.
+  // The caller keeps `source` alive until it returns; the copy does not depend on it after.
+  Result<std::shared_ptr<GpuCopy>> MaterializeFromPeer(int ordinal, const GpuCopy& source);
+
   // Takes back a VMM copy that an earlier instance of the daemon exported (its fds, kept by
   // systemd's file-descriptor store): imports each shard's fd (`fds[i]`, of `data_sizes[i]` bytes
   // of data, allocated as Materialize would have), maps it read-write into this process, and
@@ -179,14 +196,19 @@ class GpuTier {
   // Reserves an address range for `s` (its handle made), maps the handle there and grants this
   // device read-write access, advancing `progress` (kCreated -> kMapped) as it goes.
   Status MapVmmShard(GpuShard& s, std::uint8_t& progress, int ordinal, std::uint64_t granularity);
-  Status Allocate(GpuCopy& copy, std::span<const HostShard> shards);
+  Status Allocate(GpuCopy& copy, std::span<const std::uint64_t> sizes);
+  struct CopySession;
   Status CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged, const WaitReadyFn& wait_ready);
+  Status CopyFromPeer(GpuCopy& copy, const GpuCopy& source);
+  // Accounts a finished copy, or frees a failed one and returns `s` with `what` as context.
+  Result<std::shared_ptr<GpuCopy>> Settle(std::shared_ptr<GpuCopy> copy, const Status& s, const std::string& what);
 
   // Const after construction.
   CudaApi* api_;
   MaterializeOptions options_;
   std::vector<DeviceInfo> devices_;
   std::vector<std::uint64_t> granularity_;  // VMM granularity per device (0: no VMM)
+  std::vector<bool> peer_;                  // [to * devices + from]: to can read from's memory
   Status unavailable_;
   // Bookkeeping shared with the copies (which may outlive a Materialize call).
   std::shared_ptr<GpuCopy::State> state_;

@@ -335,13 +335,26 @@ void Loads::StartGpuLoad(ModelEntry& m, int ordinal) {
   // tells the loop whether the result is still wanted.
   std::shared_ptr<const ResidentModel> host = g.pipelined ? nullptr : m.resident;
   std::shared_ptr<LoadProgress> progress = g.pipelined ? m.progress : nullptr;
+  // A copy already resident on a GPU that this one can read directly is the faster source; the
+  // job holds it, so an eviction meanwhile frees it only after the copy.
+  std::shared_ptr<const gpu::GpuCopy> peer = g.pipelined ? nullptr : PeerSource(m, ordinal);
   const std::uint64_t gen = g.generation;
   const std::string name = m.config.name;
-  bool ok = gpu_jobs_.Submit([this, host, progress, gen, name, ordinal]() mutable {
+  bool ok = gpu_jobs_.Submit([this, host, progress, peer, gen, name, ordinal]() mutable {
     const auto t0 = SteadyClock::now();
     CopyResult c;
     c.generation = gen;
     try {
+      if (peer) {
+        c.copy = gpu_->MaterializeFromPeer(ordinal, *peer);
+        // Out of memory is out of memory from any source; anything else tries the host path.
+        if (c.copy.ok() || c.copy.status().code() == Code::kResourceExhausted) {
+          c.ms = ToMs(SteadyClock::now() - t0);
+          post_([this, name, ordinal, c] { OnCopied(name, ordinal, c); });
+          return;
+        }
+        spdlog::warn("model '{}': {}; copying from host memory instead", name, c.copy.status().ToString());
+      }
       gpu::WaitReadyFn wait;
       if (progress) {
         auto segments = progress->WaitSegments();
@@ -365,6 +378,15 @@ void Loads::StartGpuLoad(ModelEntry& m, int ordinal) {
     post_([this, name, ordinal, c] { OnCopied(name, ordinal, c); });
   });
   if (!ok) FailGpu(m, ordinal, Unavailable("the daemon is shutting down", "daemon.stopping"));
+}
+
+std::shared_ptr<const gpu::GpuCopy> Loads::PeerSource(const ModelEntry& m, int ordinal) const {
+  if (!options_.peer_copy || options_.gpu_mode != gpu::ExportMode::kVmm) return nullptr;
+  for (const auto& [from, other] : m.gpus)
+    if (from != ordinal && other.state == ModelState::kResident && other.copy != nullptr &&
+        other.copy->mode() == gpu::ExportMode::kVmm && gpu_->CanCopyPeer(from, ordinal))
+      return other.copy;
+  return nullptr;
 }
 
 void Loads::FailGpu(ModelEntry& m, int ordinal, const Status& error) {
@@ -416,8 +438,10 @@ void Loads::OnCopied(const std::string& model, int ordinal, CopyResult c) {
   counters_.gpu.bytes += g.copy->allocated_bytes();
   counters_.gpu.durations.Observe(static_cast<double>(c.ms) / 1000.0);
   const double secs = std::max(g.copy->copy_seconds(), 1e-6);
-  spdlog::info("model '{}' resident on {}: {} bytes in {} ms (host-to-device {:.2f} GB/s)", m.config.name,
-               CudaName(ordinal), g.copy->allocated_bytes(), c.ms, static_cast<double>(g.copy->allocated_bytes()) / secs / 1e9);
+  spdlog::info("model '{}' resident on {}: {} bytes in {} ms ({} {:.2f} GB/s)", m.config.name, CudaName(ordinal),
+               g.copy->allocated_bytes(), c.ms,
+               g.copy->copied_from() < 0 ? std::string("host-to-device") : "peer copy from " + CudaName(g.copy->copied_from()),
+               static_cast<double>(g.copy->allocated_bytes()) / secs / 1e9);
   if (fd_store_ != nullptr) fd_store_->Store(m, g);
   std::vector<Waiter> waiters;
   waiters.swap(g.waiters);

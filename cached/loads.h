@@ -31,6 +31,7 @@ class Loads {
     std::chrono::milliseconds admission_timeout{10'000};
     bool pin_host = true;  // page-lock resident host copies when GPUs are served
     gpu::ExportMode gpu_mode = gpu::ExportMode::kVmm;
+    bool peer_copy = true;  // copy from another GPU's copy where the pair has peer access
   };
 
   // Borrows everything; `gpu` may be null (host-only), `fd_store` may be null (no fd store).
@@ -61,6 +62,8 @@ class Loads {
   void FailHostLoad(ModelEntry& m, const Status& error);
   void MaybeStartGpu(ModelEntry& m, int ordinal);
   void StartGpuLoad(ModelEntry& m, int ordinal);
+  // A resident VMM copy of `m` on another GPU that `ordinal` can copy from directly, if any.
+  std::shared_ptr<const gpu::GpuCopy> PeerSource(const ModelEntry& m, int ordinal) const;
   void OnCopied(const std::string& model, int ordinal, CopyResult c);
   void FailGpu(ModelEntry& m, int ordinal, const Status& error);
   void OnPinned(const std::string& model, std::shared_ptr<const ResidentModel> host,

@@ -130,7 +130,7 @@ struct Server::Impl final : ModelEvents {
                  clock, epoll_fd, kTagPid),
         cache(config.cache, table, sessions.leases(), g, mem),
         fd_store(config.gpu_fd_store, g, gpu_mode, clock),
-        loads({config.cache.admission_timeout, config.gpu_pin_host, gpu_mode}, clock, table, cache, loader, store, g,
+        loads({config.cache.admission_timeout, config.gpu_pin_host, gpu_mode, config.gpu_peer_copy}, clock, table, cache, loader, store, g,
               &fd_store, counters, *this, Poster()),
         fds(clock, sessions, store, epoll_fd, kTagFdConn),
         lifecycle(config, clock, started, shm_gid, table, cache, loads, sessions.leases(), loader, store, g, &fd_store,

@@ -122,6 +122,8 @@ std::string Report::Metrics() const {
       w.Sample("weightd_evictions_total", Labels{{"tier", tier}, {"reason", reason}},
                it == t->evictions.end() ? 0.0 : static_cast<double>(it->second));
     }
+  w.Family("weightd_gpu_peer_copies_total", "counter", "GPU copies made from another GPU's copy (peer access).");
+  w.Sample("weightd_gpu_peer_copies_total", {}, gpu_available() ? static_cast<double>(s_.gpu->Stats().peer_copies) : 0.0);
   w.Family("weightd_resident_bytes", "gauge", "Bytes held by model copies (and loads in flight), by tier and device.");
   w.Sample("weightd_resident_bytes", Labels{{"tier", "host"}, {"device", "cpu"}}, static_cast<double>(table.HostUsed()));
   if (gpu_available())

@@ -153,6 +153,16 @@ class RealCudaApi final : public CudaApi {
     return info;
   }
 
+  Result<bool> CanAccessPeer(int ordinal, int peer) override {
+    RETURN_IF_ERROR(CheckOrdinal(ordinal));
+    RETURN_IF_ERROR(CheckOrdinal(peer));
+    if (ordinal == peer) return false;
+    int can = 0;
+    WEIGHTD_CUDA(cudaDeviceCanAccessPeer(&can, ordinal, peer),
+                 "cudaDeviceCanAccessPeer(cuda:" + std::to_string(ordinal) + ", cuda:" + std::to_string(peer) + ")");
+    return can != 0;
+  }
+
   Result<MemInfo> GetMemInfo(int ordinal) override {
     RETURN_IF_ERROR(CheckOrdinal(ordinal));
     int previous = 0;

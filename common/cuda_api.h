@@ -65,6 +65,9 @@ class CudaApi {
   // Needs (and creates) the device's primary context on the calling thread.
   virtual Result<MemInfo> GetMemInfo(int ordinal) = 0;
   virtual Status SetDevice(int ordinal) = 0;
+  // Whether `ordinal` can read `peer`'s memory directly (NVLink or PCIe peer-to-peer), as
+  // cudaDeviceCanAccessPeer says; false for a device and itself.
+  virtual Result<bool> CanAccessPeer(int ordinal, int peer) = 0;
 
   // ---- VMM (driver API) ---------------------------------------------------------------------
   // Recommended granularity of a pinned device allocation that can be exported as a POSIX fd.
@@ -108,6 +111,8 @@ class CudaApi {
   virtual Result<Stream> StreamCreate() = 0;
   virtual Status StreamDestroy(Stream stream) = 0;
   virtual Status CopyHostToDeviceAsync(DevicePtr dst, const void* src, std::uint64_t size, Stream stream) = 0;
+  // Between two devices too (unified addressing): the current device must have access to both
+  // ranges, its own and, for VMM memory of a peer, one granted with SetAccess.
   virtual Status CopyDeviceToDeviceAsync(DevicePtr dst, DevicePtr src, std::uint64_t size, Stream stream) = 0;
   virtual Status StreamSynchronize(Stream stream) = 0;
   // Synchronous; for verification and tests.

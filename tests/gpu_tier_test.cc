@@ -357,6 +357,88 @@ TEST(GpuTier, CopyToHostChecksRanges) {
   EXPECT_EQ((*copy)->CopyToHost(1, 0, out).reason(), "gpu.bad_shard");
 }
 
+// ---- peer copies -------------------------------------------------------------------------------
+
+TEST(GpuTier, PeerCopyIsDeviceToDeviceBitExactAndTheSourceStaysItsOwners) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  EXPECT_TRUE(tier.CanCopyPeer(0, 1));
+  EXPECT_FALSE(tier.CanCopyPeer(0, 0));
+  EXPECT_FALSE(tier.CanCopyPeer(0, 2));
+  HostBuffer a(3 * kChunk + 5, 3), b(0, 4), c(kChunk - 1, 5);
+  std::vector<HostShard> shards{a.shard(), b.shard(), c.shard()};
+  auto first = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  fake.ClearLog();
+  {
+    auto second = tier.MaterializeFromPeer(1, **first);
+    ASSERT_TRUE(second.ok()) << second.status().ToString();
+    EXPECT_EQ((*second)->ordinal(), 1);
+    EXPECT_EQ((*second)->copied_from(), 0);
+    EXPECT_EQ((*first)->copied_from(), -1);
+    EXPECT_TRUE(fake.h2d_log().empty()) << "nothing came from host memory";
+    EXPECT_EQ(fake.counters().peer_bytes, static_cast<std::int64_t>(a.size + c.size));
+    EXPECT_TRUE(SameBytes(ReadBack(**second, 0), a));
+    EXPECT_TRUE(SameBytes(ReadBack(**second, 1), b));
+    EXPECT_TRUE(SameBytes(ReadBack(**second, 2), c));
+    EXPECT_EQ(fake.allocated_bytes(1), (*second)->allocated_bytes());
+    auto st = tier.Stats();
+    EXPECT_EQ(st.peer_copies, 1u);
+    EXPECT_EQ(st.last_peer_bytes, a.size + c.size);
+    EXPECT_EQ(st.materializations, 2u);
+    // The source is still written by its own device: a copy into it on cuda:0 works.
+    ASSERT_TRUE(fake.SetDevice(0).ok());
+    auto stream = fake.StreamCreate();
+    ASSERT_TRUE(stream.ok());
+    const GpuShard& src = (*first)->shards()[0];
+    EXPECT_TRUE(fake.CopyDeviceToDeviceAsync(src.ptr, src.ptr + kChunk, 16, *stream).ok());
+    ASSERT_TRUE(fake.StreamDestroy(*stream).ok());
+  }
+  EXPECT_EQ(fake.allocated_bytes(1), 0u);
+  first = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  ExpectNothingLive(fake);
+}
+
+TEST(GpuTier, PeerCopyIsRefusedOrFailsWithNothingLeftAllocated) {
+  HostBuffer a(2 * kChunk, 6);
+  std::vector<HostShard> shards{a.shard()};
+  {  // No peer access between the pair.
+    FakeCudaApi fake(TwoDevices(), kGranularity);
+    fake.SetPeerAccess(false);
+    GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+    EXPECT_FALSE(tier.CanCopyPeer(0, 1));
+    auto first = tier.Materialize(0, shards, ExportMode::kVmm);
+    ASSERT_TRUE(first.ok());
+    auto second = tier.MaterializeFromPeer(1, **first);
+    ASSERT_FALSE(second.ok());
+    EXPECT_EQ(second.status().code(), Code::kFailedPrecondition);
+    EXPECT_EQ(second.status().reason(), "gpu.no_peer_copy");
+    EXPECT_NE(second.status().message().find("cannot access cuda:0"), std::string::npos) << second.status().ToString();
+    EXPECT_EQ(fake.allocated_bytes(1), 0u);
+  }
+  {  // A legacy source, and a copy that fails half way.
+    FakeCudaApi fake(TwoDevices(), kGranularity);
+    GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+    auto legacy = tier.Materialize(0, shards, ExportMode::kLegacy);
+    ASSERT_TRUE(legacy.ok());
+    auto refused = tier.MaterializeFromPeer(1, **legacy);
+    ASSERT_FALSE(refused.ok());
+    EXPECT_EQ(refused.status().reason(), "gpu.no_peer_copy");
+    auto first = tier.Materialize(0, shards, ExportMode::kVmm);
+    ASSERT_TRUE(first.ok());
+    fake.SetPeerCopiesFail(true);
+    auto failed = tier.MaterializeFromPeer(1, **first);
+    ASSERT_FALSE(failed.ok());
+    EXPECT_EQ(failed.status().reason(), "gpu.cuda_error") << failed.status().ToString();
+    EXPECT_EQ(fake.allocated_bytes(1), 0u);
+    EXPECT_EQ(tier.Stats().materialize_failures, 1u) << "the failed copy; a refusal allocates nothing and is not one";
+    EXPECT_EQ(tier.Stats().peer_copies, 0u);
+    legacy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+    first = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+    ExpectNothingLive(fake);
+  }
+}
+
 // ---- importer ---------------------------------------------------------------------------------
 
 TEST(GpuImport, VmmImportIsReadOnlyAndOutlivesTheDaemonsCopy) {

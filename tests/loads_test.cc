@@ -4,6 +4,7 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <cstring>
 #include <fstream>
 
 #include "adopt.h"
@@ -299,6 +300,47 @@ TEST_F(LoadsTest, GpuCopyOfAnAbsentModelLoadsTheHostCopyFirst) {
   EXPECT_EQ(r.counters.gpu.loads_ok, 1u);
   EXPECT_EQ(r.table.GpuUsed(0), cuda.allocated_bytes(0));
   EXPECT_EQ(r.table.GpuCount(0), 1u);
+}
+
+// Two GPUs with peer access: the second GPU's copy is made from the first GPU's, device to
+// device, not from host memory; without peer access, with peer_copy off, or when the peer copy
+// fails, it is made from the host copy. Every way, the bytes are the file's.
+TEST_F(LoadsTest, ASecondGpusCopyComesFromTheFirstGpuWherePeerAccessAllows) {
+  struct Case {
+    const char* what;
+    bool peer_access, peer_copy, peer_fails;
+    bool from_peer;
+  };
+  for (const Case& k : {Case{"peer access", true, true, false, true}, Case{"no peer access", false, true, false, false},
+                        Case{"peer_copy off", true, false, false, false},
+                        Case{"the peer copy fails", true, true, true, false}}) {
+    SCOPED_TRACE(k.what);
+    FakeCudaApi cuda({FakeCudaApi::Device{}, FakeCudaApi::Device{}}, 64 * 1024);
+    cuda.SetPeerAccess(k.peer_access);
+    Residency r(Budget(4), &cuda, k.peer_copy);
+    r.Add(WriteModel("a"));
+    r.Request("a", 0);
+    ASSERT_TRUE(r.PumpUntilGpu("a", 0, ModelState::kResident));
+    cuda.ClearLog();
+    cuda.SetPeerCopiesFail(k.peer_fails);
+    r.Request("a", 1);
+    ASSERT_TRUE(r.PumpUntilGpu("a", 1, ModelState::kResident));
+    const ModelEntry& m = *r.table.Find("a");
+    const gpu::GpuCopy& second = *m.gpus.at(1).copy;
+    EXPECT_EQ(second.copied_from(), k.from_peer ? 0 : -1);
+    EXPECT_EQ(cuda.counters().peer_copies > 0, k.from_peer);
+    EXPECT_EQ(cuda.h2d_log().empty(), k.from_peer) << "host-to-device copies";
+    EXPECT_EQ(r.gpu->Stats().peer_copies, k.from_peer ? 1u : 0u);
+    const ResidentShard& host = m.resident->shards.at(0);
+    std::vector<std::byte> got(host.segment.data_size());
+    ASSERT_TRUE(second.CopyToHost(0, 0, got).ok());
+    EXPECT_EQ(std::memcmp(got.data(), host.segment.data(), got.size()), 0) << "the copy on cuda:1 is the file's bytes";
+    ASSERT_EQ(r.answers.size(), 2u);
+    EXPECT_EQ(r.answers[1].ordinal, 1);
+    EXPECT_EQ(r.answers[1].state, ModelState::kResident);
+    EXPECT_EQ(r.table.GpuUsed(1), cuda.allocated_bytes(1));
+    EXPECT_EQ(cuda.counters().bad_copies, 0);
+  }
 }
 
 TEST_F(LoadsTest, GpuCopiesWaitingForAHostCopyFailWithIt) {

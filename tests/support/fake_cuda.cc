@@ -60,6 +60,16 @@ void FakeCudaApi::SetHostRegisterFails(bool fails) {
   host_register_fails_ = fails;
 }
 
+void FakeCudaApi::SetPeerAccess(bool on) {
+  std::lock_guard lock(mu_);
+  peer_access_ = on;
+}
+
+void FakeCudaApi::SetPeerCopiesFail(bool fail) {
+  std::lock_guard lock(mu_);
+  peer_copies_fail_ = fail;
+}
+
 FakeCudaApi::Counters FakeCudaApi::counters() const {
   std::lock_guard lock(mu_);
   return c_;
@@ -133,6 +143,13 @@ Status FakeCudaApi::SetDevice(int ordinal) {
   return Status::Ok();
 }
 
+Result<bool> FakeCudaApi::CanAccessPeer(int ordinal, int peer) {
+  std::lock_guard lock(mu_);
+  RETURN_IF_ERROR(CheckOrdinalLocked(ordinal));
+  RETURN_IF_ERROR(CheckOrdinalLocked(peer));
+  return ordinal != peer && peer_access_;
+}
+
 Result<std::uint64_t> FakeCudaApi::AllocationGranularity(int ordinal) {
   std::lock_guard lock(mu_);
   RETURN_IF_ERROR(CheckOrdinalLocked(ordinal));
@@ -202,11 +219,16 @@ Status FakeCudaApi::SetAccess(gpu::DevicePtr va, std::uint64_t size, int ordinal
   auto it = regions_.find(va);
   if (it == regions_.end() || it->second.kind != Region::kVmm || it->second.size != size)
     return InvalidArgument("fake cuMemSetAccess: not a mapped range", "gpu.invalid_value");
-  bool rw = access == gpu::Access::kReadWrite;
+  Region& r = it->second;
+  if (r.ordinal >= 0 && r.ordinal != ordinal && !peer_access_)
+    return FailedPrecondition("fake cuMemSetAccess: no peer access", "gpu.not_supported");
+  r.access[ordinal] = access;
+  bool rw = false;
+  for (auto& [device, a] : r.access) rw = rw || a == gpu::Access::kReadWrite;
   if (::mprotect(reinterpret_cast<void*>(va), size, rw ? PROT_READ | PROT_WRITE : PROT_READ) != 0)
     return posix::ErrnoStatus("fake cuMemSetAccess mprotect");
-  it->second.readable = true;
-  it->second.writable = rw;
+  r.readable = true;
+  r.writable = rw;
   return Status::Ok();
 }
 
@@ -226,7 +248,7 @@ Result<gpu::MemHandle> FakeCudaApi::ImportFd(int fd) {
   int mine = ::fcntl(fd, F_DUPFD_CLOEXEC, 0);
   if (mine < 0) return posix::ErrnoStatus("fake import dup");
   gpu::MemHandle id = next_handle_++;
-  handles_[id] = Handle{mine, static_cast<std::uint64_t>(st.st_size), 0, true};
+  handles_[id] = Handle{mine, static_cast<std::uint64_t>(st.st_size), -1, true};  // its device is unknown here
   ++c_.live_allocations;
   return id;
 }
@@ -402,6 +424,7 @@ Result<gpu::Stream> FakeCudaApi::StreamCreate() {
   RETURN_IF_ERROR(CurrentDeviceLocked().status());
   auto s = reinterpret_cast<gpu::Stream>(next_stream_++);
   streams_[s];
+  stream_device_[s] = *CurrentDeviceLocked();
   ++c_.live_streams;
   return s;
 }
@@ -412,6 +435,7 @@ Status FakeCudaApi::StreamDestroy(gpu::Stream stream) {
   // CUDA finishes queued work of a destroyed stream.
   Status s = RunLocked(stream);
   streams_.erase(stream);
+  stream_device_.erase(stream);
   --c_.live_streams;
   return s;
 }
@@ -470,6 +494,21 @@ Status FakeCudaApi::CopyDeviceToDeviceAsync(gpu::DevicePtr dst, gpu::DevicePtr s
   const Region* s = FindRegionLocked(src, size);
   if (d == nullptr || !d->writable || s == nullptr || !s->readable)
     return InvalidArgument("fake cudaMemcpyAsync D2D: bad device range", "gpu.invalid_value");
+  // What the stream's device may do with each range.
+  const int device = stream_device_.at(stream);
+  auto may = [&](const Region& r, bool write) {
+    if (r.kind != Region::kVmm) return r.ordinal < 0 || r.ordinal == device;
+    auto a = r.access.find(device);
+    return a != r.access.end() && (!write || a->second == gpu::Access::kReadWrite);
+  };
+  if (!may(*d, true) || !may(*s, false))
+    return InvalidArgument("fake cudaMemcpyAsync D2D: cuda:" + std::to_string(device) + " has no access to a range",
+                           "gpu.invalid_value");
+  if (s->ordinal >= 0 && s->ordinal != device) {
+    if (peer_copies_fail_) return Internal("fake cudaMemcpyAsync D2D: peer copy failed", "gpu.cuda_error");
+    ++c_.peer_copies;
+    c_.peer_bytes += static_cast<std::int64_t>(size);
+  }
   it->second.push_back(Op{dst, reinterpret_cast<const void*>(src), size});
   return Status::Ok();
 }

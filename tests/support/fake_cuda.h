@@ -10,6 +10,10 @@
 //    fd it is given, so export/import across processes is real.
 //  - Legacy IPC: the 64-byte handle names the exporter's pid and memfd; opening it reopens
 //    /proc/<pid>/fd/<n> (same uid only), so it works across processes while the exporter lives.
+//  - Access to VMM memory is per device, as SetAccess grants it; the host mapping carries the
+//    union. A device-to-device copy runs on the stream's device, which must be able to read
+//    the source (its own memory, or a peer's granted to it) and write the destination. Peer
+//    access (CanAccessPeer) is on between every pair of distinct devices unless turned off.
 //  - Copies on streams are queued and run at StreamSynchronize (or StreamDestroy), so a caller
 //    that forgets to synchronize, or reuses a staging buffer too early, sees wrong bytes.
 //  - Stricter than CUDA where that finds bugs: Malloc/StreamCreate/copies fail without a
@@ -56,6 +60,8 @@ class FakeCudaApi final : public gpu::CudaApi {
     std::int64_t pageable_copies = 0;
     std::int64_t unsafe_host_releases = 0;
     std::int64_t bad_copies = 0;         // destination not mapped writable at execution time
+    std::int64_t peer_copies = 0;        // device-to-device copies whose source is another device's
+    std::int64_t peer_bytes = 0;
   };
 
   struct CopyRecord {
@@ -71,6 +77,10 @@ class FakeCudaApi final : public gpu::CudaApi {
   // with ResourceExhausted "gpu.out_of_memory". 0 disables.
   void FailAllocationAt(int n);
   void SetHostRegisterFails(bool fails);
+  // What CanAccessPeer answers for distinct devices (default true).
+  void SetPeerAccess(bool on);
+  // Device-to-device copies from another device's memory fail (Internal "gpu.cuda_error").
+  void SetPeerCopiesFail(bool fail);
 
   Counters counters() const;
   std::vector<CopyRecord> h2d_log() const;
@@ -82,6 +92,7 @@ class FakeCudaApi final : public gpu::CudaApi {
   Result<gpu::DeviceInfo> GetDeviceInfo(int ordinal) override;
   Result<gpu::MemInfo> GetMemInfo(int ordinal) override;
   Status SetDevice(int ordinal) override;
+  Result<bool> CanAccessPeer(int ordinal, int peer) override;
   Result<std::uint64_t> AllocationGranularity(int ordinal) override;
   Result<gpu::MemHandle> MemCreate(int ordinal, std::uint64_t size) override;
   Result<gpu::DevicePtr> AddressReserve(std::uint64_t size, std::uint64_t alignment) override;
@@ -122,7 +133,8 @@ class FakeCudaApi final : public gpu::CudaApi {
     bool readable = false;
     enum Kind { kVmm, kMalloc, kIpc } kind = kVmm;
     int fd = -1;        // kMalloc: the memfd (exported by IPC handles)
-    int ordinal = -1;   // kMalloc: owning device
+    int ordinal = -1;   // kMalloc, kVmm: owning device
+    std::map<int, gpu::Access> access;  // kVmm: per device, as SetAccess granted it
   };
   struct Op {
     gpu::DevicePtr dst = 0;
@@ -152,12 +164,15 @@ class FakeCudaApi final : public gpu::CudaApi {
   std::map<const void*, std::uint64_t> registered_;      // host registrations
   std::map<const void*, std::uint64_t> pinned_;          // HostAllocPinned
   std::map<gpu::Stream, std::vector<Op>> streams_;
+  std::map<gpu::Stream, int> stream_device_;
   std::uintptr_t next_stream_ = 1;
   std::vector<std::uint64_t> allocated_;  // bytes per device
   std::vector<CopyRecord> log_;
   Counters c_;
   int fail_alloc_in_ = 0;
   bool host_register_fails_ = false;
+  bool peer_access_ = true;
+  bool peer_copies_fail_ = false;
 };
 
 // A unique fake UUID for device `ordinal`.

@@ -49,8 +49,8 @@ class Residency final : public ModelEvents {
     Status error;
   };
 
-  // `cuda` (may be null: host-only) must outlive this object.
-  explicit Residency(const CacheConfig& cache_config, gpu::CudaApi* cuda = nullptr)
+  // `cuda` (may be null: host-only) must outlive this object. `peer_copy` as [gpu] peer_copy.
+  explicit Residency(const CacheConfig& cache_config, gpu::CudaApi* cuda = nullptr, bool peer_copy = true)
       : prefix_("wdres-" + std::to_string(::getpid()) + "-" + std::to_string(next_instance_++)),
         store({prefix_, 0600}),
         loader(Options(&store)),
@@ -58,7 +58,7 @@ class Residency final : public ModelEvents {
         table(&clock, &counters, gpu && gpu->available() ? gpu->Devices().size() : 0, Poster()),
         leases(64, 64),
         cache(cache_config, table, leases, gpu.get(), &memory),
-        loads(Loads::Options{cache_config.admission_timeout, true, gpu::ExportMode::kVmm}, &clock, table, cache, loader,
+        loads(Loads::Options{cache_config.admission_timeout, true, gpu::ExportMode::kVmm, peer_copy}, &clock, table, cache, loader,
               store, gpu.get(), nullptr, counters, *this, Poster()) {
     cache.ResolveBudgets();
   }
