@@ -5,6 +5,9 @@
 //   BM_PinnedH2D           the host-to-device limit: 1 GiB copies from pinned host memory
 //   BM_HostToGpuResidency  the model in the host tier only; Acquire(cuda:0) makes it GPU
 //                          resident (the daemon's copy time, and the whole Acquire)
+//   BM_PeerCopy            two GPUs or more: the model resident on cuda:0 and in the host tier;
+//                          Acquire(cuda:1) makes the second copy GPU-to-GPU (peer_GBps, beside
+//                          the pinned host-to-device limit); skipped with one GPU
 //   BM_GpuAttach           the model resident on the GPU: Connect + Acquire(cuda:0) until all
 //                          270 CUDA tensors are usable, this process's context already made
 //   BM_FreshProcessReady   a fresh process, from main() to all 270 CUDA tensors usable, against
@@ -243,6 +246,41 @@ void BM_HostToGpuResidency(benchmark::State& state) {
   if (g_env->pinned_h2d_gbps > 0) state.counters["copy_of_limit"] = gb / (copy_s / n) / g_env->pinned_h2d_gbps;
 }
 
+void BM_PeerCopy(benchmark::State& state) {
+  if (SkipIfNoGpu(state)) return;
+  auto devices = g_env->api->DeviceCount();
+  if (!devices.ok() || *devices < 2) return state.SkipWithError("needs two GPUs");
+  auto c = Client::Connect(Options(g_env->daemon->endpoint()));
+  if (!c.ok()) return state.SkipWithError(c.status().ToString().c_str());
+  if (auto w = c->Acquire(kModel, AcquireOptions{"cuda:0", {}}); !w.ok()) return state.SkipWithError(w.status().ToString().c_str());
+  auto peer_copies = [&] {
+    auto st = c->Stats();
+    return st.ok() ? testing::MetricValue(st->metrics, "weightd_gpu_peer_copies_total") : -1.0;
+  };
+  const double before = peer_copies();
+  double copy_s = 0, acquire_s = 0;
+  for (auto _ : state) {
+    if (Status s = c->Evict(kModel, "cuda:1"); !s.ok() && s.code() != Code::kNotFound)
+      return state.SkipWithError(s.ToString().c_str());
+    const auto t0 = Clock::now();
+    auto lease = c->Acquire(kModel, AcquireOptions{"cuda:1", {}});
+    const double s = Seconds(Clock::now() - t0);
+    if (!lease.ok()) return state.SkipWithError(lease.status().ToString().c_str());
+    state.SetIterationTime(s);
+    acquire_s += s;
+    auto st = c->Status(kModel);
+    if (st.ok())
+      for (const auto& g : st->gpus)
+        if (g.device == "cuda:1") copy_s += static_cast<double>(g.h2d_us) / 1e6;
+  }
+  const double n = static_cast<double>(state.iterations()), gb = static_cast<double>(g_env->model_bytes) / 1e9;
+  if (peer_copies() - before != n) return state.SkipWithError("the copies did not go GPU-to-GPU (no peer access?)");
+  ModelCounters(state);
+  state.counters["peer_GBps"] = gb / (copy_s / n);        // the daemon's device-to-device copies
+  state.counters["acquire_GBps"] = gb / (acquire_s / n);  // what the client waited for
+  state.counters["h2d_limit_GBps"] = g_env->pinned_h2d_gbps;
+}
+
 void BM_GpuAttach(benchmark::State& state) {
   if (SkipIfNoGpu(state)) return;
   const ClientOptions options = Options(g_env->daemon->endpoint());
@@ -329,6 +367,7 @@ void BM_FreshProcessReady(benchmark::State& state) {
 
 BENCHMARK(BM_PinnedH2D)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_HostToGpuResidency)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
+BENCHMARK(BM_PeerCopy)->UseManualTime()->Iterations(3)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_GpuAttach)->UseManualTime()->Iterations(50)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_FreshProcessReady)->UseManualTime()->Iterations(5)->Unit(benchmark::kMillisecond);
 BENCHMARK(BM_GpuMemory)

@@ -172,6 +172,30 @@ TEST_F(GpuReal, MaterializesBothModesBitExact) {
   EXPECT_EQ(tier_->Stats().devices[0].resident_bytes, 0u);
 }
 
+// Two GPUs: a copy made from the copy on cuda:0, device to device where the pair has peer
+// access, is the host's bytes; without peer access the tier refuses with gpu.no_peer_copy.
+TEST_F(GpuReal, PeerCopyToASecondGpuIsBitExact) {
+  if (tier_->Devices().size() < 2) GTEST_SKIP() << "skipped, needs two GPUs (" << tier_->Devices().size() << " visible)";
+  auto first = tier_->Materialize(0, shards_, ExportMode::kVmm);
+  ASSERT_TRUE(first.ok()) << first.status().ToString();
+  auto second = tier_->MaterializeFromPeer(1, **first);
+  if (!tier_->CanCopyPeer(0, 1)) {
+    ASSERT_FALSE(second.ok());
+    EXPECT_EQ(second.status().reason(), "gpu.no_peer_copy") << second.status().ToString();
+    GTEST_SKIP() << "skipped, cuda:1 has no peer access to cuda:0";
+  }
+  ASSERT_TRUE(second.ok()) << second.status().ToString();
+  first = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));  // the copy stands alone
+  for (std::size_t i = 0; i < kSizes.size(); ++i) {
+    std::vector<std::byte> got(kSizes[i]);
+    ASSERT_TRUE((*second)->CopyToHost(i, 0, got).ok());
+    EXPECT_EQ(std::memcmp(got.data(), segments_[i]->mapping.data(), got.size()), 0) << "shard " << i;
+  }
+  auto stats = tier_->Stats();
+  EXPECT_EQ(stats.peer_copies, 1u);
+  std::cout << "peer copy cuda:0 -> cuda:1: " << stats.last_peer_bytes << " bytes at " << stats.last_peer_gbps << " GB/s\n";
+}
+
 TEST_F(GpuReal, VmmFdsImportInAnotherProcessOverTheFdChannel) {
   auto copy = tier_->Materialize(0, shards_, ExportMode::kVmm);
   ASSERT_TRUE(copy.ok()) << copy.status().ToString();
