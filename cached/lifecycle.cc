@@ -82,6 +82,7 @@ CatalogDiff Lifecycle::ApplyCatalog(const std::vector<ModelConfig>& list) {
     if (m->cancel) m->cancel->store(true);
     const Status changed = Unavailable("model '" + name + "' " + why + " while loading", "catalog.changed");
     events_.Refuse(m->waiters, changed);
+    events_.Refuse(m->pin_waiters, changed);
     for (auto& [ordinal, g] : m->gpus) events_.Refuse(g.waiters, changed);
     // Clients that still map the old segments keep them; leased GPU copies stay pinned by their
     // leases; new requests get the new catalog.

@@ -2,6 +2,9 @@
 
 #include <spdlog/spdlog.h>
 
+#include <algorithm>
+#include <iterator>
+
 #include "adopt.h"
 
 namespace weightd {
@@ -231,6 +234,11 @@ void Loads::OnFilled(const std::string& model, std::uint64_t generation, Result<
   StartPin(m);
   std::vector<Waiter> waiters;
   waiters.swap(m.waiters);
+  if (m.pinning) {
+    auto loads = std::stable_partition(waiters.begin(), waiters.end(), [](const Waiter& w) { return w.kind != Waiter::kLoad; });
+    std::move(loads, waiters.end(), std::back_inserter(m.pin_waiters));
+    waiters.erase(loads, waiters.end());
+  }
   events_.Answer(m, waiters, m.state, m.last_error);
   if (m.preload_host) events_.PreloadDone(m.config.name + "/host", Status::Ok());
   m.preload_host = false;
@@ -276,16 +284,25 @@ void Loads::OnPinned(const std::string& model, std::shared_ptr<const ResidentMod
                      std::vector<std::shared_ptr<const void>> pins, std::uint64_t ms) {
   ModelEntry* e = table_.Find(model);
   if (e == nullptr || e->resident != host) {
-    // Evicted meanwhile: unpin on a worker, keeping the mappings until then.
+    // Evicted meanwhile: unpin on a worker, keeping the mappings until then. The Loads that
+    // waited were served (the copy was resident); their answer tells what is left of it.
     table_.ReleasePins(std::move(pins), std::move(host));
+    if (e != nullptr) AnswerPinWaiters(*e);
     return;
   }
   ModelEntry& m = *e;
   m.pinning = false;
   m.host_pins = std::move(pins);
   if (!m.host_pins.empty()) spdlog::info("model '{}' page-locked for GPU copies in {} ms", model, ms);
+  AnswerPinWaiters(m);
   for (auto& [ordinal, g] : m.gpus)
     if (g.state == ModelState::kLoading && g.phase == Phase::kWaitHost) MaybeStartGpu(m, ordinal);
+}
+
+void Loads::AnswerPinWaiters(ModelEntry& m) {
+  std::vector<Waiter> waiters;
+  waiters.swap(m.pin_waiters);
+  events_.Answer(m, waiters, ModelState::kResident, Status::Ok());
 }
 
 // ---- GPU copies ----

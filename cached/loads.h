@@ -62,6 +62,8 @@ class Loads {
   void FailHostLoad(ModelEntry& m, const Status& error);
   void MaybeStartGpu(ModelEntry& m, int ordinal);
   void StartGpuLoad(ModelEntry& m, int ordinal);
+  // Answers the Loads that waited for the host copy's page-locking.
+  void AnswerPinWaiters(ModelEntry& m);
   // A resident VMM copy of `m` on another GPU that `ordinal` can copy from directly, if any.
   std::shared_ptr<const gpu::GpuCopy> PeerSource(const ModelEntry& m, int ordinal) const;
   void OnCopied(const std::string& model, int ordinal, CopyResult c);

@@ -112,6 +112,9 @@ struct ModelEntry {
   std::string waiting_for;
   bool preload_host = false;  // readiness waits for the host copy
   bool pinning = false;       // the host copy is being page-locked; GPU copies wait for it
+  // Loads of the host copy answered once it is page-locked (Acquires are answered at once), so
+  // that a GPU copy asked for after the answer runs at PCIe speed.
+  std::vector<Waiter> pin_waiters;
   // The files the copies were made from (names, sizes, mtimes; no segments), kept while any
   // tier holds a copy, so that a changed file is noticed even when only a GPU copy is left.
   std::shared_ptr<const ResidentModel> files;

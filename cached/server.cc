@@ -454,13 +454,18 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
 std::optional<proto::ReplyBody> Server::Impl::OnLoad(Session& s, std::uint64_t req, const proto::Load& m) {
   ModelEntry* e = table.Find(m.model);
   if (e == nullptr) return proto::ToErrorReply(UnknownModel(m.model));
-  if (e->state == ModelState::kResident) return report.StatusOf(*e);
+  if (e->state == ModelState::kResident && !e->pinning) return report.StatusOf(*e);
   if (s.pending >= config.max_leases_per_client)
     return proto::ToErrorReply(ResourceExhausted("this client already waits for " + std::to_string(s.pending) +
                                                      " loads; wait for their answers first",
                                                  "limits.pending"));
   ++s.pending;
-  e->waiters.push_back(Waiter{Waiter::kLoad, s.routing_id, req, s.id, {}});
+  Waiter w{Waiter::kLoad, s.routing_id, req, s.id, {}};
+  if (e->state == ModelState::kResident) {  // resident, being page-locked: answered once it is
+    e->pin_waiters.push_back(std::move(w));
+    return std::nullopt;
+  }
+  e->waiters.push_back(std::move(w));
   if (e->state != ModelState::kLoading) loads.StartLoad(*e);
   return std::nullopt;
 }

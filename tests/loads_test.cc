@@ -343,6 +343,38 @@ TEST_F(LoadsTest, ASecondGpusCopyComesFromTheFirstGpuWherePeerAccessAllows) {
   }
 }
 
+// Where GPUs are served, a Load of the host copy answers once the copy is page-locked (so that
+// a GPU copy asked for next runs at PCIe speed); an Acquire of the host copy does not wait for
+// that. Host-only, nothing is page-locked and the Load answers with the copy.
+TEST_F(LoadsTest, ALoadServingGpusAnswersOnceTheCopyIsPageLockedAndAnAcquireDoesNotWait) {
+  FakeCudaApi cuda({FakeCudaApi::Device{}}, 64 * 1024);
+  {
+    Residency r(Budget(4), &cuda);
+    r.Add(WriteModel("a"));
+    r.RequestLoad("a");
+    r.Request("a");
+    ASSERT_TRUE(r.PumpUntil([&] { return r.answers.size() == 2; }));
+    EXPECT_EQ(r.answers[0].kind, Waiter::kAcquire) << "the Acquire is answered first, alone";
+    EXPECT_EQ(r.answers[0].waiters, 1u);
+    EXPECT_EQ(r.answers[0].state, ModelState::kResident);
+    EXPECT_EQ(r.answers[1].kind, Waiter::kLoad);
+    EXPECT_EQ(r.answers[1].state, ModelState::kResident);
+    EXPECT_TRUE(r.answers[1].pinned) << "a Load that serves GPUs answers once page-locked";
+    EXPECT_FALSE(r.table.Find("a")->pinning);
+    EXPECT_TRUE(r.table.Find("a")->pin_waiters.empty());
+  }
+  {  // Host-only: both answered together, with the copy.
+    Residency r(Budget(4));
+    r.Add(WriteModel("a"));
+    r.RequestLoad("a");
+    r.Request("a");
+    ASSERT_TRUE(r.PumpUntilHost("a", ModelState::kResident));
+    ASSERT_EQ(r.answers.size(), 1u);
+    EXPECT_EQ(r.answers[0].waiters, 2u);
+    EXPECT_FALSE(r.answers[0].pinned);
+  }
+}
+
 TEST_F(LoadsTest, GpuCopiesWaitingForAHostCopyFailWithIt) {
   FakeCudaApi cuda({FakeCudaApi::Device{}}, 64 * 1024);
   Residency r(Budget(4), &cuda);

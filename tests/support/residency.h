@@ -47,6 +47,8 @@ class Residency final : public ModelEvents {
     std::size_t waiters = 0;
     ModelState state = ModelState::kAbsent;
     Status error;
+    Waiter::Kind kind = Waiter::kAcquire;  // of the first waiter
+    bool pinned = false;                   // the host copy was page-locked by then
   };
 
   // `cuda` (may be null: host-only) must outlive this object. `peer_copy` as [gpu] peer_copy.
@@ -90,6 +92,14 @@ class Residency final : public ModelEvents {
       m.gpus[ordinal].waiters.push_back(std::move(w));
       loads.RequestGpu(m, ordinal);
     }
+  }
+
+  // Parks a Load of `model`'s host copy, as the server does for a Load of a model that is not
+  // resident.
+  void RequestLoad(const std::string& model) {
+    ModelEntry& m = *table.Find(model);
+    m.waiters.push_back(Waiter{Waiter::kLoad, "rid", ++next_request_, 1, {}});
+    if (m.state != ModelState::kLoading) loads.StartLoad(m);
   }
 
   // A client's lease on `model`'s copy on `device` ("cpu", "cuda:N"), as the server adds one
@@ -145,7 +155,8 @@ class Residency final : public ModelEvents {
   // ModelEvents.
   void Answer(ModelEntry& m, std::vector<Waiter>& waiters, ModelState state, const Status& error) override {
     if (waiters.empty()) return;  // nobody asked
-    answers.push_back(Answered{m.config.name, waiters.front().ordinal, waiters.size(), state, error});
+    answers.push_back(Answered{m.config.name, waiters.front().ordinal, waiters.size(), state, error,
+                               waiters.front().kind, !m.host_pins.empty()});
   }
   void Refuse(std::vector<Waiter>& waiters, const Status&) override { waiters.clear(); }
   void PreloadDone(const std::string& key, const Status& s) override { preloads_done.emplace_back(key, s); }
