@@ -38,6 +38,11 @@
 #include "posix.h"
 #include "support/daemon_process.h"
 
+// Linux 5.14 added MADV_POPULATE_WRITE; Debian 12's headers have it, older ones do not.
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 extern char** environ;
 
 namespace weightd::bench {
@@ -278,6 +283,116 @@ BENCHMARK(BM_WriteToFreshShm)
     ->UseRealTime()
     ->Unit(benchmark::kMillisecond);
 
+// How fresh tmpfs pages scale with threads, which is what bounds a host fill from the page
+// cache on a many-core machine (issue 18): the bench's tensor bytes split evenly over `files`
+// fresh files (a shard's segment is one file), 16 MiB pieces taken round-robin over the files by
+// `threads` threads, from one pre-touched private buffer per thread (no page cache read), by
+// `method`:
+//   0  pwrite() into the file's fd (the write fill; holds the file's inode lock per write);
+//   1  MADV_POPULATE_WRITE of the piece through the daemon's mapping, then memcpy (the map
+//      fill: allocation per 4 KiB page in the fault path, no inode lock);
+//   2  as 1, after MADV_HUGEPAGE on the mapping (2 MiB pages where the tmpfs mount allows
+//      them: huge=advise/within_size/always, or shmem_enabled=force);
+//   3  as 2, into memfd_create() files instead of /dev/shm names (the kernel's internal mount,
+//      whose huge pages follow /sys/kernel/mm/transparent_hugepage/shmem_enabled).
+// `huge_pct` is the share of the filled bytes that the daemon's mappings hold in PMD-mapped
+// (2 MiB) shmem pages at the end (smaps_rollup's ShmemPmdMapped), measured once per row.
+std::uint64_t ShmemPmdMappedBytes() {
+  FILE* f = std::fopen("/proc/self/smaps_rollup", "r");
+  if (f == nullptr) return 0;
+  char line[256];
+  std::uint64_t kib = 0;
+  while (std::fgets(line, sizeof line, f) != nullptr) {
+    unsigned long long v = 0;
+    if (std::sscanf(line, "ShmemPmdMapped: %llu kB", &v) == 1) kib = v;
+  }
+  std::fclose(f);
+  return kib << 10;
+}
+
+void BM_FreshShmScaling(benchmark::State& state) {
+  const auto threads = static_cast<unsigned>(state.range(0));
+  const auto n_files = static_cast<std::uint64_t>(state.range(1));
+  const int method = static_cast<int>(state.range(2));
+  const std::uint64_t page = posix::PageSize();
+  const std::uint64_t per_file = posix::RoundUp(g_env->data_bytes / n_files, page);
+  const std::uint64_t pieces_per_file = (per_file + kChunk - 1) / kChunk;
+  std::vector<std::vector<std::byte>> buffers(threads, std::vector<std::byte>(kChunk, std::byte{1}));
+  std::uint64_t generation = 0;
+  double huge_pct = 0;
+  for (auto _ : state) {
+    struct File {
+      std::string name;  // empty for a memfd
+      posix::Fd fd;
+      std::byte* data = nullptr;
+    };
+    std::vector<File> files(n_files);
+    std::string error;
+    for (std::uint64_t i = 0; i < n_files && error.empty(); ++i) {
+      File& f = files[i];
+      int fd = -1;
+      if (method == 3) {
+        fd = ::memfd_create("wdbench", MFD_CLOEXEC);
+      } else {
+        f.name = "/" + g_env->shm_prefix + ".scale." + std::to_string(generation++);
+        fd = ::shm_open(f.name.c_str(), O_RDWR | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
+      }
+      if (fd < 0 || ::ftruncate(fd, static_cast<off_t>(per_file)) != 0) {
+        error = std::string("creating a fresh file: ") + std::strerror(errno);
+        if (fd >= 0) ::close(fd);
+        break;
+      }
+      f.fd = posix::Fd(fd);
+      void* p = ::mmap(nullptr, per_file, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+      if (p == MAP_FAILED) {
+        error = std::string("mmap: ") + std::strerror(errno);
+        break;
+      }
+      f.data = static_cast<std::byte*>(p);
+      if (method >= 2) (void)::madvise(p, per_file, MADV_HUGEPAGE);
+    }
+    std::atomic<std::uint64_t> next{0};
+    std::atomic<bool> failed{false};
+    auto work = [&](unsigned t) {
+      for (std::uint64_t k; error.empty() && (k = next.fetch_add(1)) < pieces_per_file * n_files;) {
+        File& f = files[k % n_files];
+        const std::uint64_t off = (k / n_files) * kChunk;
+        const std::uint64_t len = std::min(kChunk, per_file - off);
+        if (method == 0) {
+          if (!posix::PwriteFull(f.fd.get(), std::span(buffers[t].data(), len), off, "bench").ok()) failed = true;
+        } else {
+          if (::madvise(f.data + off, len, MADV_POPULATE_WRITE) != 0) failed = true;
+          std::memcpy(f.data + off, buffers[t].data(), len);
+        }
+      }
+    };
+    std::vector<std::thread> pool;
+    for (unsigned t = 1; t < threads; ++t) pool.emplace_back(work, t);
+    work(0);
+    for (auto& t : pool) t.join();
+    state.PauseTiming();
+    if (huge_pct == 0 && error.empty())
+      huge_pct = 100.0 * static_cast<double>(ShmemPmdMappedBytes()) / static_cast<double>(per_file * n_files);
+    for (File& f : files) {
+      if (f.data != nullptr) ::munmap(f.data, per_file);
+      if (!f.name.empty()) ::shm_unlink(f.name.c_str());
+    }
+    files.clear();  // closes the fds: the pages are freed here, outside the timed region
+    state.ResumeTiming();
+    if (!error.empty() || failed) {
+      state.SkipWithError(error.empty() ? "a write or MADV_POPULATE_WRITE failed" : error.c_str());
+      break;
+    }
+  }
+  state.counters["huge_pct"] = huge_pct;
+  state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * per_file * n_files));
+}
+BENCHMARK(BM_FreshShmScaling)
+    ->ArgNames({"threads", "files", "method"})
+    ->ArgsProduct({{1, 4, 16}, {1, 3, 16}, {0, 1, 2, 3}})
+    ->UseRealTime()
+    ->Unit(benchmark::kMillisecond);
+
 // The host tier's fill, as the daemon does it on a load: Loader::LoadHost (Plan and Fill) into
 // fresh segments, with `threads` readers, `chunk_mib` MiB chunks, I/O mode `io` (0 buffered,
 // 1 O_DIRECT, 2 auto), `prefault` pre-faulting threads, fill method `fill` (0 write, 1 map)
@@ -376,6 +491,30 @@ class RatioReporter : public benchmark::ConsoleReporter {
   double raw_bps_[2] = {0, 0};  // warm, cold
 };
 
+// The first line of a file (a sysfs setting), or "unknown".
+std::string FirstLine(const char* path) {
+  FILE* f = std::fopen(path, "r");
+  if (f == nullptr) return "unknown";
+  char line[256] = {};
+  const bool got = std::fgets(line, sizeof line, f) != nullptr;
+  std::fclose(f);
+  std::string s = got ? line : "unknown";
+  while (!s.empty() && s.back() == '\n') s.pop_back();
+  return s;
+}
+
+// The filesystem type and options of the mount at `dir` (/proc/self/mounts), or "unknown".
+std::string MountOptions(const std::string& dir) {
+  FILE* f = std::fopen("/proc/self/mounts", "r");
+  if (f == nullptr) return "unknown";
+  char dev[256], mnt[256], type[64], opts[512];
+  std::string found = "unknown";
+  while (std::fscanf(f, "%255s %255s %63s %511s %*d %*d", dev, mnt, type, opts) == 4)
+    if (dir == mnt) found = std::string(type) + " " + opts;
+  std::fclose(f);
+  return found;
+}
+
 std::uint64_t FillBytes() {
   const char* env = std::getenv("WEIGHTD_BENCH_FILL_BYTES");
   if (env == nullptr || *env == '\0') return kDefaultFillBytes;
@@ -419,6 +558,8 @@ int main(int argc, char** argv) {
                                                 std::to_string(env.data_bytes) + " tensor bytes, " +
                                                 std::to_string(env.file_bytes) + " file bytes");
   auto evicted = weightd::bench::EvictFiles(env.files);
+  benchmark::AddCustomContext("shmem_enabled", weightd::bench::FirstLine("/sys/kernel/mm/transparent_hugepage/shmem_enabled"));
+  benchmark::AddCustomContext("dev_shm", weightd::bench::MountOptions("/dev/shm"));
   benchmark::AddCustomContext("page_cache", "cold:1 rows evict the files with posix_fadvise(DONTNEED) before each "
                                             "iteration; a probe left " +
                                                 (evicted.ok() ? std::to_string(*evicted) + "% cached"
