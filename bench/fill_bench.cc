@@ -414,6 +414,7 @@ void BM_HostTierFill(benchmark::State& state) {
   const std::atomic<bool> cancel{false};
   std::uint64_t generation = 0;
   double cached_pct = 0;
+  FillTimes times;  // summed over the iterations
   for (auto _ : state) {
     state.PauseTiming();
     if (!Prepare(state, cold, cached_pct)) break;
@@ -425,11 +426,25 @@ void BM_HostTierFill(benchmark::State& state) {
     }
     std::shared_ptr<ResidentModel> model = std::move(loaded).value();
     state.PauseTiming();
+    times.read_ns += model->fill_times.read_ns;
+    times.write_ns += model->fill_times.write_ns;
+    times.populate_ns += model->fill_times.populate_ns;
+    times.hash_ns += model->fill_times.hash_ns;
+    times.wall_ns += model->fill_times.wall_ns;
+    times.readers = model->fill_times.readers;
     model->RemoveSegments();
     model.reset();  // unmaps the last view: the pages are freed here, outside the timed region
     state.ResumeTiming();
   }
   state.counters["cached_pct"] = cached_pct;
+  // The readers' time (FillTimes), in percent of readers x wall time.
+  const double total = static_cast<double>(times.readers) * static_cast<double>(times.wall_ns);
+  if (total > 0) {
+    state.counters["read_pct"] = 100.0 * static_cast<double>(times.read_ns) / total;
+    state.counters["write_pct"] = 100.0 * static_cast<double>(times.write_ns) / total;
+    state.counters["populate_pct"] = 100.0 * static_cast<double>(times.populate_ns) / total;
+    state.counters["hash_pct"] = 100.0 * static_cast<double>(times.hash_ns) / total;
+  }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * g_env->data_bytes));
 }
 // The default configuration (4 readers on a machine of up to 4 cores, 64 MiB, buffered, write

@@ -5,6 +5,8 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cmath>
 #include <cstdlib>
 #include <cstdio>
 #include <cstring>
@@ -138,9 +140,39 @@ struct ShardFill {
   std::uint64_t filled GUARDED_BY(mu) = 0;    // contiguous prefix in the segment
   std::uint64_t hashed GUARDED_BY(mu) = 0;    // prefix fed to `hash`
   bool hashing GUARDED_BY(mu) = false;        // a thread owns `hash`
+
+  // FillTimes, in nanoseconds, summed over the readers that worked on this shard.
+  std::atomic<std::uint64_t> read_ns{0}, write_ns{0}, populate_ns{0}, hash_ns{0};
+};
+
+// Adds the time since it was made to `sink` when it goes out of scope.
+class ScopedTime {
+ public:
+  explicit ScopedTime(std::atomic<std::uint64_t>& sink) : sink_(sink), t0_(std::chrono::steady_clock::now()) {}
+  ScopedTime(const ScopedTime&) = delete;
+  ScopedTime& operator=(const ScopedTime&) = delete;
+  ~ScopedTime() {
+    const auto ns = std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t0_);
+    sink_.fetch_add(static_cast<std::uint64_t>(ns.count()), std::memory_order_relaxed);
+  }
+
+ private:
+  std::atomic<std::uint64_t>& sink_;
+  const std::chrono::steady_clock::time_point t0_;
 };
 
 }  // namespace
+
+std::string FillTimes::Summary() const {
+  const double total = static_cast<double>(readers) * static_cast<double>(wall_ns);
+  if (total <= 0) return std::to_string(readers) + " readers";
+  auto pct = [&](std::uint64_t ns) { return static_cast<int>(std::lround(100.0 * static_cast<double>(ns) / total)); };
+  const std::uint64_t busy = read_ns + write_ns + populate_ns + hash_ns;
+  const auto all = static_cast<std::uint64_t>(total);
+  return std::to_string(readers) + " readers: read " + std::to_string(pct(read_ns)) + "%, write " +
+         std::to_string(pct(write_ns)) + "%, populate " + std::to_string(pct(populate_ns)) + "%, hash " +
+         std::to_string(pct(hash_ns)) + "%, other " + std::to_string(pct(all > busy ? all - busy : 0)) + "%";
+}
 
 std::string ChecksumHex(const XXH128_hash_t& h) {
   XXH128_canonical_t c;
@@ -395,6 +427,7 @@ struct Loader::FillState {
   std::vector<Chunk> chunks;
   LoadProgress* progress = nullptr;
 
+  unsigned readers = 0;  // how many ReadShards ran
   std::atomic<std::size_t> next{0};
   std::atomic<std::size_t> next_prefault{0};
   std::atomic<bool> failed{false};
@@ -510,7 +543,18 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     }
   }
 
+  const auto read_start = std::chrono::steady_clock::now();
   if (Status s = ReadShards(fs, cancel); !s.ok()) return fail(s);
+  FillTimes& times = model->fill_times;
+  times.wall_ns = static_cast<std::uint64_t>(
+      std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - read_start).count());
+  times.readers = fs.readers;
+  for (const auto& sf : fs.shards) {
+    times.read_ns += sf->read_ns.load();
+    times.write_ns += sf->write_ns.load();
+    times.populate_ns += sf->populate_ns.load();
+    times.hash_ns += sf->hash_ns.load();
+  }
 
   for (std::size_t i = 0; i < fs.shards.size(); ++i) {
     ShardFill& sf = *fs.shards[i];
@@ -606,7 +650,10 @@ void HashInOrder(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uin
     if (sf.hashing || sf.hashed != at) return;
     sf.hashing = true;
   }
-  XXH3_128bits_update(sf.hash.get(), src, n);
+  {
+    ScopedTime t(sf.hash_ns);
+    XXH3_128bits_update(sf.hash.get(), src, n);
+  }
   MutexLock lock(sf.mu);
   sf.hashed = at + n;
   sf.hashing = false;
@@ -637,12 +684,19 @@ Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t si
         return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(a0 + *got), "io.short_read");
       src = buf + (begin - a0);
     } else {
-      ASSIGN_OR_RETURN(std::size_t got, io.Pread(sf.fd, std::span(buf, n), begin, sf.path));
-      if (got != n)
-        return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(begin + got), "io.short_read");
+      Result<std::size_t> got = [&] {
+        ScopedTime t(sf.read_ns);
+        return io.Pread(sf.fd, std::span(buf, n), begin, sf.path);
+      }();
+      if (!got.ok()) return got.status();
+      if (*got != n)
+        return DataLoss(sf.path + ": unexpected end of file at " + std::to_string(begin + *got), "io.short_read");
     }
-    if (Status w = io.Pwrite(sf.seg_fd, std::span(src, n), off + done, sf.segment); !w.ok())
-      return SegmentWriteError(std::move(w));
+    {
+      ScopedTime t(sf.write_ns);
+      if (Status w = io.Pwrite(sf.seg_fd, std::span(src, n), off + done, sf.segment); !w.ok())
+        return SegmentWriteError(std::move(w));
+    }
     HashInOrder(sf, off + done, src, n);
     done += n;
   }
@@ -670,6 +724,7 @@ Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint6
   }
   sf.hashing = true;
   Status status;
+  ScopedTime timed(sf.hash_ns);
   // Hash at most a chunk (or a buffer) at a time, so that a failure elsewhere stops this thread
   // soon.
   while (sf.hashed < sf.filled && !failed.load(std::memory_order_relaxed)) {
@@ -757,7 +812,11 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       } else {
         // Populating the destination in one call costs about half of taking its page faults one
         // by one inside pread or memcpy (docs/loading.md); a no-op where a pre-faulter was first.
-        Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
+        {
+          ScopedTime t(sf.populate_ns);
+          Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
+        }
+        ScopedTime t(sf.read_ns);
         s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size);
       }
       if (!s.ok()) {
@@ -803,6 +862,7 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
   }
 
   const unsigned n = static_cast<unsigned>(std::min<std::size_t>(readers_.size(), fs.chunks.size()));
+  fs.readers = n;
   {
     MutexLock lock(done.mu);
     done.running = n;

@@ -228,9 +228,9 @@ void Loads::OnFilled(const std::string& model, std::uint64_t generation, Result<
                  s.ToString());
   table_.InstallHost(m, std::move(r));
   const double secs = std::max<double>(static_cast<double>(ms), 1) / 1000.0;
-  spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s)", m.config.name,
+  spdlog::info("model '{}' resident: {} shards, {} tensors, {} bytes in {} ms ({:.2f} GB/s; {})", m.config.name,
                m.resident->shards.size(), m.resident->tensor_count, m.resident->bytes, ms,
-               static_cast<double>(m.resident->bytes) / secs / 1e9);
+               static_cast<double>(m.resident->bytes) / secs / 1e9, m.resident->fill_times.Summary());
   StartPin(m);
   std::vector<Waiter> waiters;
   waiters.swap(m.waiters);

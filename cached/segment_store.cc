@@ -221,4 +221,21 @@ std::size_t SegmentStore::RemoveLeftovers(const std::vector<std::string>& own, c
   return removed;
 }
 
+std::string SegmentStore::HugePages() {
+  std::FILE* f = std::fopen("/proc/self/mounts", "re");
+  if (f == nullptr) return "unknown";
+  char dev[256], dir[256], type[64], opts[1024];
+  std::string found = "unknown";
+  // The last mount at /dev/shm is the one in use.
+  while (std::fscanf(f, "%255s %255s %63s %1023s %*d %*d", dev, dir, type, opts) == 4) {
+    if (std::strcmp(dir, "/dev/shm") != 0) continue;
+    found = "never";
+    std::istringstream in(opts);
+    for (std::string opt; std::getline(in, opt, ',');)
+      if (opt.rfind("huge=", 0) == 0) found = opt.substr(5);
+  }
+  std::fclose(f);
+  return found;
+}
+
 }  // namespace weightd

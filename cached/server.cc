@@ -247,9 +247,15 @@ Status Server::Impl::Init() {
     spdlog::info("HTTP on {} (/healthz, /readyz, /metrics)", config.http_listen);
   }
   if (sd_watchdog_enabled(0, &watchdog_usec) <= 0) watchdog_usec = 0;
-  spdlog::info("weightd {} listening on {} (segment prefix '{}', {} models, {} loader threads, {} MiB chunks, {} fill)",
+  const std::string huge = SegmentStore::HugePages();
+  spdlog::info("weightd {} listening on {} (segment prefix '{}', {} models, {} loader threads, {} MiB chunks, {} fill, "
+               "/dev/shm huge={})",
                WEIGHTD_VERSION, config.socket, config.shm_prefix, lifecycle.catalog().models().size(),
-               config.loader_threads, config.chunk_size >> 20, config.fill);
+               config.loader_threads, config.chunk_size >> 20, config.fill, huge);
+  if (huge == "always" || huge == "force")
+    spdlog::warn("/dev/shm is mounted with huge={}: each segment's last 2 MiB page is allocated whole, up to 2 MiB more "
+                 "than the host budget counts; huge=within_size gives the same fill speed and keeps the count exact",
+                 huge);
   return Status::Ok();
 }
 

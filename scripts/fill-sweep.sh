@@ -113,8 +113,9 @@ load_once() {  # fill threads rep
     return
   fi
   stop_daemon
-  # "model 'dit5b' resident: 3 shards, 270 tensors, N bytes in M ms (X GB/s)"
+  # "model 'dit5b' resident: 3 shards, 270 tensors, N bytes in M ms (X GB/s; 16 readers: read ...%, ...)"
   line=$(grep -m1 "model '$PRESET' resident:" "$log" || true)
+  profile=$(sed -n 's/.* GB\/s; \(.*\))$/\1/p' <<<"$line")
   bytes=$(sed -n 's/.* tensors, \([0-9]*\) bytes in .*/\1/p' <<<"$line")
   ms=$(sed -n 's/.* bytes in \([0-9]*\) ms.*/\1/p' <<<"$line")
   if [[ -z $ms || -z $bytes ]]; then
@@ -124,7 +125,7 @@ load_once() {  # fill threads rep
   fi
   printf 'fill\t%s\t%s\t%s\t%s\t%s\n' "$fill" "$threads" "$rep" "$ms" \
     "$(awk -v b="$bytes" -v ms="$ms" 'BEGIN {printf "%.2f", b / (ms > 0 ? ms : 1) / 1e6}')" >>"$tsv"
-  say "  $fill threads $threads rep $rep: $ms ms"
+  say "  $fill threads $threads rep $rep: $ms ms${profile:+ ($profile)}"
 }
 
 say "warming the page cache (first cat, not counted): $(cat_once) ms"

@@ -3,6 +3,7 @@
 // cancellation and LoadProgress. Files are a few KB and chunks 4096 bytes, so a "multi-chunk"
 // shard is tiny.
 #include "loader.h"
+#include "segment_store.h"
 
 #include <fcntl.h>
 #include <gtest/gtest.h>
@@ -382,6 +383,45 @@ TEST_F(Fixture, WriteFillAndMapFillMakeByteIdenticalSegments) {
       EXPECT_TRUE(XXH128_isEqual(sums[0][i], sums[1][i])) << "shard " << i;
     }
   }
+}
+
+TEST_F(Fixture, FillTimesSayWhereTheReadersSpentTheirTime) {
+  const std::string dir = tmp.file("t");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {300001}}, {"b", DType::kF32, {70000}}}, 2, 5).ok());
+  for (FillMethod fill : {FillMethod::kWrite, FillMethod::kMap}) {
+    SCOPED_TRACE(fill == FillMethod::kWrite ? "write fill" : "map fill");
+    LoaderOptions o = Options(3);
+    o.chunk_size = kChunk;
+    o.write_buffer = kChunk;
+    o.fill = fill;
+    Loader loader(o);
+    auto m = loader.LoadHost({"t", dir}, fill == FillMethod::kWrite ? 1 : 2, no_cancel);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    const FillTimes& t = (*m)->fill_times;
+    EXPECT_EQ(t.readers, 3u);
+    EXPECT_GT(t.wall_ns, 0u);
+    EXPECT_GT(t.read_ns, 0u);
+    EXPECT_GT(t.hash_ns, 0u);
+    if (fill == FillMethod::kWrite) {
+      EXPECT_GT(t.write_ns, 0u);
+      EXPECT_EQ(t.populate_ns, 0u);  // a write fill maps no page
+    } else {
+      EXPECT_EQ(t.write_ns, 0u);     // a map fill's preads write into the segment
+      EXPECT_GT(t.populate_ns, 0u);
+    }
+    // Each reader's timed parts are disjoint and inside the fill.
+    EXPECT_LE(t.read_ns + t.write_ns + t.populate_ns + t.hash_ns, std::uint64_t{t.readers} * t.wall_ns);
+    EXPECT_NE(t.Summary().find("3 readers: read "), std::string::npos) << t.Summary();
+    (*m)->RemoveSegments();
+  }
+  EXPECT_EQ(FillTimes{}.Summary(), "0 readers");
+}
+
+TEST(SegmentStoreHugePages, NamesTheDevShmMountsSetting) {
+  // Every value the tmpfs huge= option takes, "never" when it is absent; this machine has a
+  // /dev/shm, so never "unknown".
+  const std::string huge = SegmentStore::HugePages();
+  EXPECT_TRUE(huge == "never" || huge == "always" || huge == "within_size" || huge == "advise") << huge;
 }
 
 // Writes into segments fail with ENOSPC once `room` bytes have been written in all, as tmpfs
