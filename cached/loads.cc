@@ -40,11 +40,13 @@ Loads::Loads(Options options, const Clock* clock, ModelTable& table, Cache& cach
       fd_store_(fd_store),
       counters_(counters),
       events_(events),
-      post_(std::move(post)) {}
+      post_(std::move(post)),
+      jobs_(std::max(1u, options_.fill_jobs), "wd-load") {}
 
 void Loads::Close() {
   for (auto& [name, m] : table_.models())
     if (m.cancel) m.cancel->store(true);
+  plan_jobs_.Close();
   jobs_.Close();
   gpu_jobs_.Close();
 }
@@ -83,7 +85,7 @@ void Loads::StartLoad(ModelEntry& m) {
   spdlog::info("loading model '{}' from {}", m.config.name, m.config.dir);
   ModelConfig mc = m.config;
   const std::uint64_t gen = m.generation;
-  bool ok = jobs_.Submit([this, mc, gen] {
+  bool ok = plan_jobs_.Submit([this, mc, gen] {
     const auto t0 = SteadyClock::now();
     Result<LoadPlan> plan = Status(Code::kInternal, "unset");
     try {

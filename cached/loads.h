@@ -32,6 +32,9 @@ class Loads {
     bool pin_host = true;  // page-lock resident host copies when GPUs are served
     gpu::ExportMode gpu_mode = gpu::ExportMode::kVmm;
     bool peer_copy = true;  // copy from another GPU's copy where the pair has peer access
+    // Host fills that run at once: [cache] max_loads, so that every load admitted (holding its
+    // budget) also reads; with no bound (0), one per loader thread.
+    unsigned fill_jobs = 2;
   };
 
   // Borrows everything; `gpu` may be null (host-only), `fd_store` may be null (no fd store).
@@ -85,7 +88,8 @@ class Loads {
   ModelEvents& events_;
   const LoopPost post_;
   // Declared last so that they are joined first.
-  ThreadPool jobs_{2, "wd-load"};  // one host plan or fill per job
+  ThreadPool plan_jobs_{2, "wd-plan"};  // one host plan (headers only) per job, never behind a fill
+  ThreadPool jobs_;                     // one host fill per job, options_.fill_jobs of them
   // One GPU materialization or page-locking per job. A pipelined copy holds its thread while the
   // disk is read, hence more threads than GPUs need.
   ThreadPool gpu_jobs_{4, "wd-gpu"};

@@ -61,6 +61,15 @@ LoaderOptions LoaderOptionsOf(const DaemonConfig& c, const SegmentStore* store) 
   return o;
 }
 
+// Host fills that run at once: as many as [cache] max_loads admits (each holds its budget, so it
+// should be reading), at least 2, and no more than the loader has readers (0, no bound: one per
+// reader). Plans run on a pool of their own and never wait behind a fill.
+unsigned FillJobs(const DaemonConfig& c) {
+  const unsigned readers = std::max(2u, c.loader_threads);
+  const unsigned wanted = c.cache.max_loads == 0 ? readers : c.cache.max_loads;
+  return std::clamp(wanted, 2u, readers);
+}
+
 }  // namespace
 
 void BlockSignals() {
@@ -130,8 +139,8 @@ struct Server::Impl final : ModelEvents {
                  clock, epoll_fd, kTagPid),
         cache(config.cache, table, sessions.leases(), g, mem),
         fd_store(config.gpu_fd_store, g, gpu_mode, clock),
-        loads({config.cache.admission_timeout, config.gpu_pin_host, gpu_mode, config.gpu_peer_copy}, clock, table, cache, loader, store, g,
-              &fd_store, counters, *this, Poster()),
+        loads({config.cache.admission_timeout, config.gpu_pin_host, gpu_mode, config.gpu_peer_copy, FillJobs(config)}, clock,
+              table, cache, loader, store, g, &fd_store, counters, *this, Poster()),
         fds(clock, sessions, store, epoll_fd, kTagFdConn),
         lifecycle(config, clock, started, shm_gid, table, cache, loads, sessions.leases(), loader, store, g, &fd_store,
                   counters, *this, Poster()),

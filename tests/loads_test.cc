@@ -4,8 +4,11 @@
 #include <gtest/gtest.h>
 #include <sys/stat.h>
 
+#include <condition_variable>
 #include <cstring>
 #include <fstream>
+#include <map>
+#include <mutex>
 
 #include "adopt.h"
 
@@ -195,6 +198,62 @@ TEST_F(LoadsTest, UnboundedLoadsNeverQueueForASlot) {
     return r.answers.size() == 3;
   }));
   for (const auto& a : r.answers) EXPECT_EQ(a.state, ModelState::kResident);
+}
+
+// Counts the segments being written at once (a fill writes one model's); each write waits (up
+// to 2 s) until `want` segments are being written together, so that the most seen is how many
+// fills can write at once.
+class ConcurrentWrites : public FileIo {
+ public:
+  explicit ConcurrentWrites(std::size_t want) : want_(want) {}
+  Status Pwrite(int fd, std::span<const std::byte> in, std::uint64_t offset, std::string_view what) override {
+    {
+      std::unique_lock lock(mu_);
+      ++inside_[fd];
+      most_ = std::max(most_, inside_.size());
+      cv_.notify_all();
+      cv_.wait_for(lock, 2s, [&] { return inside_.size() >= want_ || released_; });
+      released_ = true;  // the first group met (or timed out); later writes do not wait
+      cv_.notify_all();
+    }
+    Status s = FileIo::Pwrite(fd, in, offset, what);
+    std::lock_guard lock(mu_);
+    if (--inside_[fd] == 0) inside_.erase(fd);
+    return s;
+  }
+  std::size_t most() {
+    std::lock_guard lock(mu_);
+    return most_;
+  }
+
+ private:
+  const std::size_t want_;
+  std::mutex mu_;
+  std::condition_variable cv_;
+  std::map<int, unsigned> inside_;  // segment fd -> writes in progress
+  std::size_t most_ = 0;
+  bool released_ = false;
+};
+
+// Every load that max_loads admits also reads: Loads runs as many fills at once as it is given
+// (the daemon gives it max_loads), and plans never wait behind them.
+TEST_F(LoadsTest, AsManyFillsRunAtOnceAsFillJobsAllow) {
+  for (unsigned jobs : {2u, 3u}) {
+    SCOPED_TRACE("fill_jobs " + std::to_string(jobs));
+    CacheConfig c = Budget(8);
+    c.max_loads = 3;
+    ConcurrentWrites io(3);
+    {
+      Residency r(c, nullptr, true, jobs, &io);
+      for (const char* n : {"a", "b", "c"}) {
+        r.Add(WriteModel(std::string(n) + std::to_string(jobs)));
+        r.Request(std::string(n) + std::to_string(jobs));
+      }
+      ASSERT_TRUE(r.PumpUntil([&] { return r.answers.size() == 3; }));
+      for (const auto& a : r.answers) EXPECT_EQ(a.state, ModelState::kResident) << a.model;
+    }
+    EXPECT_EQ(io.most(), std::size_t{jobs});
+  }
 }
 
 TEST_F(LoadsTest, FailedLoadAnswersItsWaitersAndCountsTheReason) {

@@ -8,6 +8,7 @@
 
 #include <unistd.h>
 
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
@@ -52,15 +53,18 @@ class Residency final : public ModelEvents {
   };
 
   // `cuda` (may be null: host-only) must outlive this object. `peer_copy` as [gpu] peer_copy.
-  explicit Residency(const CacheConfig& cache_config, gpu::CudaApi* cuda = nullptr, bool peer_copy = true)
+  // `fill_jobs` as Loads::Options; `io` (may be null: POSIX) is the loader's FileIo, which must
+  // outlive this object; the loader has 4 readers per fill job (a test model's 4 chunks each).
+  explicit Residency(const CacheConfig& cache_config, gpu::CudaApi* cuda = nullptr, bool peer_copy = true,
+                     unsigned fill_jobs = 2, FileIo* io = nullptr)
       : prefix_("wdres-" + std::to_string(::getpid()) + "-" + std::to_string(next_instance_++)),
         store({prefix_, 0600}),
-        loader(Options(&store)),
+        loader(Options(&store, io, 4 * fill_jobs)),
         gpu(cuda != nullptr ? std::make_unique<gpu::GpuTier>(cuda, gpu::MaterializeOptions{16 * 1024, 2}) : nullptr),
         table(&clock, &counters, gpu && gpu->available() ? gpu->Devices().size() : 0, Poster()),
         leases(64, 64),
         cache(cache_config, table, leases, gpu.get(), &memory),
-        loads(Loads::Options{cache_config.admission_timeout, true, gpu::ExportMode::kVmm, peer_copy}, &clock, table, cache, loader,
+        loads(Loads::Options{cache_config.admission_timeout, true, gpu::ExportMode::kVmm, peer_copy, fill_jobs}, &clock, table, cache, loader,
               store, gpu.get(), nullptr, counters, *this, Poster()) {
     cache.ResolveBudgets();
   }
@@ -163,10 +167,11 @@ class Residency final : public ModelEvents {
   void Notify(const std::string&) override {}
 
  private:
-  static LoaderOptions Options(const SegmentStore* store) {
+  static LoaderOptions Options(const SegmentStore* store, FileIo* io, unsigned threads) {
     LoaderOptions o;
     o.segments = store;
-    o.threads = 2;
+    o.io_layer = io;
+    o.threads = std::max(2u, threads);
     o.chunk_size = 4096;
     return o;
   }
