@@ -269,7 +269,8 @@ const ConfigKey kKeys[] = {
     {"cache", "pressure_interval", K::kDuration, WD_FIELD(cache.pressure_interval),
      "how often memory is sampled for the pressure rule"},
     {"cache", "max_loads", K::kCount, WD_FIELD(cache.max_loads),
-     "loads that hold budget at once, per tier; more misses queue, oldest first (0: no bound)", {}, {}, {}, 0,
+     "loads that hold budget at once, per tier, and host copies read at once (at most loader_threads); more misses "
+     "queue, oldest first (0: no bound)", {}, {}, {}, 0,
      kMillion},
     {"cache", "eviction", K::kString, WD_FIELD(cache.eviction),
      "which unleased copy goes first: lfu (least frequently used, counts that decay) or lru (least recently used)"},
