@@ -396,8 +396,9 @@ BENCHMARK(BM_FreshShmScaling)
 // The host tier's fill, as the daemon does it on a load: Loader::LoadHost (Plan and Fill) into
 // fresh segments, with `threads` readers, `chunk_mib` MiB chunks, I/O mode `io` (0 buffered,
 // 1 O_DIRECT, 2 auto), `prefault` pre-faulting threads, fill method `fill` (0 write, 1 map)
-// and, for write fills, a `buf_kib` KiB buffer per reader. Evicting the files (cold rows) and
-// freeing the segments of one iteration are left out of the timing.
+// and, for write fills, a `buf_kib` KiB buffer per reader and the hash source `hash` (0 read
+// back, the default; 1 through the mapping; HashSource). Evicting the files (cold rows) and freeing
+// the segments of one iteration are left out of the timing.
 void BM_HostTierFill(benchmark::State& state) {
   static constexpr IoMode kModes[] = {IoMode::kBuffered, IoMode::kDirect, IoMode::kAuto};
   LoaderOptions options;
@@ -410,6 +411,7 @@ void BM_HostTierFill(benchmark::State& state) {
   const bool cold = state.range(4) != 0;
   options.fill = state.range(5) == 0 ? FillMethod::kWrite : FillMethod::kMap;
   options.write_buffer = static_cast<std::uint64_t>(state.range(6)) << 10;
+  options.hash_source = state.range(7) == 0 ? HashSource::kReadBack : HashSource::kMapping;
   Loader loader(options);
   const std::atomic<bool> cancel{false};
   std::uint64_t generation = 0;
@@ -451,16 +453,18 @@ void BM_HostTierFill(benchmark::State& state) {
 // fill with 1 MiB buffers) first, then one knob at a time around it; then the map fill (the
 // default before 2026-12-05) with the same knobs.
 void FillArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib"});
+  b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib", "hash"});
   for (int cold : {0, 1}) {
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024});
-    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024});
-    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024});
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024});
-    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024});
-    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0});
+    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf, 0});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024, 0});
+    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024, 0});
+    for (int threads : {4, 16})
+      b->Args({threads, 64, 0, 0, cold, 0, 1024, 1});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 0});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024, 0});
+    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024, 0});
+    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024, 0});
   }
 }
 BENCHMARK(BM_HostTierFill)->Apply(FillArgs)->UseRealTime()->Unit(benchmark::kMillisecond);

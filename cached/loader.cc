@@ -707,10 +707,10 @@ Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t si
 // newly contiguous bytes that are not hashed yet to the shard's hash unless another thread
 // already hashes it. With `buf` (a write fill: the reader's buffer, free between chunks, of
 // `piece` bytes or more), the bytes are read back from the segment's fd into it; else they are
-// hashed through the mapping. A write fill must not hash through the mapping: the daemon would
-// map every page of the segment one fault at a time (on the development VM a first touch of a
-// mapped page costs ~25 us, whether or not the page exists; docs/loading.md), where a pread
-// copies out of the same pages with no fault.
+// hashed through the mapping. A write fill with 4 KiB pages reads back (HashSource): through
+// the mapping the daemon would map every page of the segment one fault at a time (on the
+// development VM a first touch of a mapped page costs ~25 us, whether or not the page exists;
+// docs/loading.md), where a pread copies out of the same pages with no fault.
 Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint64_t chunk_size, LoadProgress* progress,
                  const std::atomic<bool>& failed, std::byte* buf, std::uint64_t piece) {
   sf.mu.Lock();
@@ -787,6 +787,7 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       std::min(fs.chunk_size, posix::RoundUp(std::max<std::uint64_t>(options_.write_buffer, 1), kDirectAlign));
   const std::uint64_t buffer_size = piece + 2 * kDirectAlign;
   std::atomic<bool> use_madvise{true};
+  const bool hash_mapped = options_.hash_source == HashSource::kMapping;
 
   auto work = [&] {
     AlignedBuffer bounce;
@@ -825,7 +826,7 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       }
       bytes_read_.fetch_add(c.size, std::memory_order_relaxed);
       if (Status h = ChunkDone(sf, c.shard, c.index, fs.chunk_size, fs.progress, fs.failed,
-                               write_fill ? bounce.get() : nullptr, piece);
+                               write_fill && !hash_mapped ? bounce.get() : nullptr, piece);
           !h.ok()) {
         fs.Fail(std::move(h));
         break;

@@ -219,6 +219,13 @@ enum class FillMethod {
   kMap,
 };
 
+// Where a write fill's hash reads the bytes of chunks that finished out of order (the bytes of
+// the next piece in order are hashed from the reader's buffer either way).
+enum class HashSource {
+  kReadBack,  // pread them back from the segment's fd into the reader's buffer (one more copy)
+  kMapping,   // hash them through the daemon's mapping of the segment (a page fault per page)
+};
+
 struct LoaderOptions {
   // Where segments are made and how they are named: the daemon's store (not owned; it must
   // outlive the Loader). nullptr: the Loader makes its own from shm_prefix, shm_mode and
@@ -243,6 +250,11 @@ struct LoaderOptions {
   // populates its own chunk before reading into it; on the 2-core development VM extra threads
   // only competed with the readers (docs/loading.md), so they are off by default.
   std::uint32_t prefault_threads = 0;
+  // FillMethod::kWrite only. kReadBack: on the 2-core development VM (a PVM guest) a first touch
+  // of a mapped 4 KiB page cost ~25 us (docs/loading.md). kMapping is for measuring where pages
+  // are cheap to map (2 MiB pages: /dev/shm mounted huge=within_size); weightd_bench_fill's
+  // `hash` rows compare the two.
+  HashSource hash_source = HashSource::kReadBack;
   // Verify shards against the directory's checksums.xxh128 when there is one.
   bool verify_manifest = true;
   // Not owned; must outlive the Loader. nullptr: plain POSIX calls.

@@ -385,6 +385,25 @@ TEST_F(Fixture, WriteFillAndMapFillMakeByteIdenticalSegments) {
   }
 }
 
+// A write fill hashes the chunks that finish out of order from either source (HashSource); the
+// checksum is the file's either way, with many small chunks over several readers so that most
+// bytes are not the next ones the hash needs when they land.
+TEST_F(Fixture, WriteFillHashesOutOfOrderChunksFromEitherSource) {
+  const std::string dir = tmp.file("h");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {200003}}, {"b", DType::kBF16, {2, 50001}}}, 2, 9).ok());
+  for (HashSource source : {HashSource::kReadBack, HashSource::kMapping}) {
+    LoaderOptions o = Options(4);
+    o.chunk_size = 2 * kChunk;
+    o.write_buffer = kChunk;
+    o.hash_source = source;
+    Loader loader(o);
+    auto m = loader.LoadHost({"h", dir}, static_cast<std::uint64_t>(source) + 1, no_cancel);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    ExpectMatchesFile(**m);
+    (*m)->RemoveSegments();
+  }
+}
+
 TEST_F(Fixture, FillTimesSayWhereTheReadersSpentTheirTime) {
   const std::string dir = tmp.file("t");
   ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {300001}}, {"b", DType::kF32, {70000}}}, 2, 5).ok());
