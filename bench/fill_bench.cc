@@ -397,7 +397,7 @@ BENCHMARK(BM_FreshShmScaling)
 // fresh segments, with `threads` readers, `chunk_mib` MiB chunks, I/O mode `io` (0 buffered,
 // 1 O_DIRECT, 2 auto), `prefault` pre-faulting threads, fill method `fill` (0 write, 1 map)
 // and, for write fills, a `buf_kib` KiB buffer per reader and the hash source `hash` (0 read
-// back, the default; 1 through the mapping; HashSource). Evicting the files (cold rows) and freeing
+// back; 1 through the mapping, the default; HashSource). Evicting the files (cold rows) and freeing
 // the segments of one iteration are left out of the timing.
 void BM_HostTierFill(benchmark::State& state) {
   static constexpr IoMode kModes[] = {IoMode::kBuffered, IoMode::kDirect, IoMode::kAuto};
@@ -455,16 +455,15 @@ void BM_HostTierFill(benchmark::State& state) {
 void FillArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib", "hash"});
   for (int cold : {0, 1}) {
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0});
-    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf, 0});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024, 0});
-    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024, 0});
-    for (int threads : {4, 16})
-      b->Args({threads, 64, 0, 0, cold, 0, 1024, 1});
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 0});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024, 0});
-    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024, 0});
-    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024, 0});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 1});
+    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf, 1});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024, 1});
+    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024, 1});
+    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 1});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024, 1});
+    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024, 1});
+    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024, 1});
   }
 }
 BENCHMARK(BM_HostTierFill)->Apply(FillArgs)->UseRealTime()->Unit(benchmark::kMillisecond);

@@ -206,6 +206,10 @@ const ConfigKey kKeys[] = {
      "how fresh segments are filled: write (pread into a buffer, pwrite into the segment) or map (pread into the "
      "mapped segment)",
      "--fill", "METHOD", "write|map"},
+    {"daemon", "fill_hash", K::kString, WD_FIELD(fill_hash),
+     "how a write fill hashes chunks that finish out of order: mapping (through the daemon's mapping) or read-back "
+     "(pread back from the segment, one more copy)",
+     "--fill-hash", "SOURCE", "mapping|read-back"},
     {"daemon", "prefault_threads", K::kCount, WD_FIELD(prefault_threads), "extra threads pre-faulting fresh segments",
      {}, {}, {}, 0, 256},
     {"daemon", "verify_checksums", K::kBool, WD_FIELD(verify_checksums),
@@ -607,6 +611,9 @@ Status Finalize(DaemonConfig* cfg) {
     return InvalidArgument("daemon.io must be \"auto\", \"direct\" or \"buffered\", not \"" + cfg->io + "\"", "config.invalid");
   if (cfg->fill != "write" && cfg->fill != "map")
     return InvalidArgument("daemon.fill must be \"write\" or \"map\", not \"" + cfg->fill + "\"", "config.invalid");
+  if (cfg->fill_hash != "mapping" && cfg->fill_hash != "read-back")
+    return InvalidArgument("daemon.fill_hash must be \"mapping\" or \"read-back\", not \"" + cfg->fill_hash + "\"",
+                           "config.invalid");
   for (const Budget* b : {&cfg->cache.host_budget, &cfg->cache.gpu_budget})
     if (b->fraction < 0 || b->fraction > 1) return InvalidArgument("a budget's fraction must be in (0, 1]", "config.bad_budget");
   if (cfg->cache.eviction != "lfu" && cfg->cache.eviction != "lru")

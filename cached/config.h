@@ -101,6 +101,7 @@ struct DaemonConfig {
   std::uint64_t chunk_size = 64ull << 20;
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)
   std::string fill = "write";            // "write" (pwrite into the segment's fd) or "map" (docs/loading.md)
+  std::string fill_hash = "mapping";     // a write fill hashes late chunks through the "mapping" or "read-back"
   std::uint32_t prefault_threads = 0;    // extra threads pre-faulting fresh segments (docs/loading.md)
   bool verify_checksums = true;          // against a model directory's checksums.xxh128
   std::chrono::milliseconds heartbeat_interval{1000};

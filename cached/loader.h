@@ -250,11 +250,11 @@ struct LoaderOptions {
   // populates its own chunk before reading into it; on the 2-core development VM extra threads
   // only competed with the readers (docs/loading.md), so they are off by default.
   std::uint32_t prefault_threads = 0;
-  // FillMethod::kWrite only. kReadBack: on the 2-core development VM (a PVM guest) a first touch
-  // of a mapped 4 KiB page cost ~25 us (docs/loading.md). kMapping is for measuring where pages
-  // are cheap to map (2 MiB pages: /dev/shm mounted huge=within_size); weightd_bench_fill's
-  // `hash` rows compare the two.
-  HashSource hash_source = HashSource::kReadBack;
+  // FillMethod::kWrite only ([daemon] fill_hash). kMapping since 2026-12-05: 13 % faster fills
+  // on a 16-core H200 host, with 4 KiB and with 2 MiB pages (docs/loading.md). kReadBack was the
+  // default before: on the 2-core development VM (a PVM guest) a first touch of a mapped 4 KiB
+  // page once cost ~25 us. weightd_bench_fill's `hash` rows compare the two.
+  HashSource hash_source = HashSource::kMapping;
   // Verify shards against the directory's checksums.xxh128 when there is one.
   bool verify_manifest = true;
   // Not owned; must outlive the Loader. nullptr: plain POSIX calls.

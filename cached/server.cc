@@ -56,6 +56,7 @@ LoaderOptions LoaderOptionsOf(const DaemonConfig& c, const SegmentStore* store) 
   o.chunk_size = c.chunk_size;
   o.io = c.io == "direct" ? IoMode::kDirect : c.io == "buffered" ? IoMode::kBuffered : IoMode::kAuto;
   o.fill = c.fill == "map" ? FillMethod::kMap : FillMethod::kWrite;
+  o.hash_source = c.fill_hash == "read-back" ? HashSource::kReadBack : HashSource::kMapping;
   o.prefault_threads = c.prefault_threads;
   o.verify_manifest = c.verify_checksums;
   return o;

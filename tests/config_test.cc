@@ -247,6 +247,12 @@ TEST(Config, FillMethodAndLoaderThreadsDefaults) {
   ASSERT_NE(key, nullptr);
   ASSERT_TRUE(ApplyOption(*key, "map", &c).ok());
   EXPECT_EQ(c.fill, "map");
+  // How a write fill hashes late chunks: through the mapping by default, or read back.
+  EXPECT_EQ(DaemonConfig{}.fill_hash, "mapping");
+  auto back = Load("[daemon]\nfill_hash = \"read-back\"\n");
+  ASSERT_TRUE(back.ok()) << back.status().ToString();
+  EXPECT_EQ(back->fill_hash, "read-back");
+  EXPECT_EQ(Load("[daemon]\nfill_hash = \"readback\"\n").status().reason(), "config.invalid");
 }
 
 // The table is the one list of keys: each is read from the file by its table and name, and
