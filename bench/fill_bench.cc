@@ -428,24 +428,18 @@ void BM_HostTierFill(benchmark::State& state) {
     }
     std::shared_ptr<ResidentModel> model = std::move(loaded).value();
     state.PauseTiming();
-    times.read_ns += model->fill_times.read_ns;
-    times.write_ns += model->fill_times.write_ns;
-    times.populate_ns += model->fill_times.populate_ns;
-    times.hash_ns += model->fill_times.hash_ns;
-    times.wall_ns += model->fill_times.wall_ns;
-    times.readers = model->fill_times.readers;
+    times.Add(model->fill_times);
     model->RemoveSegments();
     model.reset();  // unmaps the last view: the pages are freed here, outside the timed region
     state.ResumeTiming();
   }
   state.counters["cached_pct"] = cached_pct;
   // The readers' time (FillTimes), in percent of readers x wall time.
-  const double total = static_cast<double>(times.readers) * static_cast<double>(times.wall_ns);
-  if (total > 0) {
-    state.counters["read_pct"] = 100.0 * static_cast<double>(times.read_ns) / total;
-    state.counters["write_pct"] = 100.0 * static_cast<double>(times.write_ns) / total;
-    state.counters["populate_pct"] = 100.0 * static_cast<double>(times.populate_ns) / total;
-    state.counters["hash_pct"] = 100.0 * static_cast<double>(times.hash_ns) / total;
+  if (times.wall_ns > 0) {
+    state.counters["read_pct"] = times.Percent(times.read_ns);
+    state.counters["write_pct"] = times.Percent(times.write_ns);
+    state.counters["populate_pct"] = times.Percent(times.populate_ns);
+    state.counters["hash_pct"] = times.Percent(times.hash_ns);
   }
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * g_env->data_bytes));
 }
@@ -521,18 +515,6 @@ std::string FirstLine(const char* path) {
   return s;
 }
 
-// The filesystem type and options of the mount at `dir` (/proc/self/mounts), or "unknown".
-std::string MountOptions(const std::string& dir) {
-  FILE* f = std::fopen("/proc/self/mounts", "r");
-  if (f == nullptr) return "unknown";
-  char dev[256], mnt[256], type[64], opts[512];
-  std::string found = "unknown";
-  while (std::fscanf(f, "%255s %255s %63s %511s %*d %*d", dev, mnt, type, opts) == 4)
-    if (dir == mnt) found = std::string(type) + " " + opts;
-  std::fclose(f);
-  return found;
-}
-
 std::uint64_t FillBytes() {
   const char* env = std::getenv("WEIGHTD_BENCH_FILL_BYTES");
   if (env == nullptr || *env == '\0') return kDefaultFillBytes;
@@ -577,7 +559,7 @@ int main(int argc, char** argv) {
                                                 std::to_string(env.file_bytes) + " file bytes");
   auto evicted = weightd::bench::EvictFiles(env.files);
   benchmark::AddCustomContext("shmem_enabled", weightd::bench::FirstLine("/sys/kernel/mm/transparent_hugepage/shmem_enabled"));
-  benchmark::AddCustomContext("dev_shm", weightd::bench::MountOptions("/dev/shm"));
+  benchmark::AddCustomContext("dev_shm", "huge=" + weightd::SegmentStore::HugePages());
   benchmark::AddCustomContext("page_cache", "cold:1 rows evict the files with posix_fadvise(DONTNEED) before each "
                                             "iteration; a probe left " +
                                                 (evicted.ok() ? std::to_string(*evicted) + "% cached"

@@ -163,12 +163,25 @@ class ScopedTime {
 
 }  // namespace
 
-std::string FillTimes::Summary() const {
+void FillTimes::Add(const FillTimes& o) {
+  read_ns += o.read_ns;
+  write_ns += o.write_ns;
+  populate_ns += o.populate_ns;
+  hash_ns += o.hash_ns;
+  wall_ns += o.wall_ns;
+  readers = o.readers;
+}
+
+double FillTimes::Percent(std::uint64_t ns) const {
   const double total = static_cast<double>(readers) * static_cast<double>(wall_ns);
-  if (total <= 0) return std::to_string(readers) + " readers";
-  auto pct = [&](std::uint64_t ns) { return static_cast<int>(std::lround(100.0 * static_cast<double>(ns) / total)); };
+  return total > 0 ? 100.0 * static_cast<double>(ns) / total : 0;
+}
+
+std::string FillTimes::Summary() const {
+  if (readers == 0 || wall_ns == 0) return std::to_string(readers) + " readers";
+  auto pct = [&](std::uint64_t ns) { return static_cast<int>(std::lround(Percent(ns))); };
   const std::uint64_t busy = read_ns + write_ns + populate_ns + hash_ns;
-  const auto all = static_cast<std::uint64_t>(total);
+  const std::uint64_t all = std::uint64_t{readers} * wall_ns;
   return std::to_string(readers) + " readers: read " + std::to_string(pct(read_ns)) + "%, write " +
          std::to_string(pct(write_ns)) + "%, populate " + std::to_string(pct(populate_ns)) + "%, hash " +
          std::to_string(pct(hash_ns)) + "%, other " + std::to_string(pct(all > busy ? all - busy : 0)) + "%";
@@ -546,15 +559,10 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
   const auto read_start = std::chrono::steady_clock::now();
   if (Status s = ReadShards(fs, cancel); !s.ok()) return fail(s);
   FillTimes& times = model->fill_times;
+  for (const auto& sf : fs.shards)
+    times.Add({sf->read_ns.load(), sf->write_ns.load(), sf->populate_ns.load(), sf->hash_ns.load(), 0, fs.readers});
   times.wall_ns = static_cast<std::uint64_t>(
       std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - read_start).count());
-  times.readers = fs.readers;
-  for (const auto& sf : fs.shards) {
-    times.read_ns += sf->read_ns.load();
-    times.write_ns += sf->write_ns.load();
-    times.populate_ns += sf->populate_ns.load();
-    times.hash_ns += sf->hash_ns.load();
-  }
 
   for (std::size_t i = 0; i < fs.shards.size(); ++i) {
     ShardFill& sf = *fs.shards[i];

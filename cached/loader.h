@@ -94,6 +94,10 @@ struct FillTimes {
   std::uint64_t wall_ns = 0;  // from the first chunk to the last reader's end
   std::uint32_t readers = 0;
 
+  // Adds another fill's times (a benchmark's iterations); `readers` becomes the other's.
+  void Add(const FillTimes& o);
+  // `ns` in percent of readers x wall time; 0 when there is no wall time.
+  double Percent(std::uint64_t ns) const;
   // "16 readers: read 12%, write 61%, populate 0%, hash 19%, other 8%" (shares of readers x wall).
   std::string Summary() const;
 };

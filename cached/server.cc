@@ -262,7 +262,7 @@ Status Server::Impl::Init() {
                "/dev/shm huge={})",
                WEIGHTD_VERSION, config.socket, config.shm_prefix, lifecycle.catalog().models().size(),
                config.loader_threads, config.chunk_size >> 20, config.fill, huge);
-  if (huge == "always" || huge == "force")
+  if (huge == "always")
     spdlog::warn("/dev/shm is mounted with huge={}: each segment's last 2 MiB page is allocated whole, up to 2 MiB more "
                  "than the host budget counts; huge=within_size gives the same fill speed and keeps the count exact",
                  huge);
