@@ -258,7 +258,7 @@ void BM_WriteToFreshShm(benchmark::State& state) {
       for (std::uint64_t off; (off = next.fetch_add(kChunk)) < bytes;) {
         const std::uint64_t end = std::min(off + kChunk, bytes);
         for (std::uint64_t p = off; p < end; p += piece)
-          if (!posix::PwriteFull(seg->fd(), std::span(buffers[t].data(), std::min(piece, end - p)), p, "bench").ok())
+          if (!posix::PwriteFull(seg->part_fd(0), std::span(buffers[t].data(), std::min(piece, end - p)), p, "bench").ok())
             failed = true;
       }
     };
@@ -397,7 +397,8 @@ BENCHMARK(BM_FreshShmScaling)
 // fresh segments, with `threads` readers, `chunk_mib` MiB chunks, I/O mode `io` (0 buffered,
 // 1 O_DIRECT, 2 auto), `prefault` pre-faulting threads, fill method `fill` (0 write, 1 map)
 // and, for write fills, a `buf_kib` KiB buffer per reader and the hash source `hash` (0 read
-// back; 1 through the mapping, the default; HashSource). Evicting the files (cold rows) and freeing
+// back; 1 through the mapping, the default; HashSource), into segments split over at most
+// `parts` tmpfs files per copy (SegmentStore::PartSize; 1: one per shard). Evicting the files (cold rows) and freeing
 // the segments of one iteration are left out of the timing.
 void BM_HostTierFill(benchmark::State& state) {
   static constexpr IoMode kModes[] = {IoMode::kBuffered, IoMode::kDirect, IoMode::kAuto};
@@ -412,6 +413,7 @@ void BM_HostTierFill(benchmark::State& state) {
   options.fill = state.range(5) == 0 ? FillMethod::kWrite : FillMethod::kMap;
   options.write_buffer = static_cast<std::uint64_t>(state.range(6)) << 10;
   options.hash_source = state.range(7) == 0 ? HashSource::kReadBack : HashSource::kMapping;
+  options.segment_parts = static_cast<std::uint32_t>(state.range(8));
   Loader loader(options);
   const std::atomic<bool> cancel{false};
   std::uint64_t generation = 0;
@@ -444,20 +446,22 @@ void BM_HostTierFill(benchmark::State& state) {
   state.SetBytesProcessed(static_cast<std::int64_t>(state.iterations() * g_env->data_bytes));
 }
 // The default configuration (4 readers on a machine of up to 4 cores, 64 MiB, buffered, write
-// fill with 1 MiB buffers) first, then one knob at a time around it; then the map fill (the
-// default before 2026-12-05) with the same knobs.
+// fill with 1 MiB buffers, 256 parts) first, then one knob at a time around it; then the map
+// fill (the default before 2026-12-05) with the same knobs.
 void FillArgs(benchmark::internal::Benchmark* b) {
-  b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib", "hash"});
+  b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib", "hash", "parts"});
   for (int cold : {0, 1}) {
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 1});
-    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf, 1});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024, 1});
-    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024, 1});
-    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0});
-    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 1});
-    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024, 1});
-    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024, 1});
-    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024, 1});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 1, 256});
+    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 1, 1});
+    for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf, 1, 256});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024, 1, 256});
+    for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024, 1, 256});
+    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0, 256});
+    for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 1, 256});
+    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 1, 1});
+    for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024, 1, 256});
+    for (int prefault : {1, 2, 4}) b->Args({4, 64, 0, prefault, cold, 1, 1024, 1, 256});
+    for (int chunk : {1, 4, 16}) b->Args({4, chunk, 0, 0, cold, 1, 1024, 1, 256});
   }
 }
 BENCHMARK(BM_HostTierFill)->Apply(FillArgs)->UseRealTime()->Unit(benchmark::kMillisecond);

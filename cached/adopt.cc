@@ -44,6 +44,7 @@ ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::u
     s.file = sh.file;
     s.segment = sh.segment.name();
     s.data_size = sh.segment.data_size();
+    s.part_size = sh.segment.part_size();
     s.file_info = sh.file_info;
     s.checksum = sh.checksum;
     s.header_bytes.assign(reinterpret_cast<const char*>(sh.header_bytes.data()), sh.header_bytes.size());
@@ -65,6 +66,7 @@ ModelRecord PlannedRecord(const LoadPlan& plan, const SegmentStore& store, const
     s.file = p.file;
     s.segment = store.SegmentName(model, generation, i);
     s.data_size = p.header.data_size;
+    s.part_size = store.PartSize(plan.bytes);
     s.header_bytes.assign(reinterpret_cast<const char*>(p.header_bytes.data()), p.header_bytes.size());
     r.shards.push_back(std::move(s));
   }
@@ -108,7 +110,8 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     shard.checksum = s.checksum;
     shard.verified = p.expected.has_value();
     shard.header_bytes = std::move(p.header_bytes);
-    ASSIGN_OR_RETURN(shard.segment, store.Open(s.segment, s.data_size));
+    ASSIGN_OR_RETURN(shard.segment, store.Open(s.segment, s.data_size, s.part_size));
+    shard.segment.CloseFds();  // the mapping is what the daemon keeps
     model->bytes += s.data_size;
     model->tensor_count += static_cast<std::uint32_t>(shard.header.tensors.size());
     model->shards.push_back(std::move(shard));
@@ -166,19 +169,21 @@ std::size_t AdoptHostCopies(const DaemonConfig& config, const SegmentStore& stor
     }
     std::vector<std::string> files, shm_paths;
     std::vector<st::Header> headers;
+    std::uint64_t part_size = 0;  // the same for every shard of a copy, or 0 where one part holds a shard
     m.shard_sizes.clear();
     for (const ResidentShard& sh : (*r)->shards) {
       files.push_back(sh.file);
       headers.push_back(sh.header);
       shm_paths.push_back(sh.segment.shm_path());
       m.shard_sizes.push_back(sh.header.data_size);
-      keep.insert(sh.segment.name());
+      part_size = std::max(part_size, sh.segment.part_size());
+      for (const std::string& part : sh.segment.part_names()) keep.insert(part);
     }
     keep.insert(record.name);
     m.generation = record.generation;
     table.SawGeneration(record.generation);
     m.host_bytes = bytes;
-    table.BuildIndex(m, files, headers, shm_paths);
+    table.BuildIndex(m, files, headers, shm_paths, part_size);
     table.InstallHost(m, std::move(r).value());
     ++adopted;
     spdlog::info("model '{}' adopted from the previous instance: {} shards, {} verified in {} ms, nothing read from disk",

@@ -210,6 +210,10 @@ const ConfigKey kKeys[] = {
      "how a write fill hashes chunks that finish out of order: mapping (through the daemon's mapping) or read-back "
      "(pread back from the segment, one more copy)",
      "--fill-hash", "SOURCE", "mapping|read-back"},
+    {"daemon", "segment_parts", K::kCount, WD_FIELD(segment_parts),
+     "the most tmpfs files a host copy is split into (parts of at least 16 MiB; a fill writes each file with one "
+     "thread at a time); 1: one file per shard",
+     "--segment-parts", "N", {}, 1, 4096},
     {"daemon", "prefault_threads", K::kCount, WD_FIELD(prefault_threads), "extra threads pre-faulting fresh segments",
      {}, {}, {}, 0, 256},
     {"daemon", "verify_checksums", K::kBool, WD_FIELD(verify_checksums),

@@ -102,6 +102,10 @@ struct DaemonConfig {
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)
   std::string fill = "write";            // "write" (pwrite into the segment's fd) or "map" (docs/loading.md)
   std::string fill_hash = "mapping";     // a write fill hashes late chunks through the "mapping" or "read-back"
+  // The most tmpfs files a host copy's segments are split into (SegmentStore::PartSize): a fill
+  // writes each file with one thread at a time (its inode lock), so more files let more readers
+  // write at once (docs/loading.md). 1: one file per shard.
+  std::uint32_t segment_parts = 256;
   std::uint32_t prefault_threads = 0;    // extra threads pre-faulting fresh segments (docs/loading.md)
   bool verify_checksums = true;          // against a model directory's checksums.xxh128
   std::chrono::milliseconds heartbeat_interval{1000};

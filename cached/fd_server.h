@@ -35,8 +35,8 @@ class FdServer {
   // Binds the fd socket at `path` (mode 0660) and adds it to the epoll set with `listen_tag`.
   Status Bind(const std::string& path, std::uint64_t listen_tag);
 
-  // Leaves the fds of lease `lease_id` of session `session_id` for its process: the host
-  // segments `shm_names` (read-only), or every shard of `copy` (a VMM export; the token holds no
+  // Leaves the fds of lease `lease_id` of session `session_id` for its process: the files of its
+  // host segments `shm_names` (every part, in manifest order; read-only), or every shard of `copy` (a VMM export; the token holds no
   // reference, so the copy stays the lease's) in manifest order `shards`. Returns the token.
   Result<std::string> Offer(std::uint64_t session_id, std::uint64_t lease_id, std::shared_ptr<const gpu::GpuCopy> copy,
                             std::vector<std::uint32_t> shards, std::vector<std::string> shm_names);

@@ -6,9 +6,9 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstring>
 
-#include <boost/interprocess/mapped_region.hpp>
 #include <boost/interprocess/permissions.hpp>
 #include <boost/interprocess/shared_memory_object.hpp>
 
@@ -19,8 +19,8 @@ namespace bip = boost::interprocess;
 namespace weightd {
 
 struct HostSegment::Impl {
-  bip::shared_memory_object shm;
-  bip::mapped_region region;
+  std::vector<posix::Fd> fds;  // one per part, until CloseFds()
+  posix::Mapping mapping;
 };
 
 namespace {
@@ -34,6 +34,52 @@ Status SetModeAndGroup(int fd, const std::string& name, mode_t mode, gid_t group
   return Status::Ok();
 }
 
+// A close-on-exec descriptor of a Boost object's file that outlives the object.
+Result<posix::Fd> DupOf(const bip::shared_memory_object& shm, const std::string& name) {
+  const int fd = ::fcntl(shm.get_mapping_handle().handle, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return posix::ErrnoStatus("dup(/" + name + ")");
+  return posix::Fd(fd);
+}
+
+// Creates one file of a segment exclusively, with exactly `mode` and `group`, `size` bytes,
+// committed when `reserve`.
+Result<posix::Fd> CreatePart(const std::string& name, std::uint64_t size, mode_t mode, gid_t group, bool reserve) {
+  posix::Fd fd;
+  try {
+    bip::permissions perm(static_cast<unsigned>(mode));
+    bip::shared_memory_object shm(bip::create_only, name.c_str(), bip::read_write, perm);
+    shm.truncate(static_cast<bip::offset_t>(size));
+    ASSIGN_OR_RETURN(fd, DupOf(shm, name));
+  } catch (const bip::interprocess_exception& e) {
+    const bool exists = e.get_error_code() == bip::already_exists_error;
+    const bool full = e.get_error_code() == bip::out_of_space_error || e.get_native_error() == ENOSPC ||
+                      e.get_native_error() == ENOMEM;
+    std::string msg = "creating shared-memory segment /" + name + " of " + std::to_string(size) + " bytes: " + e.what();
+    if (exists) return FailedPrecondition(msg, "shm.exists");
+    if (full) return ResourceExhausted(msg + " (is /dev/shm large enough?)", "shm.no_space");
+    return Internal(msg, "shm.create_failed");
+  }
+  // The mode exactly as configured (shm_open applies the umask), and the readers' group: the
+  // segment is never world-readable, never writable by clients.
+  RETURN_IF_ERROR(SetModeAndGroup(fd.get(), name, mode, group));
+  // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
+  // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.
+  if (reserve && size > 0) {
+    if (int err = ::posix_fallocate(fd.get(), 0, static_cast<off_t>(size)); err != 0) {
+      Status s = posix::ErrnoStatus("reserving " + std::to_string(size) + " bytes for segment /" + name, err);
+      if (err == ENOSPC) s = ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
+      return s;
+    }
+  }
+  return fd;
+}
+
+Status BadPartSize(const std::string& name, std::uint64_t part_size) {
+  return InvalidArgument("segment /" + name + ": parts of " + std::to_string(part_size) +
+                             " bytes (not a multiple of 2 MiB)",
+                         "shm.bad_part_size");
+}
+
 }  // namespace
 
 HostSegment::HostSegment() = default;
@@ -41,90 +87,116 @@ HostSegment::HostSegment(HostSegment&&) noexcept = default;
 HostSegment& HostSegment::operator=(HostSegment&&) noexcept = default;
 HostSegment::~HostSegment() = default;
 
-HostSegment HostSegment::Blank(const std::string& name, std::uint64_t data_size) {
+HostSegment HostSegment::Blank(const std::string& name, std::uint64_t data_size, std::uint64_t part_size) {
   HostSegment seg;
   seg.name_ = name;
   seg.data_size_ = data_size;
   seg.mapped_size_ = posix::RoundUp(data_size, posix::PageSize());
+  // One part that holds everything is the plain one-file segment.
+  seg.part_size_ = part_size < seg.mapped_size_ ? part_size : 0;
   seg.impl_ = std::make_unique<Impl>();
   return seg;
 }
 
-int HostSegment::fd() const { return impl_ ? impl_->shm.get_mapping_handle().handle : -1; }
+std::string HostSegment::PartName(const std::string& name, std::size_t k) {
+  return k == 0 ? name : name + "~" + std::to_string(k);
+}
+
+std::vector<std::string> HostSegment::PartNames(const std::string& name, std::uint64_t data_size,
+                                                std::uint64_t part_size) {
+  const std::uint64_t n = std::max<std::uint64_t>(1, posix::PartCount(posix::RoundUp(data_size, posix::PageSize()), part_size));
+  std::vector<std::string> out;
+  out.reserve(n);
+  for (std::uint64_t k = 0; k < n; ++k) out.push_back(PartName(name, k));
+  return out;
+}
+
+std::size_t HostSegment::parts() const {
+  return static_cast<std::size_t>(std::max<std::uint64_t>(1, posix::PartCount(mapped_size_, part_size_)));
+}
+
+int HostSegment::part_fd(std::size_t k) const {
+  return impl_ && k < impl_->fds.size() ? impl_->fds[k].get() : -1;
+}
+
+void HostSegment::CloseFds() {
+  if (impl_) impl_->fds.clear();
+}
+
+void HostSegment::Unlink() const {
+  if (name_.empty()) return;
+  for (const std::string& n : part_names()) (void)Remove(n);
+}
+
+Status HostSegment::MapAll() {
+  if (mapped_size_ == 0) return Status::Ok();
+  std::vector<int> fds;
+  for (const posix::Fd& f : impl_->fds) fds.push_back(f.get());
+  ASSIGN_OR_RETURN(impl_->mapping, posix::MapParts(fds, mapped_size_, part_size_, PROT_READ | PROT_WRITE, MAP_SHARED,
+                                                   "segment /" + name_));
+  data_ = impl_->mapping.data();
+  return Status::Ok();
+}
 
 Result<HostSegment> HostSegment::Create(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group,
-                                        bool reserve) {
-  HostSegment seg = Blank(name, data_size);
-  try {
-    bip::permissions perm(static_cast<unsigned>(mode));
-    seg.impl_->shm = bip::shared_memory_object(bip::create_only, name.c_str(), bip::read_write, perm);
-    seg.impl_->shm.truncate(static_cast<bip::offset_t>(seg.mapped_size_));
-    if (seg.mapped_size_ > 0) {
-      seg.impl_->region = bip::mapped_region(seg.impl_->shm, bip::read_write, 0, seg.mapped_size_);
-      seg.data_ = static_cast<std::byte*>(seg.impl_->region.get_address());
-    }
-  } catch (const bip::interprocess_exception& e) {
-    const bool exists = e.get_error_code() == bip::already_exists_error;
-    const bool full = e.get_error_code() == bip::out_of_space_error || e.get_native_error() == ENOSPC ||
-                      e.get_native_error() == ENOMEM;
-    std::string msg = "creating shared-memory segment /" + name + " of " + std::to_string(seg.mapped_size_) +
-                      " bytes: " + e.what();
-    // A half-made segment must not outlive the failure.
-    if (!exists) bip::shared_memory_object::remove(name.c_str());
-    if (exists) return FailedPrecondition(msg, "shm.exists");
-    if (full) return ResourceExhausted(msg + " (is /dev/shm large enough?)", "shm.no_space");
-    return Internal(msg, "shm.create_failed");
-  }
-  // A segment that cannot be set up as asked is unlinked, never left half-made.
+                                        bool reserve, std::uint64_t part_size) {
+  if (part_size % posix::kHugePageBytes != 0) return BadPartSize(name, part_size);
+  HostSegment seg = Blank(name, data_size, part_size);
+  // A segment that cannot be set up as asked is unlinked, never left half-made; a name that
+  // exists is left alone (it is not ours to remove).
+  std::size_t made = 0;
   auto discard = [&](Status s) {
     seg.impl_.reset();
-    bip::shared_memory_object::remove(name.c_str());
+    for (std::size_t k = 0; k < made; ++k) (void)Remove(PartName(name, k));
     return s;
   };
-  // The mode exactly as configured (shm_open applies the umask), and the readers' group: the
-  // segment is never world-readable, never writable by clients.
-  if (Status bad = SetModeAndGroup(seg.impl_->shm.get_mapping_handle().handle, name, mode, group); !bad.ok())
-    return discard(bad);
-  // The pages are not committed until touched; ftruncate on tmpfs does not reserve space, so
-  // a full /dev/shm shows up as SIGBUS on first write. Reserve it now to fail cleanly instead.
-  if (reserve && seg.mapped_size_ > 0) {
-    int fd = seg.impl_->shm.get_mapping_handle().handle;
-    int err = ::posix_fallocate(fd, 0, static_cast<off_t>(seg.mapped_size_));
-    if (err != 0) {
-      Status s = posix::ErrnoStatus("reserving " + std::to_string(seg.mapped_size_) + " bytes for segment /" + name, err);
-      if (err == ENOSPC) s = ResourceExhausted(s.message() + " (is /dev/shm large enough?)", "shm.no_space");
-      return discard(s);
+  const std::size_t n = seg.parts();
+  seg.impl_->fds.reserve(n);
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::string part = PartName(name, k);
+    const std::uint64_t off = k * seg.part_size_;
+    const std::uint64_t size = seg.part_size_ == 0 ? seg.mapped_size_ : std::min(seg.part_size_, seg.mapped_size_ - off);
+    auto fd = CreatePart(part, size, mode, group, reserve);
+    if (!fd.ok()) {
+      if (fd.status().reason() != "shm.exists") (void)Remove(part);
+      return discard(fd.status());
     }
+    ++made;
+    seg.impl_->fds.push_back(std::move(fd).value());
   }
+  if (Status s = seg.MapAll(); !s.ok()) return discard(s);
   return seg;
 }
 
-Result<HostSegment> HostSegment::Open(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group) {
-  HostSegment seg = Blank(name, data_size);
-  const std::string what = "segment /" + name;
-  try {
-    // shm_open (O_NOFOLLOW in glibc): a symlink planted in /dev/shm is not followed.
-    seg.impl_->shm = bip::shared_memory_object(bip::open_only, name.c_str(), bip::read_write);
-  } catch (const bip::interprocess_exception& e) {
-    if (e.get_error_code() == bip::not_found_error) return NotFound(what + " does not exist", "shm.not_found");
-    return Internal("opening " + what + ": " + e.what(), "shm.open_failed");
-  }
-  const int fd = seg.impl_->shm.get_mapping_handle().handle;
-  ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd, what));
-  if (!S_ISREG(st.mode) || st.uid != ::geteuid() || st.size != seg.mapped_size_)
-    return FailedPrecondition(what + " is not one this daemon made (owner uid " + std::to_string(st.uid) + ", " +
-                                  std::to_string(st.size) + " bytes; expected uid " + std::to_string(::geteuid()) +
-                                  ", " + std::to_string(seg.mapped_size_) + " bytes)",
-                              "shm.not_adoptable");
-  RETURN_IF_ERROR(SetModeAndGroup(fd, name, mode, group));
-  if (seg.mapped_size_ > 0) {
+Result<HostSegment> HostSegment::Open(const std::string& name, std::uint64_t data_size, mode_t mode, gid_t group,
+                                      std::uint64_t part_size) {
+  if (part_size % posix::kHugePageBytes != 0) return BadPartSize(name, part_size);
+  HostSegment seg = Blank(name, data_size, part_size);
+  const std::size_t n = seg.parts();
+  for (std::size_t k = 0; k < n; ++k) {
+    const std::string part = PartName(name, k);
+    const std::string what = "segment /" + part;
+    const std::uint64_t off = k * seg.part_size_;
+    const std::uint64_t size = seg.part_size_ == 0 ? seg.mapped_size_ : std::min(seg.part_size_, seg.mapped_size_ - off);
+    posix::Fd fd;
     try {
-      seg.impl_->region = bip::mapped_region(seg.impl_->shm, bip::read_write, 0, seg.mapped_size_);
+      // shm_open (O_NOFOLLOW in glibc): a symlink planted in /dev/shm is not followed.
+      bip::shared_memory_object shm(bip::open_only, part.c_str(), bip::read_write);
+      ASSIGN_OR_RETURN(fd, DupOf(shm, part));
     } catch (const bip::interprocess_exception& e) {
-      return Internal("mapping " + what + ": " + e.what(), "shm.map_failed");
+      if (e.get_error_code() == bip::not_found_error) return NotFound(what + " does not exist", "shm.not_found");
+      return Internal("opening " + what + ": " + e.what(), "shm.open_failed");
     }
-    seg.data_ = static_cast<std::byte*>(seg.impl_->region.get_address());
+    ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd.get(), what));
+    if (!S_ISREG(st.mode) || st.uid != ::geteuid() || st.size != size)
+      return FailedPrecondition(what + " is not one this daemon made (owner uid " + std::to_string(st.uid) + ", " +
+                                    std::to_string(st.size) + " bytes; expected uid " + std::to_string(::geteuid()) +
+                                    ", " + std::to_string(size) + " bytes)",
+                                "shm.not_adoptable");
+    RETURN_IF_ERROR(SetModeAndGroup(fd.get(), part, mode, group));
+    seg.impl_->fds.push_back(std::move(fd));
   }
+  if (Status s = seg.MapAll(); !s.ok()) return Internal(s.message(), "shm.map_failed");
   return seg;
 }
 

@@ -129,9 +129,11 @@ struct ShardFill {
   std::uint64_t data_offset = 0;
   std::uint64_t data_size = 0;
   std::byte* dst = nullptr;
-  int seg_fd = -1;             // the segment's fd, for FillMethod::kWrite
+  std::vector<int> part_fds;   // the segment's files, for FillMethod::kWrite
+  std::uint64_t part_size = 0; // bytes per file (0: one file)
   std::string segment;         // its name, for messages
   std::size_t chunks = 0;
+  std::vector<std::uint64_t> chunk_end;  // where each chunk ends in the data section
   std::unique_ptr<XXH3_state_t, XxhStateFree> hash;
 
   Mutex mu;
@@ -219,7 +221,7 @@ void ResidentModel::RemoveSegments() const {
   // The record first: a crash in between leaves segments without one, which the next start
   // removes, never a record that describes missing segments.
   if (!record.empty()) (void)HostSegment::Remove(record);
-  for (const auto& s : shards) (void)HostSegment::Remove(s.segment.name());
+  for (const auto& s : shards) s.segment.Unlink();
 }
 
 // ---- LoadProgress ----
@@ -324,7 +326,8 @@ Loader::Loader(LoaderOptions options)
     : options_(std::move(options)),
       own_store_(options_.segments != nullptr ? nullptr
                                               : std::make_unique<SegmentStore>(SegmentStore::Options{
-                                                    options_.shm_prefix, options_.shm_mode, options_.shm_group})),
+                                                    options_.shm_prefix, options_.shm_mode, options_.shm_group,
+                                                    options_.segment_parts})),
       store_(options_.segments != nullptr ? options_.segments : own_store_.get()),
       io_(options_.io_layer != nullptr ? options_.io_layer : &posix_io_),
       readers_(std::max(1u, options_.threads), "wd-read") {}
@@ -481,6 +484,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
   };
 
   if (cancel.load()) return fail(Cancelled(plan.name));
+  const std::uint64_t part_size = store_->PartSize(plan.bytes);
   for (std::size_t i = 0; i < plan.shards.size(); ++i) {
     PlannedShard& p = plan.shards[i];
     ResidentShard shard;
@@ -490,7 +494,7 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     // A write fill allocates the pages as it writes them, and reports a full /dev/shm from the
     // write; a map fill stores through the mapping and must have them reserved first.
     auto seg = store_->Create(SegmentName(plan.name, generation, i), p.header.data_size,
-                              /*reserve=*/options_.fill == FillMethod::kMap);
+                              /*reserve=*/options_.fill == FillMethod::kMap, part_size);
     if (!seg.ok()) return fail(seg.status());
     shard.segment = std::move(seg).value();
     model->shards.push_back(std::move(shard));
@@ -510,8 +514,10 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     sf->data_offset = p.header.data_offset;
     sf->data_size = p.header.data_size;
     sf->dst = model->shards[i].segment.data();
-    sf->seg_fd = model->shards[i].segment.fd();
-    sf->segment = model->shards[i].segment.shm_path();
+    const HostSegment& seg = model->shards[i].segment;
+    for (std::size_t k = 0; k < seg.parts(); ++k) sf->part_fds.push_back(seg.part_fd(k));
+    sf->part_size = seg.part_size();
+    sf->segment = seg.shm_path();
     sf->hash.reset(XXH3_createState());
     if (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
         XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR)
@@ -532,7 +538,14 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
         return fail(opened.status());
       }  // else: the filesystem has no O_DIRECT (tmpfs); read buffered.
     }
-    sf->chunks = static_cast<std::size_t>((sf->data_size + fs.chunk_size - 1) / fs.chunk_size);
+    // Chunks of chunk_size, cut at the part boundaries: a chunk is written into one file.
+    const std::uint64_t part_bytes = sf->part_size == 0 ? sf->data_size : sf->part_size;
+    for (std::uint64_t part_start = 0; part_start < sf->data_size; part_start += part_bytes) {
+      const std::uint64_t part_end = std::min(sf->data_size, part_start + part_bytes);
+      for (std::uint64_t at = part_start; at < part_end; at += fs.chunk_size)
+        sf->chunk_end.push_back(std::min(part_end, at + fs.chunk_size));
+    }
+    sf->chunks = sf->chunk_end.size();
     {
       MutexLock lock(sf->mu);
       sf->done.assign(sf->chunks, false);
@@ -550,8 +563,8 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     for (std::size_t i = 0; i < fs.shards.size(); ++i) {
       const ShardFill& sf = *fs.shards[i];
       if (c >= sf.chunks) continue;
-      const std::uint64_t off = c * fs.chunk_size;
-      fs.chunks.push_back({i, c, off, std::min(fs.chunk_size, sf.data_size - off)});
+      const std::uint64_t off = c == 0 ? 0 : sf.chunk_end[c - 1];
+      fs.chunks.push_back({i, c, off, sf.chunk_end[c] - off});
       ++left;
     }
   }
@@ -592,6 +605,8 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     if (!SameFile(shard.file_info, *now))
       return fail(DataLoss(sf.path + " changed while it was being loaded", "loader.file_changed"));
   }
+  // The mappings keep the pages; a copy of many parts would otherwise hold an fd per part.
+  for (ResidentShard& shard : model->shards) shard.segment.CloseFds();
   cleanup.m = nullptr;
   cleanup.progress = nullptr;
   if (progress) progress->Finish();
@@ -674,6 +689,10 @@ void HashInOrder(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uin
 // O_DIRECT: a direct read of a piece covers the aligned range around it.
 Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t size, std::byte* buf,
                   std::uint64_t piece) {
+  // A chunk never crosses a part boundary (Fill cuts them so).
+  const std::size_t part = sf.part_size == 0 ? 0 : static_cast<std::size_t>(off / sf.part_size);
+  const int part_fd = sf.part_fds[part];
+  const std::uint64_t part_start = part * sf.part_size;
   for (std::uint64_t done = 0; done < size;) {
     const std::uint64_t n = std::min(piece, size - done);
     const std::uint64_t begin = sf.data_offset + off + done;
@@ -702,7 +721,7 @@ Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t si
     }
     {
       ScopedTime t(sf.write_ns);
-      if (Status w = io.Pwrite(sf.seg_fd, std::span(src, n), off + done, sf.segment); !w.ok())
+      if (Status w = io.Pwrite(part_fd, std::span(src, n), off + done - part_start, sf.segment); !w.ok())
         return SegmentWriteError(std::move(w));
     }
     HashInOrder(sf, off + done, src, n);
@@ -724,7 +743,7 @@ Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint6
   sf.mu.Lock();
   sf.done[index] = true;
   while (sf.next_gap < sf.chunks && sf.done[sf.next_gap]) ++sf.next_gap;
-  sf.filled = std::min(sf.data_size, sf.next_gap * chunk_size);
+  sf.filled = sf.next_gap == 0 ? 0 : sf.chunk_end[sf.next_gap - 1];
   if (progress) progress->SetFilled(shard, sf.filled);
   if (sf.hashing) {
     sf.mu.Unlock();
@@ -736,10 +755,14 @@ Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint6
   // Hash at most a chunk (or a buffer) at a time, so that a failure elsewhere stops this thread
   // soon.
   while (sf.hashed < sf.filled && !failed.load(std::memory_order_relaxed)) {
-    const std::uint64_t from = sf.hashed, to = std::min(sf.filled, from + (buf ? piece : chunk_size));
+    const std::uint64_t from = sf.hashed;
+    std::uint64_t to = std::min(sf.filled, from + (buf ? piece : chunk_size));
     sf.mu.Unlock();
     if (buf != nullptr) {
-      auto got = posix::PreadUpTo(sf.seg_fd, std::span(buf, to - from), from, sf.segment);
+      // A read back stays inside one part.
+      const std::uint64_t part = sf.part_size == 0 ? 0 : from / sf.part_size;
+      if (sf.part_size != 0) to = std::min(to, (part + 1) * sf.part_size);
+      auto got = posix::PreadUpTo(sf.part_fds[part], std::span(buf, to - from), from - part * sf.part_size, sf.segment);
       if (!got.ok() || *got != to - from) {
         status = got.ok() ? Internal(sf.segment + ": read back " + std::to_string(*got) + " of " +
                                          std::to_string(to - from) + " bytes at " + std::to_string(from),

@@ -265,6 +265,8 @@ struct LoaderOptions {
   FileIo* io_layer = nullptr;
   // The group that owns new segments ((gid_t)-1: the daemon's own), without `segments`.
   gid_t shm_group = static_cast<gid_t>(-1);
+  // The most files a host copy is split into, without `segments` (SegmentStore::Options).
+  std::uint32_t segment_parts = 1;
 };
 
 class Loader {

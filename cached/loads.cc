@@ -136,7 +136,7 @@ void Loads::StartFill(ModelEntry& m) {
     shm_paths.push_back("/" + store_.SegmentName(m.config.name, m.generation, i));
   }
   // The tensor index is known from the headers already, and stays as the fill completes.
-  table_.BuildIndex(m, files, headers, shm_paths);
+  table_.BuildIndex(m, files, headers, shm_paths, store_.PartSize(m.plan->bytes));
   const std::uint64_t gen = m.generation;
   const std::string name = m.config.name;
   auto cancel = m.cancel;

@@ -2,6 +2,7 @@
 #include <sys/resource.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <iostream>
@@ -120,7 +121,10 @@ int main(int argc, char** argv) {
       (void)::getrlimit(RLIMIT_NOFILE, &nofile);
     }
     const auto budget = static_cast<std::uint64_t>(nofile.rlim_cur);
-    const std::uint64_t reserve = 256;  // segments being loaded, the fd channel, logs
+    // The fd channel, logs, and the files of the segments being filled: a fill holds an fd per
+    // part (at most segment_parts, plus one per shard), and max_loads fills run at once.
+    const std::uint64_t fills = std::max<std::uint64_t>(2, cfg.cache.max_loads);
+    const std::uint64_t reserve = 256 + fills * cfg.segment_parts;
     const std::uint64_t fit = budget > 3 * reserve ? (budget - reserve) / 3 : 64;
     if (cfg.max_sessions > fit) {
       spdlog::warn("max_sessions {} lowered to {}: the fd limit is {} (raise LimitNOFILE)", cfg.max_sessions, fit, budget);

@@ -55,14 +55,15 @@ void ModelTable::InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r) {
 }
 
 void ModelTable::BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
-                            const std::vector<std::string>& shm_paths) {
+                            const std::vector<std::string>& shm_paths, std::uint64_t part_size) {
   m.segments.clear();
   m.tensors.clear();
   m.tensor_index.clear();
   for (std::size_t i = 0; i < headers.size(); ++i) {
     const st::Header& h = headers[i];
-    m.segments.push_back(proto::SegmentInfo{shm_paths[i], posix::RoundUp(h.data_size, posix::PageSize()), h.data_size,
-                                            files[i], h.data_offset, 0, {}});
+    const std::uint64_t size = posix::RoundUp(h.data_size, posix::PageSize());
+    m.segments.push_back(proto::SegmentInfo{shm_paths[i], size, h.data_size, files[i], h.data_offset, 0, {},
+                                            part_size < size ? part_size : 0});
     for (const auto& t : h.tensors) {
       m.tensor_index[t.name] = m.tensors.size();
       m.tensors.push_back(proto::TensorRecord{t.name, static_cast<std::uint8_t>(t.dtype), t.shape,

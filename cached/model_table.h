@@ -186,9 +186,10 @@ class ModelTable {
 
   // Makes `r` the model's host copy (its index is built already) and keeps its files' identity.
   void InstallHost(ModelEntry& m, std::shared_ptr<ResidentModel> r);
-  // The tensor index and segment list a manifest is built from.
+  // The tensor index and segment list a manifest is built from; every segment is split into parts
+  // of `part_size` bytes (HostSegment; 0: one file each).
   void BuildIndex(ModelEntry& m, const std::vector<std::string>& files, const std::vector<st::Header>& headers,
-                  const std::vector<std::string>& shm_paths);
+                  const std::vector<std::string>& shm_paths, std::uint64_t part_size);
   // The manifest of an Acquire of `m`'s host copy (ordinal -1) or of its resident copy on a GPU,
   // with only the tensors of `filter` (empty: all). NotFound "acquire.unknown_tensor".
   Result<Grant> GrantOf(const ModelEntry& m, const std::vector<std::string>& filter, int ordinal) const;

@@ -5,6 +5,7 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <cstring>
@@ -22,7 +23,8 @@ namespace weightd {
 namespace {
 
 constexpr std::string_view kRecordSuffix = ".record";
-constexpr char kRecordMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '2'};
+// 3: shards record their part size (2026-12-06). A record of another version is not adopted.
+constexpr char kRecordMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '3'};
 // A record is KBs (the shards' headers); anything this large is not one of ours.
 constexpr std::uint64_t kMaxRecordBytes = 256ull << 20;
 
@@ -42,7 +44,7 @@ void Serialize(Archive& ar, ModelRecord& r) {
     r.shards.resize(n);
   }
   for (auto& s : r.shards)
-    ar(s.file, s.segment, s.data_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.ctime_ns, s.file_info.inode,
+    ar(s.file, s.segment, s.data_size, s.part_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.ctime_ns, s.file_info.inode,
        s.file_info.dev, s.checksum.high64, s.checksum.low64, s.header_bytes);
 }
 
@@ -119,13 +121,20 @@ std::string SegmentStore::RecordName(const std::string& model, std::uint64_t gen
 
 bool SegmentStore::IsRecordName(const std::string& name) { return name.ends_with(kRecordSuffix); }
 
-Result<HostSegment> SegmentStore::Create(const std::string& name, std::uint64_t data_size, bool reserve) const {
-  (void)HostSegment::Remove(name);
-  return HostSegment::Create(name, data_size, options_.mode, options_.group, reserve);
+std::uint64_t SegmentStore::PartSize(std::uint64_t model_bytes) const {
+  if (options_.max_parts <= 1) return 0;
+  const std::uint64_t even = (model_bytes + options_.max_parts - 1) / options_.max_parts;
+  return posix::RoundUp(std::max(even, options_.min_part_bytes), posix::kHugePageBytes);
 }
 
-Result<HostSegment> SegmentStore::Open(const std::string& name, std::uint64_t data_size) const {
-  return HostSegment::Open(name, data_size, options_.mode, options_.group);
+Result<HostSegment> SegmentStore::Create(const std::string& name, std::uint64_t data_size, bool reserve,
+                                         std::uint64_t part_size) const {
+  for (const std::string& part : HostSegment::PartNames(name, data_size, part_size)) (void)HostSegment::Remove(part);
+  return HostSegment::Create(name, data_size, options_.mode, options_.group, reserve, part_size);
+}
+
+Result<HostSegment> SegmentStore::Open(const std::string& name, std::uint64_t data_size, std::uint64_t part_size) const {
+  return HostSegment::Open(name, data_size, options_.mode, options_.group, part_size);
 }
 
 Result<posix::Fd> SegmentStore::OpenReadOnly(const std::string& name) const {

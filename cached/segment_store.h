@@ -5,7 +5,8 @@
 //
 // Names, all under /dev/shm and without the leading '/':
 //   <prefix>.lock                                the prefix lock (an flock held for the process's life)
-//   <prefix>.<model>.<generation>-<salt>.<shard>  one segment per shard of a host copy
+//   <prefix>.<model>.<generation>-<salt>.<shard>  one segment per shard of a host copy (its part 0)
+//   <prefix>.<model>.<generation>-<salt>.<shard>~<k>  part k >= 1 of it (HostSegment)
 //   <prefix>.<model>.<generation>-<salt>.record   a completed copy's adoption record (adopt.h)
 // The salt is random per SegmentStore (per daemon instance), so that no other user can plant a
 // name that a later load will want (the sticky /dev/shm would keep the daemon from removing it).
@@ -35,6 +36,7 @@ struct ModelRecord {
     std::string file;     // name inside the model directory
     std::string segment;  // shm name, without '/'
     std::uint64_t data_size = 0;
+    std::uint64_t part_size = 0;  // HostSegment::part_size()
     posix::FileInfo file_info;  // size, mtime_ns, ctime_ns, inode, dev when it was read
     XXH128_hash_t checksum{};   // of the whole file
     std::string header_bytes;   // file bytes [0, data_offset)
@@ -52,6 +54,11 @@ class SegmentStore {
     std::string prefix;
     mode_t mode = 0640;                        // of every segment, whatever the umask
     gid_t group = static_cast<gid_t>(-1);      // owner group of every segment; -1: the daemon's
+    // The most files a host copy is split into ([daemon] segment_parts); 0 or 1: one per shard.
+    std::uint32_t max_parts = 1;
+    // The smallest part PartSize() gives (rounded up to 2 MiB): smaller ones would only cost
+    // mappings and fds. Tests lower it.
+    std::uint64_t min_part_bytes = 16ull << 20;
   };
   explicit SegmentStore(Options options);
 
@@ -68,16 +75,23 @@ class SegmentStore {
   // True for a name RecordName() makes (segment names end in a shard index instead).
   static bool IsRecordName(const std::string& name);
 
-  // Creates segment `name` of `data_size` data bytes with the store's mode and group. A segment
-  // of that name can only be a leftover of an earlier instance (the prefix is locked), so it is
-  // replaced; its old mappings stay valid. `reserve` as HostSegment::Create. Errors as
-  // HostSegment::Create.
-  Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, bool reserve = true) const;
+  // The part size (HostSegment) of every segment of a host copy of `model_bytes` tensor bytes:
+  // the copy's bytes over `max_parts`, at least `min_part_bytes`, rounded up to 2 MiB, so that a
+  // copy has at most max_parts parts plus one per shard. 0 (one file per shard) when max_parts
+  // is 0 or 1.
+  std::uint64_t PartSize(std::uint64_t model_bytes) const;
+
+  // Creates segment `name` of `data_size` data bytes with the store's mode and group, in parts
+  // of `part_size` bytes. A segment of that name can only be a leftover of an earlier instance
+  // (the prefix is locked), so it is replaced; its old mappings stay valid. `reserve` as
+  // HostSegment::Create. Errors as HostSegment::Create.
+  Result<HostSegment> Create(const std::string& name, std::uint64_t data_size, bool reserve = true,
+                             std::uint64_t part_size = 0) const;
   // Opens an earlier instance's segment for adoption, with today's mode and group. Errors as
   // HostSegment::Open.
-  Result<HostSegment> Open(const std::string& name, std::uint64_t data_size) const;
-  // A fresh read-only open file description of segment `name` (with or without its leading
-  // '/'), for a client: no route through it (mmap, mprotect, a reopen of /proc/self/fd) can
+  Result<HostSegment> Open(const std::string& name, std::uint64_t data_size, std::uint64_t part_size = 0) const;
+  // A fresh read-only open file description of the segment file `name` (a part's name, with or
+  // without its leading '/'), for a client: no route through it (mmap, mprotect, a reopen of /proc/self/fd) can
   // make it writable. NotFound "shm.not_found" when the name is gone.
   Result<posix::Fd> OpenReadOnly(const std::string& name) const;
 

@@ -132,7 +132,7 @@ struct Server::Impl final : ModelEvents {
         gpu(g),
         shm_gid(gid),
         policy(std::move(p)),
-        store({config.shm_prefix, config.shm_mode, shm_group}),
+        store({config.shm_prefix, config.shm_mode, shm_group, config.segment_parts}),
         loader(LoaderOptionsOf(config, &store)),
         table(clock, &counters, g != nullptr && g->available() ? g->Devices().size() : 0, Poster()),
         sessions({config.max_sessions, config.max_sessions_per_user, config.max_leases_per_client,
@@ -517,7 +517,9 @@ proto::ReplyBody Server::Impl::GrantLease(Session& s, ModelEntry& m, const proto
     std::vector<std::string> shm_names;
     if (!copy)
       for (const auto& seg : man.segments)
-        if (seg.size > 0) shm_names.push_back(seg.shm_name);
+        if (seg.size > 0)
+          for (std::string& part : HostSegment::PartNames(seg.shm_name, seg.data_size, seg.part_size))
+            shm_names.push_back(std::move(part));
     auto token = fds.Offer(s.id, *id, copy, std::move(grant->shards), std::move(shm_names));
     if (!token.ok()) {
       (void)leases().Release(s, *id);

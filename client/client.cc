@@ -98,8 +98,19 @@ std::string ShapeString(const std::vector<std::int64_t>& shape) {
 // `gpu`: the lease was asked for on a GPU, whose shards map no host segment (size 0);
 // ValidateGpuManifest checks their allocations.
 Status ValidateManifest(const proto::Manifest& m, bool gpu) {
+  std::uint64_t files = 0;
   for (std::size_t i = 0; i < m.segments.size(); ++i) {
     const auto& s = m.segments[i];
+    if (!gpu && s.size > 0) {
+      if (s.part_size % posix::kHugePageBytes != 0 || s.size % posix::PageSize() != 0)
+        return BadManifest(m.model, "segment " + std::to_string(i) + " (" + s.shm_name + ") of " +
+                                        std::to_string(s.size) + " bytes in parts of " + std::to_string(s.part_size) +
+                                        " bytes: not whole pages and 2 MiB parts");
+      files += posix::PartCount(s.size, s.part_size);
+      if (files > fdchan::kMaxFdsPerReply)
+        return BadManifest(m.model, "its segments are split into more than " +
+                                        std::to_string(fdchan::kMaxFdsPerReply) + " files");
+    }
     if (!gpu && s.data_size > s.size)
       return BadManifest(m.model, "segment " + std::to_string(i) + " (" + s.shm_name + ") has " +
                                       std::to_string(s.data_size) + " data bytes in a " +
@@ -810,8 +821,17 @@ Result<Client> Client::Connect(ClientOptions options) {
 
 namespace {
 
-// The lease's fds from the daemon's fd socket: `expected` of them, in manifest order.
+// The files a host lease's segments come in: the fds the daemon offers for it.
+std::size_t HostFileCount(const proto::Manifest& m) {
+  std::uint64_t n = 0;
+  for (const auto& s : m.segments) n += posix::PartCount(s.size, s.part_size);
+  return static_cast<std::size_t>(n);
+}
+
+// The lease's fds from the daemon's fd socket: `expected` of them, in manifest order. None
+// (and no connection) when `expected` is 0.
 Result<std::vector<posix::Fd>> FetchLeaseFds(const proto::Manifest& m, std::size_t expected) {
+  if (expected == 0) return std::vector<posix::Fd>();
   if (m.fd_token.empty() || m.fd_token.size() > fdchan::kMaxTokenBytes || m.fd_socket.empty() ||
       m.fd_socket[0] != '/' || m.fd_socket.size() > 107)
     return BadManifest(m.model, "no usable fd socket and token");
@@ -826,29 +846,30 @@ Result<std::vector<posix::Fd>> FetchLeaseFds(const proto::Manifest& m, std::size
 // Maps the host segments of a validated manifest. The daemon hands them over as read-only fds
 // (the segments themselves need not be readable by this process's uid or groups).
 // `writable`: private copy-on-write mappings (the fd is read-only, which MAP_PRIVATE allows).
+// A segment may come in several files (SegmentInfo::part_size), mapped back to back.
+// `writable`: private copy-on-write mappings (the fd is read-only, which MAP_PRIVATE allows).
 Status MapHostSegments(const proto::Manifest& m, bool writable, Lease::Impl& lease) {
-  const auto nonempty = static_cast<std::size_t>(
-      std::count_if(m.segments.begin(), m.segments.end(), [](const proto::SegmentInfo& s) { return s.size > 0; }));
-  std::vector<posix::Fd> fds;
-  if (nonempty > 0) {
-    ASSIGN_OR_RETURN(fds, FetchLeaseFds(m, nonempty));
-  }
+  ASSIGN_OR_RETURN(std::vector<posix::Fd> fds, FetchLeaseFds(m, HostFileCount(m)));
   lease.mappings.reserve(m.segments.size());
   std::size_t next = 0;
   for (const auto& seg : m.segments) {
-    if (seg.size == 0) {
-      lease.mappings.emplace_back();
-      continue;
-    }
     const std::string ctx = "mapping model '" + m.model + "' shard " + seg.file;
-    posix::Fd fd = std::move(fds[next++]);
-    ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd.get(), seg.shm_name));
-    if (st.size < seg.size)
-      return DataLoss(ctx + ": segment " + seg.shm_name + " holds " + std::to_string(st.size) +
-                          " bytes, the manifest says " + std::to_string(seg.size),
-                      "client.segment_truncated");
-    auto mapping = posix::Map(fd.get(), static_cast<std::size_t>(seg.size), writable ? PROT_READ | PROT_WRITE : PROT_READ,
-                              writable ? MAP_PRIVATE : MAP_SHARED, seg.shm_name);
+    const std::uint64_t parts = posix::PartCount(seg.size, seg.part_size);
+    std::vector<int> raw;
+    for (std::uint64_t k = 0; k < parts; ++k) {
+      const int fd = fds[next++].get();
+      // Every file but the last holds part_size bytes; the last the rest.
+      const std::uint64_t want = parts == 1 ? seg.size : std::min(seg.part_size, seg.size - k * seg.part_size);
+      ASSIGN_OR_RETURN(posix::FileInfo st, posix::Stat(fd, seg.shm_name));
+      if (st.size < want)
+        return DataLoss(ctx + ": segment " + seg.shm_name + " part " + std::to_string(k) + " holds " +
+                            std::to_string(st.size) + " bytes, the manifest says " + std::to_string(want),
+                        "client.segment_truncated");
+      raw.push_back(fd);
+    }
+    auto mapping = posix::MapParts(raw, seg.size, parts == 1 ? 0 : seg.part_size,
+                                   writable ? PROT_READ | PROT_WRITE : PROT_READ, writable ? MAP_PRIVATE : MAP_SHARED,
+                                   seg.shm_name);
     if (!mapping.ok()) return mapping.status().WithContext(ctx);
     lease.mappings.push_back(std::move(mapping).value());
   }
@@ -911,10 +932,7 @@ void Client::Impl::Reacquire(LeaseRecord& rec, const std::atomic<bool>* cancel) 
   // one-time token does not wait for its timeout.
   const bool host = m->device == "cpu";
   const bool vmm = !host && m->gpu_export == static_cast<std::uint8_t>(proto::GpuExport::kVmm);
-  std::size_t expected = m->segments.size();
-  if (host)
-    expected = static_cast<std::size_t>(std::count_if(m->segments.begin(), m->segments.end(),
-                                                      [](const proto::SegmentInfo& sg) { return sg.size > 0; }));
+  const std::size_t expected = host ? HostFileCount(*m) : m->segments.size();
   if ((host || vmm) && expected > 0) (void)FetchLeaseFds(*m, expected);
   rec.id = m->lease_id;
   // Dropped meanwhile: whichever of this and EndLease takes the id back releases it.

@@ -8,6 +8,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -135,6 +136,40 @@ Result<Mapping> Map(int fd, std::size_t size, int prot, int flags, std::string_v
   void* p = ::mmap(nullptr, size, prot, flags, fd, 0);
   if (p == MAP_FAILED) return ErrnoStatus("mmap(" + std::string(what) + ", " + std::to_string(size) + " bytes)");
   return Mapping(p, size);
+}
+
+std::uint64_t PartCount(std::uint64_t size, std::uint64_t part_size) {
+  if (size == 0) return 0;
+  return part_size == 0 ? 1 : (size + part_size - 1) / part_size;
+}
+
+Result<Mapping> MapParts(std::span<const int> fds, std::uint64_t size, std::uint64_t part_size, int prot, int flags,
+                         std::string_view what) {
+  if (size == 0) return Mapping();
+  if (part_size % kHugePageBytes != 0 || size % PageSize() != 0 || fds.size() != PartCount(size, part_size))
+    return InvalidArgument("mapping " + std::string(what) + ": " + std::to_string(fds.size()) + " files of " +
+                               std::to_string(part_size) + " bytes cannot hold " + std::to_string(size) + " bytes",
+                           "posix.bad_parts");
+  if (fds.size() == 1) return Map(fds[0], size, prot, flags, what);
+  // Reserve one huge page more than needed, then give back what lies outside the aligned range.
+  const std::uint64_t span = size + kHugePageBytes;
+  void* p = ::mmap(nullptr, span, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (p == MAP_FAILED) return ErrnoStatus("reserving " + std::to_string(span) + " bytes of address space for " + std::string(what));
+  const auto raw = reinterpret_cast<std::uintptr_t>(p);
+  const std::uintptr_t base = RoundUp(raw, kHugePageBytes);
+  if (base > raw) ::munmap(p, base - raw);
+  if (const std::uintptr_t end = base + size; end < raw + span) ::munmap(reinterpret_cast<void*>(end), raw + span - end);
+  Mapping whole(reinterpret_cast<void*>(base), size);  // unmaps the reservation and the parts on failure
+  for (std::size_t k = 0; k < fds.size(); ++k) {
+    const std::uint64_t off = k * part_size;
+    const std::uint64_t len = std::min(part_size, size - off);
+    void* at = reinterpret_cast<void*>(base + off);
+    void* q = ::mmap(at, len, prot, flags | MAP_FIXED, fds[k], 0);
+    if (q == MAP_FAILED)
+      return ErrnoStatus("mmap(" + std::string(what) + " part " + std::to_string(k) + ", " + std::to_string(len) +
+                         " bytes)");
+  }
+  return whole;
 }
 
 std::size_t PageSize() {

@@ -100,6 +100,20 @@ class Mapping {
 // mmap(fd) of `size` bytes from offset 0. `size` may be 0 (an empty mapping, no syscall).
 Result<Mapping> Map(int fd, std::size_t size, int prot, int flags, std::string_view what);
 
+// How many files of `part_size` bytes hold `size` bytes: 0 for 0 bytes; 1 when `part_size` is 0
+// (the whole in one file).
+std::uint64_t PartCount(std::uint64_t size, std::uint64_t part_size);
+
+// Maps `size` bytes held by the files `fds` one after another, each `part_size` bytes from its
+// offset 0 (the last holds the rest), as one contiguous range: a reservation of the whole range,
+// aligned to 2 MiB so that huge tmpfs pages can be mapped whole, then each file MAP_FIXED into
+// its place. `part_size` must be a multiple of 2 MiB (0: one file), `fds.size()` must be
+// PartCount(size, part_size) and `size` a multiple of the page size. `size` 0 gives an empty
+// mapping. The fds may be closed afterwards.
+Result<Mapping> MapParts(std::span<const int> fds, std::uint64_t size, std::uint64_t part_size, int prot, int flags,
+                         std::string_view what);
+inline constexpr std::uint64_t kHugePageBytes = 2ull << 20;
+
 std::size_t PageSize();
 inline std::uint64_t RoundUp(std::uint64_t v, std::uint64_t align) { return (v + align - 1) / align * align; }
 

@@ -109,7 +109,7 @@ template <class A> void serialize(A& ar, HelloReply& m) {
      m.peer_uid, m.peer_pid);
 }
 template <class A> void serialize(A& ar, SegmentInfo& m) {
-  ar(m.shm_name, m.size, m.data_size, m.file, m.file_data_offset, m.gpu_alloc_size, m.ipc_handle);
+  ar(m.shm_name, m.size, m.data_size, m.file, m.file_data_offset, m.gpu_alloc_size, m.ipc_handle, m.part_size);
 }
 template <class A> void serialize(A& ar, TensorRecord& m) {
   ar(m.name, m.dtype, m.shape, m.segment, m.offset, m.nbytes);

@@ -29,8 +29,8 @@
 
 namespace weightd::proto {
 
-inline constexpr std::uint16_t kVersionMajor = 3;
-inline constexpr std::uint16_t kVersionMinor = 1;
+inline constexpr std::uint16_t kVersionMajor = 4;
+inline constexpr std::uint16_t kVersionMinor = 0;
 inline constexpr std::size_t kFrameHeaderSize = 8;
 // The largest reply a client accepts (its ZMQ_MAXMSGSIZE); the daemon never sends more.
 inline constexpr std::size_t kMaxReplyBytes = std::size_t{64} << 20;
@@ -111,6 +111,9 @@ struct SegmentInfo {
   std::uint64_t file_data_offset = 0;  // where the data section starts in that file (8 + header)
   std::uint64_t gpu_alloc_size = 0;    // GPU leases: bytes of the device allocation (>= data_size)
   std::string ipc_handle;              // GPU leases, legacy export: the 64-byte cudaIpcMemHandle_t
+  // Host leases: the segment is split over several files (one fd each, in order), each
+  // `part_size` bytes (a multiple of 2 MiB) but the last; 0: one file. posix::MapParts maps them.
+  std::uint64_t part_size = 0;
 };
 
 enum class GpuExport : std::uint8_t { kVmm = 0, kLegacy = 1 };

@@ -378,6 +378,7 @@ TEST(Client, AnErrorTheDaemonCouldNotAddressAnswersTheCallInFlight) {
 struct BadManifestCase {
   const char* what;
   std::function<void(proto::Manifest&)> spoil;
+  std::string says = "";  // when set, the error's message holds it
 };
 
 void PrintTo(const BadManifestCase& c, std::ostream* os) { *os << c.what; }
@@ -402,6 +403,7 @@ TEST_P(ClientBadManifest, IsDataLossAndReleasesTheLease) {
   ASSERT_FALSE(lease.ok()) << GetParam().what;
   EXPECT_EQ(lease.status().code(), Code::kDataLoss) << lease.status().ToString();
   EXPECT_EQ(lease.status().reason(), "protocol.bad_manifest");
+  EXPECT_NE(lease.status().message().find(GetParam().says), std::string::npos) << lease.status().ToString();
   auto releases = d.ReceivedOf<proto::Release>();
   ASSERT_EQ(releases.size(), 1u);
   EXPECT_EQ(releases[0].lease_id, 42u);
@@ -453,7 +455,23 @@ INSTANTIATE_TEST_SUITE_P(
                         [](proto::Manifest& m) {
                           m.segments[0].shm_name = "../../etc/passwd";
                           m.segments[0].size = 4096;
-                        }}),
+                        }},
+        BadManifestCase{"part_not_2mib",
+                        [](proto::Manifest& m) {
+                          m.segments[0].size = 8192;
+                          m.segments[0].part_size = 4096;
+                        },
+                        "2 MiB parts"},
+        BadManifestCase{"size_not_pages",
+                        [](proto::Manifest& m) { m.segments[0].size = m.segments[0].data_size = 5000; },
+                        "not whole pages"},
+        BadManifestCase{"too_many_parts",
+                        [](proto::Manifest& m) {
+                          // 2^40 bytes in 2 MiB parts: 524288 fds, more than a lease may have.
+                          m.segments[0].size = 1ull << 40;
+                          m.segments[0].part_size = 2ull << 20;
+                        },
+                        "more than 8192 files"}),
     [](const auto& info) { return std::string(info.param.what); });
 
 // ---- real mappings --------------------------------------------------------------------------

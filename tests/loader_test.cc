@@ -371,8 +371,9 @@ TEST_F(Fixture, WriteFillAndMapFillMakeByteIdenticalSegments) {
       // Every page of a write-filled segment is allocated: none is left for a later SIGBUS.
       for (const ResidentShard& sh : (*m)->shards) {
         struct stat st {};
-        ASSERT_EQ(::fstat(sh.segment.fd(), &st), 0);
+        ASSERT_EQ(::stat(("/dev/shm/" + sh.segment.name()).c_str(), &st), 0);
         EXPECT_EQ(static_cast<std::uint64_t>(st.st_blocks) * 512, sh.segment.mapped_size()) << sh.file;
+        EXPECT_EQ(sh.segment.part_fd(0), -1) << "a resident copy keeps no fds";
       }
       (*m)->RemoveSegments();
       ++k;
@@ -382,6 +383,63 @@ TEST_F(Fixture, WriteFillAndMapFillMakeByteIdenticalSegments) {
       EXPECT_TRUE(bytes[0][i] == bytes[1][i]) << "shard " << i << ", " << ModeName(io);
       EXPECT_TRUE(XXH128_isEqual(sums[0][i], sums[1][i])) << "shard " << i;
     }
+  }
+}
+
+// A copy split into parts (several tmpfs files per shard, mapped back to back) holds the same
+// bytes and checksums as one file per shard, with every method and hash source; each part is a
+// file of its size, all of it allocated, and removing the copy removes every part.
+TEST_F(Fixture, FillIntoPartsMatchesTheFilesWithEveryMethod) {
+  const std::string dir = tmp.file("parts");
+  // Two shards of about 5.3 and 2.1 MiB behind unaligned headers: 2 MiB parts cut the first in
+  // three (the last part short) and the second in two.
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {5'500'001}}, {"b", DType::kF32, {550'003}}}, 2, 13)
+                  .ok());
+  SegmentStore store({prefix, 0600, static_cast<gid_t>(-1), /*max_parts=*/64, /*min_part_bytes=*/2ull << 20});
+  struct Case {
+    FillMethod fill;
+    HashSource hash;
+  };
+  std::uint64_t gen = 1;
+  for (Case c : {Case{FillMethod::kWrite, HashSource::kMapping}, Case{FillMethod::kWrite, HashSource::kReadBack},
+                 Case{FillMethod::kMap, HashSource::kMapping}}) {
+    LoaderOptions o = Options(4);
+    o.segments = &store;
+    o.chunk_size = 768 << 10;  // 2 MiB parts end inside a chunk: the fill cuts it there
+    o.write_buffer = 256 << 10;
+    o.fill = c.fill;
+    o.hash_source = c.hash;
+    Loader loader(o);
+    auto m = loader.LoadHost({"parts", dir}, gen++, no_cancel);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    ASSERT_EQ((*m)->shards.size(), 2u);
+    ExpectMatchesFile(**m);
+    std::size_t files = 0;
+    for (const ResidentShard& sh : (*m)->shards) {
+      EXPECT_EQ(sh.segment.part_size(), 2ull << 20);
+      const std::vector<std::string> names = sh.segment.part_names();
+      EXPECT_EQ(names.size(), (sh.segment.mapped_size() + (2ull << 20) - 1) / (2ull << 20));
+      std::uint64_t total = 0;
+      for (const std::string& n : names) {
+        struct stat st {};
+        ASSERT_EQ(::stat(("/dev/shm/" + n).c_str(), &st), 0) << n;
+        EXPECT_LE(static_cast<std::uint64_t>(st.st_size), 2ull << 20) << n;
+        EXPECT_EQ(static_cast<std::uint64_t>(st.st_blocks) * 512, static_cast<std::uint64_t>(st.st_size)) << n;
+        EXPECT_EQ(st.st_mode & 07777, 0600u) << n;
+        total += static_cast<std::uint64_t>(st.st_size);
+      }
+      EXPECT_EQ(total, sh.segment.mapped_size());
+      files += names.size();
+    }
+    EXPECT_EQ(files, 5u);
+    EXPECT_EQ(ListSegments(prefix).size(), 5u);
+    // The same copy through a fresh mapping of its parts (what adoption does).
+    const ResidentShard& first = (*m)->shards[0];
+    auto again = store.Open(first.segment.name(), first.segment.data_size(), first.segment.part_size());
+    ASSERT_TRUE(again.ok()) << again.status().ToString();
+    EXPECT_EQ(0, std::memcmp(again->data(), first.segment.data(), first.segment.data_size()));
+    (*m)->RemoveSegments();
+    EXPECT_TRUE(ListSegments(prefix).empty());
   }
 }
 
@@ -489,6 +547,61 @@ TEST_F(Fixture, FullShmDuringAWriteFillIsNoSpaceAndLeaksNoSegment) {
   // Only the resident model's segment is left, with its bytes.
   EXPECT_EQ(ListSegments(prefix), std::vector<std::string>{(*kept)->shards[0].segment.name()});
   ExpectMatchesFile(**kept);
+}
+
+TEST_F(Fixture, FullShmDuringAFillIntoPartsLeaksNoPart) {
+  const std::string dir = tmp.file("s");
+  ASSERT_TRUE(WriteModelOfSize(dir, (5ull << 20) + 77).ok());
+  SegmentStore store({prefix, 0600, static_cast<gid_t>(-1), /*max_parts=*/64, /*min_part_bytes=*/2ull << 20});
+  FullShmIo full(3ull << 20);  // room for a part and a half
+  LoaderOptions o = Options(3);
+  o.segments = &store;
+  o.chunk_size = 1ull << 20;
+  o.io_layer = &full;
+  Loader loader(o);
+  auto m = loader.LoadHost({"s", dir}, 1, no_cancel);
+  ASSERT_FALSE(m.ok());
+  EXPECT_EQ(m.status().reason(), "shm.no_space") << m.status().ToString();
+  EXPECT_TRUE(ListSegments(prefix).empty());
+}
+
+// Parts are whole 2 MiB multiples; a part name that exists (not this store's to remove) fails
+// the segment, which removes the parts it made and leaves that name alone.
+TEST_F(Fixture, HostSegmentPartsAreCheckedAndAFailedOneLeavesNoPartOfItsOwn) {
+  EXPECT_EQ(HostSegment::Create(prefix + ".x.0", 5ull << 20, 0600, static_cast<gid_t>(-1), true, 4096).status().reason(),
+            "shm.bad_part_size");
+  EXPECT_EQ(HostSegment::Open(prefix + ".x.0", 5ull << 20, 0600, static_cast<gid_t>(-1), 3ull << 20).status().reason(),
+            "shm.bad_part_size");
+  const std::string name = prefix + ".y.0";
+  const std::string planted = HostSegment::PartName(name, 2);
+  EXPECT_EQ(planted, name + "~2");
+  auto other = HostSegment::Create(planted, 100, 0600);
+  ASSERT_TRUE(other.ok()) << other.status().ToString();
+  auto seg = HostSegment::Create(name, 5ull << 20, 0600, static_cast<gid_t>(-1), true, 2ull << 20);
+  ASSERT_FALSE(seg.ok());
+  EXPECT_EQ(seg.status().reason(), "shm.exists");
+  EXPECT_EQ(ListSegments(prefix), std::vector<std::string>{planted});
+  // One part holds a segment no larger than a part: its name is the segment's.
+  auto one = HostSegment::Create(prefix + ".z.0", 2ull << 20, 0600, static_cast<gid_t>(-1), true, 2ull << 20);
+  ASSERT_TRUE(one.ok()) << one.status().ToString();
+  EXPECT_EQ(one->part_size(), 0u);
+  EXPECT_EQ(one->part_names(), std::vector<std::string>{prefix + ".z.0"});
+  // The mapping of several parts is one range, aligned for huge pages.
+  auto three = HostSegment::Create(prefix + ".w.0", 5ull << 20, 0600, static_cast<gid_t>(-1), true, 2ull << 20);
+  ASSERT_TRUE(three.ok()) << three.status().ToString();
+  EXPECT_EQ(three->parts(), 3u);
+  EXPECT_EQ(reinterpret_cast<std::uintptr_t>(three->data()) % (2ull << 20), 0u);
+  std::memset(three->data(), 0x5a, 5ull << 20);
+  auto reopened = HostSegment::Open(prefix + ".w.0", 5ull << 20, 0600, static_cast<gid_t>(-1), 2ull << 20);
+  ASSERT_TRUE(reopened.ok()) << reopened.status().ToString();
+  EXPECT_EQ(reopened->data()[(5ull << 20) - 1], std::byte{0x5a});
+  EXPECT_EQ(reopened->data()[(2ull << 20)], std::byte{0x5a});
+  // A part of the wrong size is not one this daemon made.
+  ASSERT_EQ(::truncate(("/dev/shm/" + HostSegment::PartName(prefix + ".w.0", 1)).c_str(), 4096), 0);
+  EXPECT_EQ(HostSegment::Open(prefix + ".w.0", 5ull << 20, 0600, static_cast<gid_t>(-1), 2ull << 20).status().reason(),
+            "shm.not_adoptable");
+  three->Unlink();
+  for (const std::string& n : ListSegments(prefix)) EXPECT_TRUE(n == planted || n == prefix + ".z.0") << n;
 }
 
 // A real full /dev/shm: a child process mounts a 64 KiB tmpfs over /dev/shm in a private mount

@@ -303,7 +303,8 @@ TEST(Protocol, CheckedInFuzzSeedsDecodeAsNamed) {
     }
   }
   EXPECT_EQ(requests, static_cast<int>(std::variant_size_v<RequestBody>) + 1) << "one seed per request type (+ GPU acquire)";
-  EXPECT_EQ(replies, static_cast<int>(std::variant_size_v<ReplyBody>) + 1) << "one seed per reply type (+ GPU manifest)";
+  EXPECT_EQ(replies, static_cast<int>(std::variant_size_v<ReplyBody>) + 2)
+      << "one seed per reply type (+ GPU manifest, + a host manifest in parts)";
   EXPECT_GE(malformed, 6);
 }
 

@@ -337,5 +337,87 @@ TEST_F(RestartTest, SegmentsWithoutARecordAreRemoved) {
   EXPECT_EQ(SegmentsOf("m").size(), 4u);
 }
 
+// A shard larger than a part (16 MiB) lives in several tmpfs files. A client maps them as one
+// range (shared and copy-on-write), a restarted daemon adopts every part, and a copy that lost a
+// part is read again, with none of the old parts left behind.
+TEST(RestartParts, ACopyInPartsIsMappedWholeAndAdoptedPartByPart) {
+  TempDir models;
+  const std::uint64_t bytes = (36ull << 20) + 5;  // parts of 16, 16 and 4 MiB
+  ASSERT_TRUE(testing::WriteModel(models.file("big"), {{"w", DType::kU8, {static_cast<std::int64_t>(bytes)}}}, 21).ok());
+  auto started = DaemonProcess::Start({.models = {{"big", models.file("big")}}, .config_toml = kConfig});
+  ASSERT_TRUE(started.ok()) << started.status().ToString();
+  DaemonProcess& d = **started;
+  auto names = [&] {
+    std::vector<std::string> out;
+    for (const auto& n : d.Segments())
+      if (n.starts_with(d.shm_prefix() + ".big.")) out.push_back(n);
+    std::sort(out.begin(), out.end());
+    return out;
+  };
+  auto inodes = [&] {
+    std::vector<ino_t> out;
+    for (const auto& n : names()) {
+      struct stat st {};
+      out.push_back(::stat(("/dev/shm/" + n).c_str(), &st) == 0 ? st.st_ino : 0);
+    }
+    return out;
+  };
+  std::uint64_t digest = 0;
+  {
+    Client c = Connect(d);
+    auto lease = c.Acquire("big");
+    ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+    ASSERT_TRUE(testing::CompareWithFiles(*lease).ok());
+    digest = Digest(*lease);
+    // A writable lease maps the same parts copy-on-write: its writes stay its own.
+    AcquireOptions w;
+    w.writable = true;
+    auto mine = c.Acquire("big", w);
+    ASSERT_TRUE(mine.ok()) << mine.status().ToString();
+    std::byte* p = const_cast<std::byte*>(mine->tensors()[0].data);
+    p[0] = ~p[0];
+    p[bytes - 1] = ~p[bytes - 1];
+    EXPECT_NE(Digest(*mine), digest);
+    EXPECT_EQ(Digest(*lease), digest);
+  }
+  const std::vector<std::string> before = names();
+  ASSERT_EQ(before.size(), 4u) << "3 parts and the record";
+  for (const auto& n : before) EXPECT_TRUE(n.ends_with(".0") || n.ends_with(".0~1") || n.ends_with(".0~2") ||
+                                           n.ends_with(".record")) << n;
+  const std::vector<ino_t> inodes_before = inodes();
+
+  d.Signal(SIGKILL);
+  ASSERT_TRUE(d.Restart().ok()) << d.Log();
+  {
+    Client c = Connect(d);
+    auto stats = c.Stats();
+    ASSERT_TRUE(stats.ok()) << stats.status().ToString();
+    EXPECT_EQ(stats->bytes_read_from_disk, 0u) << d.Log();
+    EXPECT_EQ(names(), before);
+    EXPECT_EQ(inodes(), inodes_before);
+    auto lease = c.Acquire("big");
+    ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+    EXPECT_EQ(Digest(*lease), digest);
+  }
+
+  // A copy missing its middle part cannot be adopted: it is read again, under new names.
+  d.Signal(SIGKILL);
+  std::string middle;
+  for (const auto& n : before)
+    if (n.ends_with(".0~1")) middle = n;
+  ASSERT_EQ(::unlink(("/dev/shm/" + middle).c_str()), 0);
+  ASSERT_TRUE(d.Restart().ok()) << d.Log();
+  Client c = Connect(d);
+  auto lease = c.Acquire("big");
+  ASSERT_TRUE(lease.ok()) << lease.status().ToString();
+  EXPECT_EQ(Digest(*lease), digest);
+  auto stats = c.Stats();
+  ASSERT_TRUE(stats.ok());
+  EXPECT_EQ(stats->bytes_read_from_disk, bytes);
+  const std::vector<std::string> after = names();
+  EXPECT_EQ(after.size(), 4u);
+  for (const auto& n : before) EXPECT_EQ(std::count(after.begin(), after.end(), n), 0) << n << " was left behind";
+}
+
 }  // namespace
 }  // namespace weightd

@@ -104,6 +104,12 @@ int main(int argc, char** argv) {
   // A scalar: an empty shape (an empty vector of integers: no storage to copy into).
   m.tensors.push_back(proto::TensorRecord{.name = "s", .dtype = 0, .shape = {}, .segment = 0, .offset = 24, .nbytes = 4});
   Rep("manifest", m);
+  // A segment in three parts (SegmentInfo::part_size).
+  proto::Manifest parted = m;
+  parted.segments[0].size = 5ull << 20;
+  parted.segments[0].data_size = (5ull << 20) - 100;
+  parted.segments[0].part_size = 2ull << 20;
+  Rep("manifest_parts", parted);
   proto::Manifest g = m;
   g.device = "GPU-0";
   g.segments[0].shm_name.clear();
