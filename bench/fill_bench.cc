@@ -452,11 +452,12 @@ void FillArgs(benchmark::internal::Benchmark* b) {
   b->ArgNames({"threads", "chunk_mib", "io", "prefault", "cold", "fill", "buf_kib", "hash", "parts"});
   for (int cold : {0, 1}) {
     for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 1, 256});
-    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 1, 1});
+    for (int hash : {0, 1})
+      for (int threads : {2, 4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, hash, 1});
     for (int buf : {256, 4096}) b->Args({4, 64, 0, 0, cold, 0, buf, 1, 256});
     for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 0, 1024, 1, 256});
     for (int chunk : {1, 16}) b->Args({4, chunk, 0, 0, cold, 0, 1024, 1, 256});
-    for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0, 256});
+    for (int threads : {2, 4, 16}) b->Args({threads, 64, 0, 0, cold, 0, 1024, 0, 256});
     for (int threads : {4, 1, 2, 8, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 1, 256});
     for (int threads : {4, 16}) b->Args({threads, 64, 0, 0, cold, 1, 1024, 1, 1});
     for (int io : {1, 2}) b->Args({4, 64, io, 0, cold, 1, 1024, 1, 256});

@@ -207,9 +207,9 @@ const ConfigKey kKeys[] = {
      "mapped segment)",
      "--fill", "METHOD", "write|map"},
     {"daemon", "fill_hash", K::kString, WD_FIELD(fill_hash),
-     "how a write fill hashes chunks that finish out of order: mapping (through the daemon's mapping) or read-back "
-     "(pread back from the segment, one more copy)",
-     "--fill-hash", "SOURCE", "mapping|read-back"},
+     "how a write fill hashes chunks that finish out of order: mapping (through the daemon's mapping), read-back "
+     "(pread back from the segment, one more copy) or auto (whichever a probe at start finds cheaper here)",
+     "--fill-hash", "SOURCE", "auto|mapping|read-back"},
     {"daemon", "segment_parts", K::kCount, WD_FIELD(segment_parts),
      "the most tmpfs files a host copy is split into (parts of at least 16 MiB; a fill writes each file with one "
      "thread at a time); 1: one file per shard",
@@ -615,8 +615,8 @@ Status Finalize(DaemonConfig* cfg) {
     return InvalidArgument("daemon.io must be \"auto\", \"direct\" or \"buffered\", not \"" + cfg->io + "\"", "config.invalid");
   if (cfg->fill != "write" && cfg->fill != "map")
     return InvalidArgument("daemon.fill must be \"write\" or \"map\", not \"" + cfg->fill + "\"", "config.invalid");
-  if (cfg->fill_hash != "mapping" && cfg->fill_hash != "read-back")
-    return InvalidArgument("daemon.fill_hash must be \"mapping\" or \"read-back\", not \"" + cfg->fill_hash + "\"",
+  if (cfg->fill_hash != "auto" && cfg->fill_hash != "mapping" && cfg->fill_hash != "read-back")
+    return InvalidArgument("daemon.fill_hash must be \"auto\", \"mapping\" or \"read-back\", not \"" + cfg->fill_hash + "\"",
                            "config.invalid");
   for (const Budget* b : {&cfg->cache.host_budget, &cfg->cache.gpu_budget})
     if (b->fraction < 0 || b->fraction > 1) return InvalidArgument("a budget's fraction must be in (0, 1]", "config.bad_budget");

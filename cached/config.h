@@ -101,7 +101,7 @@ struct DaemonConfig {
   std::uint64_t chunk_size = 64ull << 20;
   std::string io = "buffered";           // "buffered", "direct" (O_DIRECT) or "auto" (docs/loading.md)
   std::string fill = "write";            // "write" (pwrite into the segment's fd) or "map" (docs/loading.md)
-  std::string fill_hash = "mapping";     // a write fill hashes late chunks through the "mapping" or "read-back"
+  std::string fill_hash = "auto";        // a write fill hashes late chunks through the "mapping", "read-back" or "auto"
   // The most tmpfs files a host copy's segments are split into (SegmentStore::PartSize): a fill
   // writes each file with one thread at a time (its inode lock), so more files let more readers
   // write at once (docs/loading.md). 1: one file per shard.

@@ -330,7 +330,54 @@ Loader::Loader(LoaderOptions options)
                                                     options_.segment_parts})),
       store_(options_.segments != nullptr ? options_.segments : own_store_.get()),
       io_(options_.io_layer != nullptr ? options_.io_layer : &posix_io_),
+      hash_probe_(options_.hash_source == HashSource::kAuto ? std::optional(ProbeHashSource(*store_)) : std::nullopt),
+      hash_source_(hash_probe_ ? hash_probe_->chosen : options_.hash_source),
       readers_(std::max(1u, options_.threads), "wd-read") {}
+
+HashSourceProbe ProbeHashSource(const SegmentStore& store) {
+  HashSourceProbe probe;
+  constexpr std::uint64_t kBytes = 1ull << 20;
+  static std::atomic<unsigned> serial{0};
+  const std::string name = store.prefix() + ".probe-" + std::to_string(::getpid()) + "-" + std::to_string(serial++);
+  std::vector<std::byte> buf(kBytes, std::byte{1});
+  const double pages = static_cast<double>(kBytes / posix::PageSize());
+  double touch = 1e300, read = 1e300;
+  for (int rep = 0; rep < 3; ++rep) {
+    // Allocated through the fd as a write fill does, then mapped fresh by Create: no page of the
+    // mapping is in the page tables yet.
+    auto seg = store.Create(name, kBytes, /*reserve=*/false);
+    if (seg.ok()) {
+      Status w = posix::PwriteFull(seg->part_fd(0), buf, 0, name);
+      if (!w.ok()) {
+        probe.error = w.ToString();
+        break;
+      }
+      const auto t0 = std::chrono::steady_clock::now();
+      unsigned sum = 0;
+      for (std::uint64_t p = 0; p < kBytes; p += posix::PageSize())
+        sum += static_cast<unsigned>(static_cast<volatile const std::byte*>(seg->data())[p]);
+      const auto t1 = std::chrono::steady_clock::now();
+      auto got = posix::PreadUpTo(seg->part_fd(0), buf, 0, name);
+      const auto t2 = std::chrono::steady_clock::now();
+      if (!got.ok() || sum != pages) {
+        probe.error = got.ok() ? "the probe read back other bytes" : got.status().ToString();
+        break;
+      }
+      touch = std::min(touch, std::chrono::duration<double, std::nano>(t1 - t0).count() / pages);
+      read = std::min(read, std::chrono::duration<double, std::nano>(t2 - t1).count() / pages);
+    } else {
+      probe.error = seg.status().ToString();
+    }
+    (void)HostSegment::Remove(name);
+    if (!probe.error.empty()) break;
+  }
+  if (probe.error.empty()) {
+    probe.touch_ns_per_page = touch;
+    probe.read_ns_per_page = read;
+    probe.chosen = touch < read ? HashSource::kMapping : HashSource::kReadBack;
+  }
+  return probe;
+}
 
 Result<LoadPlan> Loader::Plan(const ModelConfig& mc) const {
   LoadPlan plan;
@@ -818,7 +865,7 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
       std::min(fs.chunk_size, posix::RoundUp(std::max<std::uint64_t>(options_.write_buffer, 1), kDirectAlign));
   const std::uint64_t buffer_size = piece + 2 * kDirectAlign;
   std::atomic<bool> use_madvise{true};
-  const bool hash_mapped = options_.hash_source == HashSource::kMapping;
+  const bool hash_mapped = hash_source_ == HashSource::kMapping;
 
   auto work = [&] {
     AlignedBuffer bounce;

@@ -228,7 +228,21 @@ enum class FillMethod {
 enum class HashSource {
   kReadBack,  // pread them back from the segment's fd into the reader's buffer (one more copy)
   kMapping,   // hash them through the daemon's mapping of the segment (a page fault per page)
+  kAuto,      // whichever ProbeHashSource() finds cheaper on this machine, once per Loader
 };
+
+// What the two hash sources cost here, per 4 KiB page of a fresh segment in `store`'s tmpfs:
+// the first touch of a page through a new mapping (a page fault; ~25 us where the guest's page
+// tables trap to the hypervisor, well under 1 us on bare metal) and a pread of its bytes into a
+// buffer. Best of 3 over 1 MiB; a few ms. `chosen` is kMapping when the touch is the cheaper,
+// kReadBack otherwise (and when the probe fails: `error` says why).
+struct HashSourceProbe {
+  HashSource chosen = HashSource::kReadBack;
+  double touch_ns_per_page = 0;
+  double read_ns_per_page = 0;
+  std::string error;
+};
+HashSourceProbe ProbeHashSource(const SegmentStore& store);
 
 struct LoaderOptions {
   // Where segments are made and how they are named: the daemon's store (not owned; it must
@@ -254,10 +268,11 @@ struct LoaderOptions {
   // populates its own chunk before reading into it; on the 2-core development VM extra threads
   // only competed with the readers (docs/loading.md), so they are off by default.
   std::uint32_t prefault_threads = 0;
-  // FillMethod::kWrite only ([daemon] fill_hash). kMapping since 2026-12-05: 13 % faster fills
-  // on a 16-core H200 host, with 4 KiB and with 2 MiB pages (docs/loading.md). kReadBack was the
-  // default before: on the 2-core development VM (a PVM guest) a first touch of a mapped 4 KiB
-  // page once cost ~25 us. weightd_bench_fill's `hash` rows compare the two.
+  // FillMethod::kWrite only ([daemon] fill_hash, whose default is kAuto). Through the mapping
+  // the fill was 13 % faster on a 16-core H200 host, with 4 KiB and 2 MiB pages; reading back
+  // was 2.2x faster with 4 readers on the 2-core development VM (a PVM guest, where a first
+  // touch of a mapped page costs ~25 us); docs/loading.md. weightd_bench_fill's `hash` rows
+  // compare the two.
   HashSource hash_source = HashSource::kMapping;
   // Verify shards against the directory's checksums.xxh128 when there is one.
   bool verify_manifest = true;
@@ -302,6 +317,9 @@ class Loader {
   }
 
   std::uint64_t bytes_read() const { return bytes_read_.load(std::memory_order_relaxed); }
+  // The hash source the fills use (never kAuto), and the probe that chose it under kAuto.
+  HashSource hash_source() const { return hash_source_; }
+  const std::optional<HashSourceProbe>& hash_probe() const { return hash_probe_; }
 
  private:
   struct FillState;
@@ -312,6 +330,8 @@ class Loader {
   const SegmentStore* const store_;
   FileIo posix_io_;
   FileIo* const io_;
+  const std::optional<HashSourceProbe> hash_probe_;
+  const HashSource hash_source_;
   ThreadPool readers_;
   std::atomic<std::uint64_t> bytes_read_{0};
 };

@@ -56,7 +56,9 @@ LoaderOptions LoaderOptionsOf(const DaemonConfig& c, const SegmentStore* store) 
   o.chunk_size = c.chunk_size;
   o.io = c.io == "direct" ? IoMode::kDirect : c.io == "buffered" ? IoMode::kBuffered : IoMode::kAuto;
   o.fill = c.fill == "map" ? FillMethod::kMap : FillMethod::kWrite;
-  o.hash_source = c.fill_hash == "read-back" ? HashSource::kReadBack : HashSource::kMapping;
+  o.hash_source = c.fill_hash == "read-back" ? HashSource::kReadBack
+                  : c.fill_hash == "mapping" ? HashSource::kMapping
+                                             : HashSource::kAuto;
   o.prefault_threads = c.prefault_threads;
   o.verify_manifest = c.verify_checksums;
   return o;
@@ -262,6 +264,18 @@ Status Server::Impl::Init() {
                "/dev/shm huge={})",
                WEIGHTD_VERSION, config.socket, config.shm_prefix, lifecycle.catalog().models().size(),
                config.loader_threads, config.chunk_size >> 20, config.fill, huge);
+  if (config.fill == "write") {
+    const char* source = loader.hash_source() == HashSource::kMapping ? "mapping" : "read-back";
+    if (const auto& probe = loader.hash_probe(); !probe) {
+      spdlog::info("write fill hashes late chunks through the {} (fill_hash)", source);
+    } else if (!probe->error.empty()) {
+      spdlog::warn("fill_hash = \"auto\": the probe failed ({}); hashing late chunks by read-back", probe->error);
+    } else {
+      spdlog::info("write fill hashes late chunks through the {} (fill_hash = \"auto\": a mapped page's first touch "
+                   "costs {:.0f} ns here, reading it back {:.0f} ns)",
+                   source, probe->touch_ns_per_page, probe->read_ns_per_page);
+    }
+  }
   if (huge == "always")
     spdlog::warn("/dev/shm is mounted with huge={}: each segment's last 2 MiB page is allocated whole, up to 2 MiB more "
                  "than the host budget counts; huge=within_size gives the same fill speed and keeps the count exact",

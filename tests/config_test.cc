@@ -247,8 +247,8 @@ TEST(Config, FillMethodAndLoaderThreadsDefaults) {
   ASSERT_NE(key, nullptr);
   ASSERT_TRUE(ApplyOption(*key, "map", &c).ok());
   EXPECT_EQ(c.fill, "map");
-  // How a write fill hashes late chunks: through the mapping by default, or read back.
-  EXPECT_EQ(DaemonConfig{}.fill_hash, "mapping");
+  // How a write fill hashes late chunks: as a probe at start finds cheaper by default, or as set.
+  EXPECT_EQ(DaemonConfig{}.fill_hash, "auto");
   auto back = Load("[daemon]\nfill_hash = \"read-back\"\n");
   ASSERT_TRUE(back.ok()) << back.status().ToString();
   EXPECT_EQ(back->fill_hash, "read-back");

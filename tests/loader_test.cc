@@ -462,6 +462,32 @@ TEST_F(Fixture, WriteFillHashesOutOfOrderChunksFromEitherSource) {
   }
 }
 
+// kAuto measures both sources once, in the Loader's constructor, picks the cheaper, and leaves
+// nothing behind; the fills use the pick.
+TEST_F(Fixture, AutoHashSourceProbesOnceAndPicksTheCheaper) {
+  LoaderOptions o = Options(2);
+  o.hash_source = HashSource::kAuto;
+  Loader loader(o);
+  ASSERT_TRUE(loader.hash_probe().has_value());
+  const HashSourceProbe& p = *loader.hash_probe();
+  ASSERT_TRUE(p.error.empty()) << p.error;
+  EXPECT_GT(p.touch_ns_per_page, 0);
+  EXPECT_GT(p.read_ns_per_page, 0);
+  EXPECT_EQ(loader.hash_source(), p.touch_ns_per_page < p.read_ns_per_page ? HashSource::kMapping : HashSource::kReadBack);
+  EXPECT_TRUE(ListSegments(prefix).empty());
+  const std::string dir = tmp.file("a");
+  ASSERT_TRUE(WriteModelOfSize(dir, 5 * kChunk + 3).ok());
+  auto m = loader.LoadHost({"a", dir}, 1, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  ExpectMatchesFile(**m);
+  // An explicit source is used as set, without a probe.
+  LoaderOptions fixed = Options(2);
+  fixed.hash_source = HashSource::kReadBack;
+  Loader plain(fixed);
+  EXPECT_FALSE(plain.hash_probe().has_value());
+  EXPECT_EQ(plain.hash_source(), HashSource::kReadBack);
+}
+
 TEST_F(Fixture, FillTimesSayWhereTheReadersSpentTheirTime) {
   const std::string dir = tmp.file("t");
   ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {300001}}, {"b", DType::kF32, {70000}}}, 2, 5).ok());
