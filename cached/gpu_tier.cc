@@ -3,6 +3,7 @@
 #include <spdlog/spdlog.h>
 
 #include <algorithm>
+#include <iterator>
 #include <utility>
 #include <cctype>
 #include <chrono>
@@ -71,28 +72,56 @@ struct GpuCopy::State {
   // Host registrations are process-wide and may be shared by concurrent copies of one shard
   // to several GPUs, so they are refcounted here. Registering takes ~50 ms/GiB; it runs under
   // reg_mu, which serializes concurrent materializations' registrations but nothing else.
-  // TODO(perf): let the host tier keep hot segments registered across materializations.
+  // Whole shards are registered (PinHost, a copy from a resident host copy), and so are single
+  // chunks (a copy pipelined behind a fill registers each chunk as it lands). CUDA refuses
+  // overlapping registrations: a range inside a registered one shares it; one that overlaps
+  // others only partly fails, or, with `wait` (PinHost, whose shard a pipelined copy may still
+  // hold chunk by chunk), waits up to a minute for them to go.
   Mutex reg_mu;
+  CondVar reg_cv{&reg_mu};
   struct Registration {
     std::uint64_t size = 0;
     int refs = 0;
   };
   std::map<const void*, Registration> registrations GUARDED_BY(reg_mu);
+  std::uint64_t unregistered GUARDED_BY(reg_mu) = 0;  // ranges given back so far
 
-  bool Register(const void* base, std::uint64_t size, bool read_only_supported) {
+  // The key to Unregister() the range by, or nullptr when it cannot be registered.
+  const void* Register(const void* base, std::uint64_t size, bool read_only_supported, bool wait = false) {
     MutexLock lock(reg_mu);
-    auto it = registrations.find(base);
-    if (it != registrations.end()) {
-      if (it->second.size != size) return false;
-      ++it->second.refs;
-      return true;
+    const auto* b = static_cast<const std::byte*>(base);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    for (;;) {
+      // The registration that starts last at or before `base` is the only one that may hold it.
+      auto it = registrations.upper_bound(base);
+      if (it != registrations.begin()) {
+        auto prev = std::prev(it);
+        const auto* p = static_cast<const std::byte*>(prev->first);
+        if (p + prev->second.size >= b + size) {
+          ++prev->second.refs;
+          return prev->first;
+        }
+      }
+      bool overlaps = false;
+      for (auto o = registrations.begin(); o != registrations.end() && !overlaps; ++o) {
+        const auto* p = static_cast<const std::byte*>(o->first);
+        overlaps = p < b + size && b < p + o->second.size;
+      }
+      if (!overlaps) break;
+      if (!wait) return nullptr;
+      const std::uint64_t seen = unregistered;
+      if (!reg_cv.WaitUntil(deadline, [&] {
+            reg_mu.AssertHeld();
+            return unregistered != seen;
+          }))
+        return nullptr;
     }
     // Read-only registration is what lets us pin a PROT_READ mapping; a writable mapping also
     // registers without it on devices that lack the attribute.
     bool ok = (read_only_supported && api->HostRegister(base, size, true).ok()) || api->HostRegister(base, size, false).ok();
-    if (!ok) return false;
+    if (!ok) return nullptr;
     registrations[base] = Registration{size, 1};
-    return true;
+    return base;
   }
 
   void Unregister(const void* base) {
@@ -100,6 +129,8 @@ struct GpuCopy::State {
     auto it = registrations.find(base);
     if (it == registrations.end() || --it->second.refs > 0) return;
     registrations.erase(it);
+    ++unregistered;
+    reg_cv.SignalAll();
     Status s = api->HostUnregister(base);
     if (!s.ok()) {
       spdlog::warn("gpu tier: {}", s.ToString());
@@ -386,17 +417,25 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
 
   const bool ro = devices_[static_cast<std::size_t>(copy.ordinal_)].host_register_read_only;
   std::vector<bool> direct(shards.size(), false);
-  for (std::size_t i = 0; i < shards.size(); ++i) {
+  // A copy behind a fill registers each chunk once it has landed: registering a whole fresh
+  // shard first would page-lock (and allocate) every page of it before the first chunk could
+  // go, single-threaded, which held the copy back until the fill's end (docs/loading.md).
+  // Only where chunks are whole pages, so that no two chunks' registrations share one.
+  const std::uint64_t page = posix::PageSize();
+  bool per_chunk = static_cast<bool>(wait_ready) && options_.chunk_bytes % page == 0;
+  for (const HostShard& s : shards) per_chunk = per_chunk && reinterpret_cast<std::uintptr_t>(s.data) % page == 0;
+  for (std::size_t i = 0; i < shards.size() && !per_chunk; ++i) {
     if (shards[i].size == 0) continue;
     // Free when PinHost already holds the range; otherwise registered for this copy only.
     auto [base, len] = PageSpan(shards[i].data, shards[i].size);
-    if (state_->Register(base, len, ro)) {
-      session.registered.push_back(base);
+    if (const void* key = state_->Register(base, len, ro)) {
+      session.registered.push_back(key);
       direct[i] = true;
     } else {
       ++*staged;
     }
   }
+  std::vector<bool> staged_shard(shards.size(), false);
 
   RETURN_IF_ERROR(session.OpenStreams(options_.streams));
   const std::size_t n_streams = session.streams.size();
@@ -420,8 +459,19 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
       const std::size_t j = k++ % n_streams;
       Stream stream = session.streams[j];
       if (wait_ready) RETURN_IF_ERROR(wait_ready(i, off + len));
+      bool chunk_direct = direct[i];
+      if (per_chunk) {
+        auto [base, span] = PageSpan(src.data + off, len);
+        if (const void* key = state_->Register(base, span, ro)) {
+          session.registered.push_back(key);
+          chunk_direct = true;
+        } else if (!staged_shard[i]) {
+          staged_shard[i] = true;
+          ++*staged;
+        }
+      }
       Status st;
-      if (direct[i]) {
+      if (chunk_direct) {
         st = api_->CopyHostToDeviceAsync(dst.ptr + off, src.data + off, len, stream);
       } else {
         // TODO(perf): double-buffer per stream and fill staging buffers from several threads;
@@ -615,11 +665,12 @@ Result<std::shared_ptr<const void>> GpuTier::PinHost(const void* ptr, std::uint6
   if (ptr == nullptr || size == 0) return InvalidArgument("nothing to pin", "gpu.bad_pin");
   const bool ro = std::all_of(devices_.begin(), devices_.end(), [](const DeviceInfo& d) { return d.host_register_read_only; });
   auto [base, len] = PageSpan(ptr, size);
-  if (!state_->Register(base, len, ro))
+  const void* key = state_->Register(base, len, ro, /*wait=*/true);
+  if (key == nullptr)
     return FailedPrecondition("cannot page-lock " + std::to_string(len) + " bytes of host memory for the GPU (RLIMIT_MEMLOCK?)",
                               "gpu.register_failed");
   std::shared_ptr<GpuCopy::State> state = state_;
-  return std::shared_ptr<const void>(base, [state](const void* p) { state->Unregister(p); });
+  return std::shared_ptr<const void>(key, [state](const void* p) { state->Unregister(p); });
 }
 
 GpuTierStats GpuTier::Stats() const {

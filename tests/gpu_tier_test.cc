@@ -8,7 +8,9 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstring>
+#include <future>
 #include <random>
 #include <set>
 #include <thread>
@@ -230,6 +232,45 @@ TEST(GpuTier, PipelinedCopyWaitsForChunksRoundRobinOverShards) {
   EXPECT_TRUE(SameBytes(ReadBack(**copy, 1), b));
   EXPECT_TRUE(SameBytes(ReadBack(**copy, 3), d));
   copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  ExpectNothingLive(fake);
+}
+
+// Behind a fill, each chunk is page-locked once it has landed, not the whole fresh shard first
+// (which would page-lock every page before the first chunk could go). A PinHost of the shard
+// meanwhile waits for the copy's chunks to be given back, then pins it whole; a later pipelined
+// copy of a pinned shard shares the pin.
+TEST(GpuTier, PipelinedCopyPageLocksChunkByChunkAndPinHostWaitsForIt) {
+  using namespace std::chrono_literals;
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(4 * kChunk, 1);
+  std::vector<HostShard> shards{a.shard()};
+  std::vector<std::int64_t> live_at_wait;
+  std::future<Result<std::shared_ptr<const void>>> pin;
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm, [&](std::size_t, std::uint64_t end) {
+    live_at_wait.push_back(fake.counters().live_host_registrations);
+    if (end == 3 * kChunk) {
+      pin = std::async(std::launch::async, [&] { return tier.PinHost(a.mapping.data(), a.size); });
+      EXPECT_EQ(pin.wait_for(100ms), std::future_status::timeout) << "PinHost must wait for the copy's chunks";
+    }
+    return Status::Ok();
+  });
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  EXPECT_EQ(live_at_wait, (std::vector<std::int64_t>{0, 1, 2, 3}));
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 0), a));
+  EXPECT_EQ(tier.Stats().staged_shards, 0u);
+  auto pinned = pin.get();
+  ASSERT_TRUE(pinned.ok()) << pinned.status().ToString();
+  EXPECT_EQ(fake.counters().live_host_registrations, 1);
+  const std::int64_t registrations = fake.counters().host_registrations_total;
+  auto again = tier.Materialize(1, shards, ExportMode::kVmm, [](std::size_t, std::uint64_t) { return Status::Ok(); });
+  ASSERT_TRUE(again.ok()) << again.status().ToString();
+  EXPECT_TRUE(SameBytes(ReadBack(**again, 0), a));
+  EXPECT_EQ(fake.counters().host_registrations_total, registrations) << "the pin covers every chunk";
+  EXPECT_EQ(fake.counters().unsafe_host_releases, 0);
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  again = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  pinned = Result<std::shared_ptr<const void>>(Internal("unpinned"));
   ExpectNothingLive(fake);
 }
 
