@@ -47,6 +47,7 @@ ModelRecord RecordOf(const ResidentModel& model, const std::string& name, std::u
     s.part_size = sh.segment.part_size();
     s.file_info = sh.file_info;
     s.checksum = sh.checksum;
+    s.block_checksum = sh.block_checksum;
     s.header_bytes.assign(reinterpret_cast<const char*>(sh.header_bytes.data()), sh.header_bytes.size());
     r.shards.push_back(std::move(s));
   }
@@ -101,13 +102,14 @@ Result<std::shared_ptr<ResidentModel>> Adopt(const ModelRecord& record, const Mo
     if (p.header.data_size != s.data_size)
       return BadRecord(record.name, s.file + ": its header says " + std::to_string(p.header.data_size) +
                                         " data bytes, the record " + std::to_string(s.data_size));
-    if (p.expected && !XXH128_isEqual(*p.expected, s.checksum))
+    if (p.expected && (s.block_checksum || !XXH128_isEqual(*p.expected, s.checksum)))
       return Changed(record, mc.dir + "/" + std::string(kChecksumManifest) + " does not vouch for " + s.file);
     ResidentShard shard;
     shard.file = s.file;
     shard.header = std::move(p.header);
     shard.file_info = p.file_info;
     shard.checksum = s.checksum;
+    shard.block_checksum = s.block_checksum;
     shard.verified = p.expected.has_value();
     shard.header_bytes = std::move(p.header_bytes);
     ASSIGN_OR_RETURN(shard.segment, store.Open(s.segment, s.data_size, s.part_size));

@@ -134,7 +134,12 @@ struct ShardFill {
   std::string segment;         // its name, for messages
   std::size_t chunks = 0;
   std::vector<std::uint64_t> chunk_end;  // where each chunk ends in the data section
-  std::unique_ptr<XXH3_state_t, XxhStateFree> hash;
+  std::unique_ptr<XXH3_state_t, XxhStateFree> hash;  // whole-file hash, in file order
+  // Block checksum instead (no manifest names the file): one digest per kChecksumBlock bytes,
+  // each written by the one thread that hashed it, read after the readers are done.
+  bool blocks = false;
+  std::vector<XXH128_hash_t> block_digest;
+  std::vector<char> block_known;
 
   Mutex mu;
   std::vector<bool> done GUARDED_BY(mu);      // chunk finished
@@ -434,6 +439,21 @@ Result<std::shared_ptr<ResidentModel>> Loader::LoadHost(const ModelConfig& mc, s
   return Fill(std::move(plan), generation, cancel);
 }
 
+XXH128_hash_t BlockChecksum(std::span<const std::byte> header, const std::byte* data, std::uint64_t size,
+                            std::span<const XXH128_hash_t> blocks, std::span<const char> known) {
+  const std::uint64_t n = (size + kChecksumBlock - 1) / kChecksumBlock;
+  std::vector<XXH128_canonical_t> digests(n + 1);
+  XXH128_canonicalFromHash(&digests[0], XXH3_128bits(header.data(), header.size()));
+  for (std::uint64_t b = 0; b < n; ++b) {
+    const std::uint64_t begin = b * kChecksumBlock;
+    const XXH128_hash_t h = b < known.size() && known[b] && b < blocks.size()
+                                ? blocks[b]
+                                : XXH3_128bits(data + begin, std::min(kChecksumBlock, size - begin));
+    XXH128_canonicalFromHash(&digests[b + 1], h);
+  }
+  return XXH3_128bits(digests.data(), digests.size() * sizeof(XXH128_canonical_t));
+}
+
 bool SameFile(const posix::FileInfo& was, const posix::FileInfo& now) {
   return now.inode == was.inode && now.dev == was.dev && now.size == was.size && now.mtime_ns == was.mtime_ns &&
          now.ctime_ns == was.ctime_ns;
@@ -459,7 +479,10 @@ Result<std::vector<XXH128_hash_t>> Loader::Checksums(const ResidentModel& model)
   for (std::size_t i = 0; i < n; ++i) {
     auto job = [&, i] {
       const ResidentShard& sh = model.shards[i];
-      if (XXH3_state_t* st = XXH3_createState()) {
+      if (sh.block_checksum) {
+        out[i] = BlockChecksum(sh.header_bytes, sh.segment.data(), sh.segment.data_size());
+        hashed[i] = 1;
+      } else if (XXH3_state_t* st = XXH3_createState()) {
         XXH3_128bits_reset(st);
         XXH3_128bits_update(st, sh.header_bytes.data(), sh.header_bytes.size());
         if (sh.segment.data_size() > 0) XXH3_128bits_update(st, sh.segment.data(), sh.segment.data_size());
@@ -565,6 +588,12 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
     for (std::size_t k = 0; k < seg.parts(); ++k) sf->part_fds.push_back(seg.part_fd(k));
     sf->part_size = seg.part_size();
     sf->segment = seg.shm_path();
+    sf->blocks = !p.expected.has_value();
+    if (sf->blocks) {
+      const auto n = static_cast<std::size_t>((sf->data_size + kChecksumBlock - 1) / kChecksumBlock);
+      sf->block_digest.resize(n);
+      sf->block_known.assign(n, 0);
+    }
     sf->hash.reset(XXH3_createState());
     if (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
         XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR)
@@ -631,10 +660,15 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
       MutexLock lock(sf.mu);  // the readers are done; the lock only satisfies the analysis
       return sf.hashed;
     }();
-    if (hashed != sf.data_size)
-      return fail(Internal(sf.path + ": hashed " + std::to_string(hashed) + " of " + std::to_string(sf.data_size) +
-                           " bytes", "loader.hash_incomplete"));
-    shard.checksum = XXH3_128bits_digest(sf.hash.get());
+    if (sf.blocks) {
+      shard.block_checksum = true;
+      shard.checksum = BlockChecksum(plan.shards[i].header_bytes, sf.dst, sf.data_size, sf.block_digest, sf.block_known);
+    } else {
+      if (hashed != sf.data_size)
+        return fail(Internal(sf.path + ": hashed " + std::to_string(hashed) + " of " + std::to_string(sf.data_size) +
+                             " bytes", "loader.hash_incomplete"));
+      shard.checksum = XXH3_128bits_digest(sf.hash.get());
+    }
     shard.header_bytes = std::move(plan.shards[i].header_bytes);
     shard.direct_io = sf.direct.load();
     const auto& expected = plan.shards[i].expected;
@@ -715,6 +749,20 @@ Status SegmentWriteError(Status s) {
 // bytes while they are in the cache, and reads back from the segment only those of chunks that
 // finished out of order (ChunkDone).
 void HashInOrder(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uint64_t n) {
+  if (sf.blocks) {
+    // Every block that lies wholly in these bytes; a block cut by a piece or chunk boundary is
+    // hashed from the segment after the fill (not timed here).
+    std::uint64_t b = (at + kChecksumBlock - 1) / kChecksumBlock;
+    auto whole = [&] { return std::min((b + 1) * kChecksumBlock, sf.data_size) <= at + n && b * kChecksumBlock < at + n; };
+    if (!whole()) return;
+    ScopedTime t(sf.hash_ns);
+    for (; whole(); ++b) {
+      const std::uint64_t begin = b * kChecksumBlock;
+      sf.block_digest[b] = XXH3_128bits(src + (begin - at), std::min(kChecksumBlock, sf.data_size - begin));
+      sf.block_known[b] = 1;
+    }
+    return;
+  }
   {
     MutexLock lock(sf.mu);
     if (sf.hashing || sf.hashed != at) return;
@@ -792,7 +840,7 @@ Status ChunkDone(ShardFill& sf, std::size_t shard, std::size_t index, std::uint6
   while (sf.next_gap < sf.chunks && sf.done[sf.next_gap]) ++sf.next_gap;
   sf.filled = sf.next_gap == 0 ? 0 : sf.chunk_end[sf.next_gap - 1];
   if (progress) progress->SetFilled(shard, sf.filled);
-  if (sf.hashing) {
+  if (sf.hashing || sf.blocks) {
     sf.mu.Unlock();
     return Status::Ok();
   }
@@ -895,8 +943,11 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
           ScopedTime t(sf.populate_ns);
           Prefault(sf.dst, posix::RoundUp(sf.data_size, posix::PageSize()), c.offset, c.size, use_madvise, false);
         }
-        ScopedTime t(sf.read_ns);
-        s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size);
+        {
+          ScopedTime t(sf.read_ns);
+          s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size);
+        }
+        if (s.ok() && sf.blocks) HashInOrder(sf, c.offset, sf.dst + c.offset, c.size);
       }
       if (!s.ok()) {
         fs.Fail(std::move(s));

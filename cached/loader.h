@@ -4,9 +4,10 @@
 //   Plan()  discovers the shard files, opens them, parses and cross-checks their headers and
 //           reads the checksum manifest. It creates nothing and costs a few small reads.
 //   Fill()  creates one segment per shard and reads the data sections into them with chunked
-//           preads on the Loader's reader pool, while a per-shard XXH3-128 of the whole file
-//           follows the reads. It verifies the checksums against the manifest, and checks that
-//           no file changed while it was read.
+//           preads on the Loader's reader pool. For a shard the manifest names, a per-shard
+//           XXH3-128 of the whole file follows the reads (in file order) and is verified against
+//           it; for any other, each reader hashes the 1 MiB blocks it read (BlockChecksum). It
+//           checks that no file changed while it was read.
 // LoadHost() is Plan() then Fill(). All three block and run on a loader job thread, never on
 // the control loop. A failure removes every segment the load created (their names; mappings
 // that a LoadProgress consumer holds stay valid until it drops them).
@@ -67,12 +68,27 @@ std::string ChecksumHex(const XXH128_hash_t& h);
 // Parses 32 hex digits (either case). nullopt if `hex` is anything else.
 std::optional<XXH128_hash_t> ParseChecksumHex(std::string_view hex);
 
+// The bytes of a shard's data section that one digest of a block checksum covers.
+inline constexpr std::uint64_t kChecksumBlock = 1ull << 20;
+
+// The block checksum of a shard (ResidentShard::block_checksum): the XXH3-128 of the canonical
+// XXH3-128 digests of its header bytes and of each kChecksumBlock bytes of its data (the last
+// block shorter), in order. Unlike the whole file's XXH3-128 it has no order to follow: each
+// block is hashed on its own, by the reader that holds it. `blocks` are those digests where
+// known (one per block; a null `known` entry is hashed from `data`).
+XXH128_hash_t BlockChecksum(std::span<const std::byte> header, const std::byte* data, std::uint64_t size,
+                            std::span<const XXH128_hash_t> blocks = {}, std::span<const char> known = {});
+
 struct ResidentShard {
   std::string file;  // name inside the model directory
   st::Header header;
   posix::FileInfo file_info;  // size, mtime and identity when it was read
   HostSegment segment;
-  XXH128_hash_t checksum{};   // XXH3-128 of the whole file (header + data), as xxh128sum
+  // XXH3-128 of the whole file (header + data), as xxh128sum prints it, when the directory's
+  // manifest names the file; otherwise (block_checksum) the BlockChecksum, which a fill computes
+  // in parallel from the bytes it just read rather than in file order.
+  XXH128_hash_t checksum{};
+  bool block_checksum = false;
   bool verified = false;      // checksum matched the directory's manifest
   bool direct_io = false;     // the data was read with O_DIRECT
   std::vector<std::byte> header_bytes;  // file bytes [0, data_offset): the checksum's prefix
@@ -306,8 +322,9 @@ class Loader {
   // gone. Errors other than a missing file (EACCES, ...) are returned.
   static Result<bool> Changed(const ResidentModel& model);
 
-  // The XXH3-128 of each shard of `model` as its file has it (the shard's header bytes, then its
-  // segment's data), hashed on the reader pool. ResourceExhausted "loader.no_memory" when a hash
+  // The checksum of each shard of `model` as its file has it (the shard's header bytes, then its
+  // segment's data; the whole file's XXH3-128, or the BlockChecksum where block_checksum),
+  // hashed on the reader pool. ResourceExhausted "loader.no_memory" when a hash
   // state cannot be allocated.
   Result<std::vector<XXH128_hash_t>> Checksums(const ResidentModel& model);
 

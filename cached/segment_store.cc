@@ -23,7 +23,7 @@ namespace weightd {
 namespace {
 
 constexpr std::string_view kRecordSuffix = ".record";
-// 3: shards record their part size (2026-12-06). A record of another version is not adopted.
+// 3: shards record their part size and checksum kind (2026-12-06). A record of another version is not adopted.
 constexpr char kRecordMagic[8] = {'W', 'D', 'R', 'E', 'C', 'O', 'R', '3'};
 // A record is KBs (the shards' headers); anything this large is not one of ours.
 constexpr std::uint64_t kMaxRecordBytes = 256ull << 20;
@@ -45,7 +45,7 @@ void Serialize(Archive& ar, ModelRecord& r) {
   }
   for (auto& s : r.shards)
     ar(s.file, s.segment, s.data_size, s.part_size, s.file_info.size, s.file_info.mtime_ns, s.file_info.ctime_ns, s.file_info.inode,
-       s.file_info.dev, s.checksum.high64, s.checksum.low64, s.header_bytes);
+       s.file_info.dev, s.checksum.high64, s.checksum.low64, s.block_checksum, s.header_bytes);
 }
 
 // A record as it is written: its frame, then the payload.

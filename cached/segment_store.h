@@ -38,7 +38,8 @@ struct ModelRecord {
     std::uint64_t data_size = 0;
     std::uint64_t part_size = 0;  // HostSegment::part_size()
     posix::FileInfo file_info;  // size, mtime_ns, ctime_ns, inode, dev when it was read
-    XXH128_hash_t checksum{};   // of the whole file
+    XXH128_hash_t checksum{};   // ResidentShard::checksum
+    bool block_checksum = false;  // ResidentShard::block_checksum
     std::string header_bytes;   // file bytes [0, data_offset)
   };
   std::string name;  // of the record itself, without '/'

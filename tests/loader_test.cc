@@ -68,7 +68,22 @@ Status WriteModelOfSize(const std::string& dir, std::uint64_t data_bytes, std::s
   return r.ok() ? Status::Ok() : r.status();
 }
 
-// The data section of shard `i` must equal the file's bytes after the header.
+// The block checksum of a file's bytes, by its definition (loader.h): the XXH3-128 of the
+// canonical digests of the header, then of each 1 MiB of the data section.
+XXH128_hash_t BlockChecksumOfFile(const std::vector<std::byte>& file, std::uint64_t data_offset) {
+  std::vector<XXH128_canonical_t> d;
+  auto add = [&](const std::byte* p, std::size_t n) {
+    d.emplace_back();
+    XXH128_canonicalFromHash(&d.back(), XXH3_128bits(p, n));
+  };
+  add(file.data(), data_offset);
+  for (std::size_t at = data_offset; at < file.size(); at += 1u << 20)
+    add(file.data() + at, std::min<std::size_t>(1u << 20, file.size() - at));
+  return XXH3_128bits(d.data(), d.size() * sizeof(XXH128_canonical_t));
+}
+
+// The data section of shard `i` must equal the file's bytes after the header, and its checksum
+// the file's: the whole file's XXH3-128 where a manifest named it, else the block checksum.
 void ExpectMatchesFile(const ResidentModel& m) {
   for (const ResidentShard& s : m.shards) {
     const auto file = ReadAll(m.dir + "/" + s.file);
@@ -77,7 +92,10 @@ void ExpectMatchesFile(const ResidentModel& m) {
     if (s.header.data_size > 0) {
       EXPECT_EQ(0, std::memcmp(s.segment.data(), file.data() + s.header.data_offset, s.header.data_size)) << s.file;
     }
-    EXPECT_TRUE(XXH128_isEqual(s.checksum, XXH3_128bits(file.data(), file.size()))) << s.file;
+    EXPECT_EQ(s.block_checksum, !s.verified) << s.file;
+    const XXH128_hash_t want = s.block_checksum ? BlockChecksumOfFile(file, s.header.data_offset)
+                                                : XXH3_128bits(file.data(), file.size());
+    EXPECT_TRUE(XXH128_isEqual(s.checksum, want)) << s.file;
   }
 }
 
@@ -443,6 +461,28 @@ TEST_F(Fixture, FillIntoPartsMatchesTheFilesWithEveryMethod) {
   }
 }
 
+// Without a manifest the readers hash the 1 MiB blocks they read, in any order (FillTimes counts
+// it), and the checksum is the file's block checksum whichever fill method ran.
+TEST_F(Fixture, ReadersHashTheirBlocksWhenNoManifestNamesTheFile) {
+  const std::string dir = tmp.file("b");
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {5'000'003}}, {"b", DType::kF32, {900'001}}}, 2, 17)
+                  .ok());
+  std::uint64_t gen = 1;
+  for (FillMethod fill : {FillMethod::kWrite, FillMethod::kMap}) {
+    LoaderOptions o = Options(3);
+    o.chunk_size = 2ull << 20;
+    o.write_buffer = 1ull << 20;
+    o.fill = fill;
+    Loader loader(o);
+    auto m = loader.LoadHost({"b", dir}, gen++, no_cancel);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    for (const ResidentShard& sh : (*m)->shards) EXPECT_TRUE(sh.block_checksum);
+    ExpectMatchesFile(**m);
+    EXPECT_GT((*m)->fill_times.hash_ns, 0u) << "the readers hashed no block";
+    (*m)->RemoveSegments();
+  }
+}
+
 // A write fill hashes the chunks that finish out of order from either source (HashSource); the
 // checksum is the file's either way, with many small chunks over several readers so that most
 // bytes are not the next ones the hash needs when they land.
@@ -490,12 +530,13 @@ TEST_F(Fixture, AutoHashSourceProbesOnceAndPicksTheCheaper) {
 
 TEST_F(Fixture, FillTimesSayWhereTheReadersSpentTheirTime) {
   const std::string dir = tmp.file("t");
-  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {300001}}, {"b", DType::kF32, {70000}}}, 2, 5).ok());
+  // Shard a holds 1 MiB blocks for the readers to hash (no manifest: block checksums).
+  ASSERT_TRUE(testing::WriteShardedModel(dir, {{"a", DType::kU8, {3'100'001}}, {"b", DType::kF32, {70000}}}, 2, 5).ok());
   for (FillMethod fill : {FillMethod::kWrite, FillMethod::kMap}) {
     SCOPED_TRACE(fill == FillMethod::kWrite ? "write fill" : "map fill");
     LoaderOptions o = Options(3);
-    o.chunk_size = kChunk;
-    o.write_buffer = kChunk;
+    o.chunk_size = 1ull << 20;
+    o.write_buffer = 256 * kChunk;
     o.fill = fill;
     Loader loader(o);
     auto m = loader.LoadHost({"t", dir}, fill == FillMethod::kWrite ? 1 : 2, no_cancel);
@@ -738,13 +779,29 @@ std::string RunShell(const std::string& cmd) {
   return ::pclose(p) == 0 ? out : std::string();
 }
 
+// A shard the manifest names is hashed whole, in file order, as xxh128sum does; one it does not
+// name gets the block checksum, hashed by the readers in any order.
 TEST_F(Fixture, ChecksumIsWhatXxh128sumPrints) {
   const std::string dir = tmp.file("m");
-  ASSERT_TRUE(WriteModelOfSize(dir, 3 * kChunk + 11).ok());
-  Loader loader(Options(3));
-  auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
-  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  ASSERT_TRUE(WriteModelOfSize(dir, (3ull << 20) + 11).ok());
   const std::string path = dir + "/model.safetensors";
+  LoaderOptions o = Options(3);
+  o.chunk_size = 768 << 10;  // chunks end inside 1 MiB blocks: those are hashed after the fill
+  {
+    Loader loader(o);
+    auto m = loader.LoadHost({"m", dir}, 1, no_cancel);
+    ASSERT_TRUE(m.ok()) << m.status().ToString();
+    EXPECT_TRUE((*m)->shards[0].block_checksum);
+    const std::vector<std::byte> file = ReadAll(path);
+    EXPECT_EQ((*m)->shards[0].checksum_hex(), ChecksumHex(BlockChecksumOfFile(file, (*m)->shards[0].header.data_offset)));
+    (*m)->RemoveSegments();
+  }
+  std::ofstream(dir + "/checksums.xxh128") << ChecksumHex(HashOfFile(path)) << "  model.safetensors\n";
+  Loader loader(o);
+  auto m = loader.LoadHost({"m", dir}, 2, no_cancel);
+  ASSERT_TRUE(m.ok()) << m.status().ToString();
+  EXPECT_FALSE((*m)->shards[0].block_checksum);
+  EXPECT_TRUE((*m)->shards[0].verified);
   EXPECT_EQ((*m)->shards[0].checksum_hex(), ChecksumHex(HashOfFile(path)));
   const std::string tool = RunShell("xxh128sum '" + path + "'");
   if (tool.empty()) GTEST_SKIP() << "xxh128sum is not installed (Debian package xxhash); compared with XXH3_128bits only";
@@ -812,14 +869,15 @@ TEST_F(Fixture, ManifestMismatchIsDataLossNamingTheFileAndLeavesNoSegment) {
   EXPECT_TRUE(ListSegments(prefix).empty());
   EXPECT_EQ(progress->Wait().reason(), "loader.checksum_mismatch");
 
-  // verify_manifest = false loads it anyway (the checksum is still computed).
+  // verify_manifest = false loads it anyway, with the block checksum (no manifest was read).
   LoaderOptions o = Options();
   o.verify_manifest = false;
   Loader lax(o);
   auto m2 = lax.LoadHost({"m", dir}, 2, no_cancel);
   ASSERT_TRUE(m2.ok()) << m2.status().ToString();
   EXPECT_FALSE((*m2)->shards[0].verified);
-  EXPECT_EQ((*m2)->shards[0].checksum_hex(), actual);
+  EXPECT_TRUE((*m2)->shards[0].block_checksum);
+  ExpectMatchesFile(**m2);
 }
 
 TEST_F(Fixture, MalformedManifestIsInvalidArgument) {
