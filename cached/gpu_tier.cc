@@ -502,9 +502,14 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
 }
 
 std::uint64_t GpuTier::AllocationBytes(int ordinal, std::span<const std::uint64_t> shard_sizes) const {
-  std::uint64_t g = 2ull << 20;  // legacy cudaMalloc: no granularity, but 2 MiB is a fair estimate
-  if (ordinal >= 0 && static_cast<std::size_t>(ordinal) < granularity_.size() && granularity_[ordinal] > 0)
-    g = granularity_[ordinal];
+  // The device's VMM granularity once a copy has asked for it (Granularity() may need a context,
+  // which the control loop must not wait for); before that, and for legacy cudaMalloc, 2 MiB,
+  // a fair estimate.
+  std::uint64_t g = 2ull << 20;
+  {
+    MutexLock lock(state_->mu);
+    if (auto it = state_->granularity.find(ordinal); it != state_->granularity.end() && it->second > 0) g = it->second;
+  }
   std::uint64_t total = 0;
   for (std::uint64_t n : shard_sizes) total += std::max<std::uint64_t>(posix::RoundUp(n, g), g);
   return total;

@@ -178,7 +178,8 @@ class GpuTier {
   // "gpu.vmm_unsupported".
   Result<std::shared_ptr<GpuCopy>> Adopt(int ordinal, std::span<const int> fds, std::span<const std::uint64_t> data_sizes);
 
-  // Device bytes a copy of shards of these sizes takes (allocation granularity included).
+  // Device bytes a copy of shards of these sizes takes: each rounded up to the device's VMM
+  // granularity once a copy has queried it, to 2 MiB before.
   std::uint64_t AllocationBytes(int ordinal, std::span<const std::uint64_t> shard_sizes) const;
 
   // Keeps host memory [ptr, ptr+size) page-locked (registered with CUDA, for all devices)
@@ -207,7 +208,6 @@ class GpuTier {
   CudaApi* api_;
   MaterializeOptions options_;
   std::vector<DeviceInfo> devices_;
-  std::vector<std::uint64_t> granularity_;  // VMM granularity per device (0: no VMM)
   std::vector<bool> peer_;                  // [to * devices + from]: to can read from's memory
   Status unavailable_;
   // Bookkeeping shared with the copies (which may outlive a Materialize call).

@@ -455,13 +455,16 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
                                                 " loads; wait for their answers first",
                                             "limits.pending");
   Waiter w{Waiter::kAcquire, s.routing_id, req, s.id, m, ordinal};
-  cache.RecordAccess(m.model, ordinal);
+  // Only an Acquire that is served or queued counts as an access for the eviction policy; one
+  // refused with limits.pending asked for nothing.
   if (ordinal < 0) {
     if (e->state == ModelState::kResident) {
+      cache.RecordAccess(m.model, ordinal);
       ++counters.host.hits;
       return GrantLease(s, *e, m, -1);
     }
     if (s.pending >= config.max_leases_per_client) return proto::ToErrorReply(too_many);
+    cache.RecordAccess(m.model, ordinal);
     ++counters.host.misses;
     ++s.pending;
     e->waiters.push_back(std::move(w));
@@ -470,10 +473,12 @@ std::optional<proto::ReplyBody> Server::Impl::OnAcquire(Session& s, std::uint64_
   }
   GpuEntry& g = e->gpus[ordinal];
   if (g.state == ModelState::kResident) {
+    cache.RecordAccess(m.model, ordinal);
     ++counters.gpu.hits;
     return GrantLease(s, *e, m, ordinal);
   }
   if (s.pending >= config.max_leases_per_client) return proto::ToErrorReply(too_many);
+  cache.RecordAccess(m.model, ordinal);
   ++counters.gpu.misses;
   ++s.pending;
   g.waiters.push_back(std::move(w));

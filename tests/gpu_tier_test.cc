@@ -274,6 +274,22 @@ TEST(GpuTier, PipelinedCopyPageLocksChunkByChunkAndPinHostWaitsForIt) {
   ExpectNothingLive(fake);
 }
 
+// The GPU budget's estimate uses the device's own granularity once a copy has learned it.
+TEST(GpuTier, AllocationBytesUsesTheDevicesGranularityOnceKnown) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  const std::vector<std::uint64_t> sizes{1, kGranularity + 1};
+  EXPECT_EQ(tier.AllocationBytes(0, sizes), 2 * (2ull << 20)) << "2 MiB before the granularity is known";
+  HostBuffer a(kChunk, 1);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  EXPECT_EQ(tier.AllocationBytes(0, sizes), kGranularity + 2 * kGranularity);
+  EXPECT_EQ(tier.AllocationBytes(1, sizes), 2 * (2ull << 20)) << "cuda:1 has not been asked";
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  ExpectNothingLive(fake);
+}
+
 TEST(GpuTier, FallsBackToPinnedStagingWhenRegistrationFails) {
   FakeCudaApi fake(TwoDevices(), kGranularity);
   fake.SetHostRegisterFails(true);
