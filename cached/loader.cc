@@ -594,9 +594,9 @@ Result<std::shared_ptr<ResidentModel>> Loader::Fill(LoadPlan plan, std::uint64_t
       sf->block_digest.resize(n);
       sf->block_known.assign(n, 0);
     }
-    sf->hash.reset(XXH3_createState());
-    if (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
-        XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR)
+    if (!sf->blocks) sf->hash.reset(XXH3_createState());
+    if (!sf->blocks && (sf->hash == nullptr || XXH3_128bits_reset(sf->hash.get()) == XXH_ERROR ||
+                        XXH3_128bits_update(sf->hash.get(), p.header_bytes.data(), p.header_bytes.size()) == XXH_ERROR))
       return fail(Internal("cannot start the XXH3 hash of " + sf->path, "loader.hash_failed"));
     bool direct = options_.io == IoMode::kDirect ||
                   (options_.io == IoMode::kAuto && !MostlyCached(sf->fd, p.file_info.size));
@@ -744,11 +744,12 @@ Status SegmentWriteError(Status s) {
   return s;
 }
 
-// Feeds bytes [at, at + n) of a shard's data section, which are in `src`, to the shard's hash if
-// they are the next ones it needs and no other thread hashes it. A write fill then hashes most
-// bytes while they are in the cache, and reads back from the segment only those of chunks that
-// finished out of order (ChunkDone).
-void HashInOrder(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uint64_t n) {
+// Hashes what it can of bytes [at, at + n) of a shard's data section, which a reader just read
+// into `src`. A block checksum takes every block that lies wholly in them. The whole-file hash
+// takes them if they are the next ones it needs and no other thread hashes it: a write fill then
+// hashes most bytes while they are in the cache, and reads back from the segment only those of
+// chunks that finished out of order (ChunkDone).
+void HashPiece(ShardFill& sf, std::uint64_t at, const std::byte* src, std::uint64_t n) {
   if (sf.blocks) {
     // Every block that lies wholly in these bytes; a block cut by a piece or chunk boundary is
     // hashed from the segment after the fill (not timed here).
@@ -819,7 +820,7 @@ Status WriteChunk(FileIo& io, ShardFill& sf, std::uint64_t off, std::uint64_t si
       if (Status w = io.Pwrite(part_fd, std::span(src, n), off + done - part_start, sf.segment); !w.ok())
         return SegmentWriteError(std::move(w));
     }
-    HashInOrder(sf, off + done, src, n);
+    HashPiece(sf, off + done, src, n);
     done += n;
   }
   return Status::Ok();
@@ -947,7 +948,7 @@ Status Loader::ReadShards(FillState& fs, const std::atomic<bool>& cancel) {
           ScopedTime t(sf.read_ns);
           s = ReadChunk(*io_, sf, c.offset, c.size, bounce, bounce_size);
         }
-        if (s.ok() && sf.blocks) HashInOrder(sf, c.offset, sf.dst + c.offset, c.size);
+        if (s.ok() && sf.blocks) HashPiece(sf, c.offset, sf.dst + c.offset, c.size);
       }
       if (!s.ok()) {
         fs.Fail(std::move(s));

@@ -239,8 +239,9 @@ enum class FillMethod {
   kMap,
 };
 
-// Where a write fill's hash reads the bytes of chunks that finished out of order (the bytes of
-// the next piece in order are hashed from the reader's buffer either way).
+// Where a write fill's whole-file hash (of a shard the manifest names) reads the bytes of chunks
+// that finished out of order (the bytes of the next piece in order are hashed from the reader's
+// buffer either way; a block checksum needs neither).
 enum class HashSource {
   kReadBack,  // pread them back from the segment's fd into the reader's buffer (one more copy)
   kMapping,   // hash them through the daemon's mapping of the segment (a page fault per page)
