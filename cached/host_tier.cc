@@ -34,13 +34,6 @@ Status SetModeAndGroup(int fd, const std::string& name, mode_t mode, gid_t group
   return Status::Ok();
 }
 
-// A close-on-exec descriptor of a Boost object's file that outlives the object.
-Result<posix::Fd> DupOf(const bip::shared_memory_object& shm, const std::string& name) {
-  const int fd = ::fcntl(shm.get_mapping_handle().handle, F_DUPFD_CLOEXEC, 0);
-  if (fd < 0) return posix::ErrnoStatus("dup(/" + name + ")");
-  return posix::Fd(fd);
-}
-
 // Creates one file of a segment exclusively, with exactly `mode` and `group`, `size` bytes,
 // committed when `reserve`.
 Result<posix::Fd> CreatePart(const std::string& name, std::uint64_t size, mode_t mode, gid_t group, bool reserve) {
@@ -49,7 +42,7 @@ Result<posix::Fd> CreatePart(const std::string& name, std::uint64_t size, mode_t
     bip::permissions perm(static_cast<unsigned>(mode));
     bip::shared_memory_object shm(bip::create_only, name.c_str(), bip::read_write, perm);
     shm.truncate(static_cast<bip::offset_t>(size));
-    ASSIGN_OR_RETURN(fd, DupOf(shm, name));
+    ASSIGN_OR_RETURN(fd, DupOf(shm, "/" + name));
   } catch (const bip::interprocess_exception& e) {
     const bool exists = e.get_error_code() == bip::already_exists_error;
     const bool full = e.get_error_code() == bip::out_of_space_error || e.get_native_error() == ENOSPC ||
@@ -81,6 +74,12 @@ Status BadPartSize(const std::string& name, std::uint64_t part_size) {
 }
 
 }  // namespace
+
+Result<posix::Fd> DupOf(const bip::shared_memory_object& shm, const std::string& what) {
+  const int fd = ::fcntl(shm.get_mapping_handle().handle, F_DUPFD_CLOEXEC, 0);
+  if (fd < 0) return posix::ErrnoStatus("dup(" + what + ")");
+  return posix::Fd(fd);
+}
 
 HostSegment::HostSegment() = default;
 HostSegment::HostSegment(HostSegment&&) noexcept = default;
@@ -182,7 +181,7 @@ Result<HostSegment> HostSegment::Open(const std::string& name, std::uint64_t dat
     try {
       // shm_open (O_NOFOLLOW in glibc): a symlink planted in /dev/shm is not followed.
       bip::shared_memory_object shm(bip::open_only, part.c_str(), bip::read_write);
-      ASSIGN_OR_RETURN(fd, DupOf(shm, part));
+      ASSIGN_OR_RETURN(fd, DupOf(shm, "/" + part));
     } catch (const bip::interprocess_exception& e) {
       if (e.get_error_code() == bip::not_found_error) return NotFound(what + " does not exist", "shm.not_found");
       return Internal("opening " + what + ": " + e.what(), "shm.open_failed");

@@ -24,9 +24,18 @@
 #include <string>
 #include <vector>
 
+#include "posix.h"
 #include "status_macros.h"
 
+namespace boost::interprocess {
+class shared_memory_object;
+}
+
 namespace weightd {
+
+// A close-on-exec duplicate of a Boost shm object's descriptor, which outlives the object.
+// `what` names it in the error ("dup(<what>): ...").
+Result<posix::Fd> DupOf(const boost::interprocess::shared_memory_object& shm, const std::string& what);
 
 class HostSegment {
  public:

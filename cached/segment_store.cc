@@ -79,13 +79,6 @@ std::string RandomSalt() {
   return buf;
 }
 
-// A close-on-exec duplicate of a Boost object's descriptor, which outlives the object.
-Result<posix::Fd> DupOf(const bip::shared_memory_object& shm, const std::string& what) {
-  const int fd = ::fcntl(shm.get_mapping_handle().handle, F_DUPFD_CLOEXEC, 0);
-  if (fd < 0) return posix::ErrnoStatus("dup(" + what + ")");
-  return posix::Fd(fd);
-}
-
 }  // namespace
 
 SegmentStore::SegmentStore(Options options) : options_(std::move(options)), salt_(RandomSalt()) {}
