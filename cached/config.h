@@ -138,6 +138,9 @@ struct DaemonConfig {
   // Copy a model to a GPU from its copy on another GPU, where the pair has peer access (VMM
   // copies only); the host copy is the source otherwise, and when a peer copy fails.
   bool gpu_peer_copy = true;
+  // Threads page-locking (cudaHostRegister) the chunks of a GPU copy that follows a fill, ahead
+  // of the copy.
+  std::uint32_t gpu_pin_threads = 4;
   // Under systemd, hand each resident VMM copy's fds to its file-descriptor store (FDSTORE=1),
   // so that the next instance after a crash takes the copy back (README.md, "Crash safety").
   bool gpu_fd_store = true;

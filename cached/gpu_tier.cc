@@ -1,6 +1,7 @@
 #include "gpu_tier.h"
 
 #include <spdlog/spdlog.h>
+#include <sys/mman.h>
 
 #include <algorithm>
 #include <iterator>
@@ -8,6 +9,8 @@
 #include <cctype>
 #include <chrono>
 #include <cstring>
+#include <optional>
+#include <thread>
 
 #include "thread_annotations.h"
 
@@ -56,6 +59,25 @@ std::pair<const void*, std::uint64_t> PageSpan(const void* ptr, std::uint64_t si
   return {reinterpret_cast<const void*>(begin), end - begin};
 }
 
+// Linux 5.14 added MADV_POPULATE_READ/WRITE; older headers lack them.
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
+// Maps a range's pages into this process's page tables ahead of cudaHostRegister, which would
+// otherwise fault each page in itself: a fill writes segments with pwrite, never through the
+// daemon's mapping, and the driver faults one page at a time, serialized across threads.
+// Best effort: where the kernel lacks the advice, the registration faults them in.
+void MapIn(const void* base, std::uint64_t size, bool read_only) {
+  (void)::madvise(const_cast<void*>(base), size, read_only ? MADV_POPULATE_READ : MADV_POPULATE_WRITE);
+}
+
+// The host registrations a range is held by: one, or several side by side (GpuCopy::State).
+using HostKeys = std::vector<const void*>;
+
 }  // namespace
 
 // Shared by the tier and its copies, so a copy that outlives a Materialize call (or the tier)
@@ -70,73 +92,112 @@ struct GpuCopy::State {
   GpuTierStats totals GUARDED_BY(mu);                        // .devices unused
 
   // Host registrations are process-wide and may be shared by concurrent copies of one shard
-  // to several GPUs, so they are refcounted here. Registering takes ~50 ms/GiB; it runs under
-  // reg_mu, which serializes concurrent materializations' registrations but nothing else.
-  // Whole shards are registered (PinHost, a copy from a resident host copy), and so are single
-  // chunks (a copy pipelined behind a fill registers each chunk as it lands). CUDA refuses
-  // overlapping registrations: a range inside a registered one shares it; one that overlaps
-  // others only partly fails, or, with `wait` (PinHost, whose shard a pipelined copy may still
-  // hold chunk by chunk), waits up to a minute for them to go.
+  // to several GPUs, so they are refcounted here. Registering takes ~30 ms/GiB once the pages
+  // are mapped (page-locking and mapping every page for the device; the driver serializes it);
+  // it runs outside reg_mu, so that threads waiting on the lock never wait for the driver. Whole shards are registered (PinHost, a copy from a resident host copy),
+  // and so are single chunks (a copy pipelined behind a fill registers each chunk as it lands,
+  // ChunkPinner). CUDA refuses overlapping registrations: a range that registrations cover
+  // whole, one or several side by side, shares them (so a PinHost after a pipelined copy takes
+  // over its chunks instead of registering the shard again); one they cover only in part fails,
+  // or, with `wait` (PinHost, whose shard a pipelined copy may still be registering chunk by
+  // chunk), waits up to a minute for them to cover it or to go. A range being registered or
+  // given back is waited for.
   Mutex reg_mu;
   CondVar reg_cv{&reg_mu};
   struct Registration {
     std::uint64_t size = 0;
     int refs = 0;
+    bool ready = false;  // registered; false while cudaHostRegister or cudaHostUnregister runs
   };
   std::map<const void*, Registration> registrations GUARDED_BY(reg_mu);
-  std::uint64_t unregistered GUARDED_BY(reg_mu) = 0;  // ranges given back so far
+  std::uint64_t changes GUARDED_BY(reg_mu) = 0;  // registrations made, failed or given back so far
 
-  // The key to Unregister() the range by, or nullptr when it cannot be registered.
-  const void* Register(const void* base, std::uint64_t size, bool read_only_supported, bool wait = false) {
-    MutexLock lock(reg_mu);
-    const auto* b = static_cast<const std::byte*>(base);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
-    for (;;) {
-      // The registration that starts last at or before `base` is the only one that may hold it.
-      auto it = registrations.upper_bound(base);
-      if (it != registrations.begin()) {
-        auto prev = std::prev(it);
-        const auto* p = static_cast<const std::byte*>(prev->first);
-        if (p + prev->second.size >= b + size) {
-          ++prev->second.refs;
-          return prev->first;
-        }
-      }
-      bool overlaps = false;
-      for (auto o = registrations.begin(); o != registrations.end() && !overlaps; ++o) {
-        const auto* p = static_cast<const std::byte*>(o->first);
-        overlaps = p < b + size && b < p + o->second.size;
-      }
-      if (!overlaps) break;
-      if (!wait) return nullptr;
-      const std::uint64_t seen = unregistered;
-      if (!reg_cv.WaitUntil(deadline, [&] {
-            reg_mu.AssertHeld();
-            return unregistered != seen;
-          }))
-        return nullptr;
+  // The keys to Unregister() the range by (one each), or none when it cannot be registered.
+  HostKeys Register(const void* base, std::uint64_t size, bool read_only_supported, bool wait = false) {
+    HostKeys shared;
+    switch (Claim(base, size, wait, &shared)) {
+      case kShared:
+        return shared;
+      case kRefused:
+        return {};
+      case kClaimed:
+        break;
     }
     // Read-only registration is what lets us pin a PROT_READ mapping; a writable mapping also
     // registers without it on devices that lack the attribute.
-    bool ok = (read_only_supported && api->HostRegister(base, size, true).ok()) || api->HostRegister(base, size, false).ok();
-    if (!ok) return nullptr;
-    registrations[base] = Registration{size, 1};
-    return base;
+    const bool ok =
+        (read_only_supported && api->HostRegister(base, size, true).ok()) || api->HostRegister(base, size, false).ok();
+    MutexLock lock(reg_mu);
+    if (ok) {
+      registrations[base].ready = true;
+    } else {
+      registrations.erase(base);
+    }
+    ++changes;
+    reg_cv.SignalAll();
+    return ok ? HostKeys{base} : HostKeys{};
+  }
+
+  enum ClaimResult : std::uint8_t { kShared, kRefused, kClaimed };
+  // Shares the registrations that cover [base, base + size), or claims the range for the caller
+  // to register, or refuses it (registrations cover part of it).
+  ClaimResult Claim(const void* base, std::uint64_t size, bool wait, HostKeys* shared) {
+    MutexLock lock(reg_mu);
+    const auto* b = static_cast<const std::byte*>(base);
+    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
+    auto start = [](const auto& it) { return static_cast<const std::byte*>(it->first); };
+    for (;;) {
+      // The registrations that overlap the range, in address order (they never overlap each other).
+      auto it = registrations.upper_bound(base);
+      if (it != registrations.begin() && start(std::prev(it)) + std::prev(it)->second.size > b) --it;
+      HostKeys keys;
+      bool pending = false;
+      const std::byte* reach = b;  // covered without a gap up to here
+      for (; it != registrations.end() && start(it) < b + size; ++it) {
+        keys.push_back(it->first);
+        pending = pending || !it->second.ready;
+        if (start(it) <= reach) reach = std::max(reach, start(it) + it->second.size);
+      }
+      if (keys.empty()) break;
+      if (!pending && reach >= b + size) {
+        for (const void* k : keys) ++registrations[k].refs;
+        *shared = std::move(keys);
+        return kShared;
+      }
+      if (!pending && !wait) return kRefused;
+      const std::uint64_t seen = changes;
+      if (!reg_cv.WaitUntil(deadline, [&] {
+            reg_mu.AssertHeld();
+            return changes != seen;
+          }))
+        return kRefused;
+    }
+    registrations[base] = Registration{size, 1, false};
+    return kClaimed;
   }
 
   void Unregister(const void* base) {
-    MutexLock lock(reg_mu);
-    auto it = registrations.find(base);
-    if (it == registrations.end() || --it->second.refs > 0) return;
-    registrations.erase(it);
-    ++unregistered;
-    reg_cv.SignalAll();
+    {
+      MutexLock lock(reg_mu);
+      auto it = registrations.find(base);
+      if (it == registrations.end() || --it->second.refs > 0) return;
+      it->second.ready = false;  // claimed until it is given back
+    }
     Status s = api->HostUnregister(base);
+    {
+      MutexLock lock(reg_mu);
+      registrations.erase(base);
+      ++changes;
+      reg_cv.SignalAll();
+    }
     if (!s.ok()) {
       spdlog::warn("gpu tier: {}", s.ToString());
-      MutexLock l2(mu);
+      MutexLock lock(mu);
       ++totals.release_errors;
     }
+  }
+  void Unregister(const HostKeys& keys) {
+    for (const void* k : keys) Unregister(k);
   }
 };
 
@@ -382,7 +443,7 @@ struct GpuTier::CopySession {
   std::vector<Stream> streams;
   std::vector<void*> staging;
   std::vector<bool> staging_busy;
-  std::vector<const void*> registered;
+  HostKeys registered;
   std::uint64_t errors = 0;
 
   void Note(const Status& s) {
@@ -404,11 +465,120 @@ struct GpuTier::CopySession {
     for (Stream s : streams) Note(api->StreamSynchronize(s));
     for (void* p : staging)
       if (p != nullptr) Note(api->HostFreePinned(p));
-    for (const void* p : registered) state->Unregister(p);
+    state->Unregister(registered);
     for (Stream s : streams) Note(api->StreamDestroy(s));
     MutexLock lock(state->mu);
     state->totals.release_errors += errors;
   }
+};
+
+namespace {
+
+struct ChunkRef {
+  std::size_t shard = 0;
+  std::uint64_t off = 0;
+  std::uint64_t len = 0;
+};
+
+// Chunks go round-robin over the shards (the first of each shard, then the second, ...), the
+// order in which the loader fills them (Loader::Fill), so that a copy pipelined behind a load
+// follows the fill rather than waiting for the whole of shard 0 first.
+std::vector<ChunkRef> ChunkOrder(std::span<const HostShard> shards, std::uint64_t chunk_bytes) {
+  std::uint64_t longest = 0;
+  for (const HostShard& s : shards) longest = std::max(longest, s.size);
+  std::vector<ChunkRef> out;
+  for (std::uint64_t off = 0; off < longest; off += chunk_bytes)
+    for (std::size_t i = 0; i < shards.size(); ++i)
+      if (off < shards[i].size) out.push_back(ChunkRef{i, off, std::min(chunk_bytes, shards[i].size - off)});
+  return out;
+}
+
+}  // namespace
+
+// Page-locks the chunks of a copy behind a fill, each once its bytes are in, on a few threads
+// ahead of the copy loop. cudaHostRegister of pages that a fill wrote with pwrite first faults
+// each page into the daemon's mapping, one at a time, serialized in the driver (~10 GB/s during
+// a fill, slower than the fill); each thread here maps its chunk in first (MapIn), in parallel,
+// so that the driver only page-locks (~35 GB/s, serialized whatever the thread count). The
+// threads take chunks in copy order; the copy loop waits for each one's turn. On destruction
+// (every path) the threads stop taking chunks, finish the one they hold (a wait for the fill
+// returns once the load ends either way) and hand every registration to `registered`, which
+// the CopySession gives back after its streams are done. Measured: docs/loading.md,
+// "Page-locking behind a fill".
+class GpuTier::ChunkPinner {
+ public:
+  ChunkPinner(GpuCopy::State* state, std::span<const HostShard> shards, std::span<const ChunkRef> chunks, bool ro,
+              const WaitReadyFn& wait_ready, int threads, HostKeys* registered)
+      : state_(state), shards_(shards), chunks_(chunks), ro_(ro), wait_ready_(wait_ready), registered_(registered),
+        slots_(chunks.size()) {
+    const int n = std::clamp<int>(threads, 1, static_cast<int>(std::max<std::size_t>(chunks.size(), 1)));
+    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { Run(); });
+  }
+  ChunkPinner(const ChunkPinner&) = delete;
+  ChunkPinner& operator=(const ChunkPinner&) = delete;
+  ~ChunkPinner() {
+    {
+      MutexLock lock(mu_);
+      stop_ = true;
+    }
+    for (std::thread& t : threads_) t.join();
+    MutexLock lock(mu_);
+    for (const Slot& s : slots_) registered_->insert(registered_->end(), s.keys.begin(), s.keys.end());
+  }
+
+  // Waits until chunk `k`'s bytes are in, or returns why they never will. `*pinned`: whether
+  // they are page-locked (if not, the copy stages them).
+  Status Wait(std::size_t k, bool* pinned) {
+    MutexLock lock(mu_);
+    cv_.Wait([&] {
+      mu_.AssertHeld();
+      return slots_[k].done;
+    });
+    *pinned = !slots_[k].keys.empty();
+    return slots_[k].status;
+  }
+
+ private:
+  struct Slot {
+    bool done = false;
+    Status status;
+    HostKeys keys;
+  };
+
+  void Run() {
+    for (;;) {
+      std::size_t k;
+      {
+        MutexLock lock(mu_);
+        if (stop_ || next_ == chunks_.size()) return;
+        k = next_++;
+      }
+      const ChunkRef& c = chunks_[k];
+      Status s = wait_ready_(c.shard, c.off + c.len);
+      HostKeys keys;
+      if (s.ok()) {
+        auto [base, span] = PageSpan(shards_[c.shard].data + c.off, c.len);
+        MapIn(base, span, ro_);  // on this thread, beside the other pinners
+        keys = state_->Register(base, span, ro_);
+      }
+      MutexLock lock(mu_);
+      slots_[k] = Slot{true, std::move(s), std::move(keys)};
+      cv_.SignalAll();
+    }
+  }
+
+  GpuCopy::State* const state_;
+  const std::span<const HostShard> shards_;
+  const std::span<const ChunkRef> chunks_;
+  const bool ro_;
+  const WaitReadyFn& wait_ready_;
+  HostKeys* const registered_;
+  Mutex mu_;
+  CondVar cv_{&mu_};
+  std::vector<Slot> slots_ GUARDED_BY(mu_);
+  std::size_t next_ GUARDED_BY(mu_) = 0;
+  bool stop_ GUARDED_BY(mu_) = false;
+  std::vector<std::thread> threads_;  // last: started once the rest is built
 };
 
 Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged,
@@ -416,11 +586,13 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   CopySession session{api_, state_.get(), {}, {}, {}, {}};
 
   const bool ro = devices_[static_cast<std::size_t>(copy.ordinal_)].host_register_read_only;
+  const std::vector<ChunkRef> chunks = ChunkOrder(shards, options_.chunk_bytes);
   std::vector<bool> direct(shards.size(), false);
-  // A copy behind a fill registers each chunk once it has landed: registering a whole fresh
-  // shard first would page-lock (and allocate) every page of it before the first chunk could
-  // go, single-threaded, which held the copy back until the fill's end (docs/loading.md).
-  // Only where chunks are whole pages, so that no two chunks' registrations share one.
+  // A copy behind a fill registers each chunk once it has landed (ChunkPinner): registering a
+  // whole fresh shard first would page-lock (and allocate) every page of it before the first
+  // chunk could go, single-threaded, which held the copy back until the fill's end
+  // (docs/loading.md). Only where chunks are whole pages, so that no two chunks' registrations
+  // share one.
   const std::uint64_t page = posix::PageSize();
   bool per_chunk = static_cast<bool>(wait_ready) && options_.chunk_bytes % page == 0;
   for (const HostShard& s : shards) per_chunk = per_chunk && reinterpret_cast<std::uintptr_t>(s.data) % page == 0;
@@ -428,8 +600,8 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
     if (shards[i].size == 0) continue;
     // Free when PinHost already holds the range; otherwise registered for this copy only.
     auto [base, len] = PageSpan(shards[i].data, shards[i].size);
-    if (const void* key = state_->Register(base, len, ro)) {
-      session.registered.push_back(key);
+    if (HostKeys keys = state_->Register(base, len, ro); !keys.empty()) {
+      session.registered.insert(session.registered.end(), keys.begin(), keys.end());
       direct[i] = true;
     } else {
       ++*staged;
@@ -441,55 +613,47 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   const std::size_t n_streams = session.streams.size();
   session.staging.assign(n_streams, nullptr);
   session.staging_busy.assign(n_streams, false);
+  // Declared after the session: destroyed first, it hands its registrations to the session.
+  std::optional<ChunkPinner> pinner;
+  if (per_chunk) pinner.emplace(state_.get(), shards, chunks, ro, wait_ready, options_.pin_threads, &session.registered);
 
   auto t0 = Clock::now();
   std::uint64_t bytes = 0;
-  std::size_t k = 0;
-  // Chunks go round-robin over the shards (the first of each shard, then the second, ...), the
-  // order in which the loader fills them (Loader::Fill), so that a copy pipelined behind a load
-  // follows the fill rather than waiting for the whole of shard 0 first.
-  std::uint64_t longest = 0;
-  for (const HostShard& s : shards) longest = std::max(longest, s.size);
-  for (std::uint64_t off = 0; off < longest; off += options_.chunk_bytes) {
-    for (std::size_t i = 0; i < shards.size(); ++i) {
-      const HostShard& src = shards[i];
-      const GpuShard& dst = copy.shards_[i];
-      if (off >= src.size) continue;
-      const std::uint64_t len = std::min(options_.chunk_bytes, src.size - off);
-      const std::size_t j = k++ % n_streams;
-      Stream stream = session.streams[j];
-      if (wait_ready) RETURN_IF_ERROR(wait_ready(i, off + len));
-      bool chunk_direct = direct[i];
-      if (per_chunk) {
-        auto [base, span] = PageSpan(src.data + off, len);
-        if (const void* key = state_->Register(base, span, ro)) {
-          session.registered.push_back(key);
-          chunk_direct = true;
-        } else if (!staged_shard[i]) {
-          staged_shard[i] = true;
-          ++*staged;
-        }
+  for (std::size_t k = 0; k < chunks.size(); ++k) {
+    const auto [i, off, len] = chunks[k];
+    const HostShard& src = shards[i];
+    const GpuShard& dst = copy.shards_[i];
+    const std::size_t j = k % n_streams;
+    Stream stream = session.streams[j];
+    bool chunk_direct = direct[i];
+    if (pinner) {
+      RETURN_IF_ERROR(pinner->Wait(k, &chunk_direct));
+      if (!chunk_direct && !staged_shard[i]) {
+        staged_shard[i] = true;
+        ++*staged;
       }
-      Status st;
-      if (chunk_direct) {
-        st = api_->CopyHostToDeviceAsync(dst.ptr + off, src.data + off, len, stream);
-      } else {
-        // TODO(perf): double-buffer per stream and fill staging buffers from several threads;
-        // this path only runs when registration fails.
-        if (session.staging[j] == nullptr) {
-          auto buf = api_->HostAllocPinned(options_.chunk_bytes);
-          if (!buf.ok()) return buf.status().WithContext("staging buffer");
-          session.staging[j] = *buf;
-        } else if (session.staging_busy[j]) {
-          RETURN_IF_ERROR(api_->StreamSynchronize(stream));
-        }
-        std::memcpy(session.staging[j], src.data + off, len);
-        st = api_->CopyHostToDeviceAsync(dst.ptr + off, session.staging[j], len, stream);
-        session.staging_busy[j] = true;
-      }
-      RETURN_IF_ERROR(st.WithContext("shard " + std::to_string(i) + " at offset " + std::to_string(off)));
-      bytes += len;
+    } else if (wait_ready) {
+      RETURN_IF_ERROR(wait_ready(i, off + len));
     }
+    Status st;
+    if (chunk_direct) {
+      st = api_->CopyHostToDeviceAsync(dst.ptr + off, src.data + off, len, stream);
+    } else {
+      // TODO(perf): double-buffer per stream and fill staging buffers from several threads;
+      // this path only runs when registration fails.
+      if (session.staging[j] == nullptr) {
+        auto buf = api_->HostAllocPinned(options_.chunk_bytes);
+        if (!buf.ok()) return buf.status().WithContext("staging buffer");
+        session.staging[j] = *buf;
+      } else if (session.staging_busy[j]) {
+        RETURN_IF_ERROR(api_->StreamSynchronize(stream));
+      }
+      std::memcpy(session.staging[j], src.data + off, len);
+      st = api_->CopyHostToDeviceAsync(dst.ptr + off, session.staging[j], len, stream);
+      session.staging_busy[j] = true;
+    }
+    RETURN_IF_ERROR(st.WithContext("shard " + std::to_string(i) + " at offset " + std::to_string(off)));
+    bytes += len;
   }
   for (Stream s : session.streams) RETURN_IF_ERROR(api_->StreamSynchronize(s));
   copy.copy_seconds_ = SecondsSince(t0);
@@ -670,12 +834,13 @@ Result<std::shared_ptr<const void>> GpuTier::PinHost(const void* ptr, std::uint6
   if (ptr == nullptr || size == 0) return InvalidArgument("nothing to pin", "gpu.bad_pin");
   const bool ro = std::all_of(devices_.begin(), devices_.end(), [](const DeviceInfo& d) { return d.host_register_read_only; });
   auto [base, len] = PageSpan(ptr, size);
-  const void* key = state_->Register(base, len, ro, /*wait=*/true);
-  if (key == nullptr)
+  HostKeys keys = state_->Register(base, len, ro, /*wait=*/true);
+  if (keys.empty())
     return FailedPrecondition("cannot page-lock " + std::to_string(len) + " bytes of host memory for the GPU (RLIMIT_MEMLOCK?)",
                               "gpu.register_failed");
   std::shared_ptr<GpuCopy::State> state = state_;
-  return std::shared_ptr<const void>(key, [state](const void* p) { state->Unregister(p); });
+  const void* first = keys.front();
+  return std::shared_ptr<const void>(first, [state, keys = std::move(keys)](const void*) { state->Unregister(keys); });
 }
 
 GpuTierStats GpuTier::Stats() const {

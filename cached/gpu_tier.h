@@ -55,6 +55,7 @@ using WaitReadyFn = std::function<Status(std::size_t shard, std::uint64_t end)>;
 struct MaterializeOptions {
   std::uint64_t chunk_bytes = 64ull << 20;  // one async copy; large enough to run at PCIe speed
   int streams = 4;                          // chunks go round-robin over this many streams
+  int pin_threads = 4;                      // threads page-locking a copy's chunks behind a fill
 };
 
 struct GpuShard {
@@ -199,6 +200,7 @@ class GpuTier {
   Status MapVmmShard(GpuShard& s, std::uint8_t& progress, int ordinal, std::uint64_t granularity);
   Status Allocate(GpuCopy& copy, std::span<const std::uint64_t> sizes);
   struct CopySession;
+  class ChunkPinner;
   Status CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged, const WaitReadyFn& wait_ready);
   Status CopyFromPeer(GpuCopy& copy, const GpuCopy& source);
   // Accounts a finished copy, or frees a failed one and returns `s` with `what` as context.

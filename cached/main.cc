@@ -149,7 +149,9 @@ int main(int argc, char** argv) {
     if (api.ok()) cuda = std::move(api).value();
     else spdlog::info("no GPU tier: {}", api.status().ToString());
   }
-  weightd::gpu::GpuTier gpu(cuda.get());
+  weightd::gpu::MaterializeOptions copy_options;
+  copy_options.pin_threads = static_cast<int>(cfg.gpu_pin_threads);
+  weightd::gpu::GpuTier gpu(cuda.get(), copy_options);
 
   weightd::RealClock clock;
   auto server = weightd::Server::Create(cfg, &clock, cfg.gpu_enabled ? &gpu : nullptr);

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cstring>
 #include <future>
@@ -216,7 +217,9 @@ TEST(GpuTier, VmmCopyRoundsEachShardToGranularityAndCopiesEveryByte) {
 // round-robin over the shards, so that it follows the fill (Loader::Fill).
 TEST(GpuTier, PipelinedCopyWaitsForChunksRoundRobinOverShards) {
   FakeCudaApi fake(TwoDevices(), kGranularity);
-  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  MaterializeOptions options{kChunk, 2};
+  options.pin_threads = 1;  // one thread waits for the chunks, in the copy's order
+  GpuTier tier(&fake, options);
   HostBuffer a(3 * kChunk, 1), b(kChunk + 5, 2), c(0, 3), d(2 * kChunk - 1, 4);
   std::vector<HostShard> shards{a.shard(), b.shard(), c.shard(), d.shard()};
   std::vector<std::pair<std::size_t, std::uint64_t>> waits;
@@ -236,41 +239,175 @@ TEST(GpuTier, PipelinedCopyWaitsForChunksRoundRobinOverShards) {
 }
 
 // Behind a fill, each chunk is page-locked once it has landed, not the whole fresh shard first
-// (which would page-lock every page before the first chunk could go). A PinHost of the shard
-// meanwhile waits for the copy's chunks to be given back, then pins it whole; a later pipelined
-// copy of a pinned shard shares the pin.
-TEST(GpuTier, PipelinedCopyPageLocksChunkByChunkAndPinHostWaitsForIt) {
+// (which would page-lock every page before the first chunk could go). A PinHost of a shard
+// meanwhile waits until the copy's chunks cover it, then takes them over instead of registering
+// the shard again; later copies of the pinned shard share them too.
+TEST(GpuTier, PipelinedCopyPageLocksChunkByChunkAndPinHostTakesTheChunksOver) {
   using namespace std::chrono_literals;
   FakeCudaApi fake(TwoDevices(), kGranularity);
   GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
-  HostBuffer a(4 * kChunk, 1);
-  std::vector<HostShard> shards{a.shard()};
-  std::vector<std::int64_t> live_at_wait;
+  // Chunk order: a0 b0 a1 b1 a2 b2 a3 b3 b4.
+  HostBuffer a(4 * kChunk, 1), b(5 * kChunk, 2);
+  std::vector<HostShard> shards{a.shard(), b.shard()};
+  // Each registration must cover only bytes the fill has reported ready (the chunks are
+  // registered on the pinner's threads, ahead of the copy, in any order).
+  std::mutex mu;
+  std::uint64_t ready[2] = {0, 0};
+  std::vector<std::uint64_t> early;  // offsets of ranges registered before they were ready
+  fake.SetHostRegisterHook([&](const void* p, std::uint64_t size) {
+    std::lock_guard lock(mu);
+    for (int i = 0; i < 2; ++i) {
+      const HostBuffer& h = i == 0 ? a : b;
+      const auto begin = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - h.mapping.data());
+      if (begin < h.size && begin + size > ready[i]) early.push_back(begin);
+    }
+  });
   std::future<Result<std::shared_ptr<const void>>> pin;
-  auto copy = tier.Materialize(0, shards, ExportMode::kVmm, [&](std::size_t, std::uint64_t end) {
-    live_at_wait.push_back(fake.counters().live_host_registrations);
-    if (end == 3 * kChunk) {
-      pin = std::async(std::launch::async, [&] { return tier.PinHost(a.mapping.data(), a.size); });
+  std::atomic<bool> pin_done{false};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm, [&](std::size_t shard, std::uint64_t end) {
+    if (shard == 0 && end == 3 * kChunk) {
+      // The pinner's threads run ahead of this one: wait for one chunk to be page-locked.
+      const auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (fake.counters().live_host_registrations == 0 && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(1ms);
+      pin = std::async(std::launch::async, [&] {
+        auto r = tier.PinHost(a.mapping.data(), a.size);
+        pin_done = true;
+        return r;
+      });
       EXPECT_EQ(pin.wait_for(100ms), std::future_status::timeout) << "PinHost must wait for the copy's chunks";
     }
+    if (shard == 1 && end == b.size) {  // the last chunk: the copy ends after the pin
+      const auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (!pin_done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+    }
+    std::lock_guard lock(mu);
+    ready[shard] = std::max(ready[shard], end);
     return Status::Ok();
   });
   ASSERT_TRUE(copy.ok()) << copy.status().ToString();
-  EXPECT_EQ(live_at_wait, (std::vector<std::int64_t>{0, 1, 2, 3}));
+  EXPECT_TRUE(early.empty()) << "a chunk was page-locked before its bytes were ready";
   EXPECT_TRUE(SameBytes(ReadBack(**copy, 0), a));
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 1), b));
   EXPECT_EQ(tier.Stats().staged_shards, 0u);
   auto pinned = pin.get();
   ASSERT_TRUE(pinned.ok()) << pinned.status().ToString();
-  EXPECT_EQ(fake.counters().live_host_registrations, 1);
-  const std::int64_t registrations = fake.counters().host_registrations_total;
-  auto again = tier.Materialize(1, shards, ExportMode::kVmm, [](std::size_t, std::uint64_t) { return Status::Ok(); });
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  EXPECT_EQ(fake.counters().live_host_registrations, 4) << "the pin holds a's 4 chunks";
+  EXPECT_EQ(fake.counters().host_registrations_total, 9) << "one per chunk; the pin registered nothing again";
+  std::vector<HostShard> just_a{a.shard()};
+  auto again = tier.Materialize(1, just_a, ExportMode::kVmm, [](std::size_t, std::uint64_t) { return Status::Ok(); });
   ASSERT_TRUE(again.ok()) << again.status().ToString();
   EXPECT_TRUE(SameBytes(ReadBack(**again, 0), a));
-  EXPECT_EQ(fake.counters().host_registrations_total, registrations) << "the pin covers every chunk";
+  auto whole = tier.Materialize(0, just_a, ExportMode::kVmm);  // not pipelined: the whole shard at once
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  EXPECT_TRUE(SameBytes(ReadBack(**whole, 0), a));
+  EXPECT_EQ(fake.counters().host_registrations_total, 9) << "the pin's chunks serve every later copy";
+  EXPECT_EQ(tier.Stats().staged_shards, 0u);
   EXPECT_EQ(fake.counters().unsafe_host_releases, 0);
-  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
   again = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  whole = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
   pinned = Result<std::shared_ptr<const void>>(Internal("unpinned"));
+  ExpectNothingLive(fake);
+}
+
+// cudaHostRegister page-locks at ~20 GB/s on one thread, slower than a fill from the page cache:
+// a pipelined copy registers its chunks on several threads at once, and a PinHost of a chunk
+// whose registration is still being made waits for it and shares it.
+TEST(GpuTier, PipelinedCopyPageLocksChunksOnSeveralThreadsAndPinHostSharesOneInFlight) {
+  using namespace std::chrono_literals;
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  MaterializeOptions options{kChunk, 2};
+  options.pin_threads = 4;
+  GpuTier tier(&fake, options);
+  HostBuffer a(16 * kChunk, 1);
+  std::vector<HostShard> shards{a.shard()};
+  // The first registration is held until the test lets it go.
+  std::promise<const void*> entered;
+  std::promise<void> release;
+  std::shared_future<void> released = release.get_future().share();
+  std::atomic<bool> first{true};
+  fake.SetHostRegisterHook([&](const void* p, std::uint64_t) {
+    if (!first.exchange(false)) return;
+    entered.set_value(p);
+    released.wait();
+  });
+  // The copy's last chunk waits for the pin, so that the copy's registrations outlive it.
+  std::atomic<bool> pin_done{false};
+  auto copy = std::async(std::launch::async, [&] {
+    return tier.Materialize(0, shards, ExportMode::kVmm, [&](std::size_t, std::uint64_t end) {
+      const auto deadline = std::chrono::steady_clock::now() + 10s;
+      while (end == a.size && !pin_done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+      return Status::Ok();
+    });
+  });
+  auto held = entered.get_future();
+  ASSERT_EQ(held.wait_for(10s), std::future_status::ready);
+  const void* chunk = held.get();
+  auto pin = std::async(std::launch::async, [&] {
+    auto r = tier.PinHost(chunk, kChunk);
+    pin_done = true;
+    return r;
+  });
+  EXPECT_EQ(pin.wait_for(100ms), std::future_status::timeout) << "PinHost must wait for the registration in flight";
+  const auto deadline = std::chrono::steady_clock::now() + 2s;
+  while (fake.counters().host_registrations_at_once < 2 && std::chrono::steady_clock::now() < deadline)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_GE(fake.counters().host_registrations_at_once, 2) << "chunks were page-locked one at a time";
+  release.set_value();
+  auto c = copy.get();
+  auto pinned = pin.get();
+  ASSERT_TRUE(c.ok()) << c.status().ToString();
+  ASSERT_TRUE(pinned.ok()) << pinned.status().ToString();
+  EXPECT_TRUE(SameBytes(ReadBack(**c, 0), a));
+  EXPECT_EQ(tier.Stats().staged_shards, 0u);
+  EXPECT_EQ(fake.counters().host_registrations_total, 16) << "the pin shares its chunk's registration";
+  c = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  EXPECT_EQ(fake.counters().live_host_registrations, 1) << "the pin keeps its chunk";
+  pinned = Result<std::shared_ptr<const void>>(Internal("unpinned"));
+  EXPECT_EQ(fake.counters().unsafe_host_releases, 0);
+  ExpectNothingLive(fake);
+}
+
+// Registrations side by side that cover a range are shared by it; registrations that cover only
+// part of a range cannot be (CUDA refuses overlapping registrations), so a copy stages it.
+TEST(GpuTier, HostRangesSharePinsThatCoverThemAndStageRangesPinnedInPart) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(4 * kChunk, 1);
+  auto front = tier.PinHost(a.mapping.data(), 2 * kChunk);
+  auto back = tier.PinHost(a.mapping.data() + 2 * kChunk, 2 * kChunk);
+  ASSERT_TRUE(front.ok() && back.ok());
+  auto whole = tier.PinHost(a.mapping.data(), a.size);
+  ASSERT_TRUE(whole.ok()) << whole.status().ToString();
+  EXPECT_EQ(fake.counters().host_registrations_total, 2) << "the two halves cover the whole";
+  back = Result<std::shared_ptr<const void>>(Internal("unpinned"));
+  whole = Result<std::shared_ptr<const void>>(Internal("unpinned"));
+  EXPECT_EQ(fake.counters().live_host_registrations, 1);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm);
+  ASSERT_TRUE(copy.ok()) << copy.status().ToString();
+  EXPECT_TRUE(SameBytes(ReadBack(**copy, 0), a));
+  EXPECT_EQ(tier.Stats().staged_shards, 1u) << "half pinned: staged";
+  EXPECT_EQ(fake.counters().host_registrations_total, 2);
+  copy = Result<std::shared_ptr<GpuCopy>>(Internal("dropped"));
+  front = Result<std::shared_ptr<const void>>(Internal("unpinned"));
+  ExpectNothingLive(fake);
+}
+
+// A copy whose fill fails stops at the first chunk that will never be ready, gives back every
+// chunk it page-locked, and says why.
+TEST(GpuTier, PipelinedCopyBehindAFailedFillGivesBackItsChunks) {
+  FakeCudaApi fake(TwoDevices(), kGranularity);
+  GpuTier tier(&fake, MaterializeOptions{kChunk, 2});
+  HostBuffer a(8 * kChunk, 1);
+  std::vector<HostShard> shards{a.shard()};
+  auto copy = tier.Materialize(0, shards, ExportMode::kVmm, [](std::size_t, std::uint64_t end) {
+    return end > 5 * kChunk ? Unavailable("the fill failed", "loader.cancelled") : Status::Ok();
+  });
+  ASSERT_FALSE(copy.ok());
+  EXPECT_EQ(copy.status().reason(), "loader.cancelled") << copy.status().ToString();
+  EXPECT_EQ(fake.counters().unsafe_host_releases, 0);
   ExpectNothingLive(fake);
 }
 

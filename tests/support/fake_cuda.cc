@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include <algorithm>
 #include <cstdio>
 #include <cstring>
 
@@ -58,6 +59,11 @@ void FakeCudaApi::FailAllocationAt(int n) {
 void FakeCudaApi::SetHostRegisterFails(bool fails) {
   std::lock_guard lock(mu_);
   host_register_fails_ = fails;
+}
+
+void FakeCudaApi::SetHostRegisterHook(std::function<void(const void*, std::uint64_t)> hook) {
+  std::lock_guard lock(mu_);
+  host_register_hook_ = std::move(hook);
 }
 
 void FakeCudaApi::SetPeerAccess(bool on) {
@@ -372,7 +378,15 @@ Status FakeCudaApi::IpcCloseMemHandle(gpu::DevicePtr ptr) {
 }
 
 Status FakeCudaApi::HostRegister(const void* ptr, std::uint64_t size, bool read_only) {
+  std::function<void(const void*, std::uint64_t)> hook;
+  {
+    std::lock_guard lock(mu_);
+    hook = host_register_hook_;
+    c_.host_registrations_at_once = std::max(c_.host_registrations_at_once, ++host_registers_in_flight_);
+  }
+  if (hook) hook(ptr, size);
   std::lock_guard lock(mu_);
+  --host_registers_in_flight_;
   ++c_.host_registrations_total;
   if (host_register_fails_) return Internal("fake cudaHostRegister: injected failure", "gpu.cuda_error");
   if (size == 0) return InvalidArgument("fake cudaHostRegister: empty range", "gpu.invalid_value");

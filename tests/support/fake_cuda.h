@@ -26,6 +26,7 @@
 #include <sys/types.h>
 
 #include <cstdint>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <string>
@@ -56,6 +57,7 @@ class FakeCudaApi final : public gpu::CudaApi {
     std::int64_t live_pinned = 0;
     std::int64_t allocations_total = 0;  // MemCreate + Malloc attempts
     std::int64_t host_registrations_total = 0;
+    std::int64_t host_registrations_at_once = 0;  // most HostRegister calls seen in flight together
     std::int64_t pinned_total = 0;
     std::int64_t pageable_copies = 0;
     std::int64_t unsafe_host_releases = 0;
@@ -77,6 +79,8 @@ class FakeCudaApi final : public gpu::CudaApi {
   // with ResourceExhausted "gpu.out_of_memory". 0 disables.
   void FailAllocationAt(int n);
   void SetHostRegisterFails(bool fails);
+  // Called at the start of every HostRegister, outside the fake's lock, on the caller's thread.
+  void SetHostRegisterHook(std::function<void(const void* ptr, std::uint64_t size)> hook);
   // What CanAccessPeer answers for distinct devices (default true).
   void SetPeerAccess(bool on);
   // Device-to-device copies from another device's memory fail (Internal "gpu.cuda_error").
@@ -171,6 +175,8 @@ class FakeCudaApi final : public gpu::CudaApi {
   Counters c_;
   int fail_alloc_in_ = 0;
   bool host_register_fails_ = false;
+  std::function<void(const void*, std::uint64_t)> host_register_hook_;
+  std::int64_t host_registers_in_flight_ = 0;
   bool peer_access_ = true;
   bool peer_copies_fail_ = false;
 };
