@@ -1,17 +1,15 @@
 #include "gpu_tier.h"
 
 #include <spdlog/spdlog.h>
-#include <sys/mman.h>
 
 #include <algorithm>
-#include <iterator>
 #include <utility>
 #include <cctype>
 #include <chrono>
 #include <cstring>
 #include <optional>
-#include <thread>
 
+#include "host_pins.h"
 #include "thread_annotations.h"
 
 namespace weightd::gpu {
@@ -50,155 +48,20 @@ std::string Lower(std::string_view s) {
 
 enum VmmProgress : std::uint8_t { kNothing = 0, kCreated = 1, kReserved = 2, kMapped = 3 };
 
-// Registration works on whole pages; the shm mapping around a shard covers them. Every
-// registration of a range goes through this, so that PinHost and CopyIn agree on its key.
-std::pair<const void*, std::uint64_t> PageSpan(const void* ptr, std::uint64_t size) {
-  const std::uint64_t page = posix::PageSize();
-  auto begin = reinterpret_cast<std::uintptr_t>(ptr) / page * page;
-  auto end = posix::RoundUp(reinterpret_cast<std::uintptr_t>(ptr) + size, page);
-  return {reinterpret_cast<const void*>(begin), end - begin};
-}
-
-// Linux 5.14 added MADV_POPULATE_READ/WRITE; older headers lack them.
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
-// Maps a range's pages into this process's page tables ahead of cudaHostRegister, which would
-// otherwise fault each page in itself: a fill writes segments with pwrite, never through the
-// daemon's mapping, and the driver faults one page at a time, serialized across threads.
-// Best effort: where the kernel lacks the advice, the registration faults them in.
-void MapIn(const void* base, std::uint64_t size, bool read_only) {
-  (void)::madvise(const_cast<void*>(base), size, read_only ? MADV_POPULATE_READ : MADV_POPULATE_WRITE);
-}
-
-// The host registrations a range is held by: one, or several side by side (GpuCopy::State).
-using HostKeys = std::vector<const void*>;
-
 }  // namespace
 
 // Shared by the tier and its copies, so a copy that outlives a Materialize call (or the tier)
 // can still settle its bookkeeping.
 struct GpuCopy::State {
-  explicit State(CudaApi* a) : api(a) {}
+  explicit State(CudaApi* a) : api(a), pins(a) {}
   CudaApi* const api;
+  HostPins pins;  // page-locked host memory, shared by concurrent copies of a shard
 
   Mutex mu;
   std::map<int, GpuDeviceStats> devices GUARDED_BY(mu);
   std::map<int, std::uint64_t> granularity GUARDED_BY(mu);  // queried lazily: it may need a context
   GpuTierStats totals GUARDED_BY(mu);                        // .devices unused
 
-  // Host registrations are process-wide and may be shared by concurrent copies of one shard
-  // to several GPUs, so they are refcounted here. Registering takes ~30 ms/GiB once the pages
-  // are mapped (page-locking and mapping every page for the device; the driver serializes it);
-  // it runs outside reg_mu, so that threads waiting on the lock never wait for the driver. Whole shards are registered (PinHost, a copy from a resident host copy),
-  // and so are single chunks (a copy pipelined behind a fill registers each chunk as it lands,
-  // ChunkPinner). CUDA refuses overlapping registrations: a range that registrations cover
-  // whole, one or several side by side, shares them (so a PinHost after a pipelined copy takes
-  // over its chunks instead of registering the shard again); one they cover only in part fails,
-  // or, with `wait` (PinHost, whose shard a pipelined copy may still be registering chunk by
-  // chunk), waits up to a minute for them to cover it or to go. A range being registered or
-  // given back is waited for.
-  Mutex reg_mu;
-  CondVar reg_cv{&reg_mu};
-  struct Registration {
-    std::uint64_t size = 0;
-    int refs = 0;
-    bool ready = false;  // registered; false while cudaHostRegister or cudaHostUnregister runs
-  };
-  std::map<const void*, Registration> registrations GUARDED_BY(reg_mu);
-  std::uint64_t changes GUARDED_BY(reg_mu) = 0;  // registrations made, failed or given back so far
-
-  // The keys to Unregister() the range by (one each), or none when it cannot be registered.
-  HostKeys Register(const void* base, std::uint64_t size, bool read_only_supported, bool wait = false) {
-    HostKeys shared;
-    switch (Claim(base, size, wait, &shared)) {
-      case kShared:
-        return shared;
-      case kRefused:
-        return {};
-      case kClaimed:
-        break;
-    }
-    // Read-only registration is what lets us pin a PROT_READ mapping; a writable mapping also
-    // registers without it on devices that lack the attribute.
-    const bool ok =
-        (read_only_supported && api->HostRegister(base, size, true).ok()) || api->HostRegister(base, size, false).ok();
-    MutexLock lock(reg_mu);
-    if (ok) {
-      registrations[base].ready = true;
-    } else {
-      registrations.erase(base);
-    }
-    ++changes;
-    reg_cv.SignalAll();
-    return ok ? HostKeys{base} : HostKeys{};
-  }
-
-  enum ClaimResult : std::uint8_t { kShared, kRefused, kClaimed };
-  // Shares the registrations that cover [base, base + size), or claims the range for the caller
-  // to register, or refuses it (registrations cover part of it).
-  ClaimResult Claim(const void* base, std::uint64_t size, bool wait, HostKeys* shared) {
-    MutexLock lock(reg_mu);
-    const auto* b = static_cast<const std::byte*>(base);
-    const auto deadline = std::chrono::steady_clock::now() + std::chrono::minutes(1);
-    auto start = [](const auto& it) { return static_cast<const std::byte*>(it->first); };
-    for (;;) {
-      // The registrations that overlap the range, in address order (they never overlap each other).
-      auto it = registrations.upper_bound(base);
-      if (it != registrations.begin() && start(std::prev(it)) + std::prev(it)->second.size > b) --it;
-      HostKeys keys;
-      bool pending = false;
-      const std::byte* reach = b;  // covered without a gap up to here
-      for (; it != registrations.end() && start(it) < b + size; ++it) {
-        keys.push_back(it->first);
-        pending = pending || !it->second.ready;
-        if (start(it) <= reach) reach = std::max(reach, start(it) + it->second.size);
-      }
-      if (keys.empty()) break;
-      if (!pending && reach >= b + size) {
-        for (const void* k : keys) ++registrations[k].refs;
-        *shared = std::move(keys);
-        return kShared;
-      }
-      if (!pending && !wait) return kRefused;
-      const std::uint64_t seen = changes;
-      if (!reg_cv.WaitUntil(deadline, [&] {
-            reg_mu.AssertHeld();
-            return changes != seen;
-          }))
-        return kRefused;
-    }
-    registrations[base] = Registration{size, 1, false};
-    return kClaimed;
-  }
-
-  void Unregister(const void* base) {
-    {
-      MutexLock lock(reg_mu);
-      auto it = registrations.find(base);
-      if (it == registrations.end() || --it->second.refs > 0) return;
-      it->second.ready = false;  // claimed until it is given back
-    }
-    Status s = api->HostUnregister(base);
-    {
-      MutexLock lock(reg_mu);
-      registrations.erase(base);
-      ++changes;
-      reg_cv.SignalAll();
-    }
-    if (!s.ok()) {
-      spdlog::warn("gpu tier: {}", s.ToString());
-      MutexLock lock(mu);
-      ++totals.release_errors;
-    }
-  }
-  void Unregister(const HostKeys& keys) {
-    for (const void* k : keys) Unregister(k);
-  }
 };
 
 std::string_view ExportModeName(ExportMode m) { return m == ExportMode::kVmm ? "vmm" : "legacy"; }
@@ -465,7 +328,7 @@ struct GpuTier::CopySession {
     for (Stream s : streams) Note(api->StreamSynchronize(s));
     for (void* p : staging)
       if (p != nullptr) Note(api->HostFreePinned(p));
-    state->Unregister(registered);
+    state->pins.Unregister(registered);
     for (Stream s : streams) Note(api->StreamDestroy(s));
     MutexLock lock(state->mu);
     state->totals.release_errors += errors;
@@ -495,92 +358,6 @@ std::vector<ChunkRef> ChunkOrder(std::span<const HostShard> shards, std::uint64_
 
 }  // namespace
 
-// Page-locks the chunks of a copy behind a fill, each once its bytes are in, on a few threads
-// ahead of the copy loop. cudaHostRegister of pages that a fill wrote with pwrite first faults
-// each page into the daemon's mapping, one at a time, serialized in the driver (~10 GB/s during
-// a fill, slower than the fill); each thread here maps its chunk in first (MapIn), in parallel,
-// so that the driver only page-locks (~35 GB/s, serialized whatever the thread count). The
-// threads take chunks in copy order; the copy loop waits for each one's turn. On destruction
-// (every path) the threads stop taking chunks, finish the one they hold (a wait for the fill
-// returns once the load ends either way) and hand every registration to `registered`, which
-// the CopySession gives back after its streams are done. Measured: docs/loading.md,
-// "Page-locking behind a fill".
-class GpuTier::ChunkPinner {
- public:
-  ChunkPinner(GpuCopy::State* state, std::span<const HostShard> shards, std::span<const ChunkRef> chunks, bool ro,
-              const WaitReadyFn& wait_ready, int threads, HostKeys* registered)
-      : state_(state), shards_(shards), chunks_(chunks), ro_(ro), wait_ready_(wait_ready), registered_(registered),
-        slots_(chunks.size()) {
-    const int n = std::clamp<int>(threads, 1, static_cast<int>(std::max<std::size_t>(chunks.size(), 1)));
-    for (int i = 0; i < n; ++i) threads_.emplace_back([this] { Run(); });
-  }
-  ChunkPinner(const ChunkPinner&) = delete;
-  ChunkPinner& operator=(const ChunkPinner&) = delete;
-  ~ChunkPinner() {
-    {
-      MutexLock lock(mu_);
-      stop_ = true;
-    }
-    for (std::thread& t : threads_) t.join();
-    MutexLock lock(mu_);
-    for (const Slot& s : slots_) registered_->insert(registered_->end(), s.keys.begin(), s.keys.end());
-  }
-
-  // Waits until chunk `k`'s bytes are in, or returns why they never will. `*pinned`: whether
-  // they are page-locked (if not, the copy stages them).
-  Status Wait(std::size_t k, bool* pinned) {
-    MutexLock lock(mu_);
-    cv_.Wait([&] {
-      mu_.AssertHeld();
-      return slots_[k].done;
-    });
-    *pinned = !slots_[k].keys.empty();
-    return slots_[k].status;
-  }
-
- private:
-  struct Slot {
-    bool done = false;
-    Status status;
-    HostKeys keys;
-  };
-
-  void Run() {
-    for (;;) {
-      std::size_t k;
-      {
-        MutexLock lock(mu_);
-        if (stop_ || next_ == chunks_.size()) return;
-        k = next_++;
-      }
-      const ChunkRef& c = chunks_[k];
-      Status s = wait_ready_(c.shard, c.off + c.len);
-      HostKeys keys;
-      if (s.ok()) {
-        auto [base, span] = PageSpan(shards_[c.shard].data + c.off, c.len);
-        MapIn(base, span, ro_);  // on this thread, beside the other pinners
-        keys = state_->Register(base, span, ro_);
-      }
-      MutexLock lock(mu_);
-      slots_[k] = Slot{true, std::move(s), std::move(keys)};
-      cv_.SignalAll();
-    }
-  }
-
-  GpuCopy::State* const state_;
-  const std::span<const HostShard> shards_;
-  const std::span<const ChunkRef> chunks_;
-  const bool ro_;
-  const WaitReadyFn& wait_ready_;
-  HostKeys* const registered_;
-  Mutex mu_;
-  CondVar cv_{&mu_};
-  std::vector<Slot> slots_ GUARDED_BY(mu_);
-  std::size_t next_ GUARDED_BY(mu_) = 0;
-  bool stop_ GUARDED_BY(mu_) = false;
-  std::vector<std::thread> threads_;  // last: started once the rest is built
-};
-
 Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged,
                        const WaitReadyFn& wait_ready) {
   CopySession session{api_, state_.get(), {}, {}, {}, {}};
@@ -600,7 +377,7 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
     if (shards[i].size == 0) continue;
     // Free when PinHost already holds the range; otherwise registered for this copy only.
     auto [base, len] = PageSpan(shards[i].data, shards[i].size);
-    if (HostKeys keys = state_->Register(base, len, ro); !keys.empty()) {
+    if (HostKeys keys = state_->pins.Register(base, len, ro); !keys.empty()) {
       session.registered.insert(session.registered.end(), keys.begin(), keys.end());
       direct[i] = true;
     } else {
@@ -614,8 +391,15 @@ Status GpuTier::CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::ui
   session.staging.assign(n_streams, nullptr);
   session.staging_busy.assign(n_streams, false);
   // Declared after the session: destroyed first, it hands its registrations to the session.
+  std::vector<ChunkPinner::Chunk> pin_chunks;
   std::optional<ChunkPinner> pinner;
-  if (per_chunk) pinner.emplace(state_.get(), shards, chunks, ro, wait_ready, options_.pin_threads, &session.registered);
+  if (per_chunk) {
+    for (const auto& [i, off, len] : chunks) {
+      auto [base, span] = PageSpan(shards[i].data + off, len);
+      pin_chunks.push_back(ChunkPinner::Chunk{i, off + len, base, span});
+    }
+    pinner.emplace(state_->pins, pin_chunks, ro, wait_ready, options_.pin_threads, &session.registered);
+  }
 
   auto t0 = Clock::now();
   std::uint64_t bytes = 0;
@@ -834,18 +618,20 @@ Result<std::shared_ptr<const void>> GpuTier::PinHost(const void* ptr, std::uint6
   if (ptr == nullptr || size == 0) return InvalidArgument("nothing to pin", "gpu.bad_pin");
   const bool ro = std::all_of(devices_.begin(), devices_.end(), [](const DeviceInfo& d) { return d.host_register_read_only; });
   auto [base, len] = PageSpan(ptr, size);
-  HostKeys keys = state_->Register(base, len, ro, /*wait=*/true);
+  HostKeys keys = state_->pins.Register(base, len, ro, /*wait=*/true);
   if (keys.empty())
     return FailedPrecondition("cannot page-lock " + std::to_string(len) + " bytes of host memory for the GPU (RLIMIT_MEMLOCK?)",
                               "gpu.register_failed");
   std::shared_ptr<GpuCopy::State> state = state_;
   const void* first = keys.front();
-  return std::shared_ptr<const void>(first, [state, keys = std::move(keys)](const void*) { state->Unregister(keys); });
+  return std::shared_ptr<const void>(first, [state, keys = std::move(keys)](const void*) { state->pins.Unregister(keys); });
 }
 
 GpuTierStats GpuTier::Stats() const {
+  const std::uint64_t pin_errors = state_->pins.release_errors();
   MutexLock lock(state_->mu);
   GpuTierStats out = state_->totals;
+  out.release_errors += pin_errors;
   out.devices.clear();
   for (const DeviceInfo& d : devices_) out.devices.push_back(state_->devices[d.ordinal]);
   return out;

@@ -200,7 +200,6 @@ class GpuTier {
   Status MapVmmShard(GpuShard& s, std::uint8_t& progress, int ordinal, std::uint64_t granularity);
   Status Allocate(GpuCopy& copy, std::span<const std::uint64_t> sizes);
   struct CopySession;
-  class ChunkPinner;
   Status CopyIn(GpuCopy& copy, std::span<const HostShard> shards, std::uint64_t* staged, const WaitReadyFn& wait_ready);
   Status CopyFromPeer(GpuCopy& copy, const GpuCopy& source);
   // Accounts a finished copy, or frees a failed one and returns `s` with `what` as context.
