@@ -61,7 +61,6 @@ struct GpuCopy::State {
   std::map<int, GpuDeviceStats> devices GUARDED_BY(mu);
   std::map<int, std::uint64_t> granularity GUARDED_BY(mu);  // queried lazily: it may need a context
   GpuTierStats totals GUARDED_BY(mu);                        // .devices unused
-
 };
 
 std::string_view ExportModeName(ExportMode m) { return m == ExportMode::kVmm ? "vmm" : "legacy"; }
