@@ -258,7 +258,9 @@ TEST(GpuTier, PipelinedCopyPageLocksChunkByChunkAndPinHostTakesTheChunksOver) {
     std::lock_guard lock(mu);
     for (int i = 0; i < 2; ++i) {
       const HostBuffer& h = i == 0 ? a : b;
-      const auto begin = static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - h.mapping.data());
+      // As integers: `p` may lie in the other buffer (unsigned wrap-around keeps it out of range).
+      const std::uint64_t begin =
+          reinterpret_cast<std::uintptr_t>(p) - reinterpret_cast<std::uintptr_t>(h.mapping.data());
       if (begin < h.size && begin + size > ready[i]) early.push_back(begin);
     }
   });
@@ -337,7 +339,8 @@ TEST(GpuTier, PipelinedCopyPageLocksChunksOnSeveralThreadsAndPinHostSharesOneInF
   auto copy = std::async(std::launch::async, [&] {
     return tier.Materialize(0, shards, ExportMode::kVmm, [&](std::size_t, std::uint64_t end) {
       const auto deadline = std::chrono::steady_clock::now() + 10s;
-      while (end == a.size && !pin_done && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(1ms);
+      while (end == a.size && !pin_done && std::chrono::steady_clock::now() < deadline)
+        std::this_thread::sleep_for(1ms);
       return Status::Ok();
     });
   });
