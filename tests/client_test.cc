@@ -86,15 +86,17 @@ class FakeDaemon {
       if (auto* b = std::get_if<T>(&r.body)) out.push_back(*b);
     return out;
   }
-  // Waits (up to a generous bound, to fail rather than hang) until `pred` holds.
+  // Waits (up to a generous bound, to fail rather than hang) until `pred` holds. It asks again
+  // at least every 20 ms, not only when a request arrives: a predicate that talks to this daemon
+  // (and so wakes it) runs unlocked, and the wake-up it causes may come before the wait.
   bool WaitFor(const std::function<bool()>& pred) {
-    std::unique_lock lk(mu_);
-    return cv_.wait_for(lk, 20s, [&] {
-      lk.unlock();
-      bool ok = pred();
-      lk.lock();
-      return ok;
-    });
+    const auto deadline = std::chrono::steady_clock::now() + 20s;
+    for (;;) {
+      if (pred()) return true;
+      if (std::chrono::steady_clock::now() >= deadline) return false;
+      std::unique_lock lk(mu_);
+      cv_.wait_for(lk, 20ms);
+    }
   }
 
  private:
