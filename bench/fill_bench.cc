@@ -38,11 +38,6 @@
 #include "posix.h"
 #include "support/daemon_process.h"
 
-// Linux 5.14 added MADV_POPULATE_WRITE; Debian 12's headers have it, older ones do not.
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
 extern char** environ;
 
 namespace weightd::bench {

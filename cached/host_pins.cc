@@ -13,14 +13,6 @@ namespace weightd::gpu {
 
 namespace {
 
-// Linux 5.14 added MADV_POPULATE_READ/WRITE; older headers lack them.
-#ifndef MADV_POPULATE_READ
-#define MADV_POPULATE_READ 22
-#endif
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
 // Maps a range's pages into this process's page tables ahead of cudaHostRegister, which would
 // otherwise fault each page in itself: a fill writes segments with pwrite, never through the
 // daemon's mapping, and the driver faults one page at a time, serialized across threads.

@@ -16,11 +16,6 @@
 
 #include "catalog.h"
 
-// Linux 5.14 added MADV_POPULATE_WRITE; Debian 12's headers have it, older ones do not.
-#ifndef MADV_POPULATE_WRITE
-#define MADV_POPULATE_WRITE 23
-#endif
-
 namespace weightd {
 namespace {
 

@@ -5,6 +5,7 @@
 // Types are move-only; destructors release (close, munmap) and never delete anything by name.
 #pragma once
 
+#include <sys/mman.h>
 #include <sys/types.h>
 
 #include <cerrno>
@@ -17,6 +18,15 @@
 #include <vector>
 
 #include "status_macros.h"
+
+// Linux 5.14 added MADV_POPULATE_READ and MADV_POPULATE_WRITE; older headers lack them (the
+// kernel then answers EINVAL, which callers treat as "not available").
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22
+#endif
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
 
 namespace weightd::posix {
 
